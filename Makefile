@@ -1,0 +1,44 @@
+# Everything a user or CI needs, from a machine with only Python 3.11+ and make.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The default installs quickly here; override e.g. make TORCH_SPEC='torch==2.5.1' install
+TORCH_SPEC ?= torch==2.13.0
+NPROC ?=
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: install train-ddp test test-gpu lint format bench clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet '$(TORCH_SPEC)'
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed  ## create .venv and install torch, the package and dev tools
+
+train-ddp: install  ## train with torchrun on every GPU, or on NPROC (default 2) CPU processes
+	NPROC=$(NPROC) PYTHON=$(PY) bash launch/train_ddp.sh $(ARGS)
+
+test: install  ## the test suite (CPU, gloo, real torchrun processes)
+	$(PY) -m pytest -m "not gpu" $(PYTEST_ARGS)
+
+test-gpu: install  ## the GPU tests (NCCL); needs CUDA
+	$(PY) -m pytest -m gpu $(PYTEST_ARGS)
+
+lint: install  ## ruff check + ruff format --check
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+bench: install  ## throughput and checkpoint benchmarks; writes bench/results.json
+	$(PY) bench/bench.py $(ARGS)
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache bench/results.json *.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

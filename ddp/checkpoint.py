@@ -1,0 +1,397 @@
+"""Full-state checkpoints: periodic, atomic, verified, and resumable on any world size.
+
+Layout: ``<out>/checkpoints/step-00000120/`` holding
+
+- ``model.pt``: the unwrapped model state_dict (written by rank 0),
+- ``train.pt``: optimizer, scheduler, grad scaler, progress and config (rank 0),
+- ``rank-00000.pt`` ...: each rank's RNG states (written by that rank),
+- ``manifest.json``: size and sha256 of every file, step, world size, format version.
+
+A checkpoint is written into ``.tmp-step-00000120``, fsynced, and committed by one
+atomic rename after the manifest is in place. A folder without a valid manifest is
+never loaded, so a crash mid-save leaves the previous checkpoint the newest complete
+one. Every rank reaches the same collectives in the same order.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import threading
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import torch
+
+from ddp import dist
+from ddp.config import CheckpointConfig
+from ddp.errors import CheckpointCorruptError, CheckpointError, CheckpointNotFoundError
+from ddp.io import fsync_dir, load, write_durable
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+STEP_DIR = re.compile(r"^step-(\d{8})$")
+
+
+def step_dir(root: Path, step: int) -> Path:
+    """Folder of the checkpoint taken after optimizer step ``step``."""
+    return root / f"step-{step:08d}"
+
+
+def rank_file(rank: int) -> str:
+    """Name of one rank's own file inside a checkpoint."""
+    return f"rank-{rank:05d}.pt"
+
+
+class HashingWriter:
+    """A write-only file wrapper that hashes and counts the bytes as they pass."""
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self.f, self.sha, self.size = f, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        self.size += len(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def write_file(path: Path, obj: Any) -> dict:
+    """torch.save ``obj`` durably; returns its manifest entry (size and sha256)."""
+    entry: dict = {}
+
+    def write(f: IO[bytes]) -> None:
+        w = HashingWriter(f)
+        torch.save(obj, w)
+        entry.update(size=w.size, sha256=w.sha.hexdigest())
+
+    write_durable(path, write)
+    return entry
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ---- reading and validating ----------------------------------------------------------
+
+
+def read_manifest(folder: Path) -> dict:
+    """The manifest of a checkpoint folder; a clear error if it is missing or broken."""
+    path = folder / MANIFEST
+    if not folder.is_dir():
+        raise CheckpointNotFoundError(f"checkpoint folder {folder} does not exist")
+    if not path.exists():
+        raise CheckpointCorruptError(f"{folder} has no {MANIFEST}: an unfinished save, never loaded")
+    try:
+        manifest = json.loads(path.read_text())
+        manifest["files"], manifest["step"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointCorruptError(f"{path} is not a valid manifest: {e}") from e
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise CheckpointCorruptError(
+            f"{path}: format version {manifest.get('format_version')!r}, this ddp reads version {FORMAT_VERSION}"
+        )
+    return manifest
+
+
+def validate(folder: Path, hashes: bool = True) -> dict:
+    """Check every file against the manifest (size, then sha256); returns the manifest."""
+    manifest = read_manifest(folder)
+    for name, entry in manifest["files"].items():
+        path = folder / name
+        if not path.exists():
+            raise CheckpointCorruptError(f"{path} is listed in the manifest but missing")
+        size = path.stat().st_size
+        if size != entry["size"]:
+            raise CheckpointCorruptError(f"{path} has {size} bytes, the manifest says {entry['size']} (truncated?)")
+        if hashes and sha256_file(path) != entry["sha256"]:
+            raise CheckpointCorruptError(f"{path} fails its sha256 check: the file was altered or damaged")
+    return manifest
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Committed checkpoint folders (those with a manifest), oldest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if STEP_DIR.match(p.name) and (p / MANIFEST).exists()]
+    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
+
+
+def newest_valid(root: Path, say=print) -> Path | None:
+    """The newest checkpoint that passes validation; broken ones are skipped, one line each."""
+    for p in root.iterdir() if root.is_dir() else []:
+        if STEP_DIR.match(p.name) and not (p / MANIFEST).exists():
+            say(f"skipping {p}: no {MANIFEST} (an unfinished save)")
+    for folder in reversed(complete_checkpoints(root)):
+        try:
+            validate(folder)
+            return folder
+        except CheckpointError as e:
+            say(f"skipping {folder}: {e}; falling back to the previous checkpoint")
+    return None
+
+
+def clean_stale(root: Path) -> list[Path]:
+    """Remove leftovers of interrupted saves (rank 0, at start); restore a swapped-out one."""
+    removed = []
+    if not root.is_dir():
+        return removed
+    for p in root.iterdir():
+        if p.name.startswith(".old-step-"):
+            final = root / p.name[len(".old-") :].split(".")[0]
+            if not final.exists():
+                os.replace(p, final)  # a crash hit between swapping out and in: keep the old one
+                continue
+        if p.name.startswith((".tmp-step-", ".old-step-")):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+# ---- RNG state, as tensors the weights-only loader accepts ----------------------------
+
+
+def rng_state() -> dict:
+    """Python, numpy, torch CPU and every CUDA device's generator state."""
+    version, pystate, gauss = random.getstate()
+    _, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {
+        "python": torch.tensor(pystate, dtype=torch.int64),
+        "python_version": version,
+        "python_gauss": gauss,
+        "numpy": torch.from_numpy(np_keys.astype(np.int64)),
+        "numpy_pos": int(np_pos),
+        "numpy_gauss": (int(np_has_gauss), float(np_gauss)),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what ``rng_state`` captured."""
+    random.setstate(
+        (
+            state["python_version"],
+            tuple(state["python"].tolist()),
+            state["python_gauss"],
+        )
+    )
+    has_gauss, gauss = state["numpy_gauss"]
+    np.random.set_state(
+        (
+            "MT19937",
+            state["numpy"].numpy().astype(np.uint32),
+            state["numpy_pos"],
+            has_gauss,
+            gauss,
+        )
+    )
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"][: torch.cuda.device_count()])
+
+
+# ---- staging for asynchronous saves ---------------------------------------------------
+
+
+def stage(obj: Any, buffers: dict[str, torch.Tensor], key: str = "") -> Any:
+    """A copy of ``obj`` whose tensors live in reusable CPU buffers.
+
+    Buffers are kept from one save to the next: touching freshly allocated memory
+    costs more than the copy itself on these machines.
+    """
+    if isinstance(obj, torch.Tensor):
+        buf = buffers.get(key)
+        if buf is None or buf.shape != obj.shape or buf.dtype != obj.dtype:
+            buf = torch.empty(obj.shape, dtype=obj.dtype, pin_memory=obj.is_cuda)
+            buffers[key] = buf
+        buf.copy_(obj.detach(), non_blocking=obj.is_cuda)
+        return buf
+    if isinstance(obj, dict):
+        return {k: stage(v, buffers, f"{key}/{k}") for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(stage(v, buffers, f"{key}/{i}") for i, v in enumerate(obj))
+    return obj
+
+
+# ---- the checkpointer -----------------------------------------------------------------
+
+
+class Checkpointer:
+    """Saves, commits, prunes and finds checkpoints under ``<out>/checkpoints``."""
+
+    def __init__(self, root: Path, cfg: CheckpointConfig, say=print) -> None:
+        self.root, self.cfg, self.say = Path(root), cfg, say
+        self.buffers: dict[str, torch.Tensor] = {}
+        self.thread: threading.Thread | None = None
+        self.result: dict = {}
+        self.pending_step: int | None = None
+        self.last_saved: int | None = None
+
+    def prepare(self) -> None:
+        """Called by every rank at start: rank 0 removes leftovers of interrupted saves."""
+        error = None
+        if dist.rank() == 0:
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+                for p in clean_stale(self.root):
+                    self.say(f"removed leftover {p} of an interrupted save")
+            except OSError as e:
+                error = e
+        dist.raise_if_any_failed(error, f"preparing {self.root}")
+
+    # -- saving --
+
+    def save(self, step: int, replicated: dict[str, Any], own: dict[str, Any]) -> None:
+        """Called by every rank: write a checkpoint of ``step``.
+
+        Args:
+            replicated: file name -> object, identical on all ranks; rank 0 writes them.
+            own: this rank's object, written to its ``rank-NNNNN.pt``.
+        """
+        self.wait()
+        files = {rank_file(dist.rank()): own}
+        if dist.rank() == 0:
+            files.update(replicated)
+        self.pending_step = step
+        if not self.cfg.async_save:
+            self.result = self._write(step, files)
+            self.commit()
+            return
+        staged = {name: stage(obj, self.buffers, name) for name, obj in files.items()}
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the non-blocking copies must land before the thread reads them
+        self.result = {}
+        self.thread = threading.Thread(target=self._write_into_result, args=(step, staged), daemon=True)
+        self.thread.start()
+
+    def _write_into_result(self, step: int, files: dict[str, Any]) -> None:
+        self.result = self._write(step, files)
+
+    def _write(self, step: int, files: dict[str, Any]) -> dict:
+        tmp = self.root / f".tmp-{step_dir(self.root, step).name}"
+        try:
+            tmp.mkdir(parents=True, exist_ok=True)
+            return {
+                "files": {name: write_file(tmp / name, obj) for name, obj in files.items()},
+                "error": None,
+            }
+        except (OSError, CheckpointError) as e:
+            return {"files": {}, "error": e}
+
+    def status(self) -> tuple[int, int]:
+        """Local (still writing, failed) flags of the save in flight, for the trainer's step check."""
+        if self.pending_step is None:
+            return 0, 0
+        writing = self.thread is not None and self.thread.is_alive()
+        return int(writing), int(not writing and self.result.get("error") is not None)
+
+    def wait(self) -> None:
+        """Called by every rank: finish and commit the save in flight, if any."""
+        if self.thread is not None:
+            self.thread.join()
+        if self.pending_step is not None:
+            self.commit()
+
+    def commit(self) -> None:
+        """Called by every rank once its files are written: rank 0 writes the manifest and renames."""
+        step, result = self.pending_step, self.result
+        self.pending_step, self.thread = None, None
+        final = step_dir(self.root, step)
+        tmp = self.root / f".tmp-{final.name}"
+        gathered = dist.all_gather_objects((None if result["error"] is None else str(result["error"]), result["files"]))
+        failed = [(r, m) for r, (m, _) in enumerate(gathered) if m is not None]
+        if failed:
+            if dist.rank() == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            detail = "; ".join(f"rank {r}: {m}" for r, m in failed)
+            raise CheckpointError(f"checkpoint of step {step} failed, the previous ones are intact: {detail}")
+        error = None
+        if dist.rank() == 0:
+            try:
+                files = {name: entry for _, f in gathered for name, entry in f.items()}
+                self._commit(step, files, tmp, final)
+                self._prune()
+            except (OSError, CheckpointError) as e:
+                error = e
+        dist.raise_if_any_failed(error, f"committing checkpoint {final}")
+        self.last_saved = step
+
+    def _commit(self, step: int, files: dict, tmp: Path, final: Path) -> None:
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "step": step,
+            "world_size": dist.world_size(),
+            "torch_version": str(torch.__version__),
+            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "files": dict(sorted(files.items())),
+        }
+        write_durable(tmp / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+        fsync_dir(tmp)
+        old = None
+        if final.exists():  # saved again after resuming from an older one: swap, never lose it
+            old = final.with_name(f".old-{final.name}.{os.getpid()}")
+            os.replace(final, old)
+        os.replace(tmp, final)
+        fsync_dir(self.root)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _prune(self) -> None:
+        for folder in complete_checkpoints(self.root)[: -self.cfg.keep_last]:
+            (folder / MANIFEST).unlink()  # first: a half-deleted folder must not look complete
+            shutil.rmtree(folder, ignore_errors=True)
+
+    # -- loading --
+
+    def find(self, resume: str) -> Path | None:
+        """Called by every rank: the checkpoint to resume from, chosen by rank 0."""
+        choice: Path | BaseException | None = None
+        if dist.rank() == 0:
+            try:
+                choice = self._choose(resume)
+            except CheckpointError as e:
+                choice = e
+        choice = dist.all_gather_objects(str(choice) if isinstance(choice, BaseException) else choice)[0]
+        if isinstance(choice, str):
+            raise CheckpointError(choice)
+        return choice
+
+    def _choose(self, resume: str) -> Path | None:
+        if resume == "never":
+            return None
+        if resume == "auto":
+            return newest_valid(self.root, self.say)
+        folder = Path(resume)
+        if folder.name == MANIFEST:
+            folder = folder.parent
+        validate(folder)
+        return folder
+
+    @staticmethod
+    def load(folder: Path, map_location: torch.device | str = "cpu") -> tuple[dict, dict | None, dict]:
+        """(model and train state, this rank's own state or None, manifest) of a checkpoint."""
+        manifest = read_manifest(folder)
+        state = {
+            "model": load(folder / "model.pt", map_location, expect="torch"),
+            **load(folder / "train.pt", map_location, expect="torch"),
+        }
+        own_path = folder / rank_file(dist.rank())
+        own = load(own_path, "cpu", expect="torch") if own_path.exists() else None
+        return state, own, manifest

@@ -1,0 +1,405 @@
+"""Configuration: one dataclass per concern, each field documented and validated.
+
+The command line and ``--config run.toml`` are both built from these classes, so
+``--help`` shows every option with its default and the docstring under its field.
+Precedence: field defaults < TOML file < command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import itertools
+import math
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ddp.errors import ConfigError
+
+
+def _check(ok: bool, name: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"--{name.replace('_', '-')}: {message}")
+
+
+@dataclass
+class ModelConfig:
+    """The network to train."""
+
+    arch: str = "mlp"
+    """Architecture: mlp (the textbook's MLP) or cnn (a small convnet on 1x16x16 inputs)."""
+    in_features: int = 20
+    """Input features of the MLP."""
+    hidden: tuple[int, ...] = (256,)
+    """Hidden layer widths of the MLP, e.g. --hidden 256 128."""
+    out_features: int = 10
+    """Number of classes."""
+    width: int = 32
+    """Channels of the first convolution of the cnn (the second has twice as many)."""
+    batchnorm: bool = False
+    """Put a BatchNorm1d after each hidden Linear layer (a model with buffers)."""
+    dropout: float = 0.0
+    """Dropout probability after each hidden layer."""
+
+    def __post_init__(self) -> None:
+        self.hidden = tuple(self.hidden)
+        _check(
+            self.arch in ("mlp", "cnn"),
+            "arch",
+            f"unknown {self.arch!r}; use mlp or cnn",
+        )
+        _check(self.in_features > 0, "in_features", "must be positive")
+        _check(self.width > 0, "width", "must be positive")
+        _check(self.out_features > 1, "out_features", "needs at least 2 classes")
+        _check(all(h > 0 for h in self.hidden), "hidden", "widths must be positive")
+        _check(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
+
+
+@dataclass
+class DataConfig:
+    """Where samples come from and how they are batched."""
+
+    data: str | None = None
+    """A .npz file with arrays X (samples) and y (int labels); default: synthetic data."""
+    samples: int = 4096
+    """Size of the synthetic dataset (ignored with --data)."""
+    val_fraction: float = 0.1
+    """Share of the samples held out for evaluation each epoch."""
+    batch_size: int = 64
+    """Samples per rank per micro-batch; the global batch is this x ranks x --grad-accum."""
+    workers: int = 0
+    """DataLoader worker processes per rank (0 loads in the training process)."""
+
+    def __post_init__(self) -> None:
+        _check(
+            self.batch_size > 0,
+            "batch_size",
+            f"must be positive, got {self.batch_size}",
+        )
+        _check(self.samples > 0, "samples", "must be positive")
+        _check(0.0 <= self.val_fraction < 1.0, "val_fraction", "must be in [0, 1)")
+        _check(self.workers >= 0, "workers", "cannot be negative")
+        if self.data is not None:
+            _check(self.data.endswith(".npz"), "data", f"{self.data} is not a .npz file")
+
+
+@dataclass
+class OptimConfig:
+    """How parameters are updated."""
+
+    optimizer: str = "sgd"
+    """sgd (with momentum) or adamw."""
+    lr: float = 0.05
+    """Peak learning rate."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    weight_decay: float = 0.0
+    """Weight decay."""
+    schedule: str = "cosine"
+    """Learning-rate schedule over all steps: cosine or constant."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step; gradients sync once per step (no_sync in between)."""
+    precision: str = "fp32"
+    """fp32, bf16 or fp16 autocast (fp16 uses a GradScaler)."""
+
+    def __post_init__(self) -> None:
+        _check(self.optimizer in ("sgd", "adamw"), "optimizer", "use sgd or adamw")
+        _check(
+            self.lr > 0 and math.isfinite(self.lr),
+            "lr",
+            f"must be positive, got {self.lr}",
+        )
+        _check(
+            self.schedule in ("cosine", "constant"),
+            "schedule",
+            "use cosine or constant",
+        )
+        _check(self.grad_accum >= 1, "grad_accum", f"must be >= 1, got {self.grad_accum}")
+        _check(
+            self.precision in ("fp32", "bf16", "fp16"),
+            "precision",
+            "use fp32, bf16 or fp16",
+        )
+
+
+@dataclass
+class CheckpointConfig:
+    """Periodic full-state checkpoints and the exported weights."""
+
+    checkpoint_every: int = 0
+    """Save the full training state every N optimizer steps (0: only at the end)."""
+    checkpoint_every_seconds: float = 0.0
+    """Also save when this many seconds have passed since the last save (0: off)."""
+    keep_last: int = 3
+    """Complete checkpoints to keep; older ones are deleted after a newer one commits."""
+    resume: str = "auto"
+    """auto (newest complete checkpoint in --out), never, or a checkpoint folder."""
+    async_save: bool = False
+    """Write checkpoints in a background thread after a snapshot to CPU memory."""
+    format: str = "torch"
+    """Format of the exported weights <out>/mlp.params: torch or safetensors."""
+
+    def __post_init__(self) -> None:
+        _check(self.checkpoint_every >= 0, "checkpoint_every", "cannot be negative")
+        _check(
+            self.checkpoint_every_seconds >= 0,
+            "checkpoint_every_seconds",
+            "cannot be negative",
+        )
+        _check(
+            self.keep_last >= 2,
+            "keep_last",
+            f"must be >= 2, got {self.keep_last}: the newest checkpoint may still be being "
+            "written when a crash hits, so an older complete one must survive",
+        )
+        _check(
+            self.format in ("torch", "safetensors"),
+            "format",
+            "use torch or safetensors",
+        )
+
+
+@dataclass
+class DistConfig:
+    """The process group."""
+
+    backend: str = "auto"
+    """auto (nccl when CUDA is available, else gloo), nccl or gloo."""
+    timeout: float = 300.0
+    """Seconds a collective waits for a missing rank before the job fails (PyTorch: 30 min)."""
+    atol: float | None = None
+    """Verify tolerance; default 0 (bitwise) in fp32, looser for bf16/fp16 or mixed fleets."""
+
+    def __post_init__(self) -> None:
+        _check(
+            self.backend in ("auto", "nccl", "gloo"),
+            "backend",
+            f"unknown {self.backend!r}; use auto, nccl or gloo",
+        )
+        _check(self.timeout > 0, "timeout", "must be positive")
+        _check(self.atol is None or self.atol >= 0, "atol", "cannot be negative")
+
+
+@dataclass
+class RunConfig:
+    """The run as a whole: length, seed, output and logging."""
+
+    out: str | None = None
+    """Output folder for checkpoints, weights and metrics (default runs/<name>)."""
+    name: str = "default"
+    """Run name, used for the default --out."""
+    epochs: int = 3
+    """Epochs to train (ignored when --steps is set)."""
+    steps: int | None = None
+    """Total optimizer steps; overrides --epochs."""
+    seed: int = 0
+    """Seed for the data, the model's initial weights and every RNG."""
+    log_every: int = 10
+    """Log a line (and a metrics.jsonl record) every N steps."""
+    log_all_ranks: bool = False
+    """Let every rank print, not only rank 0."""
+    deterministic: bool = False
+    """torch.use_deterministic_algorithms(True) and seeded workers: bitwise-repeatable runs."""
+    compile: bool = False
+    """torch.compile the model before DDP wraps it."""
+    sync_bn: bool = False
+    """Convert BatchNorm layers to SyncBatchNorm (needs CUDA)."""
+
+    def __post_init__(self) -> None:
+        _check(self.epochs > 0, "epochs", f"must be positive, got {self.epochs}")
+        _check(
+            self.steps is None or self.steps > 0,
+            "steps",
+            f"must be positive, got {self.steps}",
+        )
+        _check(self.log_every > 0, "log_every", "must be positive")
+
+    @property
+    def out_dir(self) -> Path:
+        """The output folder."""
+        return Path(self.out) if self.out else Path("runs") / self.name
+
+
+SECTIONS = {
+    "run": RunConfig,
+    "model": ModelConfig,
+    "data": DataConfig,
+    "optim": OptimConfig,
+    "checkpoint": CheckpointConfig,
+    "dist": DistConfig,
+}
+
+# Settings whose change on resume makes the result differ from an uninterrupted run.
+EXACTNESS = {
+    "run": ("seed", "steps", "epochs", "deterministic"),
+    "model": (
+        "arch",
+        "in_features",
+        "hidden",
+        "width",
+        "out_features",
+        "batchnorm",
+        "dropout",
+    ),
+    "data": ("data", "samples", "val_fraction", "batch_size"),
+    "optim": (
+        "optimizer",
+        "lr",
+        "momentum",
+        "weight_decay",
+        "schedule",
+        "grad_accum",
+        "precision",
+    ),
+}
+
+
+@dataclass
+class Config:
+    """Everything a training run needs."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+
+    def to_dict(self) -> dict:
+        """Plain nested dict (lists for tuples), safe for weights-only loading."""
+        return {name: _plain(dataclasses.asdict(getattr(self, name))) for name in SECTIONS}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Config:
+        """Build from a nested dict such as ``to_dict`` or a TOML file gives."""
+        unknown = set(d) - set(SECTIONS)
+        if unknown:
+            raise ConfigError(f"unknown config section(s) {sorted(unknown)}; use {sorted(SECTIONS)}")
+        return cls(**{name: _build(kind, d.get(name, {}), name) for name, kind in SECTIONS.items()})
+
+
+def _plain(d: dict) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def _build(kind: type, values: dict, section: str):
+    names = {f.name for f in dataclasses.fields(kind)}
+    unknown = set(values) - names
+    if unknown:
+        raise ConfigError(f"unknown setting(s) {sorted(unknown)} in [{section}]; known: {sorted(names)}")
+    return kind(**values)
+
+
+def config_changes(old: dict, new: Config) -> list[str]:
+    """Settings that differ from a checkpoint's config and break exact resumption."""
+    now = new.to_dict()
+    return [
+        f"{key} {old.get(section, {}).get(key)!r} -> {now[section][key]!r}"
+        for section, keys in EXACTNESS.items()
+        for key in keys
+        if old.get(section, {}).get(key) != now[section][key]
+    ]
+
+
+def field_docs(kind: type) -> dict[str, str]:
+    """The docstring written under each field of a dataclass."""
+    tree = ast.parse(inspect.getsource(kind))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in itertools.pairwise(body):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    return docs
+
+
+def _arg_type(annotation) -> tuple[type, bool]:
+    """The scalar type of a field and whether it is a tuple of them."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+    if typing.get_origin(annotation) is tuple:
+        return typing.get_args(annotation)[0], True
+    return annotation, False
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one option per config field, grouped by section, defaults shown in help."""
+    for section, kind in SECTIONS.items():
+        group = parser.add_argument_group(section, kind.__doc__)
+        docs = field_docs(kind)
+        hints = typing.get_type_hints(kind)
+        for f in dataclasses.fields(kind):
+            scalar, many = _arg_type(hints[f.name])
+            default = f.default
+            helptext = f"{docs.get(f.name, '')} (default: {default if not many else ' '.join(map(str, default))})"
+            opts: dict = {
+                "dest": f"{section}.{f.name}",
+                "default": argparse.SUPPRESS,
+                "help": helptext,
+            }
+            if scalar is bool:
+                opts["action"] = argparse.BooleanOptionalAction
+            else:
+                opts["type"] = scalar
+                opts["metavar"] = f.name.upper()
+                if many:
+                    opts["nargs"] = "+"
+            group.add_argument(f"--{f.name.replace('_', '-')}", **opts)
+
+
+def from_namespace(ns: argparse.Namespace, toml_path: str | None = None) -> Config:
+    """Merge defaults, the TOML file (if any) and the options given on the command line."""
+    values: dict[str, dict] = {name: {} for name in SECTIONS}
+    if toml_path:
+        for section, settings in load_toml(toml_path).items():
+            values.setdefault(section, {}).update(settings)
+    for dest, value in vars(ns).items():
+        if "." in dest:
+            section, key = dest.split(".", 1)
+            values[section][key] = value
+    return Config.from_dict(values)
+
+
+def load_toml(path: str) -> dict:
+    """Read a TOML config file; errors name the file."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"--config: {path} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"--config: {path} is not valid TOML: {e}") from None
+    for section, settings in data.items():
+        if not isinstance(settings, dict):
+            raise ConfigError(f"--config: {path}: '{section}' must be a [section] table")
+    return data
+
+
+def parser(prog: str = "ddp train") -> argparse.ArgumentParser:
+    """The training command line."""
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="Train a model with DistributedDataParallel, save it, reload it and verify it.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--config",
+        metavar="FILE.toml",
+        help="TOML file with [run], [model], ... sections",
+    )
+    add_arguments(p)
+    return p
+
+
+def parse(argv: list[str] | None = None, prog: str = "ddp train") -> Config:
+    """Parse a training command line; a bad setting is a usage error (exit 2)."""
+    p = parser(prog)
+    ns = p.parse_args(argv)
+    try:
+        return from_namespace(ns, ns.config)
+    except ConfigError as e:
+        p.error(str(e))

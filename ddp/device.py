@@ -1,0 +1,48 @@
+"""Devices: the textbook's helpers, and the device that belongs to this process."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def cpu() -> torch.device:
+    """The CPU device."""
+    return torch.device("cpu")
+
+
+def gpu(i: int = 0) -> torch.device:
+    """The i-th CUDA device (whether or not it exists)."""
+    return torch.device(f"cuda:{i}")
+
+
+def num_gpus() -> int:
+    """How many CUDA devices this process can see (respects CUDA_VISIBLE_DEVICES)."""
+    return torch.cuda.device_count()
+
+
+def try_gpu(i: int = 0) -> torch.device:
+    """GPU i if it exists, else the CPU."""
+    return gpu(i) if num_gpus() >= i + 1 else cpu()
+
+
+def try_all_gpus() -> list[torch.device]:
+    """Every GPU, or ``[cpu()]`` when there is none (never an empty list)."""
+    return [gpu(i) for i in range(num_gpus())] or [cpu()]
+
+
+def local_rank() -> int:
+    """This process's rank on its node, as torchrun sets it (0 when run alone)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def local_device(backend: str = "gloo") -> torch.device:
+    """The device this process trains on: ``cuda:LOCAL_RANK`` under NCCL, else the CPU.
+
+    Each local rank takes its own GPU; ``cuda:0`` for every rank would put the whole
+    node's work on one card.
+    """
+    if backend == "nccl":
+        return gpu(local_rank())
+    return cpu()

@@ -1,0 +1,183 @@
+"""The process group: join it from torchrun's environment, talk through it, leave it.
+
+torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and
+MASTER_PORT. Started without torchrun, the process runs as a world of one, through the
+same code path, so that a script works unchanged under ``python`` and ``torchrun``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ddp.config import DistConfig
+from ddp.device import local_device, num_gpus
+from ddp.errors import ConfigError, DistributedError
+
+
+@dataclass(frozen=True)
+class World:
+    """Where this process stands in the job."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    backend: str = "gloo"
+
+    @property
+    def is_main(self) -> bool:
+        """True on global rank 0, the only rank that writes shared files."""
+        return self.rank == 0
+
+    @property
+    def device(self) -> torch.device:
+        """This rank's device: its own GPU under NCCL, else the CPU."""
+        return local_device(self.backend)
+
+    def prefix(self) -> str:
+        """Log prefix, e.g. ``[rank 0/2]``."""
+        return f"[rank {self.rank}/{self.world_size}]"
+
+
+def world_from_env(backend: str = "gloo") -> World:
+    """Read torchrun's variables; a world of one when they are absent."""
+    env = os.environ
+    return World(
+        rank=int(env.get("RANK", 0)),
+        world_size=int(env.get("WORLD_SIZE", 1)),
+        local_rank=int(env.get("LOCAL_RANK", 0)),
+        local_world_size=int(env.get("LOCAL_WORLD_SIZE", 1)),
+        backend=backend,
+    )
+
+
+def resolve_backend(name: str) -> str:
+    """``auto`` becomes nccl when CUDA is available, else gloo; NCCL needs GPUs."""
+    if name == "auto":
+        return "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
+    if name == "nccl" and not torch.cuda.is_available():
+        raise ConfigError("--backend nccl needs a CUDA GPU and none is visible; use --backend gloo on CPU")
+    return name
+
+
+def check_devices(world: World) -> None:
+    """Under NCCL each local rank needs its own GPU; refuse before any group starts."""
+    if world.backend == "nccl" and world.local_world_size > num_gpus():
+        raise ConfigError(
+            f"{world.local_world_size} processes per node but only {num_gpus()} visible GPU(s) "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); "
+            "NCCL needs one GPU per process: lower --nproc-per-node, or use --backend gloo"
+        )
+
+
+def init(cfg: DistConfig) -> World:
+    """Join the process group (or make a world of one) with an explicit timeout."""
+    world = world_from_env(resolve_backend(cfg.backend))
+    check_devices(world)
+    if world.backend == "nccl":
+        torch.cuda.set_device(world.device)  # before init, so NCCL binds this rank's GPU
+    timeout = datetime.timedelta(seconds=cfg.timeout)
+    if "MASTER_ADDR" in os.environ and "WORLD_SIZE" in os.environ:
+        try:
+            dist.init_process_group(world.backend, timeout=timeout, device_id=_device_id(world))
+        except (RuntimeError, dist.DistNetworkError) as e:
+            port = os.environ.get("MASTER_PORT")
+            raise DistributedError(
+                f"rank {world.rank} could not join the process group at "
+                f"{os.environ['MASTER_ADDR']}:{port}: {e}. If the port is taken, pick another "
+                "(or let torchrun pick one with --rdzv-endpoint=localhost:0)"
+            ) from e
+    else:
+        dist.init_process_group(world.backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    return world
+
+
+def _device_id(world: World) -> torch.device | None:
+    return world.device if world.backend == "nccl" else None
+
+
+def shutdown() -> None:
+    """Leave the process group, if one was joined."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def process_group(cfg: DistConfig) -> Iterator[World]:
+    """Join for the duration of a block; leave on every exit path, errors included."""
+    world = init(cfg)
+    try:
+        yield world
+    finally:
+        shutdown()
+
+
+def active() -> bool:
+    """True when a process group has been joined."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    """Global rank (0 without a process group)."""
+    return dist.get_rank() if active() else 0
+
+
+def world_size() -> int:
+    """Number of ranks (1 without a process group)."""
+    return dist.get_world_size() if active() else 1
+
+
+def _control_device() -> torch.device:
+    if active() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def barrier() -> None:
+    """Wait for every rank."""
+    if world_size() > 1:
+        dist.barrier()
+
+
+def all_sum(values: list[float]) -> list[float]:
+    """Element-wise sum over ranks of a few numbers (losses, counters, flags), in float64."""
+    t = torch.tensor(values, dtype=torch.float64, device=_control_device())
+    if world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def all_gather_objects(obj: object) -> list:
+    """Every rank's ``obj``, in rank order (small picklable messages only)."""
+    if world_size() == 1:
+        return [obj]
+    out: list = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def raise_if_any_failed(error: BaseException | None, what: str) -> None:
+    """Called by every rank after a step that may fail on some ranks only.
+
+    Each rank passes its own error (or None); if any rank failed, every rank raises a
+    DistributedError that names the failing ranks, so none waits forever on the others.
+    """
+    message = None if error is None else f"{type(error).__name__}: {error}"
+    failures = [(r, m) for r, m in enumerate(all_gather_objects(message)) if m is not None]
+    if failures:
+        detail = "; ".join(f"rank {r}: {m}" for r, m in failures)
+        raise DistributedError(f"{what} failed on {len(failures)} rank(s): {detail}") from error
+
+
+def log(world: World, message: str, *, all_ranks: bool = False, file=None) -> None:
+    """Print ``[rank r/w] message`` on rank 0 (or every rank with all_ranks)."""
+    if world.is_main or all_ranks:
+        print(f"{world.prefix()} {message}", file=file or sys.stdout, flush=True)

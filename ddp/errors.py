@@ -1,0 +1,49 @@
+"""The errors this package raises on purpose.
+
+Each message names the file, key, field, port or rank at fault and says what to do next,
+so that a user reading a job log can act without opening the source.
+"""
+
+
+class DDPError(Exception):
+    """Base class of every error raised on purpose by this package."""
+
+
+class ConfigError(DDPError, ValueError):
+    """A setting is invalid; raised before any process group starts."""
+
+
+class CheckpointError(DDPError):
+    """A checkpoint or weights file could not be written or read."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """The file or checkpoint folder does not exist."""
+
+
+class CheckpointCorruptError(CheckpointError):
+    """The file is truncated, altered, or disagrees with its manifest."""
+
+
+class CheckpointFormatError(CheckpointError):
+    """The file is not in the format expected (or not a checkpoint at all)."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """The file holds pickled objects that the weights-only loader refuses to run."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A save failed (disk full, permission denied, ...); the previous file is intact."""
+
+
+class ArchitectureMismatchError(CheckpointError):
+    """A state_dict does not fit the model: missing keys, unexpected keys, wrong shapes."""
+
+
+class DistributedError(DDPError):
+    """A rank failed or disagreed with the others during a collective step."""
+
+
+class VerifyError(DDPError):
+    """Ranks gave different outputs after reloading the saved weights."""

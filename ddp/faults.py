@@ -1,0 +1,67 @@
+"""Fault injection for the test suite: kill, crash or fill the disk at a chosen point.
+
+Tests set ``DDP_FAULT`` in a worker's environment, e.g. ``kill:rank=1:step=7`` or
+``enospc:rank=1:save=2``. Faults fire only in the first attempt of an elastic job
+(``TORCHELASTIC_RESTART_COUNT`` is 0), so a restarted job runs clean. Unset, every
+hook here is a no-op.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+
+_saves_seen = 0
+
+
+def _spec() -> dict[str, str] | None:
+    raw = os.environ.get("DDP_FAULT", "")
+    if not raw or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return None
+    kind, *pairs = raw.split(":")
+    spec = dict(p.split("=", 1) for p in pairs)
+    spec["kind"] = kind
+    return spec
+
+
+def _mine(spec: dict[str, str], rank: int) -> bool:
+    return spec.get("rank", str(rank)) == str(rank)
+
+
+def at_step(rank: int, step: int) -> None:
+    """Called after each optimizer step: kill or raise if a fault is set for this step."""
+    spec = _spec()
+    if spec is None or not _mine(spec, rank) or spec.get("step") != str(step):
+        return
+    if spec["kind"] == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if spec["kind"] == "raise":
+        raise RuntimeError(f"injected fault on rank {rank} at step {step}")
+    if spec["kind"] == "sigterm":
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def before_save_write(rank: int, path: os.PathLike | str) -> None:
+    """Called before each checkpoint file write: simulate a full disk or a crash."""
+    global _saves_seen
+    spec = _spec()
+    if spec is None or not _mine(spec, rank):
+        return
+    if spec["kind"] == "enospc":
+        _saves_seen += 1
+        if _saves_seen >= int(spec.get("save", "1")):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    if spec["kind"] == "kill-in-save":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def perturb_reloaded(rank: int, model) -> None:
+    """Nudge one rank's reloaded weights, so that tests can prove verify catches it."""
+    spec = _spec()
+    if spec is None or spec["kind"] != "perturb" or not _mine(spec, rank):
+        return
+    import torch
+
+    with torch.no_grad():
+        next(model.parameters()).add_(float(spec.get("by", "1e-3")))

@@ -1,0 +1,312 @@
+"""Saving and loading tensors and models: the textbook's first lesson, made safe.
+
+Every write is atomic (temp file in the same folder, fsync, ``os.replace``), so a crash
+never leaves a half-written file under the final name nor destroys the previous one.
+Every read uses ``torch.load(weights_only=True)`` with a ``map_location``, so no file can
+run code and a file written on a GPU loads on a CPU-only host.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import pickle
+import struct
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+from torch import nn
+
+from ddp import dist, faults
+from ddp.errors import (
+    ArchitectureMismatchError,
+    CheckpointCorruptError,
+    CheckpointError,
+    CheckpointFormatError,
+    CheckpointNotFoundError,
+    CheckpointWriteError,
+    UnsafeCheckpointError,
+)
+
+PREFIXES = (
+    "module.",
+    "_orig_mod.",
+)  # added by DistributedDataParallel and torch.compile
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new file in ``path`` durable (POSIX: fsync the directory)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_durable(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> None:
+    """Write a file through ``write(f)`` and fsync it; OSErrors become CheckpointWriteError."""
+    path = Path(path)
+    try:
+        faults.before_save_write(dist.rank(), path)
+        with open(path, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        code = errno.errorcode.get(e.errno or 0, "error")
+        hint = " (disk full: free space or pick another --out)" if e.errno == errno.ENOSPC else ""
+        raise CheckpointWriteError(f"could not write {path}: {code} {e.strerror}{hint}") from e
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> None:
+    """Write a file through ``write(f)``, all or nothing.
+
+    The bytes go to a temp file beside ``path``, are flushed and fsynced, then renamed
+    over ``path``. On any failure the temp file is removed and ``path`` is untouched.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write_durable(tmp, write)
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except CheckpointWriteError as e:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointWriteError(f"{e}; the previous {path.name} is intact") from e.__cause__
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def detect_format(path: str | os.PathLike) -> str:
+    """What a file holds: 'torch', 'torch-legacy' or 'safetensors'; else a clear error."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointNotFoundError(f"{path} does not exist; check the path (or --out)")
+    if path.is_dir():
+        raise CheckpointFormatError(f"{path} is a folder; expected a weights file (a checkpoint folder holds model.pt)")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if size == 0:
+        raise CheckpointFormatError(f"{path} is empty (0 bytes); expected a torch or safetensors file")
+    if head.startswith(b"PK\x03\x04"):
+        _check_torch_zip(path)
+        return "torch"
+    if head[:1] == b"\x80":
+        return "torch-legacy"
+    if len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] <= size - 8:
+        return "safetensors"
+    found = "text" if _looks_like_text(head) else f"unknown bytes {head[:4]!r}"
+    raise CheckpointFormatError(
+        f"{path} is not a checkpoint: expected a torch (zip) or safetensors file, found {found}"
+    )
+
+
+def _looks_like_text(head: bytes) -> bool:
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _check_torch_zip(path: Path) -> None:
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except zipfile.BadZipFile as e:
+        raise CheckpointCorruptError(f"{path} is a damaged torch file (truncated or altered zip): {e}") from e
+    if not any(n.endswith("data.pkl") for n in names):
+        raise CheckpointFormatError(
+            f"{path} is a zip archive but not a torch checkpoint (no data.pkl among {names[:3]}); "
+            "expected a file written by torch.save or ddp.save"
+        )
+
+
+def save(obj: Any, path: str | os.PathLike, format: str = "torch") -> None:
+    """Save a tensor, a list of tensors or a dict of tensors (or a state_dict), atomically.
+
+    ``format="safetensors"`` takes a dict of str to tensor and stores no pickle at all.
+    """
+    if format == "safetensors":
+        save_safetensors(obj, path)
+    elif format == "torch":
+        atomic_write(path, lambda f: torch.save(obj, f))
+    else:
+        raise CheckpointFormatError(f"unknown format {format!r}; use torch or safetensors")
+
+
+def save_safetensors(
+    tensors: dict[str, torch.Tensor],
+    path: str | os.PathLike,
+    metadata: dict | None = None,
+) -> None:
+    """Save a flat dict of tensors as safetensors, atomically."""
+    from safetensors.torch import save as st_save
+
+    if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+        raise CheckpointFormatError(
+            "safetensors stores a dict of str -> tensor only; use format='torch' for other objects"
+        )
+    data = st_save(
+        {k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+        metadata=metadata,
+    )
+    atomic_write(path, lambda f: f.write(data))
+
+
+def load(
+    path: str | os.PathLike,
+    map_location: str | torch.device = "cpu",
+    *,
+    expect: str | None = None,
+    mmap: bool = False,
+) -> Any:
+    """Load what ``save`` wrote, with the weights-only loader, onto ``map_location``.
+
+    Args:
+        expect: 'torch' or 'safetensors' to refuse the other format with a clear error.
+        mmap: map a torch file's storages instead of reading them (faster for big files).
+    """
+    path = Path(path)
+    found = detect_format(path)
+    if expect is not None and not found.startswith(expect):
+        raise CheckpointFormatError(f"{path} is a {found} file, but a {expect} file is expected here")
+    if found == "safetensors":
+        return load_safetensors(path, map_location)[0]
+    try:
+        return torch.load(
+            path,
+            map_location=map_location,
+            weights_only=True,
+            mmap=mmap and found == "torch",
+        )
+    except pickle.UnpicklingError as e:
+        raise UnsafeCheckpointError(
+            f"{path} holds objects the weights-only loader refuses ({_unpickler_reason(e)}). It may run code "
+            "when unpickled, so it was not loaded; re-save it as a plain state_dict from code you trust"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
+        raise CheckpointCorruptError(f"{path} could not be read, it is truncated or damaged: {_first_line(e)}") from e
+
+
+def _unpickler_reason(e: BaseException) -> str:
+    for line in str(e).splitlines():
+        if "WeightsUnpickler error:" in line:
+            return line.split("WeightsUnpickler error:", 1)[1].split(". Please use")[0].strip()
+    return _first_line(e)
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def load_safetensors(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[dict, dict]:
+    """Load a safetensors file: (tensors, metadata). No pickle is involved."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load as st_load
+
+    data = Path(path).read_bytes()
+    try:
+        tensors = st_load(data)
+        header_len = struct.unpack("<Q", data[:8])[0]
+        metadata = json.loads(data[8 : 8 + header_len]).get("__metadata__", {}) or {}
+    except (SafetensorError, ValueError) as e:
+        raise CheckpointCorruptError(f"{path} is a damaged safetensors file: {e}") from e
+    return {k: v.to(map_location) for k, v in tensors.items()}, metadata
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's module under DDP (``module``) and torch.compile (``_orig_mod``) wrappers."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def strip_prefixes(state_dict: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """Remove wrapper prefixes from every key; returns the dict and the prefixes removed."""
+    stripped: list[str] = []
+    changed = True
+    while changed and state_dict:
+        changed = False
+        for prefix in PREFIXES:
+            if all(k.startswith(prefix) for k in state_dict):
+                state_dict = {k[len(prefix) :]: v for k, v in state_dict.items()}
+                stripped.append(prefix)
+                changed = True
+    return state_dict, stripped
+
+
+def save_model(model: nn.Module, path: str | os.PathLike, format: str = "torch") -> Path:
+    """Called by every rank: rank 0 saves the unwrapped state_dict atomically, all wait.
+
+    If the write fails, every rank raises (naming the path and the error); none hangs.
+    """
+    path = Path(path)
+    error = None
+    if dist.rank() == 0:
+        try:
+            save(unwrap(model).state_dict(), path, format=format)
+        except CheckpointError as e:
+            error = e
+    dist.raise_if_any_failed(error, f"saving {path}")
+    return path
+
+
+def load_model(model: nn.Module, path: str | os.PathLike, *, verbose: bool = True) -> nn.Module:
+    """Load a weights file strictly into ``model``, on the model's own device.
+
+    Keys saved from a DDP or compiled model (``module.``, ``_orig_mod.``) are accepted,
+    with one line saying which prefix was stripped.
+    """
+    target = unwrap(model)
+    device = next(iter(target.state_dict().values()), torch.empty(0)).device
+    state = load(path, map_location=device)
+    if not isinstance(state, dict):
+        raise CheckpointFormatError(f"{path} holds a {type(state).__name__}, not a state_dict (a dict of tensors)")
+    if "model" in state and isinstance(state["model"], dict) and "optimizer" in state:
+        state = state["model"]  # a full training state: take its model part
+    state, stripped = strip_prefixes(state)
+    if stripped and verbose and dist.rank() == 0:
+        print(
+            f"load_model: stripped prefix {' and '.join(repr(p) for p in stripped)} from the keys of {path}",
+            flush=True,
+        )
+    check_architecture(target, state, path)
+    target.load_state_dict(state, strict=True)
+    return model
+
+
+def check_architecture(model: nn.Module, state: dict[str, Any], path: str | os.PathLike) -> None:
+    """Raise ArchitectureMismatchError listing missing, unexpected and mis-shaped keys."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and isinstance(state[k], torch.Tensor) and state[k].shape != v.shape
+    ]
+    if missing or unexpected or shapes:
+        parts = [
+            f"{name} ({len(items)}): {', '.join(items[:3])}{', ...' if len(items) > 3 else ''}"
+            for name, items in (
+                ("missing keys", missing),
+                ("unexpected keys", unexpected),
+                ("shape mismatches", shapes),
+            )
+            if items
+        ]
+        raise ArchitectureMismatchError(
+            f"{path} does not fit {type(model).__name__}: " + "; ".join(parts) + ". Build the model with the settings "
+            "it was trained with (see `ddp inspect`)"
+        )

@@ -1,0 +1,104 @@
+"""What a user watches: a progress bar or log lines, metrics.jsonl, and a loss plot."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ddp.errors import DDPError
+
+METRICS = "metrics.jsonl"
+
+
+class MetricsWriter:
+    """Appends one JSON object per line to ``<out>/metrics.jsonl`` (rank 0 only)."""
+
+    def __init__(self, out: Path, enabled: bool) -> None:
+        self.path = out / METRICS
+        self.enabled = enabled
+        self.start = time.monotonic()
+
+    def write(self, kind: str, **values: Any) -> None:
+        """Record one event ('train' or 'eval') with its values and the wall time."""
+        if not self.enabled:
+            return
+        record = {"kind": kind, **values, "time": round(time.monotonic() - self.start, 4)}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+class ProgressDisplay:
+    """A tqdm bar on a terminal; plain lines every ``log_every`` steps in CI and Slurm logs."""
+
+    def __init__(self, total: int, start: int, log_every: int, prefix: str, enabled: bool) -> None:
+        self.log_every, self.prefix, self.enabled = log_every, prefix, enabled
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, desc=prefix, unit="step", dynamic_ncols=True)
+
+    def update(self, step: int, epoch: int, loss: float, samples_per_s: float, lr: float) -> None:
+        """Advance by one optimizer step."""
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.set_postfix(epoch=epoch, loss=f"{loss:.4f}", samples_s=f"{samples_per_s:,.0f}", refresh=False)
+            self.bar.update(1)
+        elif step % self.log_every == 0:
+            print(
+                f"{self.prefix} step {step} epoch {epoch} loss {loss:.4f} lr {lr:.4g} {samples_per_s:,.0f} samples/s",
+                flush=True,
+            )
+
+    def message(self, text: str) -> None:
+        """A line that does not break the bar."""
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(f"{self.prefix} {text}")
+        else:
+            print(f"{self.prefix} {text}", flush=True)
+
+    def close(self) -> None:
+        """Finish the bar."""
+        if self.bar is not None:
+            self.bar.close()
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The records of a run's metrics.jsonl."""
+    path = Path(run_dir) / METRICS
+    if not path.exists():
+        raise DDPError(f"{path} does not exist; is {run_dir} the --out folder of a training run?")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot(run_dir: str | Path) -> Path:
+    """Write ``<run_dir>/loss.png``: training loss by step and evaluation loss by epoch."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise DDPError("ddp plot needs matplotlib: pip install -e '.[plot]' (or pip install matplotlib)") from None
+    records = read_metrics(run_dir)
+    train = [r for r in records if r["kind"] == "train"]
+    evals = [r for r in records if r["kind"] == "eval"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="training loss")
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["loss"] for r in evals], "o-", label="evaluation loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy loss")
+    ax.set_title(f"{Path(run_dir).name}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    out = Path(run_dir) / "loss.png"
+    fig.savefig(out, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return out

@@ -1,0 +1,114 @@
+"""Models: the textbook's MLP (20 -> 256 -> ReLU -> 10) and a small convnet."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ddp.config import ModelConfig
+
+
+class MLP(nn.Module):
+    """A multilayer perceptron; with the defaults, exactly the textbook's MLP."""
+
+    def __init__(
+        self,
+        in_features: int = 20,
+        hidden: tuple[int, ...] = (256,),
+        out_features: int = 10,
+        batchnorm: bool = False,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = in_features
+        for h in hidden:
+            layers.append(nn.Linear(width, h))
+            if batchnorm:
+                layers.append(nn.BatchNorm1d(h))
+            layers.append(nn.ReLU())
+            if dropout:
+                layers.append(nn.Dropout(dropout))
+            width = h
+        self.hidden = nn.Sequential(*layers)
+        self.output = nn.Linear(width, out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.output(self.hidden(x.flatten(1)))
+
+
+class ConvNet(nn.Module):
+    """A small CNN on 1x16x16 inputs: enough arithmetic per step to hide communication."""
+
+    def __init__(self, out_features: int = 10, width: int = 32, batchnorm: bool = False) -> None:
+        super().__init__()
+
+        def block(cin: int, cout: int) -> list[nn.Module]:
+            norm: list[nn.Module] = [nn.BatchNorm2d(cout)] if batchnorm else []
+            return [
+                nn.Conv2d(cin, cout, 3, padding=1),
+                *norm,
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+            ]
+
+        self.features = nn.Sequential(*block(1, width), *block(width, 2 * width))
+        self.output = nn.Linear(2 * width * 4 * 4, out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.output(self.features(x).flatten(1))
+
+
+def input_shape(cfg: ModelConfig) -> tuple[int, ...]:
+    """Shape of one sample (without the batch dimension)."""
+    return (1, 16, 16) if cfg.arch == "cnn" else (cfg.in_features,)
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """A freshly initialised model (seed torch first for reproducible weights)."""
+    if cfg.arch == "cnn":
+        return ConvNet(cfg.out_features, width=cfg.width, batchnorm=cfg.batchnorm)
+    return MLP(cfg.in_features, cfg.hidden, cfg.out_features, cfg.batchnorm, cfg.dropout)
+
+
+def materialize(model: nn.Module, example: torch.Tensor) -> nn.Module:
+    """Run one forward pass so lazy modules get their shapes before DDP wraps them.
+
+    DDP registers gradient hooks on parameters at construction; an uninitialised lazy
+    parameter would be missed.
+    """
+    if any(isinstance(p, nn.parameter.UninitializedParameter) for p in model.parameters()):
+        with torch.no_grad():
+            was_training = model.training
+            model.eval()
+            model(example)
+            model.train(was_training)
+    return model
+
+
+def config_from_state_dict(state: dict[str, Any]) -> ModelConfig:
+    """Rebuild an MLP's or ConvNet's settings from the shapes in its state_dict."""
+    if "features.0.weight" in state:
+        return ModelConfig(
+            arch="cnn",
+            width=state["features.0.weight"].shape[0],
+            out_features=state["output.weight"].shape[0],
+            batchnorm="features.1.running_mean" in state,
+        )
+    linears = sorted(
+        (k for k in state if k.startswith("hidden.") and k.endswith(".weight") and state[k].dim() == 2),
+        key=lambda k: int(k.split(".")[1]),
+    )
+    if "output.weight" not in state:
+        raise ValueError("not an MLP or ConvNet state_dict (no output.weight)")
+    hidden = tuple(state[k].shape[0] for k in linears)
+    in_features = state[linears[0]].shape[1] if linears else state["output.weight"].shape[1]
+    batchnorm = any(k.endswith("running_mean") for k in state)
+    return ModelConfig(
+        in_features=in_features,
+        hidden=hidden,
+        out_features=state["output.weight"].shape[0],
+        batchnorm=batchnorm,
+    )

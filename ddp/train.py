@@ -1,0 +1,409 @@
+"""Train a model with DistributedDataParallel, then save, reload and verify it.
+
+Launch commands:
+
+    make train-ddp                                   # every GPU, or 2 CPU processes (gloo)
+    torchrun --standalone --nproc-per-node=2 -m ddp.train --epochs 3 --out runs/demo
+    python -m ddp.train --steps 50                   # no torchrun: a world of one
+    # two nodes; run on each, HOST being node 0's address:
+    torchrun --nnodes=2 --nproc-per-node=8 --rdzv-backend=c10d \\
+        --rdzv-endpoint=HOST:29500 --rdzv-id=job42 --max-restarts=3 -m ddp.train
+
+Each rank trains on its own shard; rank 0 writes ``<out>/mlp.params`` (the unwrapped
+state_dict, atomically) and full-state checkpoints under ``<out>/checkpoints``; every
+rank reloads the weights into a fresh model and all must give identical outputs.
+A relaunch with the same ``--out`` resumes from the newest complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.elastic.multiprocessing.errors import record
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from ddp import dist, faults
+from ddp.checkpoint import FORMAT_VERSION, Checkpointer, rng_state, set_rng_state
+from ddp.config import Config, config_changes, parse
+from ddp.data import ResumableSampler, datasets, make_loader, steps_per_epoch
+from ddp.errors import ConfigError, DDPError
+from ddp.io import check_architecture, load_model, save_model, strip_prefixes, unwrap
+from ddp.metrics import MetricsWriter, ProgressDisplay
+from ddp.model import build_model, input_shape, materialize
+from ddp.verify import DEFAULT_ATOL, VerifyReport, outputs, probe_batch, summary, verify_identical_outputs
+
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Progress:
+    """Where training stands; saved in every checkpoint."""
+
+    step: int = 0
+    """Optimizer steps taken."""
+    epoch: int = 0
+    """Current epoch."""
+    epoch_samples: int = 0
+    """Samples of the current epoch already consumed, counted over all ranks."""
+
+
+def seed_all(seed: int) -> None:
+    """Seed Python, numpy and torch (CPU and every GPU)."""
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    """Holds the model, data, optimizer and checkpointer of one rank."""
+
+    def __init__(self, cfg: Config, world: dist.World) -> None:
+        self.cfg, self.world, self.device = cfg, world, world.device
+        self.out = cfg.run.out_dir
+        self.shape = input_shape(cfg.model)
+        seed_all(cfg.run.seed)  # same initial weights on every rank
+        self.model = self._build_model()
+        seed_all(cfg.run.seed + 1_000_003 * world.rank)  # dropout etc. differ per rank, reproducibly
+        self.train_set, self.val_set = datasets(cfg.data, self.shape, cfg.model.out_features, cfg.run.seed)
+        self.sampler = ResumableSampler(self.train_set, world.world_size, world.rank, cfg.run.seed)
+        self.loader = make_loader(
+            self.train_set,
+            self.sampler,
+            cfg.data.batch_size,
+            cfg.data.workers,
+            self.device.type == "cuda",
+            cfg.run.seed,
+        )
+        self.global_batch = cfg.data.batch_size * world.world_size * cfg.optim.grad_accum
+        self.steps_per_epoch = steps_per_epoch(len(self.train_set), self.global_batch)
+        if self.steps_per_epoch == 0:
+            raise ConfigError(
+                f"--batch-size: the global batch ({self.global_batch} = {cfg.data.batch_size} x {world.world_size} "
+                f"ranks x {cfg.optim.grad_accum} accumulation) exceeds the {len(self.train_set)} training samples"
+            )
+        self.total_steps = cfg.run.steps or cfg.run.epochs * self.steps_per_epoch
+        self.ddp = self._wrap(self.model)
+        self.optimizer = self._optimizer()
+        self.scheduler = self._scheduler()
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.optim.precision == "fp16")
+        self.progress = Progress()
+        self.stop_requested = False
+        say = self._say
+        self.checkpointer = Checkpointer(self.out / "checkpoints", cfg.checkpoint, say)
+        self.metrics = MetricsWriter(self.out, world.is_main)
+        self.last_save_time = time.monotonic()
+
+    # ---- construction ----
+
+    def _build_model(self) -> nn.Module:
+        model = build_model(self.cfg.model)
+        materialize(model, torch.zeros(2, *self.shape))
+        if self.cfg.run.sync_bn:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        return model.to(self.device)
+
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        if self.cfg.run.compile:
+            model = torch.compile(model)
+        ids = [self.device] if self.device.type == "cuda" else None  # device_ids must be None on CPU
+        return DDP(model, device_ids=ids, gradient_as_bucket_view=True)
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        o = self.cfg.optim
+        if o.optimizer == "adamw":
+            return torch.optim.AdamW(self.model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+        return torch.optim.SGD(self.model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+
+    def _scheduler(self) -> torch.optim.lr_scheduler.LRScheduler:
+        if self.cfg.optim.schedule == "cosine":
+            return torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=self.total_steps)
+        return torch.optim.lr_scheduler.ConstantLR(self.optimizer, factor=1.0, total_iters=0)
+
+    def _say(self, text: str) -> None:
+        dist.log(self.world, text)
+
+    # ---- checkpoints ----
+
+    def state(self) -> tuple[dict, dict]:
+        """(replicated files, this rank's own state) of a full checkpoint."""
+        train = {
+            "format_version": FORMAT_VERSION,
+            "step": self.progress.step,
+            "epoch": self.progress.epoch,
+            "epoch_samples": self.progress.epoch_samples,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "config": self.cfg.to_dict(),
+            "world_size": self.world.world_size,
+            "torch_version": str(torch.__version__),
+        }
+        replicated = {"model.pt": unwrap(self.ddp).state_dict(), "train.pt": train}
+        own = {"rank": self.world.rank, "world_size": self.world.world_size, "rng": rng_state()}
+        return replicated, own
+
+    def save_checkpoint(self) -> None:
+        """Called by every rank: save the full state of the current step."""
+        replicated, own = self.state()
+        self.checkpointer.save(self.progress.step, replicated, own)
+        self.last_save_time = time.monotonic()
+
+    def resume(self) -> None:
+        """Called by every rank: load the checkpoint ``--resume`` selects, if any."""
+        self.checkpointer.prepare()
+        folder = self.checkpointer.find(self.cfg.checkpoint.resume)
+        if folder is None:
+            return
+        state, own, _ = Checkpointer.load(folder, self.device)
+        model_state, _ = strip_prefixes(state["model"])
+        check_architecture(unwrap(self.ddp), model_state, folder / "model.pt")
+        unwrap(self.ddp).load_state_dict(model_state)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.progress = Progress(state["step"], state["epoch"], state["epoch_samples"])
+        self.checkpointer.last_saved = state["step"]
+        self._restore_rng(own, state["world_size"])
+        changes = config_changes(state["config"], self.cfg)
+        if changes:
+            self._say(
+                f"warning: settings changed since the checkpoint, the run will not match an "
+                f"uninterrupted one: {', '.join(changes)}"
+            )
+        self._say(f"resumed from {folder}: continuing at step {self.progress.step + 1}")
+
+    def _restore_rng(self, own: dict | None, saved_world: int) -> None:
+        if own is not None:
+            set_rng_state(own["rng"])
+        else:
+            seed_all(self.cfg.run.seed + 1_000_003 * self.world.rank + 7919 * self.progress.step)
+        if saved_world != self.world.world_size:
+            reseeded = list(range(saved_world, self.world.world_size))
+            self._say(
+                f"warning: checkpoint written by {saved_world} rank(s), resuming on {self.world.world_size}: "
+                f"data continues at sample {self.progress.epoch_samples} of epoch {self.progress.epoch}; "
+                + (
+                    f"ranks {reseeded} had no RNG state and were reseeded from (seed, rank, step)"
+                    if reseeded
+                    else f"RNG state of ranks {saved_world - 1}..{self.world.world_size} dropped"
+                )
+                + "; results will not be bitwise equal to a run on the original world size"
+            )
+
+    # ---- training ----
+
+    def train(self) -> None:
+        """Run until ``total_steps`` (or a SIGTERM), checkpointing on the way and at the end."""
+        self.resume()
+        self.display = ProgressDisplay(
+            self.total_steps, self.progress.step, self.cfg.run.log_every, self.world.prefix(), self.world.is_main
+        )
+        self.tick = (time.monotonic(), self.progress.step)
+        try:
+            while self.progress.step < self.total_steps and not self.stop_requested:
+                self._run_epoch()
+            if self.checkpointer.last_saved != self.progress.step:
+                self.save_checkpoint()
+            self.checkpointer.wait()
+        finally:
+            self.display.close()
+
+    def _run_epoch(self) -> None:
+        p = self.progress
+        self.sampler.set_position(p.epoch, p.epoch_samples)
+        left = steps_per_epoch(len(self.train_set), self.global_batch, p.epoch_samples)
+        batches = iter(self.loader)
+        for _ in range(min(left, self.total_steps - p.step)):
+            micro = [next(batches) for _ in range(self.cfg.optim.grad_accum)]
+            loss = self._run_step(micro)
+            p.step += 1
+            p.epoch_samples += self.global_batch
+            epoch_done = steps_per_epoch(len(self.train_set), self.global_batch, p.epoch_samples) == 0
+            if epoch_done:  # advance before saving, so a resume starts the next epoch
+                p.epoch, p.epoch_samples = p.epoch + 1, 0
+            faults.at_step(self.world.rank, p.step)
+            self._after_step(loss)
+            if epoch_done:
+                self.evaluate()
+            if self.stop_requested:
+                return
+
+    def _run_step(self, micro: list) -> torch.Tensor:
+        """One optimizer step over ``grad_accum`` micro-batches; gradients sync on the last."""
+        self.optimizer.zero_grad(set_to_none=True)
+        k = len(micro)
+        dtype = AUTOCAST.get(self.cfg.optim.precision)
+        total = torch.zeros((), device=self.device)
+        for i, (x, y) in enumerate(micro):
+            x = x.to(self.device, non_blocking=True)
+            y = y.to(self.device, non_blocking=True)
+            sync = contextlib.nullcontext() if i == k - 1 else self.ddp.no_sync()
+            with sync:
+                with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
+                    loss = F.cross_entropy(self.ddp(x), y) / k
+                self.scaler.scale(loss).backward()
+            total += loss.detach()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return total
+
+    def _after_step(self, loss: torch.Tensor) -> None:
+        """One small all-reduce per step: mean loss, SIGTERM, save timer and async-save status."""
+        writing, failed = self.checkpointer.status()
+        every_s = self.cfg.checkpoint.checkpoint_every_seconds
+        time_due = self.world.is_main and every_s > 0 and time.monotonic() - self.last_save_time >= every_s
+        total, stop, due, writing, failed = dist.all_sum([loss.item(), self.stop_requested, time_due, writing, failed])
+        if failed:
+            self.checkpointer.wait()  # raises on every rank, naming the rank and the error
+        elif self.checkpointer.pending_step is not None and not writing:
+            self.checkpointer.commit()
+        self.stop_requested = stop > 0
+        self._log_step(total / self.world.world_size)
+        every = self.cfg.checkpoint.checkpoint_every
+        periodic = every > 0 and self.progress.step % every == 0
+        if (periodic or due or self.stop_requested) and self.progress.step < self.total_steps:
+            self.save_checkpoint()
+            if self.stop_requested:
+                self.checkpointer.wait()
+                self._say(f"stopping on SIGTERM after step {self.progress.step}: checkpoint saved, relaunch to resume")
+
+    def _log_step(self, loss: float) -> None:
+        now = time.monotonic()
+        t0, s0 = self.tick
+        rate = (self.progress.step - s0) * self.global_batch / max(now - t0, 1e-9)
+        lr = self.scheduler.get_last_lr()[0]
+        step, epoch = self.progress.step, self.progress.epoch
+        self.display.update(step, epoch, loss, rate, lr)
+        if step % self.cfg.run.log_every == 0 or step == self.total_steps:
+            self.metrics.write("train", step=step, epoch=epoch, loss=loss, lr=lr, samples_per_s=round(rate, 1))
+            self.tick = (now, step)
+
+    @torch.no_grad()
+    def evaluate(self) -> tuple[float, float]:
+        """Loss and accuracy on the held-out split, each rank taking every N-th sample."""
+        x, y = self.val_set.tensors
+        x, y = x[self.world.rank :: self.world.world_size], y[self.world.rank :: self.world.world_size]
+        model = self.ddp.module
+        model.eval()
+        loss_sum, correct = 0.0, 0.0
+        for i in range(0, len(x), 1024):
+            logits = model(x[i : i + 1024].to(self.device)).float()
+            target = y[i : i + 1024].to(self.device)
+            loss_sum += F.cross_entropy(logits, target, reduction="sum").item()
+            correct += (logits.argmax(1) == target).sum().item()
+        model.train()
+        loss_sum, correct, count = dist.all_sum([loss_sum, correct, len(x)])
+        if count == 0:
+            return float("nan"), float("nan")
+        loss, acc = loss_sum / count, correct / count
+        self.display.message(f"eval epoch {self.progress.epoch - 1}: loss {loss:.4f} accuracy {acc:.3f}")
+        self.metrics.write("eval", step=self.progress.step, epoch=self.progress.epoch - 1, loss=loss, accuracy=acc)
+        return loss, acc
+
+
+def export_and_verify(trainer: Trainer) -> VerifyReport:
+    """Rank 0 saves mlp.params; every rank reloads it into a fresh model; all must agree."""
+    cfg, world = trainer.cfg, trainer.world
+    path = trainer.out / "mlp.params"
+    probe = probe_batch(trainer.shape)
+    reference = outputs(unwrap(trainer.ddp), probe, cfg.optim.precision)
+    save_model(trainer.ddp, path, format=cfg.checkpoint.format)
+    fresh = build_model(cfg.model)
+    materialize(fresh, torch.zeros(2, *trainer.shape))
+    load_model(fresh.to(trainer.device), path)
+    faults.perturb_reloaded(world.rank, fresh)
+    atol = cfg.dist.atol if cfg.dist.atol is not None else DEFAULT_ATOL[cfg.optim.precision]
+    report = verify_identical_outputs(fresh, probe, reference=reference, atol=atol, precision=cfg.optim.precision)
+    dist.log(world, summary(report, str(path), cfg.optim.precision))
+    return report
+
+
+def check_output_dir(out: Path) -> None:
+    """Create ``--out`` and prove it is writable now, not an hour into training."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"--out: cannot write to {out}: {e.strerror}; choose a writable folder") from None
+
+
+def check_settings(cfg: Config) -> None:
+    """Usage errors that can be found before any process group starts."""
+    backend = dist.resolve_backend(cfg.dist.backend)
+    dist.check_devices(dist.world_from_env(backend))
+    if cfg.run.sync_bn and backend != "nccl":
+        raise ConfigError("--sync-bn needs CUDA GPUs and NCCL (PyTorch's SyncBatchNorm does not run on CPU)")
+    if cfg.optim.precision == "fp16" and backend != "nccl":
+        raise ConfigError("--precision fp16 needs a GPU; on CPU use --precision bf16")
+    check_output_dir(cfg.run.out_dir)
+
+
+def configure_determinism(cfg: Config) -> None:
+    """Bitwise-repeatable kernels when asked for (some ops get slower)."""
+    if cfg.run.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # must precede CUDA's first use
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+
+
+def run(cfg: Config, world: dist.World) -> int:
+    """Train, export and verify on this rank; the exit code."""
+    dist.log(world, f"{world.backend} on {world.device}, {world.world_size} rank(s); config: {cfg.to_dict()}")
+    trainer = Trainer(cfg, world)
+    signal.signal(signal.SIGTERM, lambda *_: setattr(trainer, "stop_requested", True))
+    trainer.train()
+    if trainer.stop_requested:
+        return 0
+    export_and_verify(trainer)
+    return 0
+
+
+@record
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``torchrun -m ddp.train`` and ``ddp train``."""
+    cfg = parse(argv)
+    world = dist.world_from_env()
+    try:
+        check_settings(cfg)
+        configure_determinism(cfg)
+    except ConfigError as e:
+        print(f"ddp train: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        with dist.process_group(cfg.dist) as world:
+            return run(cfg, world)
+    except ConfigError as e:
+        print(f"{world.prefix()} error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except DDPError as e:
+        print(f"{world.prefix()} error: {e}", file=sys.stderr, flush=True)
+        return 1
+    except torch.distributed.DistError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(
+            f"{world.prefix()} error: a collective failed, another rank probably died or hung "
+            f"(see the launcher's report of the failing rank): {first}",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""Verify: every rank reloads the saved weights and must give identical outputs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ddp import dist
+from ddp.errors import VerifyError
+
+DEFAULT_ATOL = {
+    "fp32": 0.0,
+    "bf16": 1e-2,
+    "fp16": 1e-3,
+}  # bitwise in fp32 on one kind of device
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """What verify found: per-rank max |output - rank 0's| and |output - trained model's|."""
+
+    world_size: int
+    vs_rank0: list[float]
+    vs_reference: list[float | None]
+    atol: float
+
+    @property
+    def max_diff(self) -> float:
+        """Largest difference seen anywhere."""
+        return max(
+            [*self.vs_rank0, *(d for d in self.vs_reference if d is not None)],
+            default=0.0,
+        )
+
+    @property
+    def ok(self) -> bool:
+        """True when every difference is within ``atol``."""
+        return self.max_diff <= self.atol
+
+    def failures(self) -> list[str]:
+        """One line per rank that disagrees."""
+        lines = []
+        for r, (d0, dref) in enumerate(zip(self.vs_rank0, self.vs_reference, strict=True)):
+            if d0 > self.atol:
+                lines.append(f"rank {r} differs from rank 0 by max |Δ| = {d0:.3g}")
+            if dref is not None and dref > self.atol:
+                lines.append(f"rank {r} differs from the trained model by max |Δ| = {dref:.3g}")
+        return lines
+
+
+def probe_batch(shape: tuple[int, ...], n: int = 16, seed: int = 1234) -> torch.Tensor:
+    """The same input on every rank: drawn on the CPU from a fixed seed."""
+    return torch.randn(n, *shape, generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def outputs(model: nn.Module, x: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
+    """The model's output in eval mode on the model's device, as float32 on the CPU."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        out = model(x.to(device)).float().cpu()
+    model.train(was_training)
+    return out
+
+
+def verify_identical_outputs(
+    model: nn.Module,
+    x: torch.Tensor,
+    *,
+    reference: torch.Tensor | None = None,
+    atol: float = 0.0,
+    precision: str = "fp32",
+) -> VerifyReport:
+    """Called by every rank: all must give rank 0's output on ``x`` (and ``reference``).
+
+    Returns the report, or raises VerifyError on every rank naming each rank that
+    differs and by how much.
+    """
+    out = outputs(model, x, precision)
+    vs_ref = None if reference is None else (out - reference.float().cpu()).abs().max().item()
+    gathered = dist.all_gather_objects((out, vs_ref))
+    base = gathered[0][0]
+    report = VerifyReport(
+        world_size=len(gathered),
+        vs_rank0=[(o - base).abs().max().item() if o.shape == base.shape else float("inf") for o, _ in gathered],
+        vs_reference=[d for _, d in gathered],
+        atol=atol,
+    )
+    if not report.ok:
+        raise VerifyError(
+            f"verify failed on {report.world_size} ranks (atol = {atol:g}): " + "; ".join(report.failures())
+        )
+    return report
+
+
+def summary(report: VerifyReport, path: str, precision: str = "fp32") -> str:
+    """The one line rank 0 prints after a successful verify."""
+    same = "identical" if report.max_diff == 0 else f"equal within atol = {report.atol:g} ({precision})"
+    return (
+        f"verify: {report.world_size}/{report.world_size} ranks reloaded {path}; "
+        f"outputs {same} (max |Δ| = {report.max_diff:.3g})"
+    )
