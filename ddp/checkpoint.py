@@ -224,7 +224,10 @@ def stage(obj: Any, buffers: dict[str, torch.Tensor], key: str = "") -> Any:
         buf.copy_(obj.detach(), non_blocking=obj.is_cuda)
         return buf
     if isinstance(obj, dict):
-        return {k: stage(v, buffers, f"{key}/{k}") for k, v in obj.items()}
+        staged = type(obj)((k, stage(v, buffers, f"{key}/{k}")) for k, v in obj.items())
+        if hasattr(obj, "_metadata"):  # a module state_dict's versions: load_state_dict reads them
+            staged._metadata = obj._metadata
+        return staged
     if isinstance(obj, (list, tuple)):
         return type(obj)(stage(v, buffers, f"{key}/{i}") for i, v in enumerate(obj))
     return obj

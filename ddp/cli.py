@@ -88,7 +88,8 @@ def read_weights(path: str | Path, map_location: str | torch.device = "cpu") -> 
 
 def build_loaded(w: Weights, device: torch.device) -> torch.nn.Module:
     """A fresh model of the file's architecture with its weights, on ``device``."""
-    model = build_model(w.model).to(device)
+    dtype = next((v.dtype for v in w.state.values() if v.is_floating_point()), torch.float32)
+    model = build_model(w.model).to(device, dtype)
     path = w.path / "model.pt" if w.path.is_dir() else w.path
     load_model(model, path, verbose=False)
     return model

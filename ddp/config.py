@@ -27,6 +27,9 @@ def _check(ok: bool, name: str, message: str) -> None:
         raise ConfigError(f"--{name.replace('_', '-')}: {message}")
 
 
+PRECISIONS = ("fp32", "bf16", "fp16", "fp64")
+
+
 @dataclass
 class ModelConfig:
     """The network to train."""
@@ -105,7 +108,7 @@ class OptimConfig:
     grad_accum: int = 1
     """Micro-batches per optimizer step; gradients sync once per step (no_sync in between)."""
     precision: str = "fp32"
-    """fp32, bf16 or fp16 autocast (fp16 uses a GradScaler)."""
+    """fp32; bf16 or fp16 autocast (fp16 uses a GradScaler); fp64 runs the model in float64."""
 
     def __post_init__(self) -> None:
         _check(self.optimizer in ("sgd", "adamw"), "optimizer", "use sgd or adamw")
@@ -120,11 +123,7 @@ class OptimConfig:
             "use cosine or constant",
         )
         _check(self.grad_accum >= 1, "grad_accum", f"must be >= 1, got {self.grad_accum}")
-        _check(
-            self.precision in ("fp32", "bf16", "fp16"),
-            "precision",
-            "use fp32, bf16 or fp16",
-        )
+        _check(self.precision in PRECISIONS, "precision", f"use one of {', '.join(PRECISIONS)}")
 
 
 @dataclass

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import os
 import sys
 from collections.abc import Iterator
@@ -108,6 +109,7 @@ def shutdown() -> None:
     """Leave the process group, if one was joined."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    gc.collect()  # free process groups still referenced by dead objects now, not at interpreter exit
 
 
 @contextlib.contextmanager
@@ -116,6 +118,7 @@ def process_group(cfg: DistConfig) -> Iterator[World]:
     world = init(cfg)
     try:
         yield world
+        barrier()  # gloo aborts a rank whose peer tears down mid-exchange: leave together
     finally:
         shutdown()
 

@@ -1,9 +1,10 @@
 """Fault injection for the test suite: kill, crash or fill the disk at a chosen point.
 
 Tests set ``DDP_FAULT`` in a worker's environment, e.g. ``kill:rank=1:step=7`` or
-``enospc:rank=1:save=2``. Faults fire only in the first attempt of an elastic job
-(``TORCHELASTIC_RESTART_COUNT`` is 0), so a restarted job runs clean. Unset, every
-hook here is a no-op.
+``enospc:rank=1:save=2`` (the second file rank 1 writes fails with ENOSPC), or
+``log-writes:file=/tmp/w.log`` (every rank appends the names of the files it writes).
+Faults fire only in the first attempt of an elastic job (``TORCHELASTIC_RESTART_COUNT``
+is 0), so a restarted job runs clean. Unset, every hook here is a no-op.
 """
 
 from __future__ import annotations
@@ -43,15 +44,20 @@ def at_step(rank: int, step: int) -> None:
 
 
 def before_save_write(rank: int, path: os.PathLike | str) -> None:
-    """Called before each checkpoint file write: simulate a full disk or a crash."""
+    """Called before each file write: log it, or simulate a full disk or a crash mid-save."""
     global _saves_seen
     spec = _spec()
     if spec is None or not _mine(spec, rank):
         return
+    if spec["kind"] == "log-writes":
+        with open(spec["file"], "a") as f:
+            f.write(f"{rank}\t{os.path.basename(path)}\n")
+        return
+    _saves_seen += 1
+    if _saves_seen < int(spec.get("save", "1")):
+        return
     if spec["kind"] == "enospc":
-        _saves_seen += 1
-        if _saves_seen >= int(spec.get("save", "1")):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
     if spec["kind"] == "kill-in-save":
         os.kill(os.getpid(), signal.SIGKILL)
 

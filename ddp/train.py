@@ -74,6 +74,7 @@ class Trainer:
         self.cfg, self.world, self.device = cfg, world, world.device
         self.out = cfg.run.out_dir
         self.shape = input_shape(cfg.model)
+        self.dtype = torch.float64 if cfg.optim.precision == "fp64" else torch.float32
         seed_all(cfg.run.seed)  # same initial weights on every rank
         self.model = self._build_model()
         seed_all(cfg.run.seed + 1_000_003 * world.rank)  # dropout etc. differ per rank, reproducibly
@@ -100,7 +101,8 @@ class Trainer:
         self.scheduler = self._scheduler()
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.optim.precision == "fp16")
         self.progress = Progress()
-        self.stop_requested = False
+        self.signalled = False  # set by the SIGTERM handler only
+        self.stop_requested = False  # set when any rank was signalled: all ranks agree
         say = self._say
         self.checkpointer = Checkpointer(self.out / "checkpoints", cfg.checkpoint, say)
         self.metrics = MetricsWriter(self.out, world.is_main)
@@ -113,7 +115,7 @@ class Trainer:
         materialize(model, torch.zeros(2, *self.shape))
         if self.cfg.run.sync_bn:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        return model.to(self.device)
+        return model.to(self.device, dtype=self.dtype)
 
     def _wrap(self, model: nn.Module) -> nn.Module:
         if self.cfg.run.compile:
@@ -183,7 +185,10 @@ class Trainer:
                 f"warning: settings changed since the checkpoint, the run will not match an "
                 f"uninterrupted one: {', '.join(changes)}"
             )
-        self._say(f"resumed from {folder}: continuing at step {self.progress.step + 1}")
+        if self.progress.step >= self.total_steps:
+            self._say(f"resumed from {folder}: step {self.progress.step} already completes the run")
+        else:
+            self._say(f"resumed from {folder}: continuing at step {self.progress.step + 1}")
 
     def _restore_rng(self, own: dict | None, saved_world: int) -> None:
         if own is not None:
@@ -248,7 +253,7 @@ class Trainer:
         dtype = AUTOCAST.get(self.cfg.optim.precision)
         total = torch.zeros((), device=self.device)
         for i, (x, y) in enumerate(micro):
-            x = x.to(self.device, non_blocking=True)
+            x = x.to(self.device, self.dtype, non_blocking=True)
             y = y.to(self.device, non_blocking=True)
             sync = contextlib.nullcontext() if i == k - 1 else self.ddp.no_sync()
             with sync:
@@ -266,7 +271,7 @@ class Trainer:
         writing, failed = self.checkpointer.status()
         every_s = self.cfg.checkpoint.checkpoint_every_seconds
         time_due = self.world.is_main and every_s > 0 and time.monotonic() - self.last_save_time >= every_s
-        total, stop, due, writing, failed = dist.all_sum([loss.item(), self.stop_requested, time_due, writing, failed])
+        total, stop, due, writing, failed = dist.all_sum([loss.item(), self.signalled, time_due, writing, failed])
         if failed:
             self.checkpointer.wait()  # raises on every rank, naming the rank and the error
         elif self.checkpointer.pending_step is not None and not writing:
@@ -301,7 +306,7 @@ class Trainer:
         model.eval()
         loss_sum, correct = 0.0, 0.0
         for i in range(0, len(x), 1024):
-            logits = model(x[i : i + 1024].to(self.device)).float()
+            logits = model(x[i : i + 1024].to(self.device, self.dtype)).float()
             target = y[i : i + 1024].to(self.device)
             loss_sum += F.cross_entropy(logits, target, reduction="sum").item()
             correct += (logits.argmax(1) == target).sum().item()
@@ -324,7 +329,7 @@ def export_and_verify(trainer: Trainer) -> VerifyReport:
     save_model(trainer.ddp, path, format=cfg.checkpoint.format)
     fresh = build_model(cfg.model)
     materialize(fresh, torch.zeros(2, *trainer.shape))
-    load_model(fresh.to(trainer.device), path)
+    load_model(fresh.to(trainer.device, trainer.dtype), path)
     faults.perturb_reloaded(world.rank, fresh)
     atol = cfg.dist.atol if cfg.dist.atol is not None else DEFAULT_ATOL[cfg.optim.precision]
     report = verify_identical_outputs(fresh, probe, reference=reference, atol=atol, precision=cfg.optim.precision)
@@ -366,12 +371,23 @@ def run(cfg: Config, world: dist.World) -> int:
     """Train, export and verify on this rank; the exit code."""
     dist.log(world, f"{world.backend} on {world.device}, {world.world_size} rank(s); config: {cfg.to_dict()}")
     trainer = Trainer(cfg, world)
-    signal.signal(signal.SIGTERM, lambda *_: setattr(trainer, "stop_requested", True))
-    trainer.train()
-    if trainer.stop_requested:
-        return 0
-    export_and_verify(trainer)
+    # The handler only sets a flag: ranks agree on it after the step, then save and exit.
+    previous = signal.signal(signal.SIGTERM, lambda *_: setattr(trainer, "signalled", True))
+    try:
+        trainer.train()
+        if not trainer.stop_requested:
+            export_and_verify(trainer)
+    finally:
+        # Drop the handler's reference, so the trainer (and DDP's hold on the process
+        # group) is freed before interpreter shutdown, where freeing gloo threads aborts.
+        signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def is_comm_failure(e: BaseException) -> bool:
+    """True for errors of a collective whose peer died or hung (gloo raises plain RuntimeErrors)."""
+    clues = ("Connection closed by peer", "Connection reset", "Timed out", "timed out", "NCCL", "gloo")
+    return isinstance(e, torch.distributed.DistError) or any(c in str(e) for c in clues)
 
 
 @record
@@ -394,7 +410,9 @@ def main(argv: list[str] | None = None) -> int:
     except DDPError as e:
         print(f"{world.prefix()} error: {e}", file=sys.stderr, flush=True)
         return 1
-    except torch.distributed.DistError as e:
+    except RuntimeError as e:
+        if not is_comm_failure(e):
+            raise
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(
             f"{world.prefix()} error: a collective failed, another rank probably died or hung "

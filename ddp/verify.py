@@ -10,11 +10,7 @@ from torch import nn
 from ddp import dist
 from ddp.errors import VerifyError
 
-DEFAULT_ATOL = {
-    "fp32": 0.0,
-    "bf16": 1e-2,
-    "fp16": 1e-3,
-}  # bitwise in fp32 on one kind of device
+DEFAULT_ATOL = {"fp64": 0.0, "fp32": 0.0, "bf16": 1e-2, "fp16": 1e-3}  # bitwise in fp32 on one device kind
 
 
 @dataclass(frozen=True)
@@ -57,13 +53,13 @@ def probe_batch(shape: tuple[int, ...], n: int = 16, seed: int = 1234) -> torch.
 
 @torch.no_grad()
 def outputs(model: nn.Module, x: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
-    """The model's output in eval mode on the model's device, as float32 on the CPU."""
+    """The model's output in eval mode on the model's device, as float64 on the CPU."""
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
+    param = next(model.parameters())
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-        out = model(x.to(device)).float().cpu()
+    with torch.autocast(param.device.type, dtype=dtype, enabled=dtype is not None):
+        out = model(x.to(param.device, param.dtype)).double().cpu()
     model.train(was_training)
     return out
 
@@ -82,7 +78,7 @@ def verify_identical_outputs(
     differs and by how much.
     """
     out = outputs(model, x, precision)
-    vs_ref = None if reference is None else (out - reference.float().cpu()).abs().max().item()
+    vs_ref = None if reference is None else (out - reference.double().cpu()).abs().max().item()
     gathered = dist.all_gather_objects((out, vs_ref))
     base = gathered[0][0]
     report = VerifyReport(

@@ -1,0 +1,101 @@
+"""Launching real jobs for the tests: torchrun subprocesses and the elastic launcher."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+JOB_TIMEOUT = 150  # seconds; every launch is bounded, a hang fails the test
+
+
+def env(**extra: str) -> dict[str, str]:
+    """The environment for a child job: one thread per rank (2 cores here), no stray faults."""
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("DDP_", "TORCHELASTIC_"))}
+    # As in launch/*.sh: a restarted worker must not read the previous attempt's addresses
+    # from a store shared with the rendezvous (pytorch/pytorch#135712).
+    e.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1", **extra)
+    return e
+
+
+def run(cmd: list[str], *, extra_env: dict | None = None, timeout: float = JOB_TIMEOUT, **kw):
+    """Run a command to completion; a child killed by a signal is never a success."""
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env=env(**(extra_env or {})), capture_output=True, text=True, timeout=timeout, **kw
+    )
+    proc.output = proc.stdout + proc.stderr
+    assert proc.returncode >= 0 or proc.returncode == -signal.SIGTERM, f"killed by signal:\n{proc.output}"
+    return proc
+
+
+def torchrun(nproc: int, *args: str, extra_env: dict | None = None, restarts: int = 0, timeout: float = JOB_TIMEOUT):
+    """``torchrun --standalone --nproc-per-node=N -m ddp.train ARGS`` (a free port each time)."""
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+        f"--max-restarts={restarts}", "--monitor-interval=0.2", "-m", "ddp.train", *args,
+    ]  # fmt: skip
+    return run(cmd, extra_env=extra_env, timeout=timeout)
+
+
+def ok(proc) -> str:
+    """Assert a job succeeded; returns its output."""
+    assert proc.returncode == 0, f"exit {proc.returncode}:\n{proc.output[-6000:]}"
+    return proc.output
+
+
+def free_port() -> int:
+    """A port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def elastic(fn, nproc: int, *args):
+    """Run ``fn(*args)`` on ``nproc`` gloo ranks with the public elastic launcher; per-rank results."""
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",
+        run_id=str(uuid.uuid4()),
+        max_restarts=0,
+        monitor_interval=0.1,
+    )
+    os.environ["OMP_NUM_THREADS"] = "1"
+    return elastic_launch(config, fn)(*args)
+
+
+def model_state(run_dir: Path, step: int | None = None) -> tuple[dict, dict]:
+    """(model state_dict, train state) of a run's newest (or given) checkpoint."""
+    folders = sorted((run_dir / "checkpoints").glob("step-*"))
+    folder = folders[-1] if step is None else run_dir / "checkpoints" / f"step-{step:08d}"
+    return (
+        torch.load(folder / "model.pt", weights_only=True),
+        torch.load(folder / "train.pt", weights_only=True),
+    )
+
+
+def assert_tree_equal(a, b, path: str = "") -> None:
+    """Bitwise equality of nested dicts/lists of tensors and plain values."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), f"differs at {path}"
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), f"keys differ at {path}: {set(a) ^ set(b)}"
+        for k in a:
+            assert_tree_equal(a[k], b[k], f"{path}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), f"lengths differ at {path}"
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_tree_equal(x, y, f"{path}/{i}")
+    else:
+        assert a == b, f"{path}: {a!r} != {b!r}"

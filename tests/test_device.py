@@ -1,0 +1,49 @@
+"""The textbook's device helpers."""
+
+import pytest
+import torch
+
+import ddp
+from ddp.device import local_device
+
+
+def test_cpu_and_gpu_name_devices():
+    assert ddp.cpu() == torch.device("cpu")
+    assert ddp.gpu() == torch.device("cuda:0")
+    assert ddp.gpu(3) == torch.device("cuda:3")
+
+
+def test_num_gpus_matches_torch():
+    assert ddp.num_gpus() == torch.cuda.device_count()
+
+
+def test_try_gpu_falls_back_to_cpu_for_a_missing_gpu():
+    assert ddp.try_gpu(ddp.num_gpus()) == ddp.cpu()  # one past the last GPU never exists
+    assert ddp.try_gpu(10_000) == ddp.cpu()
+
+
+def test_try_all_gpus_is_never_empty():
+    devices = ddp.try_all_gpus()
+    assert devices == ([ddp.gpu(i) for i in range(ddp.num_gpus())] or [ddp.cpu()])
+    assert len(devices) >= 1
+
+
+def test_tensors_and_models_move_between_devices():
+    x = torch.ones(2, 3, device=ddp.try_gpu())
+    assert x.device.type == ddp.try_gpu().type
+    net = torch.nn.Linear(3, 1).to(ddp.try_gpu())
+    assert next(net.parameters()).device.type == ddp.try_gpu().type
+    assert (x.cpu() + 1).device == ddp.cpu()
+
+
+def test_local_device_follows_local_rank_under_nccl(monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert local_device("nccl") == torch.device("cuda:3")  # each local rank its own GPU, never cuda:0
+    assert local_device("gloo") == ddp.cpu()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_try_gpu_returns_an_existing_gpu():
+    assert ddp.try_gpu(0) == ddp.gpu(0)
+    assert torch.ones(1, device=ddp.try_gpu()).is_cuda

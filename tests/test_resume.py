@@ -1,0 +1,140 @@
+"""Resumable training: a crashed, killed or preempted job ends exactly where an uninterrupted one does."""
+
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from .helpers import ROOT, assert_tree_equal, env, model_state, ok, torchrun
+
+# 922 training samples: 28 steps per epoch on 1 rank, 14 on 2 (batch 32 per rank).
+BASE = ["--samples", "1024", "--batch-size", "32", "--steps", "34", "--log-every", "1"]
+
+
+def final_state(run_dir):
+    model, train = model_state(run_dir)
+    assert train["step"] == 34
+    return {"model": model, "optimizer": train["optimizer"], "scheduler": train["scheduler"]}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The reference: one run per world size, never stopped."""
+    runs = {}
+    for nproc in (1, 2):
+        out = tmp_path_factory.mktemp(f"ref{nproc}")
+        ok(torchrun(nproc, *BASE, "--out", str(out)))
+        runs[nproc] = final_state(out)
+    return runs
+
+
+@pytest.mark.parametrize(
+    ("nproc", "every", "crash_at", "where"),
+    [(1, 10, 13, "mid-epoch"), (1, 28, 31, "epoch boundary"), (2, 6, 9, "mid-epoch"), (2, 14, 17, "epoch boundary")],
+)
+def test_resume_after_crash_matches_uninterrupted_run(tmp_path, uninterrupted, nproc, every, crash_at, where):
+    args = [*BASE, "--out", str(tmp_path), "--checkpoint-every", str(every)]
+    crashed = torchrun(nproc, *args, extra_env={"DDP_FAULT": f"raise:rank=0:step={crash_at}"})
+    assert crashed.returncode != 0 and f"injected fault on rank 0 at step {crash_at}" in crashed.output
+    saved = (crash_at // every) * every
+    _, train = model_state(tmp_path)
+    assert train["step"] == saved
+    assert (train["epoch_samples"] == 0) == (where == "epoch boundary")
+    out = ok(torchrun(nproc, *args))
+    assert f"resumed from {tmp_path}/checkpoints/step-{saved:08d}: continuing at step {saved + 1}" in out
+    assert_tree_equal(final_state(tmp_path), uninterrupted[nproc])
+
+
+def test_sigkill_of_one_rank_restarts_and_ends_bitwise_equal(tmp_path, uninterrupted):
+    args = [*BASE, "--out", str(tmp_path), "--checkpoint-every", "5"]
+    out = ok(torchrun(2, *args, restarts=1, extra_env={"DDP_FAULT": "kill:rank=1:step=13"}))
+    assert "resumed from" in out and "step-00000010: continuing at step 11" in out
+    assert_tree_equal(final_state(tmp_path), uninterrupted[2])
+
+
+def test_total_optimizer_steps_equal_the_configured_steps(tmp_path):
+    ok(torchrun(2, "--samples", "1024", "--batch-size", "32", "--epochs", "2", "--out", str(tmp_path)))
+    _, train = model_state(tmp_path)
+    assert train["step"] == 2 * 14 and train["scheduler"]["last_epoch"] == 28
+    assert train["epoch"] == 2 and train["epoch_samples"] == 0  # the next run would start epoch 2, not redo 1
+
+
+def test_sigterm_on_one_rank_saves_and_exits_cleanly_then_resumes(tmp_path, uninterrupted):
+    args = [*BASE, "--out", str(tmp_path)]
+    out = ok(torchrun(2, *args, extra_env={"DDP_FAULT": "sigterm:rank=1:step=7"}))
+    assert "stopping on SIGTERM after step 7: checkpoint saved, relaunch to resume" in out
+    assert not (tmp_path / "mlp.params").exists()
+    assert model_state(tmp_path)[1]["step"] == 7
+    out = ok(torchrun(2, *args))
+    assert "step-00000007: continuing at step 8" in out
+    assert_tree_equal(final_state(tmp_path), uninterrupted[2])
+
+
+def test_sigterm_to_the_launcher_checkpoints_before_exit(tmp_path):
+    """What Slurm and Kubernetes do: SIGTERM to torchrun, which forwards it to every worker."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "ddp.train",
+           "--samples", "1024", "--batch-size", "32", "--steps", "100000", "--checkpoint-every", "5",
+           "--out", str(tmp_path)]  # fmt: skip
+    log = tmp_path / "job.log"
+    with open(log, "w") as f:
+        job = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=f, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while not list((tmp_path / "checkpoints").glob("step-*")):
+            assert time.monotonic() < deadline and job.poll() is None, f"no checkpoint appeared:\n{log.read_text()}"
+            time.sleep(0.1)
+        job.send_signal(signal.SIGTERM)
+        job.wait(timeout=60)
+    finally:
+        job.kill()
+    output = log.read_text()
+    assert "stopping on SIGTERM after step" in output, output[-3000:]
+    step = model_state(tmp_path)[1]["step"]
+    assert 5 <= step < 100000
+    assert job.returncode != 0  # torchrun re-raises the signal it got; the workers exited 0
+
+
+@pytest.mark.parametrize("new_nproc", [1, 3])
+def test_two_rank_checkpoint_resumes_on_another_world_size_with_a_warning(tmp_path, new_nproc):
+    args = ["--samples", "1024", "--batch-size", "32", "--steps", "12", "--checkpoint-every", "5"]
+    torchrun(2, *args, "--out", str(tmp_path), extra_env={"DDP_FAULT": "raise:rank=0:step=7"})
+    out = ok(torchrun(new_nproc, *args, "--out", str(tmp_path)))
+    assert f"warning: checkpoint written by 2 rank(s), resuming on {new_nproc}: data continues at sample 320" in out
+    assert ("ranks [2] had no RNG state" in out) == (new_nproc == 3)
+    assert "continuing at step 6" in out and f"verify: {new_nproc}/{new_nproc} ranks" in out
+    assert model_state(tmp_path)[1]["step"] == 12
+
+
+def test_keep_last_retains_only_the_newest_checkpoints(tmp_path):
+    ok(torchrun(1, "--samples", "512", "--steps", "10", "--checkpoint-every", "2", "--keep-last", "2",
+                "--out", str(tmp_path)))  # fmt: skip
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000008", "step-00000010"]
+
+
+def test_async_save_writes_the_same_checkpoints_as_sync_save(tmp_path):
+    args = ["--samples", "1024", "--batch-size", "32", "--steps", "10", "--checkpoint-every", "5"]
+    ok(torchrun(2, *args, "--out", str(tmp_path / "sync")))
+    ok(torchrun(2, *args, "--out", str(tmp_path / "async"), "--async-save"))
+    for step in ("step-00000005", "step-00000010"):
+        a, b = tmp_path / "sync" / "checkpoints" / step, tmp_path / "async" / "checkpoints" / step
+        for name in ("model.pt", "rank-00000.pt", "rank-00001.pt"):
+            assert (a / name).read_bytes() == (b / name).read_bytes(), name
+        ta, tb = (torch.load(p / "train.pt", weights_only=True) for p in (a, b))
+        assert ta.pop("config")["checkpoint"]["async_save"] is False
+        assert tb.pop("config")["checkpoint"]["async_save"] is True
+        assert_tree_equal(ta, tb)
+
+
+def test_a_folder_without_manifest_is_skipped(tmp_path):
+    args = ["--samples", "512", "--steps", "6", "--checkpoint-every", "3", "--out", str(tmp_path)]
+    ok(torchrun(1, *args))
+    newest = tmp_path / "checkpoints" / "step-00000006"
+    shutil.copytree(newest, tmp_path / "checkpoints" / "step-00000009")
+    (tmp_path / "checkpoints" / "step-00000009" / "manifest.json").unlink()
+    out = ok(torchrun(1, *args))
+    assert f"skipping {tmp_path}/checkpoints/step-00000009: no manifest.json (an unfinished save)" in out
+    assert f"resumed from {newest}: step 6 already completes the run" in out
