@@ -109,10 +109,10 @@ def detect_format(path: str | os.PathLike) -> str:
 
 def _looks_like_text(head: bytes) -> bool:
     try:
-        head.decode("utf-8")
+        text = head.decode("utf-8")
     except UnicodeDecodeError:
         return False
-    return True
+    return all(c.isprintable() or c.isspace() for c in text)
 
 
 def _check_torch_zip(path: Path) -> None:

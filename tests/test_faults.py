@@ -1,0 +1,334 @@
+"""Bad input and faults: clear errors that name what is wrong, and no good checkpoint lost."""
+
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+import ddp
+from ddp.checkpoint import validate
+from ddp.dist import World, check_devices
+from ddp.errors import (
+    ArchitectureMismatchError,
+    CheckpointCorruptError,
+    CheckpointFormatError,
+    ConfigError,
+    UnsafeCheckpointError,
+)
+from ddp.model import MLP
+
+from .helpers import ROOT, env, free_port, model_state, ok, run, torchrun
+
+ARGS = ["--samples", "512", "--batch-size", "32"]
+
+
+def sha256_tree(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A finished 2-rank run with checkpoints at steps 4 and 8."""
+    out = tmp_path_factory.mktemp("trained")
+    ok(torchrun(2, *ARGS, "--steps", "8", "--checkpoint-every", "4", "--out", str(out)))
+    return out
+
+
+@pytest.fixture
+def run_copy(trained, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(trained, out)
+    return out
+
+
+# ---- damaged checkpoints --------------------------------------------------------------
+
+
+def test_truncated_checkpoint_is_reported_with_its_size(run_copy):
+    model = run_copy / "checkpoints" / "step-00000008" / "model.pt"
+    size = model.stat().st_size
+    model.write_bytes(model.read_bytes()[: size // 2])
+    with pytest.raises(CheckpointCorruptError, match=rf"{model} has {size // 2} bytes, the manifest says {size}"):
+        validate(model.parent)
+    with pytest.raises(CheckpointCorruptError, match=str(model)):
+        ddp.load(model)
+
+
+def test_flipped_byte_fails_the_sha256_check(run_copy):
+    train = run_copy / "checkpoints" / "step-00000008" / "train.pt"
+    data = bytearray(train.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    train.write_bytes(bytes(data))
+    with pytest.raises(CheckpointCorruptError, match=rf"{train} fails its sha256 check"):
+        validate(train.parent)
+
+
+def test_checkpoint_without_or_with_a_broken_manifest_is_refused(run_copy):
+    folder = run_copy / "checkpoints" / "step-00000008"
+    (folder / "manifest.json").write_text("{not json")
+    with pytest.raises(CheckpointCorruptError, match=r"manifest\.json is not a valid manifest"):
+        validate(folder)
+    (folder / "manifest.json").unlink()
+    with pytest.raises(CheckpointCorruptError, match=r"has no manifest\.json: an unfinished save, never loaded"):
+        validate(folder)
+
+
+def test_resume_auto_falls_back_to_the_previous_complete_checkpoint(run_copy):
+    newest = run_copy / "checkpoints" / "step-00000008"
+    previous = run_copy / "checkpoints" / "step-00000004"
+    before = sha256_tree(previous)
+    model = newest / "model.pt"
+    model.write_bytes(model.read_bytes()[:100])
+    out = ok(torchrun(2, *ARGS, "--steps", "8", "--checkpoint-every", "4", "--out", str(run_copy)))
+    lines = [line for line in out.splitlines() if "skipping" in line]
+    assert len(lines) == 1 and f"skipping {newest}: {model} has 100 bytes" in lines[0]
+    assert "falling back to the previous checkpoint" in lines[0]
+    assert f"resumed from {previous}: continuing at step 5" in out
+    assert sha256_tree(previous) == before  # the good one is untouched (it is re-saved only at step 8)
+
+
+def test_resume_from_an_explicit_damaged_path_fails_naming_the_file(run_copy):
+    folder = run_copy / "checkpoints" / "step-00000004"
+    (folder / "rank-00001.pt").write_bytes(b"")
+    proc = torchrun(2, *ARGS, "--steps", "8", "--out", str(run_copy), "--resume", str(folder))
+    assert proc.returncode != 0
+    assert f"{folder}/rank-00001.pt has 0 bytes, the manifest says" in proc.output
+
+
+# ---- files that are no checkpoint -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("content", "found"),
+    [
+        (b"", "is empty \\(0 bytes\\)"),
+        (b"hello, I am a text file\n", "found text"),
+        (b"\x00\x01\x02\x03binary", "found unknown bytes"),
+    ],
+)
+def test_files_that_are_not_checkpoints_say_what_was_expected_and_found(tmp_path, content, found):
+    path = tmp_path / "mlp.params"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointFormatError, match=rf"{path} .*{found}"):
+        ddp.load(path)
+    with pytest.raises(CheckpointFormatError):
+        ddp.load_model(MLP(), path)
+
+
+def test_a_zip_of_something_else_is_not_a_torch_checkpoint(tmp_path):
+    path = tmp_path / "photos.zip"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("holiday.txt", "sunny")
+    with pytest.raises(CheckpointFormatError, match=r"is a zip archive but not a torch checkpoint"):
+        ddp.load(path)
+
+
+def test_safetensors_and_torch_files_are_told_apart(tmp_path):
+    ddp.save({"w": torch.ones(2)}, tmp_path / "w.safetensors", format="safetensors")
+    ddp.save({"w": torch.ones(2)}, tmp_path / "w.pt")
+    with pytest.raises(CheckpointFormatError, match="is a safetensors file, but a torch file is expected"):
+        ddp.load(tmp_path / "w.safetensors", expect="torch")
+    with pytest.raises(CheckpointFormatError, match="is a torch file, but a safetensors file is expected"):
+        ddp.load(tmp_path / "w.pt", expect="safetensors")
+
+
+def test_missing_file_names_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path}/nope.params does not exist"):
+        ddp.load(tmp_path / "nope.params")
+
+
+class Exploit:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_pickle_that_runs_code_is_refused_and_the_code_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    torch.save({"w": torch.ones(1), "payload": Exploit(marker)}, path)
+    with pytest.raises(UnsafeCheckpointError, match=rf"{path} holds objects the weights-only loader refuses"):
+        ddp.load(path)
+    with pytest.raises(UnsafeCheckpointError):
+        ddp.load_model(MLP(), path)
+    proc = run([sys.executable, "-m", "ddp", "inspect", str(path)])
+    assert proc.returncode == 1 and "weights-only loader refuses" in proc.output
+    assert not marker.exists()
+
+
+def test_the_package_never_loads_without_weights_only():
+    for source in (ROOT / "ddp").glob("*.py"):
+        text = source.read_text()
+        for call in re.findall(r"torch\.load\([^)]*\)", text):
+            assert "weights_only=True" in call, f"{source.name}: {call}"
+        assert "pickle.load" not in text and "weights_only=False" not in text, source.name
+
+
+# ---- wrong architecture, wrapper prefixes ---------------------------------------------
+
+
+def test_another_architecture_lists_missing_unexpected_and_mismatched(tmp_path):
+    ddp.save(MLP(hidden=(64, 32)).state_dict(), tmp_path / "mlp.params")
+    with pytest.raises(ArchitectureMismatchError) as e:
+        ddp.load_model(MLP(hidden=(256,)), tmp_path / "mlp.params")
+    msg = str(e.value)
+    assert "unexpected keys (2): hidden.2.weight, hidden.2.bias" in msg
+    assert "shape mismatches (3): hidden.0.weight: file (64, 20) vs model (256, 20)" in msg
+    assert str(tmp_path / "mlp.params") in msg
+
+
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "module._orig_mod."])
+def test_wrapped_state_dicts_load_with_one_line_naming_the_prefix(tmp_path, capsys, prefix):
+    net = MLP()
+    ddp.save({prefix + k: v for k, v in net.state_dict().items()}, tmp_path / "w.pt")
+    clone = ddp.load_model(MLP(), tmp_path / "w.pt")
+    assert all(torch.equal(a, b) for a, b in zip(clone.state_dict().values(), net.state_dict().values(), strict=True))
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert (len(lines) == 1 and "stripped prefix 'module.'" in lines[0]) or "'_orig_mod.'" in lines[0]
+
+
+# ---- bad settings, before any process group ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--steps", "0"], "--steps: must be positive, got 0"),
+        (["--batch-size", "-4"], "--batch-size: must be positive, got -4"),
+        (["--keep-last", "1"], "--keep-last: must be >= 2, got 1: the newest checkpoint may still be being written"),
+        (["--backend", "mpi"], "--backend: unknown 'mpi'; use auto, nccl or gloo"),
+        (["--grad-accum", "0"], "--grad-accum: must be >= 1"),
+    ],
+)
+def test_bad_settings_are_usage_errors_before_any_process_group(tmp_path, args, message):
+    proc = run([sys.executable, "-m", "ddp.train", *args, "--out", str(tmp_path)])
+    assert proc.returncode == 2 and message in proc.output
+    assert "gloo on cpu" not in proc.output and not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU case")
+def test_nccl_without_a_gpu_is_a_usage_error(tmp_path):
+    proc = run([sys.executable, "-m", "ddp.train", "--backend", "nccl", "--out", str(tmp_path)])
+    assert proc.returncode == 2 and "--backend nccl needs a CUDA GPU and none is visible" in proc.output
+
+
+def test_more_processes_than_gpus_with_nccl_is_refused():
+    with pytest.raises(ConfigError, match=r"\d+ visible GPU\(s\).*NCCL needs one GPU per process"):
+        check_devices(World(local_world_size=torch.cuda.device_count() + 1, backend="nccl"))
+    check_devices(World(local_world_size=64, backend="gloo"))  # gloo on CPU: any number
+
+
+def test_unwritable_out_fails_before_training_and_a_missing_out_is_created(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    proc = run([sys.executable, "-m", "ddp.train", "--out", str(blocker / "run")])
+    assert proc.returncode == 2 and f"--out: cannot write to {blocker}/run" in proc.output
+    assert "step" not in proc.output
+    fresh = tmp_path / "new" / "deep" / "run"
+    ok(run([sys.executable, "-m", "ddp.train", *ARGS, "--steps", "2", "--out", str(fresh)]))
+    assert (fresh / "mlp.params").exists()
+
+
+# ---- faults in real jobs --------------------------------------------------------------
+
+
+def test_disk_full_during_a_save_fails_every_rank_and_keeps_the_previous_checkpoint(tmp_path):
+    args = [*ARGS, "--steps", "8", "--checkpoint-every", "4", "--timeout", "30", "--out", str(tmp_path)]
+    start = time.monotonic()
+    # rank 1 writes one file per checkpoint, rank 0 four (rank file, model, train, manifest)
+    proc = torchrun(2, *args, extra_env={"DDP_FAULT": "enospc:rank=1:save=2"})
+    assert time.monotonic() - start < 60 and proc.returncode != 0
+    rank_file = tmp_path / "checkpoints" / ".tmp-step-00000008" / "rank-00001.pt"
+    for r in (0, 1):
+        assert f"[rank {r}/2] error: checkpoint of step 8 failed, the previous ones are intact: rank 1: " in proc.output
+    assert f"could not write {rank_file}: ENOSPC No space left on device (disk full" in proc.output
+    good = tmp_path / "checkpoints" / "step-00000004"
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000004"]
+    validate(good)
+    reference = tmp_path / "reference"
+    ok(torchrun(2, *ARGS, "--steps", "8", "--checkpoint-every", "4", "--out", str(reference)))
+    assert torch.equal(model_state(tmp_path, 4)[0]["output.weight"], model_state(reference, 4)[0]["output.weight"])
+
+
+def test_kill_during_a_save_keeps_the_previous_checkpoint_and_cleans_up(tmp_path):
+    args = [*ARGS, "--steps", "8", "--checkpoint-every", "4", "--out", str(tmp_path)]
+    proc = torchrun(2, *args, extra_env={"DDP_FAULT": "kill-in-save:rank=0:save=6"})  # model.pt of step 8
+    assert proc.returncode != 0
+    folders = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert folders == [".tmp-step-00000008", "step-00000004"]
+    before = sha256_tree(tmp_path / "checkpoints" / "step-00000004")
+    out = ok(torchrun(2, *args))
+    assert f"removed leftover {tmp_path}/checkpoints/.tmp-step-00000008 of an interrupted save" in out
+    assert "step-00000004: continuing at step 5" in out
+    assert sha256_tree(tmp_path / "checkpoints" / "step-00000004") == before
+
+
+@pytest.mark.parametrize("kind", ["kill", "raise"])
+def test_a_rank_that_dies_during_training_fails_the_job_fast_naming_it(tmp_path, kind):
+    start = time.monotonic()
+    proc = torchrun(2, *ARGS, "--steps", "50", "--timeout", "20", "--out", str(tmp_path),
+                    extra_env={"DDP_FAULT": f"{kind}:rank=1:step=5"})  # fmt: skip
+    assert proc.returncode != 0 and time.monotonic() - start < 60
+    assert "rank      : 1 (local_rank: 1)" in proc.output  # torchrun's report names the failing rank
+    if kind == "raise":
+        assert "injected fault on rank 1 at step 5" in proc.output
+    else:
+        assert "exitcode  : -9" in proc.output
+
+
+def test_two_jobs_on_one_host_both_run(tmp_path):
+    cmd = ["bash", "launch/train_ddp.sh", *ARGS, "--steps", "6"]
+    extra = {"NPROC": "2", "PYTHON": sys.executable, "MAX_RESTARTS": "0"}
+    jobs = [
+        subprocess.Popen(
+            [*cmd, "--out", str(tmp_path / name)],
+            cwd=ROOT,
+            env=env(**extra),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for name in ("a", "b")
+    ]
+    outputs = [job.communicate(timeout=120)[0] for job in jobs]
+    for job, out in zip(jobs, outputs, strict=True):
+        assert job.returncode == 0 and "verify: 2/2 ranks" in out, out[-3000:]
+
+
+def test_a_fixed_port_that_is_taken_fails_fast_naming_it(tmp_path):
+    import socket
+
+    port = free_port()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))
+        s.listen()
+        start = time.monotonic()
+        proc = run(["bash", "launch/train_ddp.sh", "--out", str(tmp_path)],
+                   extra_env={"MASTER_PORT": str(port), "PYTHON": sys.executable})  # fmt: skip
+    assert proc.returncode == 2 and time.monotonic() - start < 20
+    assert f"MASTER_PORT={port} is already in use" in proc.output
+
+
+# ---- safetensors ----------------------------------------------------------------------
+
+
+def test_safetensors_weights_round_trip_bitwise_without_pickle(tmp_path):
+    out = ok(torchrun(2, *ARGS, "--steps", "3", "--format", "safetensors", "--out", str(tmp_path)))
+    assert "outputs identical" in out
+    path = tmp_path / "mlp.params"
+    assert ddp.io.detect_format(path) == "safetensors"
+    from safetensors.torch import load_file
+
+    state = load_file(path)  # readable by any safetensors consumer, no pickle involved
+    assert_equal = [torch.equal(state[k], v) for k, v in ddp.load(path).items()]
+    assert all(assert_equal) and len(assert_equal) == 4
