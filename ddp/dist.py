@@ -158,6 +158,12 @@ def all_sum(values: list[float]) -> list[float]:
     return t.tolist()
 
 
+def broadcast(tensor: torch.Tensor, src: int = 0) -> None:
+    """Overwrite ``tensor`` on every rank with rank ``src``'s, in place."""
+    if world_size() > 1:
+        dist.broadcast(tensor, src=src)
+
+
 def all_gather_objects(obj: object) -> list:
     """Every rank's ``obj``, in rank order (small picklable messages only)."""
     if world_size() == 1:

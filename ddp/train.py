@@ -220,11 +220,21 @@ class Trainer:
         try:
             while self.progress.step < self.total_steps and not self.stop_requested:
                 self._run_epoch()
+            self.sync_buffers()
             if self.checkpointer.last_saved != self.progress.step:
                 self.save_checkpoint()
             self.checkpointer.wait()
         finally:
             self.display.close()
+
+    def sync_buffers(self) -> None:
+        """Give every rank rank 0's buffers (BatchNorm statistics), as DDP does before each forward.
+
+        After the last step each rank holds statistics of its own last batch; the saved
+        model, and so every reloaded copy, carries rank 0's.
+        """
+        for buffer in unwrap(self.ddp).buffers():
+            dist.broadcast(buffer, src=0)
 
     def _run_epoch(self) -> None:
         p = self.progress
@@ -251,7 +261,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         k = len(micro)
         dtype = AUTOCAST.get(self.cfg.optim.precision)
-        total = torch.zeros((), device=self.device)
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
         for i, (x, y) in enumerate(micro):
             x = x.to(self.device, self.dtype, non_blocking=True)
             y = y.to(self.device, non_blocking=True)

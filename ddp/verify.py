@@ -96,8 +96,8 @@ def verify_identical_outputs(
 
 def summary(report: VerifyReport, path: str, precision: str = "fp32") -> str:
     """The one line rank 0 prints after a successful verify."""
-    same = "identical" if report.max_diff == 0 else f"equal within atol = {report.atol:g} ({precision})"
+    same = "identical" if report.max_diff == 0 else "equal within tolerance"
     return (
         f"verify: {report.world_size}/{report.world_size} ranks reloaded {path}; "
-        f"outputs {same} (max |Δ| = {report.max_diff:.3g})"
+        f"outputs {same} (max |Δ| = {report.max_diff:.3g}, atol = {report.atol:g} for {precision})"
     )

@@ -1,0 +1,130 @@
+"""The maths of data parallelism: N ranks with batch b equal one process with batch N*b."""
+
+import json
+
+import pytest
+import torch
+
+from ddp.config import Config
+from ddp.data import ResumableSampler, synthetic
+
+from . import workers
+from .helpers import elastic, model_state, ok, torchrun
+
+# 900 training samples: not a multiple of 2*16, 3*16 or 2*2*16, so a tail is dropped each epoch.
+DATA = ["--samples", "1000", "--precision", "fp64", "--log-every", "1", "--epochs", "2"]
+
+
+def losses(run_dir) -> list[float]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r["loss"] for r in map(json.loads, lines) if r["kind"] == "train"]
+
+
+def max_diff(a: dict, b: dict) -> float:
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+
+@pytest.mark.parametrize("nproc", [1, 2, 3])
+def test_ddp_on_n_ranks_equals_one_process_on_the_global_batch(tmp_path, nproc):
+    ok(torchrun(nproc, *DATA, "--batch-size", "16", "--out", str(tmp_path / "ddp")))
+    ok(torchrun(1, *DATA, "--batch-size", str(16 * nproc), "--out", str(tmp_path / "one")))
+    (ddp_model, ddp_train), (one_model, one_train) = model_state(tmp_path / "ddp"), model_state(tmp_path / "one")
+    assert ddp_train["step"] == one_train["step"] == 2 * (900 // (16 * nproc))
+    assert max_diff(ddp_model, one_model) < 1e-10
+    ddp_losses, one_losses = losses(tmp_path / "ddp"), losses(tmp_path / "one")
+    assert len(ddp_losses) == len(one_losses) == ddp_train["step"]
+    assert max(abs(a - b) for a, b in zip(ddp_losses, one_losses, strict=True)) < 1e-10
+
+
+@pytest.mark.parametrize(("n", "ranks", "batch"), [(900, 3, 16), (901, 2, 7), (64, 2, 32), (100, 1, 33)])
+def test_every_sample_at_most_once_per_epoch_and_only_the_tail_dropped(n, ranks, batch):
+    data = synthetic(n, (2,), 3, seed=0)
+    for epoch in (0, 1):
+        shards = []
+        for r in range(ranks):
+            sampler = ResumableSampler(data, ranks, r, seed=5)
+            sampler.set_epoch(epoch)
+            idx = list(sampler)
+            shards.append(idx[: len(idx) // batch * batch])  # the loader drops a last partial batch
+        used = [i for s in shards for i in s]
+        assert len(used) == len(set(used)) == (n // (ranks * batch)) * ranks * batch
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(5 + epoch)).tolist()
+        assert set(used) == set(order[: len(used)])  # the global stream is the same for any world size
+
+
+def test_grad_accum_allreduces_once_per_optimizer_step():
+    cfg = Config.from_dict({"run": {"steps": 6}, "data": {"samples": 512, "batch_size": 8}}).to_dict()
+    cfg["checkpoint"]["resume"] = "never"
+    cfg["run"]["out"] = None
+    one, steps = elastic(workers.count_allreduces, 2, cfg)[0]
+    cfg["optim"]["grad_accum"] = 4
+    four, steps4 = elastic(workers.count_allreduces, 2, cfg)[0]
+    assert steps == steps4 == 6
+    assert four == one == 6  # the MLP's gradients fit one bucket: one all-reduce per step, K=4 or not
+
+
+def test_grad_accum_equals_a_k_times_larger_batch(tmp_path):
+    ok(torchrun(2, *DATA, "--batch-size", "16", "--grad-accum", "2", "--out", str(tmp_path / "accum")))
+    ok(torchrun(2, *DATA, "--batch-size", "32", "--out", str(tmp_path / "big")))
+    (a, ta), (b, tb) = model_state(tmp_path / "accum"), model_state(tmp_path / "big")
+    assert ta["step"] == tb["step"] == 2 * (900 // 64)
+    assert max_diff(a, b) < 1e-10
+
+
+def test_batchnorm_model_trains_saves_reloads_and_verifies(tmp_path):
+    out = ok(torchrun(2, "--samples", "512", "--batch-size", "16", "--steps", "10", "--batchnorm",
+                      "--out", str(tmp_path)))  # fmt: skip
+    assert "verify: 2/2 ranks reloaded" in out and "outputs identical" in out
+    state = torch.load(tmp_path / "mlp.params", weights_only=True)
+    assert state["hidden.1.num_batches_tracked"].item() == 10 and "hidden.1.running_var" in state
+
+
+def test_sync_bn_without_gpus_is_a_clear_usage_error(tmp_path):
+    proc = torchrun(1, "--batchnorm", "--sync-bn", "--out", str(tmp_path), "--backend", "gloo")
+    assert proc.returncode != 0 and "--sync-bn needs CUDA GPUs and NCCL" in proc.output
+
+
+def test_deterministic_runs_are_bitwise_identical(tmp_path):
+    args = ["--samples", "512", "--batch-size", "16", "--steps", "12", "--deterministic", "--dropout", "0.2"]
+    ok(torchrun(2, *args, "--out", str(tmp_path / "a")))
+    ok(torchrun(2, *args, "--out", str(tmp_path / "b")))
+    a, b = model_state(tmp_path / "a")[0], model_state(tmp_path / "b")[0]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bf16_autocast_trains_on_cpu_and_verify_states_its_tolerance(tmp_path):
+    out = ok(torchrun(2, "--samples", "512", "--batch-size", "16", "--steps", "6", "--precision", "bf16",
+                      "--out", str(tmp_path)))  # fmt: skip
+    assert "atol = 0.01 for bf16)" in out
+    _, train = model_state(tmp_path)
+    assert "scaler" in train and train["config"]["optim"]["precision"] == "bf16"
+
+
+def test_fp16_on_cpu_is_refused_with_the_alternative(tmp_path):
+    proc = torchrun(1, "--precision", "fp16", "--out", str(tmp_path))
+    assert proc.returncode != 0 and "--precision fp16 needs a GPU; on CPU use --precision bf16" in proc.output
+
+
+@pytest.mark.slow
+def test_compile_saves_clean_keys_and_verifies(tmp_path):
+    out = ok(torchrun(1, "--samples", "256", "--batch-size", "16", "--steps", "3", "--compile",
+                      "--out", str(tmp_path)), )  # fmt: skip
+    assert "verify: 1/1 ranks" in out and "outputs identical" in out
+    for path in (tmp_path / "mlp.params", tmp_path / "checkpoints" / "step-00000003" / "model.pt"):
+        assert not any(k.startswith(("_orig_mod.", "module.")) for k in torch.load(path, weights_only=True))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 1, reason="needs CUDA")
+def test_fp16_with_grad_scaler_on_gpu_saves_scaler_state(tmp_path):
+    out = ok(torchrun(1, "--steps", "6", "--precision", "fp16", "--out", str(tmp_path)))
+    assert "verify: 1/1" in out and "for fp16)" in out
+    assert model_state(tmp_path)[1]["scaler"]["scale"] > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 1, reason="needs CUDA")
+def test_sync_bn_on_gpu_verifies(tmp_path):
+    n = min(torch.cuda.device_count(), 2)
+    out = ok(torchrun(n, "--steps", "6", "--batchnorm", "--sync-bn", "--out", str(tmp_path)))
+    assert f"verify: {n}/{n}" in out
