@@ -18,6 +18,7 @@ A relaunch with the same ``--out`` resumes from the newest complete checkpoint.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import sys
@@ -379,7 +380,8 @@ def configure_determinism(cfg: Config) -> None:
 
 def run(cfg: Config, world: dist.World) -> int:
     """Train, export and verify on this rank; the exit code."""
-    dist.log(world, f"{world.backend} on {world.device}, {world.world_size} rank(s); config: {cfg.to_dict()}")
+    dist.log(world, f"{world.backend} on {world.device}, {world.world_size} rank(s)", all_ranks=cfg.run.log_all_ranks)
+    dist.log(world, f"config: {json.dumps(cfg.to_dict())}")
     trainer = Trainer(cfg, world)
     # The handler only sets a flag: ranks agree on it after the step, then save and exit.
     previous = signal.signal(signal.SIGTERM, lambda *_: setattr(trainer, "signalled", True))

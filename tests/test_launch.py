@@ -1,0 +1,154 @@
+"""Launch anywhere: every script in launch/ starts a working job."""
+
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from .helpers import ROOT, env, free_port, ok, run
+
+SCRIPTS = sorted((ROOT / "launch").iterdir())
+ARGS = ["--samples", "512", "--batch-size", "16", "--steps", "6"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_every_script_parses(script):
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+
+
+def test_train_ddp_sh_runs_nproc_cpu_workers_with_restarts(tmp_path):
+    out = ok(run(["bash", "launch/train_ddp.sh", *ARGS, "--out", str(tmp_path)],
+                 extra_env={"NPROC": "3", "PYTHON": sys.executable}))  # fmt: skip
+    assert "verify: 3/3 ranks" in out
+
+
+def test_make_train_ddp_passes_arguments_through(tmp_path):
+    out = ok(run(["make", "--no-print-directory", "train-ddp", f"ARGS={' '.join(ARGS)} --out {tmp_path}",
+                  f"PY={sys.executable}", f"VENV={Path(sys.executable).parent.parent}"]))  # fmt: skip
+    assert "verify: 2/2 ranks" in out
+
+
+def start(cmd: list[str], log: Path, **extra: str) -> subprocess.Popen:
+    f = open(log, "w")
+    extra = {"PYTHON": sys.executable, **extra}
+    return subprocess.Popen(cmd, cwd=ROOT, env=env(**extra), stdout=f, stderr=subprocess.STDOUT)
+
+
+def test_two_nodes_rendezvous_on_one_host_and_only_global_rank_0_writes(tmp_path):
+    port, writes = free_port(), tmp_path / "writes.log"
+    launcher = ["--head", "127.0.0.1", "--port", str(port), "--nnodes", "2", "--nproc", "2", "--rdzv-id", "two"]
+    cmd = ["bash", "launch/multinode.sh", *launcher, "--", *ARGS, "--checkpoint-every", "3", "--out", str(tmp_path)]
+    nodes = [start(cmd, tmp_path / f"node{i}.log", DDP_FAULT=f"log-writes:file={writes}") for i in range(2)]
+    for node in nodes:
+        node.wait(timeout=150)
+    logs = "".join((tmp_path / f"node{i}.log").read_text() for i in range(2))
+    assert all(node.returncode == 0 for node in nodes), logs[-4000:]
+    assert "verify: 4/4 ranks reloaded" in logs
+    by_file: dict[str, set[str]] = {}
+    for line in writes.read_text().splitlines():
+        rank, name = line.split("\t")
+        by_file.setdefault(name.split(".tmp-")[0].lstrip("."), set()).add(rank)
+    assert by_file["mlp.params"] == by_file["model.pt"] == by_file["train.pt"] == by_file["manifest.json"] == {"0"}
+    assert {r for name, ranks in by_file.items() if name.startswith("rank-") for r in ranks} == {"0", "1", "2", "3"}
+
+
+def test_elastic_job_starts_with_the_nodes_it_has(tmp_path):
+    out = ok(run(["bash", "launch/elastic.sh", "--head", "127.0.0.1", "--port", str(free_port()), "--nproc", "2",
+                  *ARGS, "--out", str(tmp_path)], extra_env={"PYTHON": sys.executable,
+                  "RDZV_CONF": "last_call_timeout=1"}))  # fmt: skip
+    assert "verify: 2/2 ranks" in out
+
+
+STANDINS = {
+    "sbatch": """
+        echo "sbatch $*" >> "$SLURM_LOG"
+        script=$1; shift
+        export SLURM_JOB_ID=4242 SLURM_JOB_NAME=ddp SLURM_JOB_NODELIST="node[1-2]"
+        export SLURM_NNODES=$(sed -n 's/^#SBATCH --nodes=//p' "$script")
+        exec bash "$script" "$@"
+    """,
+    "scontrol": """
+        echo "scontrol $*" >> "$SLURM_LOG"
+        if [ "$1 $2" = "show hostnames" ]; then for i in $(seq "$SLURM_NNODES"); do echo 127.0.0.1; done; fi
+    """,
+    "srun": """
+        echo "srun $*" >> "$SLURM_LOG"
+        while [ "${1#-}" != "$1" ]; do shift; done   # drop srun's own options
+        pids=()
+        for node in $(seq 0 $((SLURM_NNODES - 1))); do
+            SLURM_NODEID=$node SLURM_PROCID=$node "$@" & pids+=($!)
+        done
+        trap 'kill -TERM "${pids[@]}" 2>/dev/null' TERM
+        status=0
+        for p in "${pids[@]}"; do wait "$p" || status=$?; done
+        exit $status
+    """,
+}
+
+
+@pytest.fixture
+def slurm(tmp_path):
+    """Stand-ins for sbatch, srun and scontrol on PATH; each records its arguments."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in STANDINS.items():
+        (bin_dir / name).write_text("#!/usr/bin/env bash\nset -u\n" + textwrap.dedent(body))
+        (bin_dir / name).chmod(0o755)
+    log = tmp_path / "slurm.log"
+    extra = {
+        "PATH": f"{bin_dir}:{Path(sys.executable).parent}:/usr/bin:/bin",
+        "SLURM_LOG": str(log),
+        "PYTHON": sys.executable,
+        "MASTER_PORT": str(free_port()),
+        "NPROC": "1",
+        "OUT": str(tmp_path / "run"),
+    }
+    return log, extra
+
+
+def test_slurm_script_starts_a_working_job_through_srun(tmp_path, slurm):
+    log, extra = slurm
+    out = ok(run(["sbatch", "launch/slurm.sbatch", *ARGS, "--log-all-ranks"], extra_env=extra))
+    assert "verify: 2/2 ranks reloaded" in out
+    calls = log.read_text()
+    assert "scontrol show hostnames node[1-2]" in calls
+    assert "--rdzv-id=4242" in calls and "--nnodes=2" in calls and "--rdzv-endpoint=127.0.0.1:" in calls
+    assert "srun --nodes=2 --ntasks=2 --ntasks-per-node=1" in calls
+    assert (tmp_path / "run" / "mlp.params").exists()
+
+
+def test_slurm_time_limit_signal_checkpoints_and_requeues(tmp_path, slurm):
+    log, extra = slurm
+    args = ["--samples", "512", "--steps", "100000", "--checkpoint-every", "5"]
+    job = start(["sbatch", "launch/slurm.sbatch", *args], tmp_path / "job.log", **extra)
+    deadline = time.monotonic() + 90
+    while not list((tmp_path / "run" / "checkpoints").glob("step-*")):
+        assert time.monotonic() < deadline and job.poll() is None, (tmp_path / "job.log").read_text()[-3000:]
+        time.sleep(0.2)
+    job.send_signal(signal.SIGUSR1)  # what --signal=B:USR1@120 delivers to the batch script
+    job.wait(timeout=90)
+    output = (tmp_path / "job.log").read_text()
+    assert job.returncode == 0, output[-3000:]
+    assert "stopping on SIGTERM after step" in output and "scontrol requeue 4242" in log.read_text()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_each_local_rank_takes_its_own_gpu(tmp_path):
+    extra = {"PYTHON": sys.executable, "NPROC": "2"}
+    out = ok(run(["bash", "launch/train_ddp.sh", *ARGS, "--log-all-ranks", "--out", str(tmp_path)], extra_env=extra))
+    assert "[rank 0/2] nccl on cuda:0" in out and "[rank 1/2] nccl on cuda:1" in out
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 1, reason="needs CUDA")
+def test_cuda_visible_devices_is_respected_and_too_many_processes_refused(tmp_path):
+    extra = {"PYTHON": sys.executable, "NPROC": "2", "CUDA_VISIBLE_DEVICES": "0"}
+    proc = run(["bash", "launch/train_ddp.sh", *ARGS, "--out", str(tmp_path)], extra_env=extra)
+    assert proc.returncode != 0
+    assert "2 processes per node but only 1 visible GPU(s) (CUDA_VISIBLE_DEVICES=0)" in proc.output
