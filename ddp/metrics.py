@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -39,7 +40,8 @@ class ProgressDisplay:
         if enabled and sys.stderr.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, initial=start, desc=prefix, unit="step", dynamic_ncols=True)
+            size = shutil.get_terminal_size((100, 20))  # a pty of unknown size reports 0 x 0
+            self.bar = tqdm(total=total, initial=start, desc=prefix, unit="step", ncols=size.columns, nrows=size.lines)
 
     def update(self, step: int, epoch: int, loss: float, samples_per_s: float, lr: float) -> None:
         """Advance by one optimizer step."""

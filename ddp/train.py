@@ -215,7 +215,11 @@ class Trainer:
         """Run until ``total_steps`` (or a SIGTERM), checkpointing on the way and at the end."""
         self.resume()
         self.display = ProgressDisplay(
-            self.total_steps, self.progress.step, self.cfg.run.log_every, self.world.prefix(), self.world.is_main
+            self.total_steps,
+            self.progress.step,
+            self.cfg.run.log_every,
+            self.world.prefix(),
+            self.world.is_main or self.cfg.run.log_all_ranks,
         )
         self.tick = (time.monotonic(), self.progress.step)
         try:

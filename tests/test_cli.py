@@ -1,0 +1,189 @@
+"""The ddp command, configuration files, progress output, metrics and the example script."""
+
+import json
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import ddp
+from ddp.model import MLP
+
+from .helpers import ROOT, ok, run, torchrun
+
+DDP = [sys.executable, "-m", "ddp"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 2-rank run of two epochs, logging every 5 steps."""
+    out = tmp_path_factory.mktemp("cli")
+    log = ok(torchrun(2, "--samples", "1024", "--batch-size", "32", "--epochs", "2", "--log-every", "5",
+                      "--out", str(out)))  # fmt: skip
+    return out, log
+
+
+@pytest.mark.parametrize("sub", [[], ["train"], ["verify"], ["inspect"], ["predict"], ["export"], ["plot"]])
+def test_every_subcommand_has_help(sub):
+    out = ok(run([*DDP, *sub, "--help"]))
+    assert "usage: ddp" in out
+
+
+def test_train_help_shows_every_option_with_its_default_and_doc():
+    out = ok(run([*DDP, "train", "--help"]))
+    assert "--keep-last KEEP_LAST" in out and "(default: 3)" in out
+    assert "Samples per rank per micro-batch" in out and "--config FILE.toml" in out
+
+
+def test_console_script_is_installed():
+    script = shutil.which("ddp", path=str(ROOT / ".venv" / "bin")) or shutil.which("ddp")
+    assert script, "the ddp console script is not on PATH"
+    assert "usage: ddp" in ok(run([script, "--help"]))
+
+
+def test_inspect_json_describes_a_checkpoint(trained):
+    out_dir, _ = trained
+    folder = out_dir / "checkpoints" / "step-00000028"
+    info = json.loads(ok(run([*DDP, "inspect", str(folder), "--json"])))
+    assert info["kind"] == "checkpoint" and info["step"] == 28 and info["epoch"] == 2 and info["world_size"] == 2
+    assert info["torch_version"] == str(torch.__version__) and info["format"] == "torch"
+    assert info["integrity"].startswith("ok: 4 files match the manifest")
+    tensors = {t["name"]: t for t in info["tensors"]}
+    assert tensors["hidden.0.weight"] == {"name": "hidden.0.weight", "shape": [256, 20], "dtype": "float32",
+                                          "bytes": 256 * 20 * 4}  # fmt: skip
+    assert info["total_bytes"] == sum(t["bytes"] for t in info["tensors"])
+
+
+def test_inspect_reports_a_damaged_file_with_exit_1(trained, tmp_path):
+    bad = tmp_path / "mlp.params"
+    bad.write_bytes((trained[0] / "mlp.params").read_bytes()[:500])
+    proc = run([*DDP, "inspect", str(bad)])
+    assert proc.returncode == 1 and f"FAILED: {bad}" in proc.output
+
+
+def test_predict_equals_the_models_forward_on_cpu(trained, tmp_path):
+    out_dir, _ = trained
+    x = np.random.default_rng(0).standard_normal((7, 20)).astype(np.float32)
+    np.savez(tmp_path / "in.npz", X=x)
+    ok(run([*DDP, "predict", str(out_dir / "mlp.params"), "--input", str(tmp_path / "in.npz"), "--device", "cpu",
+            "--output", str(tmp_path / "pred.npz")]))  # fmt: skip
+    model = ddp.load_model(MLP(), out_dir / "mlp.params").eval()
+    with torch.no_grad():
+        logits = model(torch.from_numpy(x)).double()
+    got = np.load(tmp_path / "pred.npz")
+    # equal up to the summation order of another thread count
+    assert np.allclose(got["logits"], logits.numpy(), rtol=0, atol=1e-5)
+    assert np.array_equal(got["pred"], logits.argmax(1).numpy())
+
+
+def test_predict_random_prints_one_prediction_per_line(trained):
+    out = ok(run([*DDP, "predict", str(trained[0] / "mlp.params"), "--random", "3", "--device", "auto"]))
+    assert [line.split("\t")[0] for line in out.strip().splitlines()] == ["0", "1", "2"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU case")
+def test_predict_on_cuda_without_a_gpu_is_a_usage_error(trained):
+    proc = run([*DDP, "predict", str(trained[0] / "mlp.params"), "--random", "1", "--device", "cuda"])
+    assert proc.returncode == 2 and "no CUDA GPU is visible; use --device cpu or auto" in proc.output
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "torch"])
+def test_export_makes_a_bitwise_weights_only_copy(trained, tmp_path, fmt):
+    out_dir, _ = trained
+    dest = tmp_path / f"model.{fmt}"
+    ok(run([*DDP, "export", str(out_dir / "checkpoints" / "step-00000028"), "--format", fmt, "--output", str(dest)]))
+    assert ddp.io.detect_format(dest) == fmt
+    original = torch.load(out_dir / "mlp.params", weights_only=True)
+    copy = ddp.load(dest)
+    assert copy.keys() == original.keys() and all(torch.equal(copy[k], original[k]) for k in copy)
+    assert "verify: 1/1 ranks" in ok(run([*DDP, "verify", str(dest)]))
+
+
+def test_verify_under_torchrun_checks_every_rank(trained):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "ddp",
+           "verify", str(trained[0] / "checkpoints" / "step-00000028")]  # fmt: skip
+    out = ok(run(cmd))
+    assert "ok: 4 files match the manifest (size, sha256)" in out
+    assert "verify: 2/2 ranks reloaded" in out and "outputs identical" in out
+
+
+def test_verify_of_a_missing_file_exits_1_naming_it(tmp_path):
+    proc = run([*DDP, "verify", str(tmp_path / "none.params")])
+    assert proc.returncode == 1 and f"{tmp_path}/none.params does not exist" in proc.output
+
+
+def test_plot_writes_a_png(trained):
+    pytest.importorskip("matplotlib")
+    out_dir, _ = trained
+    ok(run([*DDP, "plot", str(out_dir)]))
+    assert (out_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_without_matplotlib_says_how_to_install_it(trained):
+    code = "import sys; sys.modules['matplotlib'] = None; from ddp.cli import main; sys.exit(main(sys.argv[1:]))"
+    proc = run([sys.executable, "-c", code, "plot", str(trained[0])])
+    assert proc.returncode == 1 and "pip install -e '.[plot]'" in proc.output
+
+
+def test_metrics_jsonl_has_training_and_evaluation_records(trained):
+    records = [json.loads(line) for line in (trained[0] / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["step"] for r in train] == [5, 10, 15, 20, 25, 28]
+    assert set(train[0]) == {"kind", "step", "epoch", "loss", "lr", "samples_per_s", "time"}
+    assert [r["epoch"] for r in evals] == [0, 1] and all(0 <= r["accuracy"] <= 1 for r in evals)
+    assert evals[-1]["loss"] < evals[0]["loss"] + 0.5  # it learns (loosely: two epochs)
+
+
+def test_plain_log_lines_when_not_a_terminal_and_only_rank_0(trained):
+    _, log = trained
+    assert "[rank 0/2] step 5 epoch 0 loss" in log and "samples/s" in log
+    assert "[rank 0/2] eval epoch 1: loss" in log and "[rank 1/2]" not in log
+
+
+def test_log_all_ranks_lets_every_rank_print(tmp_path):
+    out = ok(torchrun(2, "--samples", "512", "--steps", "4", "--log-every", "2", "--log-all-ranks",
+                      "--out", str(tmp_path)))  # fmt: skip
+    assert "[rank 1/2] step 2 epoch 0" in out and "[rank 0/2] step 2 epoch 0" in out
+
+
+def test_progress_bar_on_a_terminal(tmp_path):
+    if not shutil.which("script"):
+        pytest.skip("needs util-linux script for a pseudo-terminal")
+    cmd = f"{sys.executable} -m ddp train --samples 512 --steps 6 --out {tmp_path}"
+    out = ok(run(["script", "-qec", cmd, "/dev/null"]))
+    assert "6/6" in out and "step/s" in out and "loss=" in out
+
+
+def test_toml_config_with_command_line_overrides(tmp_path):
+    (tmp_path / "run.toml").write_text("[data]\nsamples = 512\nbatch_size = 16\n[optim]\nlr = 0.2\n[run]\nsteps = 3\n")
+    out = ok(run([*DDP, "train", "--config", str(tmp_path / "run.toml"), "--lr", "0.3", "--out", str(tmp_path)]))
+    printed = json.loads(out.split("config: ", 1)[1].splitlines()[0])
+    assert printed["data"]["batch_size"] == 16 and printed["optim"]["lr"] == 0.3 and printed["run"]["steps"] == 3
+    saved = torch.load(tmp_path / "checkpoints" / "step-00000003" / "train.pt", weights_only=True)["config"]
+    assert saved == printed
+
+
+def test_bad_toml_names_the_file_and_the_setting(tmp_path):
+    (tmp_path / "run.toml").write_text("[optim]\nlearning_rate = 0.1\n")
+    proc = run([*DDP, "train", "--config", str(tmp_path / "run.toml")])
+    assert proc.returncode == 2 and "unknown setting(s) ['learning_rate'] in [optim]" in proc.output
+
+
+def test_resume_with_a_changed_setting_says_it_breaks_exactness(tmp_path):
+    args = ["--samples", "512", "--steps", "6", "--checkpoint-every", "3", "--out", str(tmp_path)]
+    torchrun(1, *args, extra_env={"DDP_FAULT": "raise:step=4"})
+    out = ok(torchrun(1, *args, "--lr", "0.2"))
+    assert (
+        "warning: settings changed since the checkpoint, the run will not match an uninterrupted one: lr 0.05 -> 0.2"
+        in out
+    )
+
+
+def test_example_script_runs_under_torchrun(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           "examples/own_model.py", "--out", str(tmp_path)]  # fmt: skip
+    out = ok(run(cmd))
+    assert f"own model: 2 ranks agree on {tmp_path}/tiny.params (max |Δ| = 0)" in out
