@@ -74,6 +74,7 @@ class Trainer:
     def __init__(self, cfg: Config, world: dist.World) -> None:
         self.cfg, self.world, self.device = cfg, world, world.device
         self.out = cfg.run.out_dir
+        self.out.mkdir(parents=True, exist_ok=True)
         self.shape = input_shape(cfg.model)
         self.dtype = torch.float64 if cfg.optim.precision == "fp64" else torch.float32
         seed_all(cfg.run.seed)  # same initial weights on every rank
@@ -104,6 +105,7 @@ class Trainer:
         self.progress = Progress()
         self.signalled = False  # set by the SIGTERM handler only
         self.stop_requested = False  # set when any rank was signalled: all ranks agree
+        self.last_loss = float("nan")  # mean over ranks, as of the last agreement
         say = self._say
         self.checkpointer = Checkpointer(self.out / "checkpoints", cfg.checkpoint, say)
         self.metrics = MetricsWriter(self.out, world.is_main)
@@ -271,8 +273,9 @@ class Trainer:
             x = x.to(self.device, self.dtype, non_blocking=True)
             y = y.to(self.device, non_blocking=True)
             sync = contextlib.nullcontext() if i == k - 1 else self.ddp.no_sync()
+            cast = torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
             with sync:
-                with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
+                with cast:
                     loss = F.cross_entropy(self.ddp(x), y) / k
                 self.scaler.scale(loss).backward()
             total += loss.detach()
@@ -282,7 +285,28 @@ class Trainer:
         return total
 
     def _after_step(self, loss: torch.Tensor) -> None:
-        """One small all-reduce per step: mean loss, SIGTERM, save timer and async-save status."""
+        """Log, agree on stopping, and checkpoint when due.
+
+        Ranks agree through one small all-reduce (mean loss, SIGTERM, save timer,
+        async-save status) at each logging step, and at every step while an async save
+        is in flight; in between a step costs no extra communication.
+        """
+        step = self.progress.step
+        log_step = step % self.cfg.run.log_every == 0 or step == self.total_steps
+        due = False
+        if log_step or self.checkpointer.pending_step is not None:
+            due = self._agree(loss)
+        self._log_step(log_step)
+        every = self.cfg.checkpoint.checkpoint_every
+        periodic = every > 0 and step % every == 0
+        if (periodic or due or self.stop_requested) and step < self.total_steps:
+            self.save_checkpoint()
+            if self.stop_requested:
+                self.checkpointer.wait()
+                self._say(f"stopping on SIGTERM after step {step}: checkpoint saved, relaunch to resume")
+
+    def _agree(self, loss: torch.Tensor) -> bool:
+        """The all-reduce every rank calls at the same step; True when a timed save is due."""
         writing, failed = self.checkpointer.status()
         every_s = self.cfg.checkpoint.checkpoint_every_seconds
         time_due = self.world.is_main and every_s > 0 and time.monotonic() - self.last_save_time >= every_s
@@ -292,24 +316,20 @@ class Trainer:
         elif self.checkpointer.pending_step is not None and not writing:
             self.checkpointer.commit()
         self.stop_requested = stop > 0
-        self._log_step(total / self.world.world_size)
-        every = self.cfg.checkpoint.checkpoint_every
-        periodic = every > 0 and self.progress.step % every == 0
-        if (periodic or due or self.stop_requested) and self.progress.step < self.total_steps:
-            self.save_checkpoint()
-            if self.stop_requested:
-                self.checkpointer.wait()
-                self._say(f"stopping on SIGTERM after step {self.progress.step}: checkpoint saved, relaunch to resume")
+        self.last_loss = total / self.world.world_size
+        return due > 0
 
-    def _log_step(self, loss: float) -> None:
+    def _log_step(self, log_step: bool) -> None:
         now = time.monotonic()
         t0, s0 = self.tick
         rate = (self.progress.step - s0) * self.global_batch / max(now - t0, 1e-9)
         lr = self.scheduler.get_last_lr()[0]
         step, epoch = self.progress.step, self.progress.epoch
-        self.display.update(step, epoch, loss, rate, lr)
-        if step % self.cfg.run.log_every == 0 or step == self.total_steps:
-            self.metrics.write("train", step=step, epoch=epoch, loss=loss, lr=lr, samples_per_s=round(rate, 1))
+        self.display.update(step, epoch, self.last_loss, rate, lr)
+        if log_step:
+            self.metrics.write(
+                "train", step=step, epoch=epoch, loss=self.last_loss, lr=lr, samples_per_s=round(rate, 1)
+            )
             self.tick = (now, step)
 
     @torch.no_grad()

@@ -52,10 +52,10 @@ def test_every_sample_at_most_once_per_epoch_and_only_the_tail_dropped(n, ranks,
         assert set(used) == set(order[: len(used)])  # the global stream is the same for any world size
 
 
-def test_grad_accum_allreduces_once_per_optimizer_step():
+def test_grad_accum_allreduces_once_per_optimizer_step(tmp_path):
     cfg = Config.from_dict({"run": {"steps": 6}, "data": {"samples": 512, "batch_size": 8}}).to_dict()
     cfg["checkpoint"]["resume"] = "never"
-    cfg["run"]["out"] = None
+    cfg["run"]["out"] = str(tmp_path)
     one, steps = elastic(workers.count_allreduces, 2, cfg)[0]
     cfg["optim"]["grad_accum"] = 4
     four, steps4 = elastic(workers.count_allreduces, 2, cfg)[0]

@@ -1,0 +1,436 @@
+"""Benchmarks: training throughput and checkpoint speed, measured side by side.
+
+    make bench                   # full run, about 5 minutes on 2 cores; writes bench/results.json
+    python bench/bench.py --quick  # a smoke run with tiny sizes (the test suite runs this)
+
+Every figure is the median of several repeats, and every ratio compares numbers taken
+in the same run, interleaved where possible: these machines are noisy.
+
+Training (samples/s, same model, data and global batch):
+  a  one process using every core
+  b  N ranks, each training its shard with no gradient sync (the ideal for DDP here)
+  c  N ranks with DDP as ddp.train runs it (Trainer._run_step and _after_step)
+  d  the plain tutorial loop: DataLoader + DistributedSampler, DDP defaults
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, DistributedSampler
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from ddp import dist  # noqa: E402
+from ddp.checkpoint import Checkpointer, stage  # noqa: E402
+from ddp.config import CheckpointConfig, Config  # noqa: E402
+from ddp.io import load  # noqa: E402
+from ddp.model import build_model  # noqa: E402
+from ddp.train import Trainer, export_and_verify  # noqa: E402
+
+MODELS = {
+    "mlp (textbook, 20-256-10)": {"arch": "mlp"},
+    "mlp wide (1024x1024)": {"arch": "mlp", "hidden": [1024, 1024]},
+    "cnn (2 conv, 16x16)": {"arch": "cnn", "width": 32},
+}
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+# ---- training throughput, inside each rank -------------------------------------------
+
+
+def _timed(step, steps: int, warmup: int) -> float:
+    for _ in range(warmup):
+        step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return time.perf_counter() - start
+
+
+def throughput_worker(cfg_dict: dict, steps: int, repeats: int, variants: list[str]) -> dict:
+    """On each rank: samples/s of variants b, c, d (and c options), interleaved per repeat."""
+    torch.set_num_threads(1)
+    cfg = Config.from_dict(cfg_dict)
+    world = dist.init(cfg.dist)
+    try:
+        trainer = Trainer(cfg, world)
+        trainer.display = type("Quiet", (), {"update": lambda *a: None, "message": lambda *a: None})()
+        trainer.tick = (time.monotonic(), 0)
+        b = cfg.data.batch_size
+        k = cfg.optim.grad_accum
+        global_batch = b * world.world_size * k
+
+        # b: the same model on each rank, no communication at all
+        solo = build_model(cfg.model)
+        solo.load_state_dict(trainer.model.state_dict())
+        solo_opt = torch.optim.SGD(solo.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum)
+
+        def next_batch(it_holder: list):
+            try:
+                return next(it_holder[0])
+            except StopIteration:
+                it_holder[0] = iter(it_holder[1])
+                return next(it_holder[0])
+
+        ours = [iter(trainer.loader), trainer.loader]
+        theirs_sampler = DistributedSampler(trainer.train_set, shuffle=True, seed=0)
+        theirs_loader = DataLoader(trainer.train_set, batch_size=b, sampler=theirs_sampler)
+        theirs = [iter(theirs_loader), theirs_loader]
+        tutorial = DDP(build_model(cfg.model))
+        tutorial_opt = torch.optim.SGD(tutorial.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum)
+        shard = [iter(trainer.loader), trainer.loader]
+
+        def step_b():
+            solo_opt.zero_grad()
+            for _ in range(k):
+                x, y = next_batch(shard)
+                (F.cross_entropy(solo(x), y) / k).backward()
+            solo_opt.step()
+
+        def step_c():
+            loss = trainer._run_step([next_batch(ours) for _ in range(k)])
+            trainer.progress.step += 1
+            trainer._after_step(loss)
+
+        def step_d():
+            x, y = next_batch(theirs)
+            tutorial_opt.zero_grad()
+            F.cross_entropy(tutorial(x), y).backward()
+            tutorial_opt.step()
+
+        static = None
+        if "c static_graph" in variants:
+            trainer_static = Trainer(cfg, world)
+            trainer_static.ddp = DDP(trainer_static.model, static_graph=True, gradient_as_bucket_view=True)
+            trainer_static.display, trainer_static.tick = trainer.display, trainer.tick
+            static_it = [iter(trainer_static.loader), trainer_static.loader]
+
+            def static():
+                loss = trainer_static._run_step([next_batch(static_it) for _ in range(k)])
+                trainer_static.progress.step += 1
+                trainer_static._after_step(loss)
+
+        fns = {"b": step_b, "c": step_c, "d": step_d, "c static_graph": static}
+        results: dict[str, list[float]] = {v: [] for v in variants}
+        for _ in range(repeats):
+            for v in variants:
+                dist.barrier()
+                seconds = _timed(fns[v], steps, warmup=3)
+                slowest = max(dist.all_gather_objects(seconds))  # a step is as slow as the slowest rank
+                results[v].append(steps * global_batch / slowest)
+        epoch_steps = trainer.steps_per_epoch
+        dist.barrier()
+        t0 = time.perf_counter()
+        for _ in range(epoch_steps):
+            step_c()
+        epoch_s = max(dist.all_gather_objects(time.perf_counter() - t0))
+        t0 = time.perf_counter()
+        export_and_verify(trainer)
+        verify_s = max(dist.all_gather_objects(time.perf_counter() - t0))
+        extra = {"epoch_s": epoch_s, "verify_s": verify_s}
+        return {"samples_per_s": {v: median(r) for v, r in results.items()}, **extra}
+    finally:
+        dist.shutdown()
+
+
+def launch(fn, nproc: int, *args):
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, rdzv_backend="c10d",
+                          rdzv_endpoint="localhost:0", run_id=str(uuid.uuid4()), max_restarts=0,
+                          monitor_interval=0.1)  # fmt: skip
+    return elastic_launch(config, fn)(*args)[0]
+
+
+def one_process(cfg_dict: dict, steps: int, repeats: int) -> float:
+    """a: a world of one, every core, batch = the global batch."""
+    torch.set_num_threads(os.cpu_count() or 1)
+    cfg = Config.from_dict(cfg_dict)
+    world = dist.init(cfg.dist)
+    try:
+        trainer = Trainer(cfg, world)
+        trainer.display = type("Quiet", (), {"update": lambda *a: None, "message": lambda *a: None})()
+        trainer.tick = (time.monotonic(), 0)
+        holder = [iter(trainer.loader), trainer.loader]
+
+        def step():
+            try:
+                micro = [next(holder[0]) for _ in range(cfg.optim.grad_accum)]
+            except StopIteration:
+                holder[0] = iter(holder[1])
+                micro = [next(holder[0]) for _ in range(cfg.optim.grad_accum)]
+            loss = trainer._run_step(micro)
+            trainer.progress.step += 1
+            trainer._after_step(loss)
+
+        gb = cfg.data.batch_size * cfg.optim.grad_accum
+        return median([steps * gb / _timed(step, steps, 3) for _ in range(repeats)])
+    finally:
+        dist.shutdown()
+
+
+def training_table(args, out: Path) -> list[dict]:
+    rows = []
+    nproc = args.nproc
+    cases = [(name, spec, {}) for name, spec in MODELS.items()]
+    cases += [
+        ("mlp wide, --grad-accum 4", MODELS["mlp wide (1024x1024)"], {"grad_accum": 4}),
+        ("mlp wide, --precision bf16", MODELS["mlp wide (1024x1024)"], {"precision": "bf16"}),
+    ]
+    for name, spec, optim in cases:
+        if args.only not in name:
+            continue
+        per_rank = args.batch
+        cfg = {
+            "model": spec,
+            "data": {"samples": args.samples, "batch_size": per_rank},
+            "optim": {"schedule": "constant", **optim},
+            "checkpoint": {"resume": "never"},
+            "run": {"steps": 10**9, "out": str(out / "train")},
+            "dist": {"backend": "gloo"},
+        }
+        variants = ["b", "c", "d"] if not optim else ["b", "c"]
+        if name.startswith("mlp (textbook"):
+            variants.append("c static_graph")
+        res = launch(throughput_worker, nproc, cfg, args.steps, args.repeats, variants)
+        one = dict(cfg, data={"samples": args.samples, "batch_size": per_rank * nproc})
+        a = one_process(one, args.steps, args.repeats)
+        s = res["samples_per_s"]
+        row = {"case": name, "a": a, **s, "c/b": s["c"] / s["b"], "c/a": s["c"] / a,
+               "verify_share_of_epoch": res["verify_s"] / res["epoch_s"]}  # fmt: skip
+        if "d" in s:
+            row["c/d"] = s["c"] / s["d"]
+        if "c static_graph" in s:
+            row["static/c"] = s["c static_graph"] / s["c"]
+        rows.append(row)
+        print(f"  {name}: " + ", ".join(f"{k}={v:,.3g}" for k, v in row.items() if k != "case"), flush=True)
+    return rows
+
+
+# ---- checkpoints ---------------------------------------------------------------------
+
+
+def big_state(megabytes: int) -> tuple[dict, dict]:
+    """A model + SGD-momentum state of about ``megabytes`` MB (half weights, half momentum)."""
+    width = int((megabytes * 2**20 / 4 / 2 / 3) ** 0.5)
+    model = build_model(Config.from_dict({"model": {"hidden": [width, width, width]}}).model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    F.cross_entropy(model(torch.randn(4, 20)), torch.zeros(4, dtype=torch.long)).backward()
+    opt.step()
+    return model.state_dict(), opt.state_dict()
+
+
+def nbytes(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.nbytes
+    if isinstance(obj, dict):
+        return sum(nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(nbytes(v) for v in obj)
+    return 0
+
+
+def tensors(obj):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from tensors(v)
+
+
+def raw_write(state, path: Path) -> float:
+    """The floor: the same bytes written with numpy tofile, then fsync."""
+    start = time.perf_counter()
+    with open(path, "wb") as f:
+        for t in tensors(state):
+            t.numpy().tofile(f)
+        f.flush()
+        os.fsync(f.fileno())
+    return time.perf_counter() - start
+
+
+def checkpoint_table(args, out: Path) -> dict:
+    dist.init(Config().dist)
+    torch.set_num_threads(os.cpu_count() or 1)
+    results: dict = {}
+    try:
+        for size in args.sizes:
+            model, optim = big_state(size)
+            state = {"model.pt": model, "train.pt": {"optimizer": optim, "step": 1}}
+            real = nbytes(state) / 2**20
+            saves, raws, loads, mmaps, stalls, copies = [], [], [], [], [], []
+            ckpt_sync = Checkpointer(out / f"sync{size}", CheckpointConfig(keep_last=2))
+            ckpt_async = Checkpointer(out / f"async{size}", CheckpointConfig(keep_last=2, async_save=True))
+            buffers: dict = {}
+            stage(state, buffers)  # warm the copy floor's buffers, as async saves reuse theirs
+            ckpt_async.save(0, state, {})
+            ckpt_async.wait()
+            for rep in range(args.repeats):
+                raws.append(raw_write(state, out / "raw.bin"))
+                (out / "raw.bin").unlink()
+                t0 = time.perf_counter()
+                ckpt_sync.save(rep + 1, state, {})
+                saves.append(time.perf_counter() - t0)
+                folder = out / f"sync{size}" / f"step-{rep + 1:08d}"
+                t0 = time.perf_counter()
+                load(folder / "model.pt"), load(folder / "train.pt")
+                loads.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                m1, m2 = load(folder / "model.pt", mmap=True), load(folder / "train.pt", mmap=True)
+                mmaps.append(time.perf_counter() - t0)
+                del m1, m2
+                t0 = time.perf_counter()
+                stage(state, buffers)
+                copies.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                ckpt_async.save(rep + 1, state, {})
+                stalls.append(time.perf_counter() - t0)
+                ckpt_async.wait()
+            results[f"{size} MB"] = {
+                "state_mb": real,
+                "save_s": median(saves),
+                "raw_s": median(raws),
+                "raw/save": median(raws) / median(saves),
+                "load_s": median(loads),
+                "load_mmap_s": median(mmaps),
+                "sync_stall_s": median(saves),
+                "async_stall_s": median(stalls),
+                "copy_s": median(copies),
+                "async_stall/copy": median(stalls) / median(copies),
+            }
+            print(f"  {size} MB: " + ", ".join(f"{k}={v:.3g}" for k, v in results[f"{size} MB"].items()), flush=True)
+        results["lost_per_checkpoint"] = lost_per_checkpoint(args, out)
+    finally:
+        dist.shutdown()
+    return results
+
+
+def lost_per_checkpoint(args, out: Path) -> dict:
+    """Training time lost per checkpoint over a window of steps: none vs sync vs async."""
+    width = args.window_width
+    cfg = {
+        "model": {"hidden": [width, width, width]},
+        "data": {"samples": 4096, "batch_size": 64},
+        "optim": {"schedule": "constant"},
+        "run": {"steps": 10**9},
+        "checkpoint": {"resume": "never"},
+    }
+    times: dict[str, list[float]] = {"none": [], "sync": [], "async": []}
+    n_ckpt = args.window // args.every
+    for rep in range(args.repeats):
+        for mode in times:
+            c = json.loads(json.dumps(cfg))
+            c["run"]["out"] = str(out / f"window-{mode}-{rep}")
+            c["checkpoint"]["async_save"] = mode == "async"
+            trainer = Trainer(Config.from_dict(c), dist.world_from_env())
+            trainer.display = type("Quiet", (), {"update": lambda *a: None, "message": lambda *a: None})()
+            trainer.tick = (time.monotonic(), 0)
+            holder = [iter(trainer.loader)]
+            trainer._run_step([next(holder[0])])  # warm up
+            if mode == "async":
+                trainer.save_checkpoint()  # first save allocates the staging buffers
+                trainer.checkpointer.wait()
+            t0 = time.perf_counter()
+            for i in range(1, args.window + 1):
+                loss = trainer._run_step([next(holder[0])])
+                trainer.progress.step += 1
+                trainer._after_step(loss)
+                if mode != "none" and i % args.every == 0:
+                    trainer.save_checkpoint()
+            trainer.checkpointer.wait()
+            times[mode].append(time.perf_counter() - t0)
+    state_mb = nbytes(trainer.state()[0]) / 2**20
+    base = median(times["none"])
+    return {
+        "state_mb": state_mb,
+        "window_steps": args.window,
+        "checkpoints": n_ckpt,
+        "step_s": base / args.window,
+        "sync_lost_per_ckpt_s": (median(times["sync"]) - base) / n_ckpt,
+        "async_lost_per_ckpt_s": (median(times["async"]) - base) / n_ckpt,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny sizes: checks that the benchmark runs")
+    p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--output", default=str(ROOT / "bench" / "results.json"))
+    p.add_argument("--only", default="", help="run only the training cases whose name contains this")
+    p.add_argument("--steps", type=int, help="timed steps per repeat (default 60, quick 5)")
+    p.add_argument("--no-checkpoints", action="store_true", help="skip the checkpoint benchmarks")
+    args = p.parse_args()
+    q = args.quick
+    args.steps, args.repeats = (args.steps or (5 if q else 60)), (1 if q else 3)
+    args.batch, args.samples = (16, 512) if q else (64, 8192)
+    args.sizes = [2, 4, 8] if q else [64, 128, 256]
+    args.window, args.every, args.window_width = (4, 2, 64) if q else (20, 5, 2048)
+    with tempfile.TemporaryDirectory(dir=ROOT / "bench") as tmp:
+        tmp = Path(tmp)
+        print(f"training throughput, {args.nproc} ranks on gloo (samples/s):", flush=True)
+        training = training_table(args, tmp)
+        print("checkpoints:", flush=True)
+        ckpt = {} if args.no_checkpoints else checkpoint_table(args, tmp)
+    results = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"Python {platform.python_version()}",
+        "quick": q,
+        "training": training,
+        "checkpoints": ckpt,
+    }
+    Path(args.output).write_text(json.dumps(results, indent=1))
+    print_tables(results)
+    print(f"wrote {args.output}")
+
+
+def print_tables(r: dict) -> None:
+    print(f"\nmachine: {r['machine']}")
+    print("| case | a: 1 proc | b: no sync | c: ddp | d: tutorial | c/b | c/d | verify / epoch |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for row in r["training"]:
+        d = f"{row['d']:,.0f}" if "d" in row else "-"
+        cd = f"{row['c/d']:.2f}" if "c/d" in row else "-"
+        print(f"| {row['case']} | {row['a']:,.0f} | {row['b']:,.0f} | {row['c']:,.0f} | {d} | {row['c/b']:.2f} | {cd} "
+              f"| {row['verify_share_of_epoch']:.1%} |")  # fmt: skip
+    print("\n| state | save s | raw s | raw/save | load s | load mmap s | sync stall s | async stall s | copy s "
+          "| async stall/copy |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    if not r["checkpoints"]:
+        return
+    for name, c in r["checkpoints"].items():
+        if name == "lost_per_checkpoint":
+            continue
+        cells = [f"{c['state_mb']:.0f} MB", *(f"{c[k]:.3f}" for k in ("save_s", "raw_s")), f"{c['raw/save']:.2f}",
+                 *(f"{c[k]:.3f}" for k in ("load_s", "load_mmap_s", "sync_stall_s", "async_stall_s", "copy_s")),
+                 f"{c['async_stall/copy']:.2f}"]  # fmt: skip
+        print("| " + " | ".join(cells) + " |")
+    lost = r["checkpoints"]["lost_per_checkpoint"]
+    print(f"\ntraining time lost per checkpoint ({lost['state_mb']:.0f} MB state, {lost['checkpoints']} checkpoints "
+          f"in {lost['window_steps']} steps of {lost['step_s']:.3f} s): sync {lost['sync_lost_per_ckpt_s']:.3f} s, "
+          f"async {lost['async_lost_per_ckpt_s']:.3f} s")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
