@@ -10,12 +10,14 @@ is 0), so a restarted job runs clean. Unset, every hook here is a no-op.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import signal
 
 _saves_seen = 0
 
 
+@functools.cache
 def _spec() -> dict[str, str] | None:
     raw = os.environ.get("DDP_FAULT", "")
     if not raw or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":

@@ -124,7 +124,12 @@ class Trainer:
         if self.cfg.run.compile:
             model = torch.compile(model)
         ids = [self.device] if self.device.type == "cuda" else None  # device_ids must be None on CPU
-        return DDP(model, device_ids=ids, gradient_as_bucket_view=True)
+        # Both measured in bench/bench.py: the buckets double as .grad (no copy), and a
+        # static graph lets DDP skip re-finding used parameters every step. DDP's static
+        # graph fails an internal assert when its first step runs under no_sync, so it is
+        # off with gradient accumulation.
+        static = self.cfg.optim.grad_accum == 1
+        return DDP(model, device_ids=ids, gradient_as_bucket_view=True, static_graph=static)
 
     def _optimizer(self) -> torch.optim.Optimizer:
         o = self.cfg.optim
@@ -268,7 +273,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         k = len(micro)
         dtype = AUTOCAST.get(self.cfg.optim.precision)
-        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        total = None
         for i, (x, y) in enumerate(micro):
             x = x.to(self.device, self.dtype, non_blocking=True)
             y = y.to(self.device, non_blocking=True)
@@ -276,9 +281,11 @@ class Trainer:
             cast = torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
             with sync:
                 with cast:
-                    loss = F.cross_entropy(self.ddp(x), y) / k
+                    loss = F.cross_entropy(self.ddp(x), y)
+                    if k > 1:
+                        loss = loss / k
                 self.scaler.scale(loss).backward()
-            total += loss.detach()
+            total = loss.detach() if total is None else total + loss.detach()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
