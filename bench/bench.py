@@ -41,6 +41,7 @@ from ddp.io import load  # noqa: E402
 from ddp.model import build_model  # noqa: E402
 from ddp.train import Trainer, export_and_verify  # noqa: E402
 
+C_VARIANTS = {"c static_graph": {"static_graph": True}, "c bucket 1 MiB": {"bucket_cap_mb": 1.0}}
 MODELS = {
     "mlp (textbook, 20-256-10)": {"arch": "mlp"},
     "mlp wide (1024x1024)": {"arch": "mlp", "hidden": [1024, 1024]},
@@ -115,19 +116,23 @@ def throughput_worker(cfg_dict: dict, steps: int, repeats: int, variants: list[s
             F.cross_entropy(tutorial(x), y).backward()
             tutorial_opt.step()
 
-        dynamic = None
-        if "c dynamic graph" in variants:  # what static_graph=True (our default) buys
-            trainer_dyn = Trainer(cfg, world)
-            trainer_dyn.ddp = DDP(trainer_dyn.model, gradient_as_bucket_view=True)
-            trainer_dyn.display, trainer_dyn.tick = trainer.display, trainer.tick
-            dyn_it = [iter(trainer_dyn.loader), trainer_dyn.loader]
+        def trainer_step(t: Trainer):
+            it = [iter(t.loader), t.loader]
+            t.display, t.tick = trainer.display, trainer.tick
 
-            def dynamic():
-                loss = trainer_dyn._run_step([next_batch(dyn_it) for _ in range(k)])
-                trainer_dyn.progress.step += 1
-                trainer_dyn._after_step(loss)
+            def step():
+                loss = t._run_step([next_batch(it) for _ in range(k)])
+                t.progress.step += 1
+                t._after_step(loss)
 
-        fns = {"b": step_b, "c": step_c, "d": step_d, "c dynamic graph": dynamic}
+            return step
+
+        fns = {"b": step_b, "c": step_c, "d": step_d}
+        for v in variants:
+            if v.startswith("c ") and v in C_VARIANTS:  # the same trainer with one DDP setting changed
+                changed = json.loads(json.dumps(cfg_dict))
+                changed["dist"].update(C_VARIANTS[v])
+                fns[v] = trainer_step(Trainer(Config.from_dict(changed), world))
         results: dict[str, list[float]] = {v: [] for v in variants}
         for _ in range(repeats):
             for v in variants:
@@ -210,7 +215,7 @@ def training_table(args, out: Path) -> list[dict]:
         }
         variants = ["b", "c", "d"] if not optim else ["b", "c"]
         if not optim:
-            variants.append("c dynamic graph")
+            variants += list(C_VARIANTS)
         res = launch(throughput_worker, nproc, cfg, args.steps, args.repeats, variants)
         one = dict(cfg, data={"samples": args.samples, "batch_size": per_rank * nproc})
         a = one_process(one, args.steps, args.repeats)
@@ -219,8 +224,9 @@ def training_table(args, out: Path) -> list[dict]:
                "verify_share_of_epoch": res["verify_s"] / res["epoch_s"]}  # fmt: skip
         if "d" in s:
             row["c/d"] = s["c"] / s["d"]
-        if "c dynamic graph" in s:
-            row["c/dynamic"] = s["c"] / s["c dynamic graph"]
+        for v in C_VARIANTS:
+            if v in s:
+                row[f"{v} / c"] = s[v] / s["c"]
         rows.append(row)
         print(f"  {name}: " + ", ".join(f"{k}={v:,.3g}" for k, v in row.items() if k != "case"), flush=True)
     return rows
@@ -231,7 +237,7 @@ def training_table(args, out: Path) -> list[dict]:
 
 def big_state(megabytes: int) -> tuple[dict, dict]:
     """A model + SGD-momentum state of about ``megabytes`` MB (half weights, half momentum)."""
-    width = int((megabytes * 2**20 / 4 / 2 / 3) ** 0.5)
+    width = int((megabytes * 2**20 / 16) ** 0.5)  # two width^2 layers, weights + momentum, 4 bytes
     model = build_model(Config.from_dict({"model": {"hidden": [width, width, width]}}).model)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     F.cross_entropy(model(torch.randn(4, 20)), torch.zeros(4, dtype=torch.long)).backward()
@@ -293,6 +299,8 @@ def checkpoint_table(args, out: Path) -> dict:
                 t0 = time.perf_counter()
                 ckpt_sync.save(rep + 1, state, {})
                 saves.append(time.perf_counter() - t0)
+                raws.append(raw_write(state, out / "raw.bin"))  # before and after: no order effect
+                (out / "raw.bin").unlink()
                 folder = out / f"sync{size}" / f"step-{rep + 1:08d}"
                 t0 = time.perf_counter()
                 load(folder / "model.pt"), load(folder / "train.pt")
@@ -386,7 +394,7 @@ def main() -> None:
     args.steps, args.repeats = (args.steps or (5 if q else 60)), (1 if q else 3)
     args.batch, args.samples = (16, 512) if q else (64, 8192)
     args.sizes = [2, 4, 8] if q else [64, 128, 256]
-    args.window, args.every, args.window_width = (4, 2, 64) if q else (20, 5, 2048)
+    args.window, args.every, args.window_width = (4, 2, 64) if q else (12, 4, 4096)
     with tempfile.TemporaryDirectory(dir=ROOT / "bench") as tmp:
         tmp = Path(tmp)
         print(f"training throughput, {args.nproc} ranks on gloo (samples/s):", flush=True)

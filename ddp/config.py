@@ -133,7 +133,7 @@ class CheckpointConfig:
     checkpoint_every: int = 0
     """Save the full training state every N optimizer steps (0: only at the end)."""
     checkpoint_every_seconds: float = 0.0
-    """Also save when this many seconds have passed since the last save (0: off)."""
+    """Also save when this many seconds have passed since the last save, checked at logging steps (0: off)."""
     keep_last: int = 3
     """Complete checkpoints to keep; older ones are deleted after a newer one commits."""
     resume: str = "auto"
@@ -173,8 +173,13 @@ class DistConfig:
     """Seconds a collective waits for a missing rank before the job fails (PyTorch: 30 min)."""
     atol: float | None = None
     """Verify tolerance; default 0 (bitwise) in fp32, looser for bf16/fp16 or mixed fleets."""
+    bucket_cap_mb: float = 25.0
+    """Size of DDP's gradient buckets in MiB; smaller buckets start all-reduces earlier."""
+    static_graph: bool = False
+    """Tell DDP the graph never changes (not with --grad-accum > 1, where DDP asserts)."""
 
     def __post_init__(self) -> None:
+        _check(self.bucket_cap_mb > 0, "bucket_cap_mb", "must be positive")
         _check(
             self.backend in ("auto", "nccl", "gloo"),
             "backend",

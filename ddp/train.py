@@ -124,12 +124,14 @@ class Trainer:
         if self.cfg.run.compile:
             model = torch.compile(model)
         ids = [self.device] if self.device.type == "cuda" else None  # device_ids must be None on CPU
-        # Both measured in bench/bench.py: the buckets double as .grad (no copy), and a
-        # static graph lets DDP skip re-finding used parameters every step. DDP's static
-        # graph fails an internal assert when its first step runs under no_sync, so it is
-        # off with gradient accumulation.
-        static = self.cfg.optim.grad_accum == 1
-        return DDP(model, device_ids=ids, gradient_as_bucket_view=True, static_graph=static)
+        d = self.cfg.dist
+        return DDP(
+            model,
+            device_ids=ids,
+            gradient_as_bucket_view=True,  # the buckets double as .grad: no copy per step
+            bucket_cap_mb=d.bucket_cap_mb,
+            static_graph=d.static_graph,
+        )
 
     def _optimizer(self) -> torch.optim.Optimizer:
         o = self.cfg.optim
@@ -211,7 +213,7 @@ class Trainer:
                 + (
                     f"ranks {reseeded} had no RNG state and were reseeded from (seed, rank, step)"
                     if reseeded
-                    else f"RNG state of ranks {saved_world - 1}..{self.world.world_size} dropped"
+                    else f"the RNG state of ranks {list(range(self.world.world_size, saved_world))} was not used"
                 )
                 + "; results will not be bitwise equal to a run on the original world size"
             )
@@ -396,6 +398,8 @@ def check_settings(cfg: Config) -> None:
     dist.check_devices(dist.world_from_env(backend))
     if cfg.run.sync_bn and backend != "nccl":
         raise ConfigError("--sync-bn needs CUDA GPUs and NCCL (PyTorch's SyncBatchNorm does not run on CPU)")
+    if cfg.dist.static_graph and cfg.optim.grad_accum > 1:
+        raise ConfigError("--static-graph cannot be combined with --grad-accum > 1 (DDP fails an internal assert)")
     if cfg.optim.precision == "fp16" and backend != "nccl":
         raise ConfigError("--precision fp16 needs a GPU; on CPU use --precision bf16")
     check_output_dir(cfg.run.out_dir)

@@ -105,6 +105,7 @@ def test_two_rank_checkpoint_resumes_on_another_world_size_with_a_warning(tmp_pa
     out = ok(torchrun(new_nproc, *args, "--out", str(tmp_path)))
     assert f"warning: checkpoint written by 2 rank(s), resuming on {new_nproc}: data continues at sample 320" in out
     assert ("ranks [2] had no RNG state" in out) == (new_nproc == 3)
+    assert ("the RNG state of ranks [1] was not used" in out) == (new_nproc == 1)
     assert "continuing at step 6" in out and f"verify: {new_nproc}/{new_nproc} ranks" in out
     assert model_state(tmp_path)[1]["step"] == 12
 

@@ -1,0 +1,14 @@
+"""The benchmark runs end to end (its figures are for reading, never asserted here)."""
+
+import json
+import sys
+
+from .helpers import ok, run
+
+
+def test_bench_quick_runs_and_writes_results(tmp_path):
+    out = ok(run([sys.executable, "bench/bench.py", "--quick", "--output", str(tmp_path / "r.json")], timeout=240))
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert {row["case"] for row in results["training"]} >= {"mlp (textbook, 20-256-10)", "cnn (2 conv, 16x16)"}
+    assert all(row["c"] > 0 and row["b"] > 0 for row in results["training"])
+    assert "lost_per_checkpoint" in results["checkpoints"] and "| case |" in out
