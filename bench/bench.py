@@ -3,7 +3,7 @@
     make bench                   # full run, about 5 minutes on 2 cores; writes bench/results.json
     python bench/bench.py --quick  # a smoke run with tiny sizes (the test suite runs this)
 
-Every figure is the median of several repeats, and every ratio compares numbers taken
+Every figure is the median of 5 repeats (3 for checkpoints), and every ratio compares numbers taken
 in the same run, interleaved where possible: these machines are noisy.
 
 Training (samples/s, same model, data and global batch):
@@ -65,15 +65,41 @@ def _timed(step, steps: int, warmup: int) -> float:
     return time.perf_counter() - start
 
 
+def next_batch(holder: list):
+    """The next batch of ``holder = [iterator, loader]``, starting a new pass when one ends."""
+    try:
+        return next(holder[0])
+    except StopIteration:
+        holder[0] = iter(holder[1])
+        return next(holder[0])
+
+
+def quiet(trainer: Trainer) -> Trainer:
+    """A trainer ready for stepping by hand, with no progress output."""
+    trainer.display = type("Quiet", (), {"update": lambda *a: None, "message": lambda *a: None})()
+    trainer.tick = (time.monotonic(), 0)
+    return trainer
+
+
+def trainer_step(t: Trainer):
+    """One optimizer step exactly as ddp.train takes it."""
+    holder = [iter(t.loader), t.loader]
+
+    def step():
+        loss = t._run_step([next_batch(holder) for _ in range(t.cfg.optim.grad_accum)])
+        t.progress.step += 1
+        t._after_step(loss)
+
+    return step
+
+
 def throughput_worker(cfg_dict: dict, steps: int, repeats: int, variants: list[str]) -> dict:
     """On each rank: samples/s of variants b, c, d (and c options), interleaved per repeat."""
     torch.set_num_threads(1)
     cfg = Config.from_dict(cfg_dict)
     world = dist.init(cfg.dist)
     try:
-        trainer = Trainer(cfg, world)
-        trainer.display = type("Quiet", (), {"update": lambda *a: None, "message": lambda *a: None})()
-        trainer.tick = (time.monotonic(), 0)
+        trainer = quiet(Trainer(cfg, world))
         b = cfg.data.batch_size
         k = cfg.optim.grad_accum
         global_batch = b * world.world_size * k
@@ -83,14 +109,6 @@ def throughput_worker(cfg_dict: dict, steps: int, repeats: int, variants: list[s
         solo.load_state_dict(trainer.model.state_dict())
         solo_opt = torch.optim.SGD(solo.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum)
 
-        def next_batch(it_holder: list):
-            try:
-                return next(it_holder[0])
-            except StopIteration:
-                it_holder[0] = iter(it_holder[1])
-                return next(it_holder[0])
-
-        ours = [iter(trainer.loader), trainer.loader]
         theirs_sampler = DistributedSampler(trainer.train_set, shuffle=True, seed=0)
         theirs_loader = DataLoader(trainer.train_set, batch_size=b, sampler=theirs_sampler)
         theirs = [iter(theirs_loader), theirs_loader]
@@ -105,10 +123,7 @@ def throughput_worker(cfg_dict: dict, steps: int, repeats: int, variants: list[s
                 (F.cross_entropy(solo(x), y) / k).backward()
             solo_opt.step()
 
-        def step_c():
-            loss = trainer._run_step([next_batch(ours) for _ in range(k)])
-            trainer.progress.step += 1
-            trainer._after_step(loss)
+        step_c = trainer_step(trainer)
 
         def step_d():
             x, y = next_batch(theirs)
@@ -116,23 +131,12 @@ def throughput_worker(cfg_dict: dict, steps: int, repeats: int, variants: list[s
             F.cross_entropy(tutorial(x), y).backward()
             tutorial_opt.step()
 
-        def trainer_step(t: Trainer):
-            it = [iter(t.loader), t.loader]
-            t.display, t.tick = trainer.display, trainer.tick
-
-            def step():
-                loss = t._run_step([next_batch(it) for _ in range(k)])
-                t.progress.step += 1
-                t._after_step(loss)
-
-            return step
-
         fns = {"b": step_b, "c": step_c, "d": step_d}
         for v in variants:
             if v.startswith("c ") and v in C_VARIANTS:  # the same trainer with one DDP setting changed
                 changed = json.loads(json.dumps(cfg_dict))
                 changed["dist"].update(C_VARIANTS[v])
-                fns[v] = trainer_step(Trainer(Config.from_dict(changed), world))
+                fns[v] = trainer_step(quiet(Trainer(Config.from_dict(changed), world)))
         results: dict[str, list[float]] = {v: [] for v in variants}
         for _ in range(repeats):
             for v in variants:
@@ -172,21 +176,7 @@ def one_process(cfg_dict: dict, steps: int, repeats: int) -> float:
     cfg = Config.from_dict(cfg_dict)
     world = dist.init(cfg.dist)
     try:
-        trainer = Trainer(cfg, world)
-        trainer.display = type("Quiet", (), {"update": lambda *a: None, "message": lambda *a: None})()
-        trainer.tick = (time.monotonic(), 0)
-        holder = [iter(trainer.loader), trainer.loader]
-
-        def step():
-            try:
-                micro = [next(holder[0]) for _ in range(cfg.optim.grad_accum)]
-            except StopIteration:
-                holder[0] = iter(holder[1])
-                micro = [next(holder[0]) for _ in range(cfg.optim.grad_accum)]
-            loss = trainer._run_step(micro)
-            trainer.progress.step += 1
-            trainer._after_step(loss)
-
+        step = trainer_step(quiet(Trainer(cfg, world)))
         gb = cfg.data.batch_size * cfg.optim.grad_accum
         return median([steps * gb / _timed(step, steps, 3) for _ in range(repeats)])
     finally:
@@ -293,7 +283,7 @@ def checkpoint_table(args, out: Path) -> dict:
             stage(state, buffers)  # warm the copy floor's buffers, as async saves reuse theirs
             ckpt_async.save(0, state, {})
             ckpt_async.wait()
-            for rep in range(args.repeats):
+            for rep in range(args.ckpt_repeats):
                 raws.append(raw_write(state, out / "raw.bin"))
                 (out / "raw.bin").unlink()
                 t0 = time.perf_counter()
@@ -347,22 +337,20 @@ def lost_per_checkpoint(args, out: Path) -> dict:
     }
     times: dict[str, list[float]] = {"none": [], "sync": [], "async": []}
     n_ckpt = args.window // args.every
-    for rep in range(args.repeats):
+    for rep in range(args.ckpt_repeats):
         for mode in times:
             c = json.loads(json.dumps(cfg))
             c["run"]["out"] = str(out / f"window-{mode}-{rep}")
             c["checkpoint"]["async_save"] = mode == "async"
-            trainer = Trainer(Config.from_dict(c), dist.world_from_env())
-            trainer.display = type("Quiet", (), {"update": lambda *a: None, "message": lambda *a: None})()
-            trainer.tick = (time.monotonic(), 0)
-            holder = [iter(trainer.loader)]
-            trainer._run_step([next(holder[0])])  # warm up
+            trainer = quiet(Trainer(Config.from_dict(c), dist.world_from_env()))
+            holder = [iter(trainer.loader), trainer.loader]
+            trainer._run_step([next_batch(holder)])  # warm up
             if mode == "async":
                 trainer.save_checkpoint()  # first save allocates the staging buffers
                 trainer.checkpointer.wait()
             t0 = time.perf_counter()
             for i in range(1, args.window + 1):
-                loss = trainer._run_step([next(holder[0])])
+                loss = trainer._run_step([next_batch(holder)])
                 trainer.progress.step += 1
                 trainer._after_step(loss)
                 if mode != "none" and i % args.every == 0:
@@ -391,7 +379,7 @@ def main() -> None:
     p.add_argument("--no-checkpoints", action="store_true", help="skip the checkpoint benchmarks")
     args = p.parse_args()
     q = args.quick
-    args.steps, args.repeats = (args.steps or (5 if q else 60)), (1 if q else 3)
+    args.steps, args.repeats, args.ckpt_repeats = (args.steps or (5 if q else 60)), (1 if q else 5), (1 if q else 3)
     args.batch, args.samples = (16, 512) if q else (64, 8192)
     args.sizes = [2, 4, 8] if q else [64, 128, 256]
     args.window, args.every, args.window_width = (4, 2, 64) if q else (12, 4, 4096)

@@ -118,7 +118,7 @@ def test_keep_last_retains_only_the_newest_checkpoints(tmp_path):
 
 def test_async_save_writes_the_same_checkpoints_as_sync_save(tmp_path):
     args = ["--samples", "1024", "--batch-size", "32", "--steps", "10", "--checkpoint-every", "5"]
-    ok(torchrun(2, *args, "--out", str(tmp_path / "sync")))
+    ok(torchrun(2, *args, "--out", str(tmp_path / "sync"), "--no-async-save"))
     ok(torchrun(2, *args, "--out", str(tmp_path / "async"), "--async-save"))
     for step in ("step-00000005", "step-00000010"):
         a, b = tmp_path / "sync" / "checkpoints" / step, tmp_path / "async" / "checkpoints" / step
