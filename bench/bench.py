@@ -277,7 +277,7 @@ def checkpoint_table(args, out: Path) -> dict:
             state = {"model.pt": model, "train.pt": {"optimizer": optim, "step": 1}}
             real = nbytes(state) / 2**20
             saves, raws, loads, mmaps, stalls, copies = [], [], [], [], [], []
-            ckpt_sync = Checkpointer(out / f"sync{size}", CheckpointConfig(keep_last=2))
+            ckpt_sync = Checkpointer(out / f"sync{size}", CheckpointConfig(keep_last=2, async_save=False))
             ckpt_async = Checkpointer(out / f"async{size}", CheckpointConfig(keep_last=2, async_save=True))
             buffers: dict = {}
             stage(state, buffers)  # warm the copy floor's buffers, as async saves reuse theirs

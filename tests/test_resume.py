@@ -1,5 +1,6 @@
 """Resumable training: a crashed, killed or preempted job ends exactly where an uninterrupted one does."""
 
+import re
 import shutil
 import signal
 import subprocess
@@ -37,7 +38,8 @@ def uninterrupted(tmp_path_factory):
     [(1, 10, 13, "mid-epoch"), (1, 28, 31, "epoch boundary"), (2, 6, 9, "mid-epoch"), (2, 14, 17, "epoch boundary")],
 )
 def test_resume_after_crash_matches_uninterrupted_run(tmp_path, uninterrupted, nproc, every, crash_at, where):
-    args = [*BASE, "--out", str(tmp_path), "--checkpoint-every", str(every)]
+    # synchronous saves: the checkpoint just before the crash is certainly committed
+    args = [*BASE, "--out", str(tmp_path), "--checkpoint-every", str(every), "--no-async-save"]
     crashed = torchrun(nproc, *args, extra_env={"DDP_FAULT": f"raise:rank=0:step={crash_at}"})
     assert crashed.returncode != 0 and f"injected fault on rank 0 at step {crash_at}" in crashed.output
     saved = (crash_at // every) * every
@@ -49,10 +51,13 @@ def test_resume_after_crash_matches_uninterrupted_run(tmp_path, uninterrupted, n
     assert_tree_equal(final_state(tmp_path), uninterrupted[nproc])
 
 
-def test_sigkill_of_one_rank_restarts_and_ends_bitwise_equal(tmp_path, uninterrupted):
-    args = [*BASE, "--out", str(tmp_path), "--checkpoint-every", "5"]
+@pytest.mark.parametrize("mode", ["--async-save", "--no-async-save"])
+def test_sigkill_of_one_rank_restarts_and_ends_bitwise_equal(tmp_path, uninterrupted, mode):
+    args = [*BASE, "--out", str(tmp_path), "--checkpoint-every", "5", mode]
     out = ok(torchrun(2, *args, restarts=1, extra_env={"DDP_FAULT": "kill:rank=1:step=13"}))
-    assert "resumed from" in out and "step-00000010: continuing at step 11" in out
+    # an async save still in flight at the kill is lost: the previous committed one serves
+    resumed = re.search(r"step-000000(\d\d): continuing at step (\d+)", out)
+    assert resumed and int(resumed[1]) in ((5, 10) if mode == "--async-save" else (10,)), out[-3000:]
     assert_tree_equal(final_state(tmp_path), uninterrupted[2])
 
 
@@ -100,7 +105,7 @@ def test_sigterm_to_the_launcher_checkpoints_before_exit(tmp_path):
 
 @pytest.mark.parametrize("new_nproc", [1, 3])
 def test_two_rank_checkpoint_resumes_on_another_world_size_with_a_warning(tmp_path, new_nproc):
-    args = ["--samples", "1024", "--batch-size", "32", "--steps", "12", "--checkpoint-every", "5"]
+    args = ["--samples", "1024", "--batch-size", "32", "--steps", "12", "--checkpoint-every", "5", "--no-async-save"]
     torchrun(2, *args, "--out", str(tmp_path), extra_env={"DDP_FAULT": "raise:rank=0:step=7"})
     out = ok(torchrun(new_nproc, *args, "--out", str(tmp_path)))
     assert f"warning: checkpoint written by 2 rank(s), resuming on {new_nproc}: data continues at sample 320" in out
