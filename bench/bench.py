@@ -138,12 +138,15 @@ def throughput_worker(cfg_dict: dict, steps: int, repeats: int, variants: list[s
                 changed["dist"].update(C_VARIANTS[v])
                 fns[v] = trainer_step(quiet(Trainer(Config.from_dict(changed), world)))
         results: dict[str, list[float]] = {v: [] for v in variants}
-        for _ in range(repeats):
-            for v in variants:
+        for rep in range(repeats):
+            for v in variants if rep % 2 == 0 else variants[::-1]:  # alternate the order: no drift bias
                 dist.barrier()
                 seconds = _timed(fns[v], steps, warmup=3)
                 slowest = max(dist.all_gather_objects(seconds))  # a step is as slow as the slowest rank
                 results[v].append(steps * global_batch / slowest)
+        # where the time goes: one all-reduce of the gradients alone, vs the step without sync
+        grads = torch.zeros(sum(p.numel() for p in trainer.model.parameters()))
+        allreduce_s = median([_timed(lambda: torch.distributed.all_reduce(grads), 20, 3) / 20 for _ in range(3)])
         epoch_steps = trainer.steps_per_epoch
         dist.barrier()
         t0 = time.perf_counter()
@@ -153,7 +156,8 @@ def throughput_worker(cfg_dict: dict, steps: int, repeats: int, variants: list[s
         t0 = time.perf_counter()
         export_and_verify(trainer)
         verify_s = max(dist.all_gather_objects(time.perf_counter() - t0))
-        extra = {"epoch_s": epoch_s, "verify_s": verify_s}
+        extra = {"epoch_s": epoch_s, "verify_s": verify_s, "allreduce_ms": 1000 * allreduce_s,
+                 "grad_mb": grads.nbytes / 2**20}  # fmt: skip
         return {"samples_per_s": {v: median(r) for v, r in results.items()}, **extra}
     finally:
         dist.shutdown()
@@ -210,8 +214,11 @@ def training_table(args, out: Path) -> list[dict]:
         one = dict(cfg, data={"samples": args.samples, "batch_size": per_rank * nproc})
         a = one_process(one, args.steps, args.repeats)
         s = res["samples_per_s"]
+        global_batch = per_rank * nproc * optim.get("grad_accum", 1)
         row = {"case": name, "a": a, **s, "c/b": s["c"] / s["b"], "c/a": s["c"] / a,
-               "verify_share_of_epoch": res["verify_s"] / res["epoch_s"]}  # fmt: skip
+               "verify_share_of_epoch": res["verify_s"] / res["epoch_s"],
+               "step_ms_b": 1000 * global_batch / s["b"], "step_ms_c": 1000 * global_batch / s["c"],
+               "allreduce_ms": res["allreduce_ms"], "grad_mb": res["grad_mb"]}  # fmt: skip
         if "d" in s:
             row["c/d"] = s["c"] / s["d"]
         for v in C_VARIANTS:
@@ -337,8 +344,8 @@ def lost_per_checkpoint(args, out: Path) -> dict:
     }
     times: dict[str, list[float]] = {"none": [], "sync": [], "async": []}
     n_ckpt = args.window // args.every
-    for rep in range(args.ckpt_repeats):
-        for mode in times:
+    for rep in range(args.window_repeats):
+        for mode in list(times) if rep % 2 == 0 else list(times)[::-1]:
             c = json.loads(json.dumps(cfg))
             c["run"]["out"] = str(out / f"window-{mode}-{rep}")
             c["checkpoint"]["async_save"] = mode == "async"
@@ -380,6 +387,7 @@ def main() -> None:
     args = p.parse_args()
     q = args.quick
     args.steps, args.repeats, args.ckpt_repeats = (args.steps or (5 if q else 60)), (1 if q else 5), (1 if q else 3)
+    args.window_repeats = 1 if q else 5
     args.batch, args.samples = (16, 512) if q else (64, 8192)
     args.sizes = [2, 4, 8] if q else [64, 128, 256]
     args.window, args.every, args.window_width = (4, 2, 64) if q else (12, 4, 4096)
@@ -403,13 +411,18 @@ def main() -> None:
 
 def print_tables(r: dict) -> None:
     print(f"\nmachine: {r['machine']}")
-    print("| case | a: 1 proc | b: no sync | c: ddp | d: tutorial | c/b | c/d | verify / epoch |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| case | a: 1 proc | b: no sync | c: ddp | d: tutorial | c/b | c/d | step ms b / c | all-reduce ms (MB) "
+          "| verify / epoch |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in r["training"]:
         d = f"{row['d']:,.0f}" if "d" in row else "-"
         cd = f"{row['c/d']:.2f}" if "c/d" in row else "-"
         print(f"| {row['case']} | {row['a']:,.0f} | {row['b']:,.0f} | {row['c']:,.0f} | {d} | {row['c/b']:.2f} | {cd} "
+              f"| {row['step_ms_b']:.2f} / {row['step_ms_c']:.2f} | {row['allreduce_ms']:.2f} ({row['grad_mb']:.2f}) "
               f"| {row['verify_share_of_epoch']:.1%} |")  # fmt: skip
+    variants = [k for k in r["training"][0] if k.endswith(" / c")]
+    for v in variants:
+        print(f"{v}: " + ", ".join(f"{row['case']} {row[v]:.2f}" for row in r["training"] if v in row))
     print("\n| state | save s | raw s | raw/save | load s | load mmap s | sync stall s | async stall s | copy s "
           "| async stall/copy |")  # fmt: skip
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")

@@ -259,13 +259,25 @@ def test_disk_full_during_a_save_fails_every_rank_and_keeps_the_previous_checkpo
     validate(good)
     reference = tmp_path / "reference"
     ok(torchrun(2, *ARGS, "--steps", "8", "--checkpoint-every", "4", "--out", str(reference)))
-    assert torch.equal(model_state(tmp_path, 4)[0]["output.weight"], model_state(reference, 4)[0]["output.weight"])
+    kept, expected = model_state(tmp_path, 4), model_state(reference, 4)
+    assert all(torch.equal(kept[0][k], expected[0][k]) for k in expected[0])  # loads, bitwise equal
+
+
+def test_an_async_save_that_fails_mid_run_stops_every_rank_at_the_next_step(tmp_path):
+    args = [*ARGS, "--steps", "8", "--checkpoint-every", "4", "--async-save", "--log-every", "100"]
+    proc = torchrun(2, *args, "--out", str(tmp_path), extra_env={"DDP_FAULT": "enospc:rank=1:save=1"})
+    assert proc.returncode != 0
+    for r in (0, 1):
+        assert f"[rank {r}/2] error: checkpoint of step 4 failed, the previous ones are intact: rank 1: " in proc.output
+    assert "ENOSPC" in proc.output and not (tmp_path / "checkpoints" / "step-00000004").exists()
+    assert not (tmp_path / "mlp.params").exists()
 
 
 def test_kill_during_a_save_keeps_the_previous_checkpoint_and_cleans_up(tmp_path):
     args = [*ARGS, "--steps", "8", "--checkpoint-every", "4", "--out", str(tmp_path)]
     proc = torchrun(2, *args, extra_env={"DDP_FAULT": "kill-in-save:rank=0:save=6"})  # model.pt of step 8
     assert proc.returncode != 0
+    assert "rank      : 0 (local_rank: 0)" in proc.output and "exitcode  : -9" in proc.output
     folders = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert folders == [".tmp-step-00000008", "step-00000004"]
     before = sha256_tree(tmp_path / "checkpoints" / "step-00000004")
