@@ -46,6 +46,7 @@ MODELS = {
     "mlp (textbook, 20-256-10)": {"arch": "mlp"},
     "mlp wide (1024x1024)": {"arch": "mlp", "hidden": [1024, 1024]},
     "cnn (2 conv, 16x16)": {"arch": "cnn", "width": 32},
+    "cnn wide (64 channels)": {"arch": "cnn", "width": 64},
 }
 
 

@@ -108,7 +108,7 @@ class OptimConfig:
     grad_accum: int = 1
     """Micro-batches per optimizer step; gradients sync once per step (no_sync in between)."""
     precision: str = "fp32"
-    """fp32; bf16 or fp16 autocast (fp16 uses a GradScaler); fp64 runs the model in float64."""
+    """fp32; bf16 or fp16 autocast (fp16 with a GradScaler, on CPU too); fp64 runs the model in float64."""
 
     def __post_init__(self) -> None:
         _check(self.optimizer in ("sgd", "adamw"), "optimizer", "use sgd or adamw")

@@ -400,8 +400,6 @@ def check_settings(cfg: Config) -> None:
         raise ConfigError("--sync-bn needs CUDA GPUs and NCCL (PyTorch's SyncBatchNorm does not run on CPU)")
     if cfg.dist.static_graph and cfg.optim.grad_accum > 1:
         raise ConfigError("--static-graph cannot be combined with --grad-accum > 1 (DDP fails an internal assert)")
-    if cfg.optim.precision == "fp16" and backend != "nccl":
-        raise ConfigError("--precision fp16 needs a GPU; on CPU use --precision bf16")
     check_output_dir(cfg.run.out_dir)
 
 

@@ -100,9 +100,30 @@ def test_bf16_autocast_trains_on_cpu_and_verify_states_its_tolerance(tmp_path):
     assert "scaler" in train and train["config"]["optim"]["precision"] == "bf16"
 
 
-def test_fp16_on_cpu_is_refused_with_the_alternative(tmp_path):
-    proc = torchrun(1, "--precision", "fp16", "--out", str(tmp_path))
-    assert proc.returncode != 0 and "--precision fp16 needs a GPU; on CPU use --precision bf16" in proc.output
+def test_fp16_uses_a_grad_scaler_whose_state_resumes_exactly(tmp_path):
+    args = ["--samples", "512", "--batch-size", "16", "--steps", "10", "--precision", "fp16", "--log-every", "1"]
+    out = ok(torchrun(2, *args, "--out", str(tmp_path / "ref")))
+    assert "atol = 0.001 for fp16)" in out
+    ref_model, ref_train = model_state(tmp_path / "ref")
+    assert ref_train["scaler"]["scale"] > 0 and ref_train["scaler"]["growth_interval"] == 2000
+    crash = [*args, "--checkpoint-every", "4", "--no-async-save", "--out", str(tmp_path / "run")]
+    torchrun(2, *crash, extra_env={"DDP_FAULT": "raise:rank=0:step=6"})
+    ok(torchrun(2, *crash))
+    model, train = model_state(tmp_path / "run")
+    assert train["scaler"] == ref_train["scaler"] and all(torch.equal(model[k], ref_model[k]) for k in model)
+
+
+def test_sync_bn_converts_every_batchnorm(tmp_path):
+    from torch import nn
+
+    from ddp import dist
+    from ddp.train import Trainer
+
+    settings = {"batchnorm": True, "hidden": [8, 8]}
+    cfg = Config.from_dict({"model": settings, "run": {"sync_bn": True, "out": str(tmp_path)}, "data": {"samples": 64}})
+    with dist.process_group(cfg.dist) as world:
+        kinds = [type(m) for m in Trainer(cfg, world).model.modules()]
+    assert kinds.count(nn.SyncBatchNorm) == 2 and nn.BatchNorm1d not in kinds
 
 
 @pytest.mark.slow
@@ -116,7 +137,7 @@ def test_compile_saves_clean_keys_and_verifies(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 1, reason="needs CUDA")
-def test_fp16_with_grad_scaler_on_gpu_saves_scaler_state(tmp_path):
+def test_fp16_with_grad_scaler_on_gpu_saves_its_state(tmp_path):
     out = ok(torchrun(1, "--steps", "6", "--precision", "fp16", "--out", str(tmp_path)))
     assert "verify: 1/1" in out and "for fp16)" in out
     assert model_state(tmp_path)[1]["scaler"]["scale"] > 0
