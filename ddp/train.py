@@ -68,6 +68,15 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def local_model(cfg: Config, device: torch.device, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """This rank's model before DDP: built, lazy layers materialised, SyncBatchNorm if asked."""
+    model = build_model(cfg.model)
+    materialize(model, torch.zeros(2, *input_shape(cfg.model)))
+    if cfg.run.sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model.to(device, dtype=dtype)
+
+
 class Trainer:
     """Holds the model, data, optimizer and checkpointer of one rank."""
 
@@ -114,11 +123,7 @@ class Trainer:
     # ---- construction ----
 
     def _build_model(self) -> nn.Module:
-        model = build_model(self.cfg.model)
-        materialize(model, torch.zeros(2, *self.shape))
-        if self.cfg.run.sync_bn:
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        return model.to(self.device, dtype=self.dtype)
+        return local_model(self.cfg, self.device, self.dtype)
 
     def _wrap(self, model: nn.Module) -> nn.Module:
         if self.cfg.run.compile:
