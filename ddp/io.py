@@ -180,12 +180,8 @@ def load(
     if found == "safetensors":
         return load_safetensors(path, map_location)[0]
     try:
-        return torch.load(
-            path,
-            map_location=map_location,
-            weights_only=True,
-            mmap=mmap and found == "torch",
-        )
+        use_mmap = mmap and found == "torch"  # a legacy (non-zip) file cannot be mapped
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=use_mmap)
     except pickle.UnpicklingError as e:
         raise UnsafeCheckpointError(
             f"{path} holds objects the weights-only loader refuses ({_unpickler_reason(e)}). It may run code "
