@@ -87,7 +87,7 @@ class Trainer:
         self.shape = input_shape(cfg.model)
         self.dtype = torch.float64 if cfg.optim.precision == "fp64" else torch.float32
         seed_all(cfg.run.seed)  # same initial weights on every rank
-        self.model = self._build_model()
+        self.model = local_model(cfg, self.device, self.dtype)
         seed_all(cfg.run.seed + 1_000_003 * world.rank)  # dropout etc. differ per rank, reproducibly
         self.train_set, self.val_set = datasets(cfg.data, self.shape, cfg.model.out_features, cfg.run.seed)
         self.sampler = ResumableSampler(self.train_set, world.world_size, world.rank, cfg.run.seed)
@@ -115,15 +115,11 @@ class Trainer:
         self.signalled = False  # set by the SIGTERM handler only
         self.stop_requested = False  # set when any rank was signalled: all ranks agree
         self.last_loss = float("nan")  # mean over ranks, as of the last agreement
-        say = self._say
-        self.checkpointer = Checkpointer(self.out / "checkpoints", cfg.checkpoint, say)
+        self.checkpointer = Checkpointer(self.out / "checkpoints", cfg.checkpoint, self._say)
         self.metrics = MetricsWriter(self.out, world.is_main)
         self.last_save_time = time.monotonic()
 
     # ---- construction ----
-
-    def _build_model(self) -> nn.Module:
-        return local_model(self.cfg, self.device, self.dtype)
 
     def _wrap(self, model: nn.Module) -> nn.Module:
         if self.cfg.run.compile:
