@@ -41,7 +41,11 @@ from ddp.io import load  # noqa: E402
 from ddp.model import build_model  # noqa: E402
 from ddp.train import Trainer, export_and_verify  # noqa: E402
 
-C_VARIANTS = {"c static_graph": {"static_graph": True}, "c bucket 1 MiB": {"bucket_cap_mb": 1.0}}
+C_VARIANTS = {
+    "c static_graph": {"static_graph": True},
+    "c bucket 1 MiB": {"bucket_cap_mb": 1.0},
+    "c grads copied": {"gradient_as_bucket_view": False},
+}
 MODELS = {
     "mlp (textbook, 20-256-10)": {"arch": "mlp"},
     "mlp wide (1024x1024)": {"arch": "mlp", "hidden": [1024, 1024]},
@@ -100,68 +104,74 @@ def throughput_worker(cfg_dict: dict, steps: int, repeats: int, variants: list[s
     cfg = Config.from_dict(cfg_dict)
     world = dist.init(cfg.dist)
     try:
-        trainer = quiet(Trainer(cfg, world))
-        b = cfg.data.batch_size
-        k = cfg.optim.grad_accum
-        global_batch = b * world.world_size * k
-
-        # b: the same model on each rank, no communication at all
-        solo = build_model(cfg.model)
-        solo.load_state_dict(trainer.model.state_dict())
-        solo_opt = torch.optim.SGD(solo.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum)
-
-        theirs_sampler = DistributedSampler(trainer.train_set, shuffle=True, seed=0)
-        theirs_loader = DataLoader(trainer.train_set, batch_size=b, sampler=theirs_sampler)
-        theirs = [iter(theirs_loader), theirs_loader]
-        tutorial = DDP(build_model(cfg.model))
-        tutorial_opt = torch.optim.SGD(tutorial.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum)
-        shard = [iter(trainer.loader), trainer.loader]
-
-        def step_b():
-            solo_opt.zero_grad()
-            for _ in range(k):
-                x, y = next_batch(shard)
-                (F.cross_entropy(solo(x), y) / k).backward()
-            solo_opt.step()
-
-        step_c = trainer_step(trainer)
-
-        def step_d():
-            x, y = next_batch(theirs)
-            tutorial_opt.zero_grad()
-            F.cross_entropy(tutorial(x), y).backward()
-            tutorial_opt.step()
-
-        fns = {"b": step_b, "c": step_c, "d": step_d}
-        for v in variants:
-            if v.startswith("c ") and v in C_VARIANTS:  # the same trainer with one DDP setting changed
-                changed = json.loads(json.dumps(cfg_dict))
-                changed["dist"].update(C_VARIANTS[v])
-                fns[v] = trainer_step(quiet(Trainer(Config.from_dict(changed), world)))
-        results: dict[str, list[float]] = {v: [] for v in variants}
-        for rep in range(repeats):
-            for v in variants if rep % 2 == 0 else variants[::-1]:  # alternate the order: no drift bias
-                dist.barrier()
-                seconds = _timed(fns[v], steps, warmup=3)
-                slowest = max(dist.all_gather_objects(seconds))  # a step is as slow as the slowest rank
-                results[v].append(steps * global_batch / slowest)
-        # where the time goes: one all-reduce of the gradients alone, vs the step without sync
-        grads = torch.zeros(sum(p.numel() for p in trainer.model.parameters()))
-        allreduce_s = median([_timed(lambda: torch.distributed.all_reduce(grads), 20, 3) / 20 for _ in range(3)])
-        epoch_steps = trainer.steps_per_epoch
-        dist.barrier()
-        t0 = time.perf_counter()
-        for _ in range(epoch_steps):
-            step_c()
-        epoch_s = max(dist.all_gather_objects(time.perf_counter() - t0))
-        t0 = time.perf_counter()
-        export_and_verify(trainer)
-        verify_s = max(dist.all_gather_objects(time.perf_counter() - t0))
-        extra = {"epoch_s": epoch_s, "verify_s": verify_s, "allreduce_ms": 1000 * allreduce_s,
-                 "grad_mb": grads.nbytes / 2**20}  # fmt: skip
-        return {"samples_per_s": {v: median(r) for v, r in results.items()}, **extra}
+        result = _measure(cfg, cfg_dict, world, steps, repeats, variants)
+        dist.barrier()  # the trainers are freed by now: leave the group together
+        return result
     finally:
         dist.shutdown()
+
+
+def _measure(cfg: Config, cfg_dict: dict, world, steps: int, repeats: int, variants: list[str]) -> dict:
+    trainer = quiet(Trainer(cfg, world))
+    b = cfg.data.batch_size
+    k = cfg.optim.grad_accum
+    global_batch = b * world.world_size * k
+
+    # b: the same model on each rank, no communication at all
+    solo = build_model(cfg.model)
+    solo.load_state_dict(trainer.model.state_dict())
+    solo_opt = torch.optim.SGD(solo.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum)
+
+    theirs_sampler = DistributedSampler(trainer.train_set, shuffle=True, seed=0)
+    theirs_loader = DataLoader(trainer.train_set, batch_size=b, sampler=theirs_sampler)
+    theirs = [iter(theirs_loader), theirs_loader]
+    tutorial = DDP(build_model(cfg.model))
+    tutorial_opt = torch.optim.SGD(tutorial.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum)
+    shard = [iter(trainer.loader), trainer.loader]
+
+    def step_b():
+        solo_opt.zero_grad()
+        for _ in range(k):
+            x, y = next_batch(shard)
+            (F.cross_entropy(solo(x), y) / k).backward()
+        solo_opt.step()
+
+    step_c = trainer_step(trainer)
+
+    def step_d():
+        x, y = next_batch(theirs)
+        tutorial_opt.zero_grad()
+        F.cross_entropy(tutorial(x), y).backward()
+        tutorial_opt.step()
+
+    fns = {"b": step_b, "c": step_c, "d": step_d}
+    for v in variants:
+        if v.startswith("c ") and v in C_VARIANTS:  # the same trainer with one DDP setting changed
+            changed = json.loads(json.dumps(cfg_dict))
+            changed["dist"].update(C_VARIANTS[v])
+            fns[v] = trainer_step(quiet(Trainer(Config.from_dict(changed), world)))
+    results: dict[str, list[float]] = {v: [] for v in variants}
+    for rep in range(repeats):
+        for v in variants if rep % 2 == 0 else variants[::-1]:  # alternate the order: no drift bias
+            dist.barrier()
+            seconds = _timed(fns[v], steps, warmup=3)
+            slowest = max(dist.all_gather_objects(seconds))  # a step is as slow as the slowest rank
+            results[v].append(steps * global_batch / slowest)
+    # where the time goes: one all-reduce of the gradients alone, vs the step without sync
+    grads = torch.zeros(sum(p.numel() for p in trainer.model.parameters()))
+    allreduce_s = median([_timed(lambda: torch.distributed.all_reduce(grads), 20, 3) / 20 for _ in range(3)])
+    epoch_steps = trainer.steps_per_epoch
+    dist.barrier()
+    t0 = time.perf_counter()
+    for _ in range(epoch_steps):
+        step_c()
+    epoch_s = max(dist.all_gather_objects(time.perf_counter() - t0))
+    t0 = time.perf_counter()
+    export_and_verify(trainer)
+    verify_s = max(dist.all_gather_objects(time.perf_counter() - t0))
+    extra = {"epoch_s": epoch_s, "verify_s": verify_s, "allreduce_ms": 1000 * allreduce_s,
+             "grad_mb": grads.nbytes / 2**20}  # fmt: skip
+    return {"samples_per_s": {v: median(r) for v, r in results.items()}, **extra}
 
 
 def launch(fn, nproc: int, *args):

@@ -175,6 +175,8 @@ class DistConfig:
     """Verify tolerance; default 0 (bitwise) in fp32, looser for bf16/fp16 or mixed fleets."""
     bucket_cap_mb: float = 25.0
     """Size of DDP's gradient buckets in MiB; smaller buckets start all-reduces earlier."""
+    gradient_as_bucket_view: bool = True
+    """Let parameter gradients live in DDP's buckets: saves a copy and the memory of one."""
     static_graph: bool = False
     """Tell DDP the graph never changes (not with --grad-accum > 1, where DDP asserts)."""
 

@@ -129,7 +129,7 @@ class Trainer:
         return DDP(
             model,
             device_ids=ids,
-            gradient_as_bucket_view=True,  # the buckets double as .grad: no copy per step
+            gradient_as_bucket_view=d.gradient_as_bucket_view,
             bucket_cap_mb=d.bucket_cap_mb,
             static_graph=d.static_graph,
         )
