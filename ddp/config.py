@@ -138,8 +138,8 @@ class CheckpointConfig:
     """Complete checkpoints to keep; older ones are deleted after a newer one commits."""
     resume: str = "auto"
     """auto (newest complete checkpoint in --out), never, or a checkpoint folder."""
-    async_save: bool = True
-    """Snapshot to reused CPU buffers and write in a background thread (--no-async-save: write in the step)."""
+    async_save: bool = False
+    """Snapshot to reused CPU buffers and write in a background thread (pays off when the CPU is idle)."""
     format: str = "torch"
     """Format of the exported weights <out>/mlp.params: torch or safetensors."""
 
