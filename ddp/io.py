@@ -269,8 +269,6 @@ def load_model(model: nn.Module, path: str | os.PathLike, *, verbose: bool = Tru
     state = load(path, map_location=device)
     if not isinstance(state, dict):
         raise CheckpointFormatError(f"{path} holds a {type(state).__name__}, not a state_dict (a dict of tensors)")
-    if "model" in state and isinstance(state["model"], dict) and "optimizer" in state:
-        state = state["model"]  # a full training state: take its model part
     state, stripped = strip_prefixes(state)
     if stripped and verbose and dist.rank() == 0:
         print(

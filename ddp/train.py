@@ -20,12 +20,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import signal
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -59,10 +61,6 @@ class Progress:
 
 def seed_all(seed: int) -> None:
     """Seed Python, numpy and torch (CPU and every GPU)."""
-    import random
-
-    import numpy as np
-
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -372,9 +370,7 @@ def export_and_verify(trainer: Trainer) -> VerifyReport:
     probe = probe_batch(trainer.shape)
     reference = outputs(unwrap(trainer.ddp), probe, cfg.optim.precision)
     save_model(trainer.ddp, path, format=cfg.checkpoint.format)
-    fresh = build_model(cfg.model)
-    materialize(fresh, torch.zeros(2, *trainer.shape))
-    load_model(fresh.to(trainer.device, trainer.dtype), path)
+    fresh = load_model(local_model(cfg, trainer.device, trainer.dtype), path)
     faults.perturb_reloaded(world.rank, fresh)
     atol = cfg.dist.atol if cfg.dist.atol is not None else DEFAULT_ATOL[cfg.optim.precision]
     report = verify_identical_outputs(fresh, probe, reference=reference, atol=atol, precision=cfg.optim.precision)
