@@ -32,23 +32,30 @@ class MetricsWriter:
 
 
 class ProgressDisplay:
-    """A tqdm bar on a terminal; plain lines every ``log_every`` steps in CI and Slurm logs."""
+    """A tqdm bar per epoch on a terminal; plain lines every ``log_every`` steps in CI and Slurm logs."""
 
-    def __init__(self, total: int, start: int, log_every: int, prefix: str, enabled: bool) -> None:
+    def __init__(self, log_every: int, prefix: str, enabled: bool) -> None:
         self.log_every, self.prefix, self.enabled = log_every, prefix, enabled
+        self.terminal = enabled and sys.stderr.isatty()
         self.bar = None
-        if enabled and sys.stderr.isatty():
-            from tqdm import tqdm
 
-            size = shutil.get_terminal_size((100, 20))  # a pty of unknown size reports 0 x 0
-            self.bar = tqdm(total=total, initial=start, desc=prefix, unit="step", ncols=size.columns, nrows=size.lines)
+    def start_epoch(self, epoch: int, steps: int) -> None:
+        """A fresh bar for the ``steps`` optimizer steps this epoch will run."""
+        if not self.terminal:
+            return
+        from tqdm import tqdm
+
+        self.close()
+        size = shutil.get_terminal_size((100, 20))  # a pty of unknown size reports 0 x 0
+        desc = f"{self.prefix} epoch {epoch}"
+        self.bar = tqdm(total=steps, desc=desc, unit="step", ncols=size.columns, nrows=size.lines)
 
     def update(self, step: int, epoch: int, loss: float, samples_per_s: float, lr: float) -> None:
         """Advance by one optimizer step."""
         if not self.enabled:
             return
         if self.bar is not None:
-            self.bar.set_postfix(epoch=epoch, loss=f"{loss:.4f}", samples_s=f"{samples_per_s:,.0f}", refresh=False)
+            self.bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{samples_per_s:,.0f}", refresh=False)
             self.bar.update(1)
         elif step % self.log_every == 0:
             print(
@@ -69,6 +76,7 @@ class ProgressDisplay:
         """Finish the bar."""
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

@@ -222,13 +222,8 @@ class Trainer:
     def train(self) -> None:
         """Run until ``total_steps`` (or a SIGTERM), checkpointing on the way and at the end."""
         self.resume()
-        self.display = ProgressDisplay(
-            self.total_steps,
-            self.progress.step,
-            self.cfg.run.log_every,
-            self.world.prefix(),
-            self.world.is_main or self.cfg.run.log_all_ranks,
-        )
+        shown = self.world.is_main or self.cfg.run.log_all_ranks
+        self.display = ProgressDisplay(self.cfg.run.log_every, self.world.prefix(), shown)
         self.tick = (time.monotonic(), self.progress.step)
         try:
             while self.progress.step < self.total_steps and not self.stop_requested:
@@ -253,8 +248,10 @@ class Trainer:
         p = self.progress
         self.sampler.set_position(p.epoch, p.epoch_samples)
         left = steps_per_epoch(len(self.train_set), self.global_batch, p.epoch_samples)
+        steps = min(left, self.total_steps - p.step)
+        self.display.start_epoch(p.epoch, steps)
         batches = iter(self.loader)
-        for _ in range(min(left, self.total_steps - p.step)):
+        for _ in range(steps):
             micro = [next(batches) for _ in range(self.cfg.optim.grad_accum)]
             loss = self._run_step(micro)
             p.step += 1

@@ -152,9 +152,11 @@ def test_log_all_ranks_lets_every_rank_print(tmp_path):
 def test_progress_bar_on_a_terminal(tmp_path):
     if not shutil.which("script"):
         pytest.skip("needs util-linux script for a pseudo-terminal")
-    cmd = f"{sys.executable} -m ddp train --samples 512 --steps 6 --out {tmp_path}"
+    # 461 training samples, global batch 64: 7 steps per epoch, so 10 steps span two epochs
+    cmd = f"{sys.executable} -m ddp train --samples 512 --steps 10 --out {tmp_path}"
     out = ok(run(["script", "-qec", cmd, "/dev/null"]))
-    assert "6/6" in out and "step/s" in out and "loss=" in out
+    assert "epoch 0: 100%" in out and "7/7" in out and "epoch 1: 100%" in out and "3/3" in out
+    assert "step/s" in out and "loss=" in out
 
 
 def test_toml_config_with_command_line_overrides(tmp_path):
