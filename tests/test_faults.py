@@ -273,11 +273,18 @@ def test_an_async_save_that_fails_mid_run_stops_every_rank_at_the_next_step(tmp_
     assert not (tmp_path / "mlp.params").exists()
 
 
-def test_kill_during_a_save_keeps_the_previous_checkpoint_and_cleans_up(tmp_path):
+# Per checkpoint, rank 0 writes its rank file, model.pt, train.pt, then the manifest; rank 1
+# writes its rank file. The Nth write of a rank is killed: points inside checkpoint 8.
+@pytest.mark.parametrize(
+    ("rank", "write"),
+    [(0, 5), (0, 6), (0, 8), (1, 2)],
+    ids=["rank0-own-file", "rank0-model", "rank0-manifest", "rank1-own-file"],
+)
+def test_kill_during_a_save_keeps_the_previous_checkpoint_and_cleans_up(tmp_path, rank, write):
     args = [*ARGS, "--steps", "8", "--checkpoint-every", "4", "--out", str(tmp_path)]
-    proc = torchrun(2, *args, extra_env={"DDP_FAULT": "kill-in-save:rank=0:save=6"})  # model.pt of step 8
+    proc = torchrun(2, *args, extra_env={"DDP_FAULT": f"kill-in-save:rank={rank}:save={write}"})
     assert proc.returncode != 0
-    assert "rank      : 0 (local_rank: 0)" in proc.output and "exitcode  : -9" in proc.output
+    assert f"rank      : {rank} (local_rank: {rank})" in proc.output and "exitcode  : -9" in proc.output
     folders = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert folders == [".tmp-step-00000008", "step-00000004"]
     before = sha256_tree(tmp_path / "checkpoints" / "step-00000004")
