@@ -107,9 +107,12 @@ def _device_id(world: World) -> torch.device | None:
 
 def shutdown() -> None:
     """Leave the process group, if one was joined."""
+    # DDP models sit in reference cycles: free dead ones now, while the interpreter is
+    # whole; freed at interpreter exit, gloo's threads can abort the process.
+    gc.collect()
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-    gc.collect()  # free process groups still referenced by dead objects now, not at interpreter exit
+    gc.collect()
 
 
 @contextlib.contextmanager

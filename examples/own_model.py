@@ -7,6 +7,7 @@ After training, rank 0 saves the weights, every rank reloads them, and all must 
 """
 
 import argparse
+import gc
 import os
 from datetime import timedelta
 
@@ -80,8 +81,9 @@ def main() -> None:
     dist.init_process_group(backend, timeout=timedelta(minutes=5))  # never the 30-minute default
     try:
         train_and_verify(args, device)
-        # Free DDP before leaving the group, and leave together: gloo can abort a rank
-        # whose model (and so its reducer) outlives destroy_process_group.
+        # DDP sits in reference cycles: collect it now, while the group is alive, and leave
+        # together. Freed at interpreter exit instead, gloo can abort the process.
+        gc.collect()
         dist.barrier()
     finally:
         dist.destroy_process_group()
