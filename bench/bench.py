@@ -1,16 +1,21 @@
 """Benchmarks: training throughput and checkpoint speed, measured side by side.
 
-    make bench                   # full run, about 5 minutes on 2 cores; writes bench/results.json
+    make bench                   # full run, about 8 minutes on 2 cores; writes bench/results.json
     python bench/bench.py --quick  # a smoke run with tiny sizes (the test suite runs this)
-
-Every figure is the median of 5 repeats (3 for checkpoints), and every ratio compares numbers taken
-in the same run, interleaved where possible: these machines are noisy.
+    python bench/bench.py --only cnn --no-checkpoints  # some training cases only
 
 Training (samples/s, same model, data and global batch):
   a  one process using every core
   b  N ranks, each training its shard with no gradient sync (the ideal for DDP here)
   c  N ranks with DDP as ddp.train runs it (Trainer._run_step and _after_step)
-  d  the plain tutorial loop: DataLoader + DistributedSampler, DDP defaults
+  d  the plain tutorial loop: DataLoader + DistributedSampler, DDP and the model as they come
+  c ... the same trainer with one setting changed; "c again" is c itself: the noise floor
+
+These machines are noisy (steps of a few ms stall for ~4 ms now and then), so b, c, d and
+the c variants run in the same processes as blocks of about --block-s seconds, in alternating
+order, --repeats times; a ratio such as c/d is taken within each repeat and the median over
+repeats is reported with its quartiles. Checkpoint figures are medians of 3 (the lost-time
+window of 5).
 """
 
 from __future__ import annotations
@@ -39,18 +44,22 @@ from ddp.checkpoint import Checkpointer, stage  # noqa: E402
 from ddp.config import CheckpointConfig, Config  # noqa: E402
 from ddp.io import load  # noqa: E402
 from ddp.model import build_model  # noqa: E402
-from ddp.train import Trainer, export_and_verify  # noqa: E402
+from ddp.train import Trainer, export_and_verify, local_model  # noqa: E402
 
+# c with one setting changed (section, field, value); "c again" is c itself, the noise floor
 C_VARIANTS = {
-    "c static_graph": {"static_graph": True},
-    "c bucket 1 MiB": {"bucket_cap_mb": 1.0},
-    "c grads copied": {"gradient_as_bucket_view": False},
+    "c static_graph": ("dist", "static_graph", True),
+    "c bucket 1 MiB": ("dist", "bucket_cap_mb", 1.0),
+    "c grads copied": ("dist", "gradient_as_bucket_view", False),
+    "c contiguous": ("run", "memory_format", "contiguous"),
+    "c again": None,
 }
 MODELS = {
     "mlp (textbook, 20-256-10)": {"arch": "mlp"},
     "mlp wide (1024x1024)": {"arch": "mlp", "hidden": [1024, 1024]},
     "cnn (2 conv, 16x16)": {"arch": "cnn", "width": 32},
     "cnn wide (64 channels)": {"arch": "cnn", "width": 64},
+    "cnn wider (128 channels)": {"arch": "cnn", "width": 128},
 }
 
 
@@ -98,36 +107,43 @@ def trainer_step(t: Trainer):
     return step
 
 
-def throughput_worker(cfg_dict: dict, steps: int, repeats: int, variants: list[str]) -> dict:
+def throughput_worker(cfg_dict: dict, block_s: float, repeats: int, variants: list[str]) -> dict:
     """On each rank: samples/s of variants b, c, d (and c options), interleaved per repeat."""
     torch.set_num_threads(1)
     cfg = Config.from_dict(cfg_dict)
     world = dist.init(cfg.dist)
     try:
-        result = _measure(cfg, cfg_dict, world, steps, repeats, variants)
+        result = _measure(cfg, cfg_dict, world, block_s, repeats, variants)
         dist.barrier()  # the trainers are freed by now: leave the group together
         return result
     finally:
         dist.shutdown()
 
 
-def _measure(cfg: Config, cfg_dict: dict, world, steps: int, repeats: int, variants: list[str]) -> dict:
-    trainer = quiet(Trainer(cfg, world))
-    b = cfg.data.batch_size
-    k = cfg.optim.grad_accum
-    global_batch = b * world.world_size * k
+def variant_config(cfg_dict: dict, variant: str) -> Config:
+    """c's settings with the one change ``variant`` names."""
+    changed = json.loads(json.dumps(cfg_dict))
+    if C_VARIANTS[variant]:
+        section, name, value = C_VARIANTS[variant]
+        changed.setdefault(section, {})[name] = value
+    return Config.from_dict(changed)
 
-    # b: the same model on each rank, no communication at all
-    solo = build_model(cfg.model)
+
+def step_functions(cfg: Config, cfg_dict: dict, world, variants: list[str]) -> tuple[dict, Trainer]:
+    """One optimizer step of each variant, closures over their own model, optimizer and data."""
+    trainer = quiet(Trainer(cfg, world))
+    k = cfg.optim.grad_accum
+    # b: this project's model (same layout as c) on each rank, no communication at all
+    solo = local_model(cfg, torch.device("cpu"))
     solo.load_state_dict(trainer.model.state_dict())
     solo_opt = torch.optim.SGD(solo.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum)
-
-    theirs_sampler = DistributedSampler(trainer.train_set, shuffle=True, seed=0)
-    theirs_loader = DataLoader(trainer.train_set, batch_size=b, sampler=theirs_sampler)
+    shard = [iter(trainer.loader), trainer.loader]
+    # d: the tutorial, as written there: per-sample DataLoader, DDP and the model as they come
+    theirs_loader = DataLoader(trainer.train_set, batch_size=cfg.data.batch_size,
+                               sampler=DistributedSampler(trainer.train_set, shuffle=True, seed=0))  # fmt: skip
     theirs = [iter(theirs_loader), theirs_loader]
     tutorial = DDP(build_model(cfg.model))
     tutorial_opt = torch.optim.SGD(tutorial.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum)
-    shard = [iter(trainer.loader), trainer.loader]
 
     def step_b():
         solo_opt.zero_grad()
@@ -136,20 +152,26 @@ def _measure(cfg: Config, cfg_dict: dict, world, steps: int, repeats: int, varia
             (F.cross_entropy(solo(x), y) / k).backward()
         solo_opt.step()
 
-    step_c = trainer_step(trainer)
-
     def step_d():
         x, y = next_batch(theirs)
         tutorial_opt.zero_grad()
         F.cross_entropy(tutorial(x), y).backward()
         tutorial_opt.step()
 
-    fns = {"b": step_b, "c": step_c, "d": step_d}
+    fns = {"b": step_b, "c": trainer_step(trainer), "d": step_d}
     for v in variants:
-        if v.startswith("c ") and v in C_VARIANTS:  # the same trainer with one DDP setting changed
-            changed = json.loads(json.dumps(cfg_dict))
-            changed["dist"].update(C_VARIANTS[v])
-            fns[v] = trainer_step(quiet(Trainer(Config.from_dict(changed), world)))
+        if v in C_VARIANTS:  # the same trainer with one setting changed
+            fns[v] = trainer_step(quiet(Trainer(variant_config(cfg_dict, v), world)))
+    return fns, trainer
+
+
+def _measure(cfg: Config, cfg_dict: dict, world, block_s: float, repeats: int, variants: list[str]) -> dict:
+    fns, trainer = step_functions(cfg, cfg_dict, world, variants)
+    global_batch = cfg.data.batch_size * world.world_size * cfg.optim.grad_accum
+    # a block of every variant lasts about block_s: long enough to average the host's
+    # millisecond stalls, short enough to interleave many blocks; all ranks run the same count
+    per_step = max(dist.all_gather_objects(_timed(fns["c"], 5, warmup=3) / 5))
+    steps = max(5, round(block_s / per_step))
     results: dict[str, list[float]] = {v: [] for v in variants}
     for rep in range(repeats):
         for v in variants if rep % 2 == 0 else variants[::-1]:  # alternate the order: no drift bias
@@ -157,21 +179,24 @@ def _measure(cfg: Config, cfg_dict: dict, world, steps: int, repeats: int, varia
             seconds = _timed(fns[v], steps, warmup=3)
             slowest = max(dist.all_gather_objects(seconds))  # a step is as slow as the slowest rank
             results[v].append(steps * global_batch / slowest)
-    # where the time goes: one all-reduce of the gradients alone, vs the step without sync
+    return {"samples_per_s": {v: median(r) for v, r in results.items()}, "raw": results, "steps_per_block": steps,
+            **where_time_goes(trainer, fns["c"])}  # fmt: skip
+
+
+def where_time_goes(trainer: Trainer, step_c) -> dict:
+    """One bare all-reduce of the gradients; an epoch of c; reload-and-verify."""
     grads = torch.zeros(sum(p.numel() for p in trainer.model.parameters()))
     allreduce_s = median([_timed(lambda: torch.distributed.all_reduce(grads), 20, 3) / 20 for _ in range(3)])
-    epoch_steps = trainer.steps_per_epoch
     dist.barrier()
     t0 = time.perf_counter()
-    for _ in range(epoch_steps):
+    for _ in range(trainer.steps_per_epoch):
         step_c()
     epoch_s = max(dist.all_gather_objects(time.perf_counter() - t0))
     t0 = time.perf_counter()
     export_and_verify(trainer)
     verify_s = max(dist.all_gather_objects(time.perf_counter() - t0))
-    extra = {"epoch_s": epoch_s, "verify_s": verify_s, "allreduce_ms": 1000 * allreduce_s,
-             "grad_mb": grads.nbytes / 2**20}  # fmt: skip
-    return {"samples_per_s": {v: median(r) for v, r in results.items()}, **extra}
+    grad_mb = grads.nbytes / 2**20
+    return {"epoch_s": epoch_s, "verify_s": verify_s, "allreduce_ms": 1000 * allreduce_s, "grad_mb": grad_mb}
 
 
 def launch(fn, nproc: int, *args):
@@ -185,7 +210,7 @@ def launch(fn, nproc: int, *args):
     return elastic_launch(config, fn)(*args)[0]
 
 
-def one_process(cfg_dict: dict, steps: int, repeats: int) -> float:
+def one_process(cfg_dict: dict, block_s: float, repeats: int) -> float:
     """a: a world of one, every core, batch = the global batch."""
     torch.set_num_threads(os.cpu_count() or 1)
     cfg = Config.from_dict(cfg_dict)
@@ -193,51 +218,64 @@ def one_process(cfg_dict: dict, steps: int, repeats: int) -> float:
     try:
         step = trainer_step(quiet(Trainer(cfg, world)))
         gb = cfg.data.batch_size * cfg.optim.grad_accum
+        steps = max(5, round(block_s / (_timed(step, 5, warmup=3) / 5)))
         return median([steps * gb / _timed(step, steps, 3) for _ in range(repeats)])
     finally:
         dist.shutdown()
 
 
+def paired(raw: dict[str, list[float]], num: str, den: str) -> dict:
+    """The ratio num/den per repeat (taken side by side): median and quartiles."""
+    ratios = [n / d for n, d in zip(raw[num], raw[den], strict=True)]
+    q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+    return {"median": median(ratios), "q1": q1, "q3": q3}
+
+
+def training_cases() -> list[tuple[str, dict, dict]]:
+    wide = MODELS["mlp wide (1024x1024)"]
+    return [*((name, spec, {}) for name, spec in MODELS.items()),
+            ("mlp wide, --grad-accum 4", wide, {"grad_accum": 4}),
+            ("mlp wide, --precision bf16", wide, {"precision": "bf16"})]  # fmt: skip
+
+
 def training_table(args, out: Path) -> list[dict]:
     rows = []
-    nproc = args.nproc
-    cases = [(name, spec, {}) for name, spec in MODELS.items()]
-    cases += [
-        ("mlp wide, --grad-accum 4", MODELS["mlp wide (1024x1024)"], {"grad_accum": 4}),
-        ("mlp wide, --precision bf16", MODELS["mlp wide (1024x1024)"], {"precision": "bf16"}),
-    ]
-    for name, spec, optim in cases:
+    for name, spec, optim in training_cases():
         if args.only not in name:
             continue
-        per_rank = args.batch
         cfg = {
             "model": spec,
-            "data": {"samples": args.samples, "batch_size": per_rank},
+            "data": {"samples": args.samples, "batch_size": args.batch},
             "optim": {"schedule": "constant", **optim},
             "checkpoint": {"resume": "never"},
             "run": {"steps": 10**9, "out": str(out / "train")},
             "dist": {"backend": "gloo"},
         }
-        variants = ["b", "c", "d"] if not optim else ["b", "c"]
-        if not optim:
-            variants += list(C_VARIANTS)
-        res = launch(throughput_worker, nproc, cfg, args.steps, args.repeats, variants)
-        one = dict(cfg, data={"samples": args.samples, "batch_size": per_rank * nproc})
-        a = one_process(one, args.steps, args.repeats)
-        s = res["samples_per_s"]
-        global_batch = per_rank * nproc * optim.get("grad_accum", 1)
-        row = {"case": name, "a": a, **s, "c/b": s["c"] / s["b"], "c/a": s["c"] / a,
+        variants = ["b", "c"]
+        if not optim:  # the tutorial and the settings tried, on the plain cases
+            variants += ["d", *(v for v in C_VARIANTS if v != "c contiguous" or spec.get("arch") == "cnn")]
+        res = launch(throughput_worker, args.nproc, cfg, args.block_s, args.repeats, variants)
+        one = dict(cfg, data={"samples": args.samples, "batch_size": args.batch * args.nproc})
+        a = one_process(one, args.block_s, args.repeats)
+        s, raw = res["samples_per_s"], res["raw"]
+        global_batch = args.batch * args.nproc * optim.get("grad_accum", 1)
+        row = {"case": name, "a": a, **s, "c/b": paired(raw, "c", "b"), "c/a": s["c"] / a,
                "verify_share_of_epoch": res["verify_s"] / res["epoch_s"],
                "step_ms_b": 1000 * global_batch / s["b"], "step_ms_c": 1000 * global_batch / s["c"],
-               "allreduce_ms": res["allreduce_ms"], "grad_mb": res["grad_mb"]}  # fmt: skip
+               "allreduce_ms": res["allreduce_ms"], "grad_mb": res["grad_mb"],
+               "steps_per_block": res["steps_per_block"], "repeats": args.repeats}  # fmt: skip
         if "d" in s:
-            row["c/d"] = s["c"] / s["d"]
+            row["c/d"] = paired(raw, "c", "d")
         for v in C_VARIANTS:
             if v in s:
-                row[f"{v} / c"] = s[v] / s["c"]
+                row[f"{v} / c"] = paired(raw, v, "c")
         rows.append(row)
-        print(f"  {name}: " + ", ".join(f"{k}={v:,.3g}" for k, v in row.items() if k != "case"), flush=True)
+        print(f"  {name}: " + ", ".join(f"{k}={_short(v)}" for k, v in row.items() if k != "case"), flush=True)
     return rows
+
+
+def _short(v) -> str:
+    return f"{v['median']:.3g} [{v['q1']:.3g}-{v['q3']:.3g}]" if isinstance(v, dict) else f"{v:,.3g}"
 
 
 # ---- checkpoints ---------------------------------------------------------------------
@@ -393,11 +431,13 @@ def main() -> None:
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--output", default=str(ROOT / "bench" / "results.json"))
     p.add_argument("--only", default="", help="run only the training cases whose name contains this")
-    p.add_argument("--steps", type=int, help="timed steps per repeat (default 60, quick 5)")
+    p.add_argument("--block-s", type=float, help="seconds per timed block of steps (default 0.5, quick 0.02)")
+    p.add_argument("--repeats", type=int, help="interleaved blocks per variant (default 11, quick 1)")
     p.add_argument("--no-checkpoints", action="store_true", help="skip the checkpoint benchmarks")
     args = p.parse_args()
     q = args.quick
-    args.steps, args.repeats, args.ckpt_repeats = (args.steps or (5 if q else 60)), (1 if q else 5), (1 if q else 3)
+    args.block_s, args.repeats = args.block_s or (0.02 if q else 0.5), args.repeats or (1 if q else 11)
+    args.ckpt_repeats = 1 if q else 3
     args.window_repeats = 1 if q else 5
     args.batch, args.samples = (16, 512) if q else (64, 8192)
     args.sizes = [2, 4, 8] if q else [64, 128, 256]
@@ -420,20 +460,27 @@ def main() -> None:
     print(f"wrote {args.output}")
 
 
+def _ratio(v: dict) -> str:
+    return f"{v['median']:.2f} ({v['q1']:.2f}–{v['q3']:.2f})"
+
+
 def print_tables(r: dict) -> None:
     print(f"\nmachine: {r['machine']}")
+    print("ratios: median over repeats of the ratio within each repeat (quartiles in brackets)")
     print("| case | a: 1 proc | b: no sync | c: ddp | d: tutorial | c/b | c/d | step ms b / c | all-reduce ms (MB) "
           "| verify / epoch |")  # fmt: skip
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in r["training"]:
         d = f"{row['d']:,.0f}" if "d" in row else "-"
-        cd = f"{row['c/d']:.2f}" if "c/d" in row else "-"
-        print(f"| {row['case']} | {row['a']:,.0f} | {row['b']:,.0f} | {row['c']:,.0f} | {d} | {row['c/b']:.2f} | {cd} "
-              f"| {row['step_ms_b']:.2f} / {row['step_ms_c']:.2f} | {row['allreduce_ms']:.2f} ({row['grad_mb']:.2f}) "
-              f"| {row['verify_share_of_epoch']:.1%} |")  # fmt: skip
-    variants = [k for k in r["training"][0] if k.endswith(" / c")]
-    for v in variants:
-        print(f"{v}: " + ", ".join(f"{row['case']} {row[v]:.2f}" for row in r["training"] if v in row))
+        cd = _ratio(row["c/d"]) if "c/d" in row else "-"
+        print(f"| {row['case']} | {row['a']:,.0f} | {row['b']:,.0f} | {row['c']:,.0f} | {d} | {_ratio(row['c/b'])} "
+              f"| {cd} | {row['step_ms_b']:.2f} / {row['step_ms_c']:.2f} "
+              f"| {row['allreduce_ms']:.2f} ({row['grad_mb']:.2f}) | {row['verify_share_of_epoch']:.1%} |")  # fmt: skip
+    print("\n| setting vs c | " + " | ".join(row["case"] for row in r["training"] if "c/d" in row) + " |")
+    print("|---|" + "---:|" * sum("c/d" in row for row in r["training"]))
+    for v in C_VARIANTS:
+        cells = [_ratio(row[f"{v} / c"]) if f"{v} / c" in row else "-" for row in r["training"] if "c/d" in row]
+        print(f"| {v} | " + " | ".join(cells) + " |")
     print("\n| state | save s | raw s | raw/save | load s | load mmap s | sync stall s | async stall s | copy s "
           "| async stall/copy |")  # fmt: skip
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")

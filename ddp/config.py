@@ -28,6 +28,7 @@ def _check(ok: bool, name: str, message: str) -> None:
 
 
 PRECISIONS = ("fp32", "bf16", "fp16", "fp64")
+MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
 
 
 @dataclass
@@ -173,15 +174,15 @@ class DistConfig:
     """Seconds a collective waits for a missing rank before the job fails (PyTorch: 30 min)."""
     atol: float | None = None
     """Verify tolerance; default 0 (bitwise) in fp32, looser for bf16/fp16 or mixed fleets."""
-    bucket_cap_mb: float = 25.0
-    """Size of DDP's gradient buckets in MiB; smaller buckets start all-reduces earlier."""
+    bucket_cap_mb: float | None = None
+    """Size of DDP's gradient buckets in MiB (default DDP's: 25, the first 1); smaller start all-reduces earlier."""
     gradient_as_bucket_view: bool = True
     """Let parameter gradients live in DDP's buckets: saves a copy and the memory of one."""
     static_graph: bool = False
     """Tell DDP the graph never changes (not with --grad-accum > 1, where DDP asserts)."""
 
     def __post_init__(self) -> None:
-        _check(self.bucket_cap_mb > 0, "bucket_cap_mb", "must be positive")
+        _check(self.bucket_cap_mb is None or self.bucket_cap_mb > 0, "bucket_cap_mb", "must be positive")
         _check(
             self.backend in ("auto", "nccl", "gloo"),
             "backend",
@@ -215,8 +216,15 @@ class RunConfig:
     """torch.compile the model before DDP wraps it."""
     sync_bn: bool = False
     """Convert BatchNorm layers to SyncBatchNorm (needs CUDA)."""
+    memory_format: str = "auto"
+    """Layout of conv weights and activations: auto (channels_last for the cnn), channels_last or contiguous."""
 
     def __post_init__(self) -> None:
+        _check(
+            self.memory_format in MEMORY_FORMATS,
+            "memory_format",
+            f"unknown {self.memory_format!r}; use {', '.join(MEMORY_FORMATS)}",
+        )
         _check(self.epochs > 0, "epochs", f"must be positive, got {self.epochs}")
         _check(
             self.steps is None or self.steps > 0,
@@ -242,7 +250,7 @@ SECTIONS = {
 
 # Settings whose change on resume makes the result differ from an uninterrupted run.
 EXACTNESS = {
-    "run": ("seed", "steps", "epochs", "deterministic"),
+    "run": ("seed", "steps", "epochs", "deterministic", "memory_format"),
     "model": (
         "arch",
         "in_features",

@@ -67,12 +67,27 @@ def seed_all(seed: int) -> None:
 
 
 def local_model(cfg: Config, device: torch.device, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """This rank's model before DDP: built, lazy layers materialised, SyncBatchNorm if asked."""
+    """This rank's model before DDP: built, lazy layers materialised, SyncBatchNorm if asked,
+    in the memory format ``--memory-format`` resolves to."""
     model = build_model(cfg.model)
     materialize(model, torch.zeros(2, *input_shape(cfg.model)))
     if cfg.run.sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    return model.to(device, dtype=dtype)
+    return model.to(device, dtype=dtype, memory_format=memory_format(cfg))
+
+
+def memory_format(cfg: Config) -> torch.memory_format:
+    """channels_last for convnets under ``auto``.
+
+    A conv whose weight is channels_last runs channels_last (oneDNN on CPU, cuDNN on
+    GPU), inputs included, and carries the layout on to the next layer: 1.3-1.7x faster
+    per step for the cnn on CPU (bench/bench.py, variant "c contiguous"). It changes
+    float rounding, not the weights' values, so it is an exactness setting.
+    """
+    fmt = cfg.run.memory_format
+    if fmt == "auto":
+        fmt = "channels_last" if cfg.model.arch == "cnn" else "contiguous"
+    return torch.channels_last if fmt == "channels_last" else torch.contiguous_format
 
 
 class Trainer:

@@ -86,3 +86,33 @@ def test_lazy_modules_are_materialised_before_ddp_wraps_them(tmp_path):
         wrapped = nn.parallel.DistributedDataParallel(model)
         wrapped(torch.randn(3, 7)).sum().backward()
         assert model[0].weight.grad is not None
+
+
+def test_memory_format_auto_is_channels_last_for_the_cnn_only():
+    from ddp.train import local_model
+
+    def conv_weight(arch: str, fmt: str) -> torch.Tensor:  # the second conv's (the first has 1 input channel)
+        cfg = Config.from_dict({"model": {"arch": arch}, "run": {"memory_format": fmt}})
+        weights = local_model(cfg, torch.device("cpu")).state_dict()
+        return weights["features.3.weight" if arch == "cnn" else "hidden.0.weight"]
+
+    assert conv_weight("cnn", "auto").is_contiguous(memory_format=torch.channels_last)
+    assert not conv_weight("cnn", "auto").is_contiguous()
+    assert conv_weight("cnn", "contiguous").is_contiguous()
+    assert conv_weight("mlp", "auto").is_contiguous()
+    assert conv_weight("mlp", "channels_last").is_contiguous()  # 2-D weights have no channels_last layout
+
+
+def test_cnn_exports_weights_a_plain_model_loads_with_the_same_outputs(tmp_path):
+    from ddp.model import build_model
+    from ddp.train import local_model
+
+    out = ok(torchrun(2, "--arch", "cnn", "--width", "8", *SMALL, "--steps", "4", "--out", str(tmp_path)))
+    assert "outputs identical (max |Δ| = 0" in out
+    cfg = Config.from_dict({"model": {"arch": "cnn", "width": 8}})
+    state = torch.load(tmp_path / "mlp.params", weights_only=True)
+    plain, fast = build_model(cfg.model), local_model(cfg, torch.device("cpu"))
+    plain.load_state_dict(state), fast.load_state_dict(state)
+    x = torch.randn(16, 1, 16, 16)
+    # the layout changes float rounding only: the same weights, outputs equal to rounding
+    torch.testing.assert_close(plain(x), fast(x), rtol=1e-5, atol=1e-5)

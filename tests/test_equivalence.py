@@ -146,3 +146,12 @@ def test_sync_bn_on_gpu_verifies(tmp_path):
     n = min(torch.cuda.device_count(), 2)
     out = ok(torchrun(n, "--steps", "6", "--batchnorm", "--sync-bn", "--out", str(tmp_path)))
     assert f"verify: {n}/{n}" in out
+
+
+def test_cnn_in_channels_last_on_2_ranks_equals_one_process(tmp_path):
+    cnn = [*DATA, "--arch", "cnn", "--width", "4", "--memory-format", "channels_last"]
+    ok(torchrun(2, *cnn, "--batch-size", "16", "--out", str(tmp_path / "ddp")))
+    ok(torchrun(1, *cnn, "--batch-size", "32", "--out", str(tmp_path / "one")))
+    (ddp_model, _), (one_model, _) = model_state(tmp_path / "ddp"), model_state(tmp_path / "one")
+    assert ddp_model["features.0.weight"].is_contiguous(memory_format=torch.channels_last)
+    assert max_diff(ddp_model, one_model) < 1e-10

@@ -210,6 +210,7 @@ def test_wrapped_state_dicts_load_with_one_line_naming_the_prefix(tmp_path, caps
         (["--keep-last", "1"], "--keep-last: must be >= 2, got 1: the newest checkpoint may still be being written"),
         (["--backend", "mpi"], "--backend: unknown 'mpi'; use auto, nccl or gloo"),
         (["--grad-accum", "0"], "--grad-accum: must be >= 1"),
+        (["--memory-format", "nhwc"], "--memory-format: unknown 'nhwc'; use auto, channels_last, contiguous"),
     ],
 )
 def test_bad_settings_are_usage_errors_before_any_process_group(tmp_path, args, message):
