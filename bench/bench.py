@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 from ddp import dist  # noqa: E402
 from ddp.checkpoint import Checkpointer, stage  # noqa: E402
 from ddp.config import CheckpointConfig, Config  # noqa: E402
+from ddp.data import make_loader  # noqa: E402
 from ddp.io import load  # noqa: E402
 from ddp.model import build_model  # noqa: E402
 from ddp.train import Trainer, export_and_verify, local_model  # noqa: E402
@@ -256,7 +257,7 @@ def training_table(args, out: Path) -> list[dict]:
             variants += ["d", *(v for v in C_VARIANTS if v != "c contiguous" or spec.get("arch") == "cnn")]
         res = launch(throughput_worker, args.nproc, cfg, args.block_s, args.repeats, variants)
         one = dict(cfg, data={"samples": args.samples, "batch_size": args.batch * args.nproc})
-        a = one_process(one, args.block_s, args.repeats)
+        a = one_process(one, args.block_s, args.side_repeats)
         s, raw = res["samples_per_s"], res["raw"]
         global_batch = args.batch * args.nproc * optim.get("grad_accum", 1)
         row = {"case": name, "a": a, **s, "c/b": paired(raw, "c", "b"), "c/a": s["c"] / a,
@@ -276,6 +277,52 @@ def training_table(args, out: Path) -> list[dict]:
 
 def _short(v) -> str:
     return f"{v['median']:.3g} [{v['q1']:.3g}-{v['q3']:.3g}]" if isinstance(v, dict) else f"{v:,.3g}"
+
+
+# ---- the input pipeline: DataLoader workers and pinned memory -----------------------
+
+TUTORIAL_LOADER = ("tutorial", False)
+
+
+def loader_table(args, out: Path) -> list[dict]:
+    """Samples/s of c's step on this host's device (a world of one) per loader setting.
+
+    Pinned memory only exists with CUDA; on a CPU host the table is about workers alone.
+    """
+    world = dist.init(Config().dist)
+    rows = []
+    try:
+        pins = (False, True) if world.device.type == "cuda" else (False,)
+        settings = [(w, pin) for w in args.loader_workers for pin in pins] + [TUTORIAL_LOADER]
+        default = (0, world.device.type == "cuda")
+        for name in ("mlp (textbook, 20-256-10)", "cnn (2 conv, 16x16)"):
+            cfg = Config.from_dict({"model": MODELS[name], "data": {"samples": args.samples, "batch_size": args.batch},
+                                    "optim": {"schedule": "constant"}, "checkpoint": {"resume": "never"},
+                                    "run": {"steps": 10**9, "out": str(out / "loader")}})  # fmt: skip
+            steps = {}
+            for workers, pin in settings:
+                t = quiet(Trainer(cfg, world))
+                if (workers, pin) == TUTORIAL_LOADER:  # d's loader: one sample at a time, then collate
+                    t.loader = DataLoader(t.train_set, batch_size=args.batch, sampler=DistributedSampler(t.train_set))
+                else:
+                    t.loader = make_loader(t.train_set, t.sampler, args.batch, workers, pin, cfg.run.seed)
+                steps[(workers, pin)] = trainer_step(t)
+            per_step = _timed(steps[default], 5, warmup=3) / 5
+            n = max(5, round(args.block_s / per_step))
+            raw: dict = {k: [] for k in settings}
+            for rep in range(args.side_repeats):
+                for k in settings if rep % 2 == 0 else settings[::-1]:
+                    raw[k].append(n * args.batch / _timed(steps[k], n, warmup=3))
+            for k in settings:
+                ratio = paired({"x": raw[k], "base": raw[default]}, "x", "base")
+                rows.append({"case": name, "device": str(world.device), "workers": k[0], "pin_memory": k[1],
+                             "samples_per_s": median(raw[k]), "vs default": ratio})  # fmt: skip
+                print(f"  {name}, workers {k[0]}, pin_memory {k[1]}: {median(raw[k]):,.0f} samples/s, "
+                      f"vs default {_short(ratio)}", flush=True)  # fmt: skip
+            del steps, t
+    finally:
+        dist.shutdown()
+    return rows
 
 
 # ---- checkpoints ---------------------------------------------------------------------
@@ -437,15 +484,19 @@ def main() -> None:
     args = p.parse_args()
     q = args.quick
     args.block_s, args.repeats = args.block_s or (0.02 if q else 0.5), args.repeats or (1 if q else 11)
+    args.side_repeats = max(1, args.repeats // 2)  # a and the loader table: coarser figures
     args.ckpt_repeats = 1 if q else 3
     args.window_repeats = 1 if q else 5
     args.batch, args.samples = (16, 512) if q else (64, 8192)
     args.sizes = [2, 4, 8] if q else [64, 128, 256]
     args.window, args.every, args.window_width = (4, 2, 64) if q else (12, 4, 4096)
+    args.loader_workers = (0, 1) if q else (0, 1, 2)
     with tempfile.TemporaryDirectory(dir=ROOT / "bench") as tmp:
         tmp = Path(tmp)
         print(f"training throughput, {args.nproc} ranks on gloo (samples/s):", flush=True)
         training = training_table(args, tmp)
+        print("input pipeline, a world of one (samples/s):", flush=True)
+        loader = loader_table(args, tmp) if not args.only else []
         print("checkpoints:", flush=True)
         ckpt = {} if args.no_checkpoints else checkpoint_table(args, tmp)
     results = {
@@ -453,6 +504,7 @@ def main() -> None:
         f"Python {platform.python_version()}",
         "quick": q,
         "training": training,
+        "loader": loader,
         "checkpoints": ckpt,
     }
     Path(args.output).write_text(json.dumps(results, indent=1))
@@ -481,6 +533,14 @@ def print_tables(r: dict) -> None:
     for v in C_VARIANTS:
         cells = [_ratio(row[f"{v} / c"]) if f"{v} / c" in row else "-" for row in r["training"] if "c/d" in row]
         print(f"| {v} | " + " | ".join(cells) + " |")
+    if r["loader"]:
+        print(f"\ninput pipeline on {r['loader'][0]['device']} (a world of one; default: workers 0, pinned on CUDA):")
+        print("| case | loader | pin_memory | samples/s | vs default |\n|---|---|---|---:|---:|")
+        for row in r["loader"]:
+            w = row["workers"]
+            loader = "tutorial: per-sample, collated" if w == "tutorial" else f"ours: batched, {w} workers"
+            print(f"| {row['case']} | {loader} | {row['pin_memory']} | {row['samples_per_s']:,.0f} "
+                  f"| {_ratio(row['vs default'])} |")  # fmt: skip
     print("\n| state | save s | raw s | raw/save | load s | load mmap s | sync stall s | async stall s | copy s "
           "| async stall/copy |")  # fmt: skip
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")

@@ -11,4 +11,8 @@ def test_bench_quick_runs_and_writes_results(tmp_path):
     results = json.loads((tmp_path / "r.json").read_text())
     assert {row["case"] for row in results["training"]} >= {"mlp (textbook, 20-256-10)", "cnn (2 conv, 16x16)"}
     assert all(row["c"] > 0 and row["b"] > 0 for row in results["training"])
+    assert all(
+        row["c/d"]["q1"] <= row["c/d"]["median"] <= row["c/d"]["q3"] for row in results["training"] if "d" in row
+    )
+    assert {(row["workers"], row["pin_memory"]) for row in results["loader"]} >= {(0, False), (1, False)}
     assert "lost_per_checkpoint" in results["checkpoints"] and "| case |" in out
