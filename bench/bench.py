@@ -188,6 +188,7 @@ def where_time_goes(trainer: Trainer, step_c) -> dict:
     """One bare all-reduce of the gradients; an epoch of c; reload-and-verify."""
     grads = torch.zeros(sum(p.numel() for p in trainer.model.parameters()))
     allreduce_s = median([_timed(lambda: torch.distributed.all_reduce(grads), 20, 3) / 20 for _ in range(3)])
+    single = sorted(_timed(lambda: torch.distributed.all_reduce(grads), 1, 0) for _ in range(100))
     dist.barrier()
     t0 = time.perf_counter()
     for _ in range(trainer.steps_per_epoch):
@@ -197,7 +198,8 @@ def where_time_goes(trainer: Trainer, step_c) -> dict:
     export_and_verify(trainer)
     verify_s = max(dist.all_gather_objects(time.perf_counter() - t0))
     grad_mb = grads.nbytes / 2**20
-    return {"epoch_s": epoch_s, "verify_s": verify_s, "allreduce_ms": 1000 * allreduce_s, "grad_mb": grad_mb}
+    return {"epoch_s": epoch_s, "verify_s": verify_s, "allreduce_ms": 1000 * allreduce_s, "grad_mb": grad_mb,
+            "allreduce_p50_ms": 1000 * single[50], "allreduce_p90_ms": 1000 * single[90]}  # fmt: skip
 
 
 def launch(fn, nproc: int, *args):
@@ -264,6 +266,7 @@ def training_table(args, out: Path) -> list[dict]:
                "verify_share_of_epoch": res["verify_s"] / res["epoch_s"],
                "step_ms_b": 1000 * global_batch / s["b"], "step_ms_c": 1000 * global_batch / s["c"],
                "allreduce_ms": res["allreduce_ms"], "grad_mb": res["grad_mb"],
+               "allreduce_p50_ms": res["allreduce_p50_ms"], "allreduce_p90_ms": res["allreduce_p90_ms"],
                "steps_per_block": res["steps_per_block"], "repeats": args.repeats}  # fmt: skip
         if "d" in s:
             row["c/d"] = paired(raw, "c", "d")
