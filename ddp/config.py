@@ -175,7 +175,7 @@ class DistConfig:
     atol: float | None = None
     """Verify tolerance; default 0 (bitwise) in fp32, looser for bf16/fp16 or mixed fleets."""
     bucket_cap_mb: float | None = None
-    """Size of DDP's gradient buckets in MiB (default DDP's: 25, the first 1); smaller start all-reduces earlier."""
+    """DDP's gradient bucket size in MiB; unset: DDP's own (25, first bucket 1). Smaller ones sync earlier."""
     gradient_as_bucket_view: bool = True
     """Let parameter gradients live in DDP's buckets: saves a copy and the memory of one."""
     static_graph: bool = False
