@@ -12,12 +12,15 @@ import datetime
 import gc
 import os
 import sys
+import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+from ddp import faults
 from ddp.config import DistConfig
 from ddp.device import local_device, num_gpus
 from ddp.errors import ConfigError, DistributedError
@@ -87,18 +90,101 @@ def init(cfg: DistConfig) -> World:
         torch.cuda.set_device(world.device)  # before init, so NCCL binds this rank's GPU
     timeout = datetime.timedelta(seconds=cfg.timeout)
     if "MASTER_ADDR" in os.environ and "WORLD_SIZE" in os.environ:
-        try:
-            dist.init_process_group(world.backend, timeout=timeout, device_id=_device_id(world))
-        except (RuntimeError, dist.DistNetworkError) as e:
-            port = os.environ.get("MASTER_PORT")
-            raise DistributedError(
-                f"rank {world.rank} could not join the process group at "
-                f"{os.environ['MASTER_ADDR']}:{port}: {e}. If the port is taken, pick another "
-                "(or let torchrun pick one with --rdzv-endpoint=localhost:0)"
-            ) from e
+        faults.before_join(world.rank)
+        store = join_store(world, timeout, cfg.join_timeout)
+        dist.init_process_group(
+            world.backend,
+            store=store,
+            rank=world.rank,
+            world_size=world.world_size,
+            timeout=timeout,
+            device_id=_device_id(world),
+        )
     else:
         dist.init_process_group(world.backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     return world
+
+
+# The key, in torchrun's own store, where rank 0 publishes the store of this attempt.
+PUBLISHED = "ddp/process-group-store"
+
+
+def join_store(world: World, timeout: datetime.timedelta, join_timeout: float) -> dist.Store:
+    """A store that only this attempt of the job has ever written to.
+
+    torchrun (c10d rendezvous) hands its workers its own TCPStore, which outlives the
+    workers: after a restart it still holds the previous attempt's keys, and a
+    restarted rank can read the dead ranks' gloo addresses or NCCL ids from it
+    (pytorch/pytorch#135712). ``TORCHELASTIC_RESTART_COUNT`` cannot scope the keys,
+    since each node's agent counts its own restarts. So rank 0 starts a fresh store on
+    a free port and publishes its address with a random nonce; a stale entry points at
+    a dead process, or at a store without that nonce, and is retried until fresh. Without
+    torchrun's store (plain env://, Slurm, TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1), rank 0
+    hosts the store at MASTER_ADDR:MASTER_PORT as init_process_group would.
+    """
+    host, port = os.environ["MASTER_ADDR"], int(os.environ.get("MASTER_PORT", "29500"))
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
+    deadline = time.monotonic() + join_timeout
+    if not agent_store:
+        return _connect(world, host, port, timeout, deadline, is_master=world.rank == 0)
+    agent = _connect(world, host, port, datetime.timedelta(seconds=join_timeout), deadline)
+    if world.rank == 0:
+        own = _connect(world, host, 0, timeout, deadline, is_master=True)
+        nonce = uuid.uuid4().hex
+        own.set("ddp/nonce", nonce)
+        agent.set(PUBLISHED, f"{host} {own.port} {nonce}")
+        return own
+    tried = "nothing published yet"
+    while time.monotonic() < deadline:
+        try:
+            found_host, found_port, nonce = agent.get(PUBLISHED).decode().split()
+            tried = f"{found_host}:{found_port}"
+            probe = datetime.timedelta(seconds=2)
+            store = _connect(world, found_host, int(found_port), probe, time.monotonic() + 2)
+            if store.get("ddp/nonce").decode() == nonce:
+                store.set_timeout(timeout)
+                return store
+        except (DistributedError, RuntimeError, ValueError):
+            pass  # a previous attempt's entry: its rank 0 is gone; wait for this attempt's
+        time.sleep(0.1)
+    raise DistributedError(
+        f"rank {world.rank} could not join the process group within {join_timeout:g} s: rank 0's store "
+        f"(published in torchrun's store at {host}:{port}) did not answer; last address tried: {tried}. "
+        "Check that rank 0 started (its log, and torchrun's), that this node reaches rank 0's host on any "
+        "port (firewalls), or raise --join-timeout if rank 0 starts slowly"
+    )
+
+
+def _connect(
+    world: World,
+    host: str,
+    port: int,
+    timeout: datetime.timedelta,
+    deadline: float,
+    is_master: bool = False,
+) -> dist.TCPStore:
+    """A TCPStore server (``is_master``) or client, giving up at ``deadline``; ops then wait ``timeout``."""
+    wait = datetime.timedelta(seconds=max(deadline - time.monotonic(), 0.1))
+    try:
+        store = dist.TCPStore(host, port, world.world_size, is_master, timeout=wait, wait_for_workers=False)
+    except (RuntimeError, dist.DistNetworkError) as e:
+        what = "open a store on" if is_master else "reach the store at"
+        hint = (
+            "the port is taken: pick another (or let torchrun pick one with --rdzv-endpoint=localhost:0)"
+            if is_master
+            else f"check that rank 0 is running and that {host}:{port} is reachable from this node"
+        )
+        raise DistributedError(
+            f"rank {world.rank} could not join the process group: cannot {what} {host}:{port}: "
+            f"{_first_line(e)}. {hint[0].upper()}{hint[1:]}"
+        ) from e
+    store.set_timeout(timeout)
+    return store
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _device_id(world: World) -> torch.device | None:
@@ -192,4 +278,6 @@ def raise_if_any_failed(error: BaseException | None, what: str) -> None:
 def log(world: World, message: str, *, all_ranks: bool = False, file=None) -> None:
     """Print ``[rank r/w] message`` on rank 0 (or every rank with all_ranks)."""
     if world.is_main or all_ranks:
-        print(f"{world.prefix()} {message}", file=file or sys.stdout, flush=True)
+        out = file or sys.stdout
+        out.write(f"{world.prefix()} {message}\n")  # one write: lines of ranks sharing a pipe never interleave
+        out.flush()

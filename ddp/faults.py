@@ -3,8 +3,10 @@
 Tests set ``DDP_FAULT`` in a worker's environment, e.g. ``kill:rank=1:step=7`` or
 ``enospc:rank=1:save=2`` (the second file rank 1 writes fails with ENOSPC), or
 ``log-writes:file=/tmp/w.log`` (every rank appends the names of the files it writes).
-Faults fire only in the first attempt of an elastic job (``TORCHELASTIC_RESTART_COUNT``
-is 0), so a restarted job runs clean. Unset, every hook here is a no-op.
+A fault fires in one attempt of an elastic job: the first (``TORCHELASTIC_RESTART_COUNT``
+0) unless it says ``attempt=N``. Several faults, one per attempt, are separated by ``;``:
+``kill:rank=1:step=7;kill:attempt=1:rank=0:step=12`` kills twice, then runs clean.
+Unset, every hook here is a no-op.
 """
 
 from __future__ import annotations
@@ -13,19 +15,21 @@ import errno
 import functools
 import os
 import signal
+import time
 
 _saves_seen = 0
 
 
 @functools.cache
 def _spec() -> dict[str, str] | None:
-    raw = os.environ.get("DDP_FAULT", "")
-    if not raw or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
-        return None
-    kind, *pairs = raw.split(":")
-    spec = dict(p.split("=", 1) for p in pairs)
-    spec["kind"] = kind
-    return spec
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    for part in filter(None, os.environ.get("DDP_FAULT", "").split(";")):
+        kind, *pairs = part.split(":")
+        spec = dict(p.split("=", 1) for p in pairs)
+        if spec.pop("attempt", "0") == attempt:
+            spec["kind"] = kind
+            return spec
+    return None
 
 
 def _mine(spec: dict[str, str], rank: int) -> bool:
@@ -43,6 +47,13 @@ def at_step(rank: int, step: int) -> None:
         raise RuntimeError(f"injected fault on rank {rank} at step {step}")
     if spec["kind"] == "sigterm":
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def before_join(rank: int) -> None:
+    """Called before a rank joins the process group: ``stall-join`` keeps it away (a hung start)."""
+    spec = _spec()
+    if spec is not None and spec["kind"] == "stall-join" and _mine(spec, rank):
+        time.sleep(float(spec.get("seconds", "600")))
 
 
 def before_save_write(rank: int, path: os.PathLike | str) -> None:

@@ -15,9 +15,6 @@ if [[ -z "${NPROC:-}" ]]; then
   NPROC=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count() or 2)')
 fi
 MAX_RESTARTS=${MAX_RESTARTS:-3}
-# Restarted workers must not read the previous attempt's addresses from a store shared
-# with the rendezvous (pytorch/pytorch#135712).
-export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 
 if [[ -n "${MASTER_PORT:-}" ]]; then
   if ! "$PYTHON" - "$MASTER_PORT" <<'PY'

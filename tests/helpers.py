@@ -18,10 +18,9 @@ JOB_TIMEOUT = 150  # seconds; every launch is bounded, a hang fails the test
 
 def env(**extra: str) -> dict[str, str]:
     """The environment for a child job: one thread per rank (2 cores here), no stray faults."""
-    e = {k: v for k, v in os.environ.items() if not k.startswith(("DDP_", "TORCHELASTIC_"))}
-    # As in launch/*.sh: a restarted worker must not read the previous attempt's addresses
-    # from a store shared with the rendezvous (pytorch/pytorch#135712).
-    e.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1", **extra)
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("DDP_", "TORCHELASTIC_", "TORCH_DISABLE_SHARE"))}
+    # Nothing a user's own torchrun would not have: restarts must work on the plain path.
+    e.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
     return e
 
 

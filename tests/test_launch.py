@@ -57,11 +57,54 @@ def test_two_nodes_rendezvous_on_one_host_and_only_global_rank_0_writes(tmp_path
     assert {r for name, ranks in by_file.items() if name.startswith("rank-") for r in ranks} == {"0", "1", "2", "3"}
 
 
+def test_a_rank_killed_on_one_of_two_nodes_restarts_both_and_resumes(tmp_path):
+    # Each node's agent counts its own restarts (the killed node's reaches 1, the other's may
+    # stay 0), so a restart cannot be told apart by TORCHELASTIC_RESTART_COUNT: it must still join.
+    port = free_port()
+    launcher = ["--head", "127.0.0.1", "--port", str(port), "--nnodes", "2", "--nproc", "1", "--rdzv-id", "kill",
+                "--max-restarts", "1"]  # fmt: skip
+    cmd = ["bash", "launch/multinode.sh", *launcher, "--", *ARGS, "--steps", "10", "--checkpoint-every", "3",
+           "--no-async-save", "--out", str(tmp_path)]  # fmt: skip
+    nodes = [start(cmd, tmp_path / f"node{i}.log", DDP_FAULT="kill:rank=1:step=5") for i in range(2)]
+    for node in nodes:
+        node.wait(timeout=150)
+    logs = "".join((tmp_path / f"node{i}.log").read_text() for i in range(2))
+    assert all(node.returncode == 0 for node in nodes), logs[-4000:]
+    assert "step-00000003: continuing at step 4" in logs and "verify: 2/2 ranks reloaded" in logs
+
+
 def test_elastic_job_starts_with_the_nodes_it_has(tmp_path):
     out = ok(run(["bash", "launch/elastic.sh", "--head", "127.0.0.1", "--port", str(free_port()), "--nproc", "2",
                   *ARGS, "--out", str(tmp_path)], extra_env={"PYTHON": sys.executable,
                   "RDZV_CONF": "last_call_timeout=1"}))  # fmt: skip
     assert "verify: 2/2 ranks" in out
+
+
+def test_a_node_that_joins_a_running_elastic_job_restarts_it_on_the_larger_world(tmp_path):
+    # A membership change restarts the workers without counting a restart: both attempts look
+    # alike to TORCHELASTIC_RESTART_COUNT. (elastic.sh unshares torchrun's store: see multinode.sh)
+    port = free_port()
+    cmd = ["bash", "launch/elastic.sh", "--head", "127.0.0.1", "--port", str(port), "--nnodes", "1:2", "--nproc", "1",
+           "--samples", "1024", "--batch-size", "16", "--steps", "4000", "--checkpoint-every", "50",
+           "--log-every", "500", "--out", str(tmp_path)]  # fmt: skip
+    first = start(cmd, tmp_path / "node0.log", RDZV_CONF="last_call_timeout=1")
+    second = None
+    try:
+        deadline = time.monotonic() + 90
+        while not list((tmp_path / "checkpoints").glob("step-*")):
+            assert time.monotonic() < deadline and first.poll() is None, (tmp_path / "node0.log").read_text()[-3000:]
+            time.sleep(0.1)
+        second = start(cmd, tmp_path / "node1.log", RDZV_CONF="last_call_timeout=1")
+        for node in (first, second):
+            node.wait(timeout=150)
+    finally:
+        for node in (first, second):
+            if node is not None and node.poll() is None:
+                node.kill()
+    logs = "".join((tmp_path / f"node{i}.log").read_text() for i in range(2))
+    assert first.returncode == 0 and second.returncode == 0, logs[-4000:]
+    assert "warning: checkpoint written by 1 rank(s), resuming on 2" in logs
+    assert "verify: 2/2 ranks reloaded" in logs
 
 
 STANDINS = {
