@@ -7,6 +7,9 @@ TORCH_SPEC ?= torch==2.13.0
 NPROC ?=
 ARGS ?=
 PYTEST_ARGS ?=
+# Test files run in parallel, each whole in one worker (its shared runs stay shared). The
+# tests mostly wait on process start-up and collectives, so 2 workers fit 2 cores.
+TEST_WORKERS ?= 2
 
 .PHONY: install train-ddp test test-gpu lint format bench clean
 
@@ -14,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet '$(TORCH_SPEC)'
-	$(PY) -m pip install --quiet -e '.[dev,plot]'
+	$(PY) -m pip install --quiet -e '.[dev,plot,digits]'
 	touch $@
 
 install: $(VENV)/.installed  ## create .venv and install torch, the package and dev tools
@@ -23,7 +26,7 @@ train-ddp: install  ## train with torchrun on every GPU, or on NPROC (default 2)
 	NPROC=$(NPROC) PYTHON=$(PY) bash launch/train_ddp.sh $(ARGS)
 
 test: install  ## the test suite (CPU, gloo, real torchrun processes)
-	$(PY) -m pytest -m "not gpu" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not gpu" -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-gpu: install  ## the GPU tests (NCCL); needs CUDA
 	$(PY) -m pytest -m gpu $(PYTEST_ARGS)

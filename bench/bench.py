@@ -21,6 +21,7 @@ window of 5).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -44,7 +45,7 @@ from ddp.checkpoint import Checkpointer, stage  # noqa: E402
 from ddp.config import CheckpointConfig, Config  # noqa: E402
 from ddp.data import make_loader  # noqa: E402
 from ddp.io import load  # noqa: E402
-from ddp.model import build_model  # noqa: E402
+from ddp.model import MLP  # noqa: E402
 from ddp.train import Trainer, export_and_verify, local_model  # noqa: E402
 
 # c with one setting changed (section, field, value); "c again" is c itself, the noise floor
@@ -55,12 +56,12 @@ C_VARIANTS = {
     "c contiguous": ("run", "memory_format", "contiguous"),
     "c again": None,
 }
-MODELS = {
-    "mlp (textbook, 20-256-10)": {"arch": "mlp"},
-    "mlp wide (1024x1024)": {"arch": "mlp", "hidden": [1024, 1024]},
-    "cnn (2 conv, 16x16)": {"arch": "cnn", "width": 32},
-    "cnn wide (64 channels)": {"arch": "cnn", "width": 64},
-    "cnn wider (128 channels)": {"arch": "cnn", "width": 128},
+MODELS = {  # the built-in task and its model settings
+    "mlp (textbook, 20-256-10)": ("mlp", {}),
+    "mlp wide (1024x1024)": ("mlp", {"hidden": [1024, 1024]}),
+    "cnn (2 conv, 16x16)": ("cnn", {"width": 32}),
+    "cnn wide (64 channels)": ("cnn", {"width": 64}),
+    "cnn wider (128 channels)": ("cnn", {"width": 128}),
 }
 
 
@@ -135,7 +136,7 @@ def step_functions(cfg: Config, cfg_dict: dict, world, variants: list[str]) -> t
     trainer = quiet(Trainer(cfg, world))
     k = cfg.optim.grad_accum
     # b: this project's model (same layout as c) on each rank, no communication at all
-    solo = local_model(cfg, torch.device("cpu"))
+    solo = local_model(trainer.task, cfg, torch.device("cpu"))
     solo.load_state_dict(trainer.model.state_dict())
     solo_opt = torch.optim.SGD(solo.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum)
     shard = [iter(trainer.loader), trainer.loader]
@@ -143,7 +144,7 @@ def step_functions(cfg: Config, cfg_dict: dict, world, variants: list[str]) -> t
     theirs_loader = DataLoader(trainer.train_set, batch_size=cfg.data.batch_size,
                                sampler=DistributedSampler(trainer.train_set, shuffle=True, seed=0))  # fmt: skip
     theirs = [iter(theirs_loader), theirs_loader]
-    tutorial = DDP(build_model(cfg.model))
+    tutorial = DDP(trainer.task.model())
     tutorial_opt = torch.optim.SGD(tutorial.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum)
 
     def step_b():
@@ -206,7 +207,6 @@ def launch(fn, nproc: int, *args):
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     os.environ["OMP_NUM_THREADS"] = "1"
-    os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, rdzv_backend="c10d",
                           rdzv_endpoint="localhost:0", run_id=str(uuid.uuid4()), max_restarts=0,
                           monitor_interval=0.1)  # fmt: skip
@@ -234,7 +234,10 @@ def paired(raw: dict[str, list[float]], num: str, den: str) -> dict:
     return {"median": median(ratios), "q1": q1, "q3": q3}
 
 
-def training_cases() -> list[tuple[str, dict, dict]]:
+QUICK_CASES = ("mlp (textbook, 20-256-10)", "cnn (2 conv, 16x16)")  # --quick: one of each kind
+
+
+def training_cases() -> list[tuple[str, tuple, dict]]:
     wide = MODELS["mlp wide (1024x1024)"]
     return [*((name, spec, {}) for name, spec in MODELS.items()),
             ("mlp wide, --grad-accum 4", wide, {"grad_accum": 4}),
@@ -244,10 +247,11 @@ def training_cases() -> list[tuple[str, dict, dict]]:
 def training_table(args, out: Path) -> list[dict]:
     rows = []
     for name, spec, optim in training_cases():
-        if args.only not in name:
+        if args.only not in name or (args.quick and name not in QUICK_CASES):
             continue
         cfg = {
-            "model": spec,
+            "task": {"spec": spec[0]},
+            "model": spec[1],
             "data": {"samples": args.samples, "batch_size": args.batch},
             "optim": {"schedule": "constant", **optim},
             "checkpoint": {"resume": "never"},
@@ -256,7 +260,7 @@ def training_table(args, out: Path) -> list[dict]:
         }
         variants = ["b", "c"]
         if not optim:  # the tutorial and the settings tried, on the plain cases
-            variants += ["d", *(v for v in C_VARIANTS if v != "c contiguous" or spec.get("arch") == "cnn")]
+            variants += ["d", *(v for v in C_VARIANTS if v != "c contiguous" or spec[0] == "cnn")]
         res = launch(throughput_worker, args.nproc, cfg, args.block_s, args.repeats, variants)
         one = dict(cfg, data={"samples": args.samples, "batch_size": args.batch * args.nproc})
         a = one_process(one, args.block_s, args.side_repeats)
@@ -285,6 +289,26 @@ def _short(v) -> str:
 # ---- the input pipeline: DataLoader workers and pinned memory -----------------------
 
 TUTORIAL_LOADER = ("tutorial", False)
+# a user's per-sample Dataset over the same tensors: read through SeededSamples, collated
+PER_SAMPLE = [("per-sample 0", False), ("per-sample 2", False)]
+LOADER_NAMES = {
+    "tutorial": "tutorial: per-sample, collated",
+    "per-sample 0": "ours: per-sample, seeded, 0 workers",
+    "per-sample 2": "ours: per-sample, seeded, 2 workers",
+}
+
+
+class Samples(torch.utils.data.Dataset):
+    """The same tensors as a plain map-style dataset (one sample per __getitem__), as users write them."""
+
+    def __init__(self, data) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int):
+        return self.data[i]
 
 
 def loader_table(args, out: Path) -> list[dict]:
@@ -296,10 +320,12 @@ def loader_table(args, out: Path) -> list[dict]:
     rows = []
     try:
         pins = (False, True) if world.device.type == "cuda" else (False,)
-        settings = [(w, pin) for w in args.loader_workers for pin in pins] + [TUTORIAL_LOADER]
+        settings = [(w, pin) for w in args.loader_workers for pin in pins] + [TUTORIAL_LOADER, *PER_SAMPLE]
         default = (0, world.device.type == "cuda")
         for name in ("mlp (textbook, 20-256-10)", "cnn (2 conv, 16x16)"):
-            cfg = Config.from_dict({"model": MODELS[name], "data": {"samples": args.samples, "batch_size": args.batch},
+            task, model = MODELS[name]
+            cfg = Config.from_dict({"task": {"spec": task}, "model": model,
+                                    "data": {"samples": args.samples, "batch_size": args.batch},
                                     "optim": {"schedule": "constant"}, "checkpoint": {"resume": "never"},
                                     "run": {"steps": 10**9, "out": str(out / "loader")}})  # fmt: skip
             steps = {}
@@ -307,8 +333,11 @@ def loader_table(args, out: Path) -> list[dict]:
                 t = quiet(Trainer(cfg, world))
                 if (workers, pin) == TUTORIAL_LOADER:  # d's loader: one sample at a time, then collate
                     t.loader = DataLoader(t.train_set, batch_size=args.batch, sampler=DistributedSampler(t.train_set))
+                elif (workers, pin) in PER_SAMPLE:
+                    task = dataclasses.replace(t.task, train_data=Samples(t.train_set))
+                    t.loader = make_loader(task, t.sampler, args.batch, int(workers.split()[1]), pin, cfg.run.seed)
                 else:
-                    t.loader = make_loader(t.train_set, t.sampler, args.batch, workers, pin, cfg.run.seed)
+                    t.loader = make_loader(t.task, t.sampler, args.batch, workers, pin, cfg.run.seed)
                 steps[(workers, pin)] = trainer_step(t)
             per_step = _timed(steps[default], 5, warmup=3) / 5
             n = max(5, round(args.block_s / per_step))
@@ -334,7 +363,7 @@ def loader_table(args, out: Path) -> list[dict]:
 def big_state(megabytes: int) -> tuple[dict, dict]:
     """A model + SGD-momentum state of about ``megabytes`` MB (half weights, half momentum)."""
     width = int((megabytes * 2**20 / 16) ** 0.5)  # two width^2 layers, weights + momentum, 4 bytes
-    model = build_model(Config.from_dict({"model": {"hidden": [width, width, width]}}).model)
+    model = MLP(hidden=(width, width, width))
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     F.cross_entropy(model(torch.randn(4, 20)), torch.zeros(4, dtype=torch.long)).backward()
     opt.step()
@@ -477,10 +506,11 @@ def lost_per_checkpoint(args, out: Path) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="tiny sizes: checks that the benchmark runs")
+    p.add_argument("--quick", action="store_true", help="tiny sizes, two models: checks that the benchmark runs")
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--output", default=str(ROOT / "bench" / "results.json"))
-    p.add_argument("--only", default="", help="run only the training cases whose name contains this")
+    p.add_argument("--only", default="", help="run only the training cases whose name contains this ('loader': "
+                   "only the input pipeline table)")  # fmt: skip
     p.add_argument("--block-s", type=float, help="seconds per timed block of steps (default 0.5, quick 0.02)")
     p.add_argument("--repeats", type=int, help="interleaved blocks per variant (default 11, quick 1)")
     p.add_argument("--no-checkpoints", action="store_true", help="skip the checkpoint benchmarks")
@@ -499,7 +529,7 @@ def main() -> None:
         print(f"training throughput, {args.nproc} ranks on gloo (samples/s):", flush=True)
         training = training_table(args, tmp)
         print("input pipeline, a world of one (samples/s):", flush=True)
-        loader = loader_table(args, tmp) if not args.only else []
+        loader = loader_table(args, tmp) if args.only in ("", "loader") else []
         print("checkpoints:", flush=True)
         ckpt = {} if args.no_checkpoints else checkpoint_table(args, tmp)
     results = {
@@ -541,7 +571,7 @@ def print_tables(r: dict) -> None:
         print("| case | loader | pin_memory | samples/s | vs default |\n|---|---|---|---:|---:|")
         for row in r["loader"]:
             w = row["workers"]
-            loader = "tutorial: per-sample, collated" if w == "tutorial" else f"ours: batched, {w} workers"
+            loader = LOADER_NAMES.get(w, f"ours: batched, {w} workers")
             print(f"| {row['case']} | {loader} | {row['pin_memory']} | {row['samples_per_s']:,.0f} "
                   f"| {_ratio(row['vs default'])} |")  # fmt: skip
     print("\n| state | save s | raw s | raw/save | load s | load mmap s | sync stall s | async stall s | copy s "

@@ -32,7 +32,7 @@ import torch
 from ddp import dist
 from ddp.config import CheckpointConfig
 from ddp.errors import CheckpointCorruptError, CheckpointError, CheckpointNotFoundError
-from ddp.io import fsync_dir, load, write_durable
+from ddp.io import fsync_dir, load, storage_key, write_durable
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -210,26 +210,34 @@ def set_rng_state(state: dict) -> None:
 # ---- staging for asynchronous saves ---------------------------------------------------
 
 
-def stage(obj: Any, buffers: dict[str, torch.Tensor], key: str = "") -> Any:
+def stage(obj: Any, buffers: dict[str, torch.Tensor], key: str = "", seen: dict | None = None) -> Any:
     """A copy of ``obj`` whose tensors live in reusable CPU buffers.
 
     Buffers are kept from one save to the next: touching freshly allocated memory
-    costs more than the copy itself on these machines.
+    costs more than the copy itself on these machines. A tensor met twice (a tied
+    weight, under two names) is copied once and staged as one tensor, as torch.save
+    would have stored it.
     """
+    seen = {} if seen is None else seen
     if isinstance(obj, torch.Tensor):
+        shared = storage_key(obj) if obj.numel() else None
+        if shared in seen:
+            return seen[shared]
         buf = buffers.get(key)
         if buf is None or buf.shape != obj.shape or buf.dtype != obj.dtype:
             buf = torch.empty(obj.shape, dtype=obj.dtype, pin_memory=obj.is_cuda)
             buffers[key] = buf
         buf.copy_(obj.detach(), non_blocking=obj.is_cuda)
+        if shared is not None:
+            seen[shared] = buf
         return buf
     if isinstance(obj, dict):
-        staged = type(obj)((k, stage(v, buffers, f"{key}/{k}")) for k, v in obj.items())
+        staged = type(obj)((k, stage(v, buffers, f"{key}/{k}", seen)) for k, v in obj.items())
         if hasattr(obj, "_metadata"):  # a module state_dict's versions: load_state_dict reads them
             staged._metadata = obj._metadata
         return staged
     if isinstance(obj, (list, tuple)):
-        return type(obj)(stage(v, buffers, f"{key}/{i}") for i, v in enumerate(obj))
+        return type(obj)(stage(v, buffers, f"{key}/{i}", seen) for i, v in enumerate(obj))
     return obj
 
 
@@ -277,7 +285,8 @@ class Checkpointer:
             self.result = self._write(step, files)
             self.commit()
             return
-        staged = {name: stage(obj, self.buffers, name) for name, obj in files.items()}
+        seen: dict = {}
+        staged = {name: stage(obj, self.buffers, name, seen) for name, obj in files.items()}
         if torch.cuda.is_available():
             torch.cuda.synchronize()  # the non-blocking copies must land before the thread reads them
         self.result = {}

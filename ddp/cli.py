@@ -1,4 +1,4 @@
-"""The ``ddp`` command: train, verify, inspect, predict, export, plot.
+"""The ``ddp`` command: train, verify, inspect, predict, export, sample, plot.
 
 ddp train --epochs 3 --out runs/demo          # also: torchrun ... -m ddp.train
 ddp verify runs/demo/mlp.params                 # under torchrun: every rank checks
@@ -6,6 +6,7 @@ ddp inspect runs/demo/checkpoints/step-00000168 --json
 ddp predict runs/demo/mlp.params --random 4 --device cpu
 ddp export runs/demo/mlp.params --format safetensors
 ddp plot runs/demo                              # writes runs/demo/loss.png
+ddp sample runs/lm/mlp.params --prompt "The "   # a trained charlm writes on
 """
 
 from __future__ import annotations
@@ -22,12 +23,23 @@ import torch
 
 from ddp import dist, train
 from ddp.checkpoint import MANIFEST, read_manifest, validate
-from ddp.config import DistConfig, ModelConfig
+from ddp.config import Config, DistConfig, TaskConfig, upgrade
 from ddp.errors import CheckpointError, ConfigError, DDPError
-from ddp.io import detect_format, load, load_model, load_safetensors, save, save_safetensors, strip_prefixes
+from ddp.io import (
+    detect_format,
+    load,
+    load_model,
+    load_safetensors,
+    save,
+    save_safetensors,
+    split_aliases,
+    strip_prefixes,
+)
 from ddp.metrics import plot
-from ddp.model import build_model, config_from_state_dict, input_shape
-from ddp.verify import outputs, probe_batch, summary, verify_identical_outputs
+from ddp.model import builtin_from_state_dict
+from ddp.task import Task
+from ddp.tasks import charlm, resolve
+from ddp.verify import outputs, summary, verify_identical_outputs
 
 
 @dataclasses.dataclass
@@ -36,7 +48,8 @@ class Weights:
 
     path: Path
     state: dict[str, torch.Tensor]
-    model: ModelConfig
+    cfg: Config | None
+    """The training config: a checkpoint's own, or guessed from the shapes of a built-in model."""
     info: dict[str, Any]
 
 
@@ -48,7 +61,6 @@ def read_weights(path: str | Path, map_location: str | torch.device = "cpu") -> 
         manifest = validate(folder)
         state = load(folder / "model.pt", map_location, expect="torch")
         train_state = load(folder / "train.pt", "cpu", expect="torch")
-        model = ModelConfig(**train_state["config"]["model"])
         info = {
             "kind": "checkpoint",
             "format": "torch",
@@ -58,7 +70,7 @@ def read_weights(path: str | Path, map_location: str | torch.device = "cpu") -> 
             "torch_version": manifest["torch_version"],
             "integrity": f"ok: {len(manifest['files'])} files match the manifest (size, sha256)",
         }
-        return Weights(folder, state, model, info)
+        return Weights(folder, state, Config.from_dict(upgrade(train_state["config"])), info)
     fmt = detect_format(path)
     meta: dict = {}
     if fmt == "safetensors":
@@ -68,13 +80,14 @@ def read_weights(path: str | Path, map_location: str | torch.device = "cpu") -> 
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path} holds a {type(state).__name__}, not a state_dict of tensors")
     state, stripped = strip_prefixes(state)
-    if "model_config" in meta:
-        model = ModelConfig(**json.loads(meta["model_config"]))
+    if "config" in meta:
+        cfg = Config.from_dict(json.loads(meta["config"]))
     else:
         try:
-            model = config_from_state_dict(state)
-        except ValueError as e:
-            raise CheckpointError(f"{path}: cannot tell the architecture: {e}") from None
+            spec, model = builtin_from_state_dict(state)
+            cfg = Config(task=TaskConfig(spec=spec), model=model)
+        except (ValueError, KeyError, IndexError):
+            cfg = None  # listing the tensors needs no architecture; running them does
     info = {
         "kind": "weights",
         "format": fmt,
@@ -83,13 +96,23 @@ def read_weights(path: str | Path, map_location: str | torch.device = "cpu") -> 
         if fmt != "safetensors"
         else "ok: safetensors header and data",
     }
-    return Weights(path, state, model, info)
+    return Weights(path, state, cfg, info)
 
 
-def build_loaded(w: Weights, device: torch.device) -> torch.nn.Module:
+def task_of(w: Weights) -> Task:
+    """The task that trained these weights, rebuilt from its config."""
+    if w.cfg is None:
+        raise CheckpointError(
+            f"{w.path}: cannot tell the architecture: not a built-in model and no training config is stored "
+            "with it; verify the checkpoint folder it came from instead"
+        )
+    return resolve(w.cfg)
+
+
+def build_loaded(w: Weights, task: Task, device: torch.device) -> torch.nn.Module:
     """A fresh model of the file's architecture with its weights, on ``device``."""
     dtype = next((v.dtype for v in w.state.values() if v.is_floating_point()), torch.float32)
-    model = build_model(w.model).to(device, dtype)
+    model = train.local_model(task, w.cfg, device, dtype)
     path = w.path / "model.pt" if w.path.is_dir() else w.path
     load_model(model, path, verbose=False)
     return model
@@ -98,8 +121,9 @@ def build_loaded(w: Weights, device: torch.device) -> torch.nn.Module:
 def cmd_verify(args: argparse.Namespace) -> int:
     with dist.process_group(DistConfig(backend=args.backend)) as world:
         w = read_weights(args.path, world.device)
-        model = build_loaded(w, world.device)
-        probe = probe_batch(input_shape(w.model))
+        task = task_of(w)
+        model = build_loaded(w, task, world.device)
+        probe = train.probe_input(task, w.cfg)
         report = verify_identical_outputs(model, probe, atol=args.atol)
         dist.log(world, f"{w.info['integrity']}")
         dist.log(world, summary(report, str(args.path)))
@@ -116,16 +140,24 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             info.update(read_manifest(path))
         print(json.dumps(info, indent=2) if args.json else info["integrity"])
         return 1
+    _, aliases = split_aliases(w.state)
     tensors = [
-        {"name": k, "shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch."), "bytes": v.nbytes}
+        {
+            "name": k,
+            "shape": list(v.shape),
+            "dtype": str(v.dtype).removeprefix("torch."),
+            "bytes": v.nbytes,
+            **({"shares": aliases[k]} if k in aliases else {}),  # a tied weight: the same tensor as that one
+        }
         for k, v in w.state.items()
     ]
     info = {
         "path": str(path),
         **w.info,
-        "model": dataclasses.asdict(w.model),
+        "task": None if w.cfg is None else w.cfg.task.spec,
+        "model": None if w.cfg is None else w.cfg.to_dict()["model"],
         "tensors": tensors,
-        "total_bytes": sum(t["bytes"] for t in tensors),
+        "total_bytes": sum(t["bytes"] for t in tensors if "shares" not in t),
     }
     if args.json:
         print(json.dumps(info, indent=2))
@@ -133,10 +165,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for key in ("path", "kind", "format", "step", "epoch", "world_size", "torch_version", "integrity"):
         if key in info:
             print(f"{key:>14}: {info[key]}")
-    print(f"{'model':>14}: {info['model']}")
+    print(f"{'task':>14}: {info['task'] or 'unknown (no training config stored)'}")
     for t in tensors:
-        print(f"  {t['name']:<32} {'x'.join(map(str, t['shape'])) or 'scalar':>12} {t['dtype']:>9} {t['bytes']:>10,} B")
-    print(f"{'total':>14}: {info['total_bytes']:,} bytes in {len(tensors)} tensors")
+        shares = f"  (shares {t['shares']})" if "shares" in t else ""
+        shape = "x".join(map(str, t["shape"])) or "scalar"
+        print(f"  {t['name']:<32} {shape:>12} {t['dtype']:>9} {t['bytes']:>10,} B{shares}")
+    unique = sum("shares" not in t for t in tensors)
+    print(f"{'total':>14}: {info['total_bytes']:,} bytes in {unique} tensors")
     return 0
 
 
@@ -151,8 +186,12 @@ def pick_device(name: str) -> torch.device:
 def cmd_predict(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
     w = read_weights(args.path, device)
-    model = build_loaded(w, device)
-    shape = input_shape(w.model)
+    task = task_of(w)
+    model = build_loaded(w, task, device)
+    probe = train.probe_input(task, w.cfg)
+    if not (isinstance(probe, torch.Tensor) and probe.is_floating_point()):
+        raise ConfigError(f"ddp predict takes float tensor inputs; task {task.name!r} takes {type(probe).__name__}")
+    shape = tuple(probe.shape[1:])
     if args.input:
         with np.load(args.input, allow_pickle=False) as f:
             if "X" not in f.files:
@@ -181,10 +220,22 @@ def cmd_export(args: argparse.Namespace) -> int:
     if out.resolve() == Path(args.path).resolve():
         raise ConfigError(f"--output: {out} is the input file; choose another name")
     if args.format == "safetensors":
-        save_safetensors(w.state, out, metadata={"model_config": json.dumps(dataclasses.asdict(w.model))})
+        meta = {} if w.cfg is None else {"config": json.dumps(w.cfg.to_dict())}
+        save_safetensors(w.state, out, metadata=meta)
     else:
         save(w.state, out, format="torch")
     print(f"exported {len(w.state)} tensors from {args.path} to {out} ({args.format})")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    device = pick_device(args.device)
+    w = read_weights(args.path, device)
+    if "vocab" not in w.state or "pos.weight" not in w.state:
+        raise ConfigError(f"{args.path} is not a charlm model (no vocab or pos.weight); ddp sample needs one")
+    model = charlm.from_state_dict(w.state).to(device)
+    load_model(model, w.path / "model.pt" if w.path.is_dir() else w.path, verbose=False)
+    print(charlm.generate(model, args.prompt, args.chars, args.temperature, args.seed))
     return 0
 
 
@@ -224,6 +275,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--format", required=True, choices=["safetensors", "torch"])
     e.add_argument("--output", help="destination (default: beside the input, new suffix)")
     e.set_defaults(func=cmd_export)
+
+    sm = sub.add_parser("sample", help="continue a prompt with a trained charlm")
+    sm.add_argument("path", help="a charlm's mlp.params (or a checkpoint folder)")
+    sm.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
+    sm.add_argument("--chars", type=int, default=200, help="characters to sample (default: 200)")
+    sm.add_argument("--temperature", type=float, default=0.8, help="below 1: safer choices (default: 0.8)")
+    sm.add_argument("--seed", type=int, default=0, help="(default: 0)")
+    sm.add_argument("--device", default="auto", choices=["cpu", "cuda", "auto"], help="(default: auto)")
+    sm.set_defaults(func=cmd_sample)
 
     pl = sub.add_parser("plot", help="write RUN_DIR/loss.png from metrics.jsonl (needs matplotlib)")
     pl.add_argument("run_dir")

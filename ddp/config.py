@@ -18,6 +18,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ddp.errors import ConfigError
 
@@ -32,11 +33,25 @@ MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
 
 
 @dataclass
-class ModelConfig:
-    """The network to train."""
+class TaskConfig:
+    """What to train: a built-in task, or your own model, data and loss."""
 
-    arch: str = "mlp"
-    """Architecture: mlp (the textbook's MLP) or cnn (a small convnet on 1x16x16 inputs)."""
+    spec: str = "mlp"
+    """mlp, cnn, npz, digits, charlm, or yours: FILE.py:NAME or package.module:NAME (a Task or a function)."""
+    args: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments for the task: --task-arg KEY=VALUE (repeatable), or a [task.args] table."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.spec), "task", "must name a task")
+        if not isinstance(self.args, dict) or not all(isinstance(k, str) for k in self.args):
+            raise ConfigError(f"--task-arg: expected KEY=VALUE pairs, got {self.args!r}")
+        self.args = dict(self.args)
+
+
+@dataclass
+class ModelConfig:
+    """Settings of the built-in models (tasks mlp, cnn and npz)."""
+
     in_features: int = 20
     """Input features of the MLP."""
     hidden: tuple[int, ...] = (256,)
@@ -52,11 +67,6 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         self.hidden = tuple(self.hidden)
-        _check(
-            self.arch in ("mlp", "cnn"),
-            "arch",
-            f"unknown {self.arch!r}; use mlp or cnn",
-        )
         _check(self.in_features > 0, "in_features", "must be positive")
         _check(self.width > 0, "width", "must be positive")
         _check(self.out_features > 1, "out_features", "needs at least 2 classes")
@@ -172,6 +182,8 @@ class DistConfig:
     """auto (nccl when CUDA is available, else gloo), nccl or gloo."""
     timeout: float = 300.0
     """Seconds a collective waits for a missing rank before the job fails (PyTorch: 30 min)."""
+    join_timeout: float = 60.0
+    """Seconds a rank waits to reach the process group's store at start (or after a restart) before failing."""
     atol: float | None = None
     """Verify tolerance; default 0 (bitwise) in fp32, looser for bf16/fp16 or mixed fleets."""
     bucket_cap_mb: float | None = None
@@ -189,6 +201,7 @@ class DistConfig:
             f"unknown {self.backend!r}; use auto, nccl or gloo",
         )
         _check(self.timeout > 0, "timeout", "must be positive")
+        _check(self.join_timeout > 0, "join_timeout", "must be positive")
         _check(self.atol is None or self.atol >= 0, "atol", "cannot be negative")
 
 
@@ -217,7 +230,7 @@ class RunConfig:
     sync_bn: bool = False
     """Convert BatchNorm layers to SyncBatchNorm (needs CUDA)."""
     memory_format: str = "auto"
-    """Layout of conv weights and activations: auto (channels_last for the cnn), channels_last or contiguous."""
+    """Layout of conv weights and activations: auto (channels_last if the task asks, as the cnn does) or a layout."""
 
     def __post_init__(self) -> None:
         _check(
@@ -240,6 +253,7 @@ class RunConfig:
 
 
 SECTIONS = {
+    "task": TaskConfig,
     "run": RunConfig,
     "model": ModelConfig,
     "data": DataConfig,
@@ -250,9 +264,9 @@ SECTIONS = {
 
 # Settings whose change on resume makes the result differ from an uninterrupted run.
 EXACTNESS = {
+    "task": ("spec", "args"),
     "run": ("seed", "steps", "epochs", "deterministic", "memory_format"),
     "model": (
-        "arch",
         "in_features",
         "hidden",
         "width",
@@ -277,12 +291,17 @@ EXACTNESS = {
 class Config:
     """Everything a training run needs."""
 
+    task: TaskConfig = field(default_factory=TaskConfig)
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+
+    def __post_init__(self) -> None:
+        if self.data.data and self.task.spec == "mlp":
+            self.task.spec = "npz"  # --data FILE.npz alone: the MLP on the user's arrays, as before tasks
 
     def to_dict(self) -> dict:
         """Plain nested dict (lists for tuples), safe for weights-only loading."""
@@ -309,8 +328,19 @@ def _build(kind: type, values: dict, section: str):
     return kind(**values)
 
 
+def upgrade(old: dict) -> dict:
+    """A config saved before tasks existed, in today's form (``model.arch`` became ``task.spec``)."""
+    if "task" in old:
+        return old
+    model = {k: v for k, v in old.get("model", {}).items() if k != "arch"}
+    arch = old.get("model", {}).get("arch", "mlp")
+    spec = "npz" if old.get("data", {}).get("data") and arch == "mlp" else arch
+    return {**old, "model": model, "task": {"spec": spec, "args": {}}}
+
+
 def config_changes(old: dict, new: Config) -> list[str]:
     """Settings that differ from a checkpoint's config and break exact resumption."""
+    old = upgrade(old)
     now = new.to_dict()
     return [
         f"{key} {old.get(section, {}).get(key)!r} -> {now[section][key]!r}"
@@ -340,9 +370,33 @@ def _arg_type(annotation) -> tuple[type, bool]:
     return annotation, False
 
 
+def parse_task_arg(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE``; the value as a TOML literal (3, 0.5, true, [1, 2], "x") or else as a string."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.strip(), value
+
+
+def _add_task_arguments(parser: argparse.ArgumentParser) -> None:
+    docs = field_docs(TaskConfig)
+    group = parser.add_argument_group("task", TaskConfig.__doc__)
+    group.add_argument("--task", dest="task.spec", metavar="SPEC", default=argparse.SUPPRESS,
+                       help=f"{docs['spec']} (default: mlp)")  # fmt: skip
+    group.add_argument("--task-arg", dest="task.args", metavar="KEY=VALUE", action="append", type=parse_task_arg,
+                       default=argparse.SUPPRESS, help=docs["args"])  # fmt: skip
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add one option per config field, grouped by section, defaults shown in help."""
+    _add_task_arguments(parser)
     for section, kind in SECTIONS.items():
+        if kind is TaskConfig:
+            continue
         group = parser.add_argument_group(section, kind.__doc__)
         docs = field_docs(kind)
         hints = typing.get_type_hints(kind)
@@ -372,7 +426,9 @@ def from_namespace(ns: argparse.Namespace, toml_path: str | None = None) -> Conf
         for section, settings in load_toml(toml_path).items():
             values.setdefault(section, {}).update(settings)
     for dest, value in vars(ns).items():
-        if "." in dest:
+        if dest == "task.args":  # KEY=VALUE pairs on top of the file's [task.args]
+            values["task"]["args"] = {**values["task"].get("args", {}), **dict(value)}
+        elif "." in dest:
             section, key = dest.split(".", 1)
             values[section][key] = value
     return Config.from_dict(values)

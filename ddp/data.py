@@ -1,4 +1,4 @@
-"""Data: a deterministic synthetic dataset (or the user's .npz), sharded across ranks.
+"""Data: sharding any map-style dataset across ranks, resumably; synthetic data and .npz files.
 
 Sharding policy (drop_last): each epoch is a seeded permutation of the training set;
 rank r takes every N-th sample of it, and incomplete global batches at the end of the
@@ -10,16 +10,26 @@ from epoch to epoch because the permutation does.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import random
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, TensorDataset
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    DistributedSampler,
+    Sampler,
+    TensorDataset,
+    default_collate,
+)
 
-from ddp.config import DataConfig
 from ddp.errors import ConfigError
+from ddp.task import Task
 
 
 def synthetic(samples: int, shape: tuple[int, ...], classes: int, seed: int) -> TensorDataset:
@@ -32,8 +42,8 @@ def synthetic(samples: int, shape: tuple[int, ...], classes: int, seed: int) -> 
     return TensorDataset(x, y)
 
 
-def load_npz(path: str | Path, shape: tuple[int, ...], classes: int) -> TensorDataset:
-    """The user's data: arrays X (float, samples first) and y (int labels) in a .npz file."""
+def load_npz(path: str | Path, classes: int) -> TensorDataset:
+    """The user's data: arrays X (float, samples first) and y (int labels in [0, classes)) in a .npz file."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"--data: {path} does not exist")
@@ -44,23 +54,79 @@ def load_npz(path: str | Path, shape: tuple[int, ...], classes: int) -> TensorDa
         x, y = f["X"], f["y"]
     if len(x) != len(y):
         raise ConfigError(f"--data: {path}: X has {len(x)} samples but y has {len(y)}")
-    if tuple(x.shape[1:]) != shape:
-        raise ConfigError(f"--data: {path}: samples have shape {tuple(x.shape[1:])}, the model expects {shape}")
     if not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or y.max() >= classes:
-        raise ConfigError(f"--data: {path}: y must hold integer labels in [0, {classes})")
+        raise ConfigError(f"--data: {path}: y must hold integer labels in [0, {classes}) (--out-features)")
     return TensorDataset(torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.int64))
 
 
-def datasets(cfg: DataConfig, shape: tuple[int, ...], classes: int, seed: int) -> tuple[TensorDataset, TensorDataset]:
+def split(full: TensorDataset, val_fraction: float) -> tuple[TensorDataset, TensorDataset]:
     """(train, validation): the last ``val_fraction`` of the samples is held out."""
-    if cfg.data:
-        full = load_npz(cfg.data, shape, classes)
-    else:
-        full = synthetic(cfg.samples, shape, classes, seed)
-    n_val = int(len(full) * cfg.val_fraction)
-    x, y = full.tensors
-    cut = len(full) - n_val
-    return TensorDataset(x[:cut], y[:cut]), TensorDataset(x[cut:], y[cut:])
+    cut = len(full) - int(len(full) * val_fraction)
+    return TensorDataset(*(t[:cut] for t in full.tensors)), TensorDataset(*(t[cut:] for t in full.tensors))
+
+
+# ---- random numbers drawn while loading a sample -----------------------------------------
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Seed Python, numpy and torch's CPU generator for a block, then put their states back."""
+    py, npy = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(py)
+            np.random.set_state(npy)
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A seed for sample ``index`` of ``epoch``: a fixed mix (splitmix64) of the three numbers."""
+    z = (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB) % 2**64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % 2**64
+    return (z ^ (z >> 31)) % 2**63
+
+
+EVAL_EPOCH = -1  # the "epoch" of validation samples: their draws are the same every evaluation
+
+
+class SeededSamples(Dataset):
+    """The user's dataset, read by ``(epoch, index)``: each sample draws from RNGs seeded for it.
+
+    A dataset that draws random numbers in ``__getitem__`` (augmentation, masking, crops)
+    then gives sample i of epoch e the same draws whether the job was restarted, on how
+    many ranks it runs, and in which worker process (or none) it is loaded. The caller's
+    own RNG streams (dropout in the training process) are put back untouched.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, index = key
+        with seeded(sample_seed(self.seed, epoch, index)):
+            return self.dataset[index]
+
+
+class EpochTagged(Sampler):
+    """Yields ``(epoch, index)`` for each index of a ResumableSampler, for SeededSamples."""
+
+    def __init__(self, sampler: ResumableSampler) -> None:
+        self.sampler = sampler
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = self.sampler.epoch
+        return ((epoch, i) for i in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
 
 
 class ResumableSampler(DistributedSampler):
@@ -118,30 +184,53 @@ def steps_per_epoch(train_samples: int, global_batch: int, start: int = 0) -> in
 
 
 def make_loader(
-    dataset: TensorDataset,
+    task: Task,
     sampler: ResumableSampler,
     batch_size: int,
     workers: int,
     pin_memory: bool,
     seed: int,
 ) -> DataLoader:
-    """Batches of ``batch_size`` fetched with one indexing call each (no per-sample collate)."""
-    batches = BatchSampler(sampler, batch_size, drop_last=True)
+    """This rank's training batches, in the order ``sampler`` gives.
+
+    A TensorDataset without a custom collate is indexed with a whole batch at once (no
+    per-sample calls, no collate); any other dataset is read sample by sample through
+    SeededSamples and collated.
+    """
+    batched = isinstance(task.train_data, TensorDataset) and task.collate is None
+    options = {
+        "num_workers": workers,
+        "pin_memory": pin_memory,
+        "persistent_workers": workers > 0,
+        "worker_init_fn": _seed_worker if workers else None,
+        "generator": torch.Generator().manual_seed(seed),
+    }
+    if batched:
+        batches = BatchSampler(sampler, batch_size, drop_last=True)
+        # the sampler yields whole batches of indices
+        return DataLoader(task.train_data, sampler=batches, batch_size=None, **options)
     return DataLoader(
-        dataset,
-        sampler=batches,
-        batch_size=None,  # the sampler yields whole batches of indices
-        num_workers=workers,
-        pin_memory=pin_memory,
-        persistent_workers=workers > 0,
-        worker_init_fn=_seed_worker if workers else None,
-        generator=torch.Generator().manual_seed(seed),
+        SeededSamples(task.train_data, seed),
+        batch_sampler=BatchSampler(EpochTagged(sampler), batch_size, drop_last=True),
+        collate_fn=task.collate or default_collate,
+        **options,
     )
+
+
+def eval_batches(task: Task, rank: int, world_size: int, batch_size: int, seed: int) -> Iterator:
+    """This rank's share of the validation set (every N-th sample), in batches, without workers."""
+    data = task.val_data
+    if data is None:
+        return
+    mine = range(rank, len(data), world_size)
+    if not (isinstance(data, TensorDataset) and task.collate is None):
+        data = SeededSamples(data, seed)
+        mine = [(EVAL_EPOCH, i) for i in mine]
+    for i in range(0, len(mine), batch_size):
+        yield task.batch_of(data, mine[i : i + batch_size])
 
 
 def _seed_worker(worker_id: int) -> None:
     seed = torch.initial_seed() % 2**32  # derived by torch from the loader's generator
     np.random.seed(seed)
-    import random
-
     random.seed(seed)

@@ -97,10 +97,11 @@ def detect_format(path: str | os.PathLike) -> str:
     if head.startswith(b"PK\x03\x04"):
         _check_torch_zip(path)
         return "torch"
-    if head[:1] == b"\x80":
-        return "torch-legacy"
+    # safetensors before the legacy pickle: its 8-byte header length can begin with 0x80 too
     if len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] <= size - 8:
         return "safetensors"
+    if head[:1] == b"\x80":
+        return "torch-legacy"
     found = "text" if _looks_like_text(head) else f"unknown bytes {head[:4]!r}"
     raise CheckpointFormatError(
         f"{path} is not a checkpoint: expected a torch (zip) or safetensors file, found {found}"
@@ -141,23 +142,52 @@ def save(obj: Any, path: str | os.PathLike, format: str = "torch") -> None:
         raise CheckpointFormatError(f"unknown format {format!r}; use torch or safetensors")
 
 
+ALIASES = "ddp.aliases"  # safetensors metadata: {name: name it shares storage with}, as JSON
+
+
 def save_safetensors(
     tensors: dict[str, torch.Tensor],
     path: str | os.PathLike,
     metadata: dict | None = None,
 ) -> None:
-    """Save a flat dict of tensors as safetensors, atomically."""
+    """Save a flat dict of tensors as safetensors, atomically.
+
+    safetensors refuses tensors that share memory; a tied weight (one tensor under two
+    names, such as a language model's embedding and output layer) is stored once and the
+    other name recorded in the metadata, so ``load_safetensors`` gives both names back as
+    one tensor.
+    """
     from safetensors.torch import save as st_save
 
     if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
         raise CheckpointFormatError(
             "safetensors stores a dict of str -> tensor only; use format='torch' for other objects"
         )
-    data = st_save(
-        {k: v.detach().contiguous().cpu() for k, v in tensors.items()},
-        metadata=metadata,
-    )
+    unique, aliases = split_aliases(tensors)
+    meta = dict(metadata or {})
+    if aliases:
+        meta[ALIASES] = json.dumps(aliases)
+    data = st_save({k: v.detach().contiguous().cpu() for k, v in unique.items()}, metadata=meta or None)
     atomic_write(path, lambda f: f.write(data))
+
+
+def storage_key(t: torch.Tensor) -> tuple:
+    """Equal for two tensors that are the same view of the same memory (a tied weight's two names)."""
+    return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+
+
+def split_aliases(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors stored once, {alias: the name it repeats}) for tensors that are views of the same data."""
+    first: dict[tuple, str] = {}
+    unique, aliases = {}, {}
+    for name, t in tensors.items():
+        key = storage_key(t)
+        if t.numel() and key in first:
+            aliases[name] = first[key]
+        else:
+            first.setdefault(key, name)
+            unique[name] = t
+    return unique, aliases
 
 
 def load(
@@ -212,9 +242,15 @@ def load_safetensors(path: str | os.PathLike, map_location: str | torch.device =
         tensors = st_load(data)
         header_len = struct.unpack("<Q", data[:8])[0]
         metadata = json.loads(data[8 : 8 + header_len]).get("__metadata__", {}) or {}
+        aliases = json.loads(metadata.get(ALIASES, "{}"))
     except (SafetensorError, ValueError) as e:
         raise CheckpointCorruptError(f"{path} is a damaged safetensors file: {e}") from e
-    return {k: v.to(map_location) for k, v in tensors.items()}, metadata
+    tensors = {k: v.to(map_location) for k, v in tensors.items()}
+    missing = sorted(set(aliases.values()) - set(tensors))
+    if missing:
+        raise CheckpointCorruptError(f"{path}: the metadata's {ALIASES} name tensors the file lacks: {missing}")
+    tensors.update({alias: tensors[name] for alias, name in aliases.items()})  # one tensor, both names
+    return tensors, metadata
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -1,4 +1,4 @@
-"""Models: the textbook's MLP (20 -> 256 -> ReLU -> 10) and a small convnet."""
+"""Models of the built-in tasks: the textbook's MLP (20 -> 256 -> ReLU -> 10) and a small convnet."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ddp.config import ModelConfig
+from ddp.task import call
 
 
 class MLP(nn.Module):
@@ -61,19 +62,7 @@ class ConvNet(nn.Module):
         return self.output(self.features(x).flatten(1))
 
 
-def input_shape(cfg: ModelConfig) -> tuple[int, ...]:
-    """Shape of one sample (without the batch dimension)."""
-    return (1, 16, 16) if cfg.arch == "cnn" else (cfg.in_features,)
-
-
-def build_model(cfg: ModelConfig) -> nn.Module:
-    """A freshly initialised model (seed torch first for reproducible weights)."""
-    if cfg.arch == "cnn":
-        return ConvNet(cfg.out_features, width=cfg.width, batchnorm=cfg.batchnorm)
-    return MLP(cfg.in_features, cfg.hidden, cfg.out_features, cfg.batchnorm, cfg.dropout)
-
-
-def materialize(model: nn.Module, example: torch.Tensor) -> nn.Module:
+def materialize(model: nn.Module, example: Any) -> nn.Module:
     """Run one forward pass so lazy modules get their shapes before DDP wraps them.
 
     DDP registers gradient hooks on parameters at construction; an uninitialised lazy
@@ -83,30 +72,29 @@ def materialize(model: nn.Module, example: torch.Tensor) -> nn.Module:
         with torch.no_grad():
             was_training = model.training
             model.eval()
-            model(example)
+            call(model, example)
             model.train(was_training)
     return model
 
 
-def config_from_state_dict(state: dict[str, Any]) -> ModelConfig:
-    """Rebuild an MLP's or ConvNet's settings from the shapes in its state_dict."""
+def builtin_from_state_dict(state: dict[str, Any]) -> tuple[str, ModelConfig]:
+    """Which built-in task (mlp or cnn) a state_dict is from, and its settings, from its shapes."""
     if "features.0.weight" in state:
-        return ModelConfig(
-            arch="cnn",
+        return "cnn", ModelConfig(
             width=state["features.0.weight"].shape[0],
             out_features=state["output.weight"].shape[0],
             batchnorm="features.1.running_mean" in state,
         )
+    if "output.weight" not in state:
+        raise ValueError("not a state_dict of this project's MLP or ConvNet (no output.weight)")
     linears = sorted(
         (k for k in state if k.startswith("hidden.") and k.endswith(".weight") and state[k].dim() == 2),
         key=lambda k: int(k.split(".")[1]),
     )
-    if "output.weight" not in state:
-        raise ValueError("not an MLP or ConvNet state_dict (no output.weight)")
     hidden = tuple(state[k].shape[0] for k in linears)
     in_features = state[linears[0]].shape[1] if linears else state["output.weight"].shape[1]
     batchnorm = any(k.endswith("running_mean") for k in state)
-    return ModelConfig(
+    return "mlp", ModelConfig(
         in_features=in_features,
         hidden=hidden,
         out_features=state["output.weight"].shape[0],

@@ -5,10 +5,13 @@ Launch commands:
     make train-ddp                                   # every GPU, or 2 CPU processes (gloo)
     torchrun --standalone --nproc-per-node=2 -m ddp.train --epochs 3 --out runs/demo
     python -m ddp.train --steps 50                   # no torchrun: a world of one
+    torchrun --standalone --nproc-per-node=2 -m ddp.train --task mytask.py:make --task-arg hidden=64
+    torchrun --standalone --nproc-per-node=2 -m ddp.train --task charlm --task-arg text=README.md
     # two nodes; run on each, HOST being node 0's address:
     torchrun --nnodes=2 --nproc-per-node=8 --rdzv-backend=c10d \\
         --rdzv-endpoint=HOST:29500 --rdzv-id=job42 --max-restarts=3 -m ddp.train
 
+``--task`` picks what to train (ddp/tasks/: a built-in, or your own Task).
 Each rank trains on its own shard; rank 0 writes ``<out>/mlp.params`` (the unwrapped
 state_dict, atomically) and full-state checkpoints under ``<out>/checkpoints``; every
 rank reloads the weights into a fresh model and all must give identical outputs.
@@ -18,6 +21,7 @@ A relaunch with the same ``--out`` resumes from the newest complete checkpoint.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import random
@@ -29,20 +33,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.elastic.multiprocessing.errors import record
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import TensorDataset
 
 from ddp import dist, faults
 from ddp.checkpoint import FORMAT_VERSION, Checkpointer, rng_state, set_rng_state
-from ddp.config import Config, config_changes, parse
-from ddp.data import ResumableSampler, datasets, make_loader, steps_per_epoch
+from ddp.config import SECTIONS, Config, config_changes, parse
+from ddp.data import ResumableSampler, eval_batches, make_loader, seeded, steps_per_epoch
 from ddp.errors import ConfigError, DDPError
 from ddp.io import check_architecture, load_model, save_model, strip_prefixes, unwrap
 from ddp.metrics import MetricsWriter, ProgressDisplay
-from ddp.model import build_model, input_shape, materialize
-from ddp.verify import DEFAULT_ATOL, VerifyReport, outputs, probe_batch, summary, verify_identical_outputs
+from ddp.model import materialize
+from ddp.task import Task, to_device
+from ddp.tasks import resolve
+from ddp.verify import DEFAULT_ATOL, VerifyReport, outputs, summary, verify_identical_outputs
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -66,18 +72,28 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def local_model(cfg: Config, device: torch.device, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """This rank's model before DDP: built, lazy layers materialised, SyncBatchNorm if asked,
-    in the memory format ``--memory-format`` resolves to."""
-    model = build_model(cfg.model)
-    materialize(model, torch.zeros(2, *input_shape(cfg.model)))
+def local_model(task: Task, cfg: Config, device: torch.device, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """This rank's model before DDP: built from a seeded RNG (the same weights on every rank),
+    lazy layers materialised, SyncBatchNorm if asked, in the memory format ``--memory-format``
+    resolves to."""
+    with seeded(cfg.run.seed):
+        model = task.model()
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"task {task.name!r}: model() returned a {type(model).__name__}, not an nn.Module")
+        materialize(model, probe_input(task, cfg))  # lazy layers draw their weights here: seeded too
     if cfg.run.sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    return model.to(device, dtype=dtype, memory_format=memory_format(cfg))
+    return model.to(device, dtype=dtype, memory_format=memory_format(cfg, task))
 
 
-def memory_format(cfg: Config) -> torch.memory_format:
-    """channels_last for convnets under ``auto``.
+def probe_input(task: Task, cfg: Config):
+    """The verify input: the task's probe, derived under a fixed seed so that every rank draws the same."""
+    with seeded(cfg.run.seed + 1234):
+        return task.probe_input()
+
+
+def memory_format(cfg: Config, task: Task) -> torch.memory_format:
+    """channels_last under ``auto`` for tasks that ask for it (the cnn).
 
     A conv whose weight is channels_last runs channels_last (oneDNN on CPU, cuDNN on
     GPU), inputs included, and carries the layout on to the next layer: the cnn's DDP
@@ -86,26 +102,25 @@ def memory_format(cfg: Config) -> torch.memory_format:
     """
     fmt = cfg.run.memory_format
     if fmt == "auto":
-        fmt = "channels_last" if cfg.model.arch == "cnn" else "contiguous"
+        fmt = "channels_last" if task.channels_last else "contiguous"
     return torch.channels_last if fmt == "channels_last" else torch.contiguous_format
 
 
 class Trainer:
     """Holds the model, data, optimizer and checkpointer of one rank."""
 
-    def __init__(self, cfg: Config, world: dist.World) -> None:
+    def __init__(self, cfg: Config, world: dist.World, task: Task | None = None) -> None:
         self.cfg, self.world, self.device = cfg, world, world.device
+        self.task = task if task is not None else resolve(cfg)
         self.out = cfg.run.out_dir
         self.out.mkdir(parents=True, exist_ok=True)
-        self.shape = input_shape(cfg.model)
         self.dtype = torch.float64 if cfg.optim.precision == "fp64" else torch.float32
-        seed_all(cfg.run.seed)  # same initial weights on every rank
-        self.model = local_model(cfg, self.device, self.dtype)
+        self.model = local_model(self.task, cfg, self.device, self.dtype)
         seed_all(cfg.run.seed + 1_000_003 * world.rank)  # dropout etc. differ per rank, reproducibly
-        self.train_set, self.val_set = datasets(cfg.data, self.shape, cfg.model.out_features, cfg.run.seed)
+        self.train_set = self.task.train_data
         self.sampler = ResumableSampler(self.train_set, world.world_size, world.rank, cfg.run.seed)
         self.loader = make_loader(
-            self.train_set,
+            self.task,
             self.sampler,
             cfg.data.batch_size,
             cfg.data.workers,
@@ -287,14 +302,13 @@ class Trainer:
         k = len(micro)
         dtype = AUTOCAST.get(self.cfg.optim.precision)
         total = None
-        for i, (x, y) in enumerate(micro):
-            x = x.to(self.device, self.dtype, non_blocking=True)
-            y = y.to(self.device, non_blocking=True)
+        for i, batch in enumerate(micro):
+            batch = to_device(batch, self.device, self.dtype)
             sync = contextlib.nullcontext() if i == k - 1 else self.ddp.no_sync()
             cast = torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
             with sync:
                 with cast:
-                    loss = F.cross_entropy(self.ddp(x), y)
+                    loss = self.task.compute_loss(self.ddp, batch)
                     if k > 1:
                         loss = loss / k
                 self.scaler.scale(loss).backward()
@@ -353,40 +367,42 @@ class Trainer:
             self.tick = (now, step)
 
     @torch.no_grad()
-    def evaluate(self) -> tuple[float, float]:
-        """Loss and accuracy on the held-out split, each rank taking every N-th sample."""
-        x, y = self.val_set.tensors
-        x, y = x[self.world.rank :: self.world.world_size], y[self.world.rank :: self.world.world_size]
+    def evaluate(self) -> dict[str, float]:
+        """The task's metrics on the held-out split, each rank taking every N-th sample."""
+        if self.task.val_data is None:
+            return {}
         model = self.ddp.module
         model.eval()
-        loss_sum, correct = 0.0, 0.0
-        for i in range(0, len(x), 1024):
-            logits = model(x[i : i + 1024].to(self.device, self.dtype)).float()
-            target = y[i : i + 1024].to(self.device)
-            loss_sum += F.cross_entropy(logits, target, reduction="sum").item()
-            correct += (logits.argmax(1) == target).sum().item()
+        sums: dict[str, float] = {}
+        size = max(self.cfg.data.batch_size, 1024 if isinstance(self.task.val_data, TensorDataset) else 0)
+        world, seed = self.world, self.cfg.run.seed
+        for batch in eval_batches(self.task, world.rank, world.world_size, size, seed):
+            for key, value in self.task.compute_metrics(model, to_device(batch, self.device, self.dtype)).items():
+                sums[key] = sums.get(key, 0.0) + float(value)
         model.train()
-        loss_sum, correct, count = dist.all_sum([loss_sum, correct, len(x)])
-        if count == 0:
-            return float("nan"), float("nan")
-        loss, acc = loss_sum / count, correct / count
-        self.display.message(f"eval epoch {self.progress.epoch - 1}: loss {loss:.4f} accuracy {acc:.3f}")
-        self.metrics.write("eval", step=self.progress.step, epoch=self.progress.epoch - 1, loss=loss, accuracy=acc)
-        return loss, acc
+        total: dict[str, float] = {}
+        for part in dist.all_gather_objects(sums):  # every rank sums the same dicts, in rank order
+            for key, value in part.items():
+                total[key] = total.get(key, 0.0) + value
+        means = self.task.finish_metrics(total)
+        shown = " ".join(f"{k} {v:.4f}" for k, v in means.items())
+        self.display.message(f"eval epoch {self.progress.epoch - 1}: {shown}")
+        self.metrics.write("eval", step=self.progress.step, epoch=self.progress.epoch - 1, **means)
+        return means
 
 
 def export_and_verify(trainer: Trainer) -> VerifyReport:
     """Rank 0 saves mlp.params; every rank reloads it into a fresh model; all must agree."""
-    cfg, world = trainer.cfg, trainer.world
+    cfg, world, task = trainer.cfg, trainer.world, trainer.task
     path = trainer.out / "mlp.params"
-    probe = probe_batch(trainer.shape)
+    probe = probe_input(task, cfg)
     reference = outputs(unwrap(trainer.ddp), probe, cfg.optim.precision)
     save_model(trainer.ddp, path, format=cfg.checkpoint.format)
-    fresh = load_model(local_model(cfg, trainer.device, trainer.dtype), path)
+    fresh = load_model(local_model(task, cfg, trainer.device, trainer.dtype), path)
     faults.perturb_reloaded(world.rank, fresh)
     atol = cfg.dist.atol if cfg.dist.atol is not None else DEFAULT_ATOL[cfg.optim.precision]
     report = verify_identical_outputs(fresh, probe, reference=reference, atol=atol, precision=cfg.optim.precision)
-    dist.log(world, summary(report, str(path), cfg.optim.precision))
+    dist.log(world, summary(report, str(path), cfg.optim.precision), all_ranks=True)
     return report
 
 
@@ -420,22 +436,49 @@ def configure_determinism(cfg: Config) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-def run(cfg: Config, world: dist.World) -> int:
-    """Train, export and verify on this rank; the exit code."""
+def run(cfg: Config, world: dist.World, task: Task | None = None) -> VerifyReport | None:
+    """Train, export and verify on this rank; the verify report (None when stopped by SIGTERM)."""
     dist.log(world, f"{world.backend} on {world.device}, {world.world_size} rank(s)", all_ranks=cfg.run.log_all_ranks)
     dist.log(world, f"config: {json.dumps(cfg.to_dict())}")
-    trainer = Trainer(cfg, world)
+    trainer = Trainer(cfg, world, task)
     # The handler only sets a flag: ranks agree on it after the step, then save and exit.
     previous = signal.signal(signal.SIGTERM, lambda *_: setattr(trainer, "signalled", True))
     try:
         trainer.train()
-        if not trainer.stop_requested:
-            export_and_verify(trainer)
+        return None if trainer.stop_requested else export_and_verify(trainer)
     finally:
         # Drop the handler's reference, so the trainer (and DDP's hold on the process
         # group) is freed before interpreter shutdown, where freeing gloo threads aborts.
         signal.signal(signal.SIGTERM, previous)
-    return 0
+
+
+def fit(task: Task, **settings) -> VerifyReport | None:
+    """Train ``task`` with DDP, save its weights, reload them on every rank and verify.
+
+    The same trainer as ``ddp train``: run it under ``torchrun`` (every rank calls ``fit``)
+    or alone (a world of one). ``settings`` are the options of ``ddp train --help`` by
+    field name, e.g. ``fit(task, steps=200, batch_size=32, out="runs/mine")``. Returns the
+    verify report (None if a SIGTERM stopped the run after a checkpoint).
+    """
+    cfg = config_from_settings(settings, task)
+    check_settings(cfg)
+    configure_determinism(cfg)
+    with seeded(cfg.run.seed):
+        task.probe_input()  # a task whose probe cannot be derived fails now, before any process group
+    with dist.process_group(cfg.dist) as world:
+        return run(cfg, world, task)
+
+
+def config_from_settings(settings: dict, task: Task) -> Config:
+    """A Config from flat ``field=value`` settings, each found in its section by name."""
+    owner = {f.name: section for section, kind in SECTIONS.items() for f in dataclasses.fields(kind)}
+    values: dict[str, dict] = {section: {} for section in SECTIONS}
+    for key, value in settings.items():
+        if key not in owner or owner[key] == "task":
+            raise ConfigError(f"fit(): unknown setting {key!r}; the settings are the fields of `ddp train --help`")
+        values[owner[key]][key] = value
+    values["task"] = {"spec": f"python:{task.name}"}  # recorded in checkpoints; the Task itself is passed
+    return Config.from_dict(values)
 
 
 def is_comm_failure(e: BaseException) -> bool:
@@ -452,12 +495,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_settings(cfg)
         configure_determinism(cfg)
+        task = resolve(cfg)  # a bad --task is a usage error before any process group starts
     except ConfigError as e:
         print(f"ddp train: error: {e}", file=sys.stderr)
         return 2
     try:
         with dist.process_group(cfg.dist) as world:
-            return run(cfg, world)
+            run(cfg, world, task)
+            return 0
     except ConfigError as e:
         print(f"{world.prefix()} error: {e}", file=sys.stderr, flush=True)
         return 2

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from ddp import dist
 from ddp.errors import VerifyError
+from ddp.task import call, to_device
 
 DEFAULT_ATOL = {"fp64": 0.0, "fp32": 0.0, "bf16": 1e-2, "fp16": 1e-3}  # bitwise in fp32 on one device kind
 
@@ -52,21 +54,34 @@ def probe_batch(shape: tuple[int, ...], n: int = 16, seed: int = 1234) -> torch.
 
 
 @torch.no_grad()
-def outputs(model: nn.Module, x: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
-    """The model's output in eval mode on the model's device, as float64 on the CPU."""
+def outputs(model: nn.Module, x: Any, precision: str = "fp32") -> torch.Tensor:
+    """The model's output on ``x`` in eval mode, on the model's device, as one float64 CPU tensor.
+
+    ``x`` is a tensor, or a tuple or dict of them (``model(*x)``, ``model(**x)``); floating
+    inputs take the model's dtype. Tuple and dict outputs are flattened and joined.
+    """
     was_training = model.training
     model.eval()
     param = next(model.parameters())
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     with torch.autocast(param.device.type, dtype=dtype, enabled=dtype is not None):
-        out = model(x.to(param.device, param.dtype)).double().cpu()
+        out = flatten(call(model, to_device(x, param.device, param.dtype)))
     model.train(was_training)
     return out
 
 
+def flatten(out: Any) -> torch.Tensor:
+    """A model's output (a tensor, or a tuple, list or dict of them) as one float64 CPU tensor."""
+    if isinstance(out, torch.Tensor):
+        return out.detach().double().cpu()
+    values = [out[k] for k in sorted(out)] if isinstance(out, dict) else list(out)
+    parts = [flatten(v).flatten() for v in values if isinstance(v, (torch.Tensor, dict, list, tuple))]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+
+
 def verify_identical_outputs(
     model: nn.Module,
-    x: torch.Tensor,
+    x: Any,
     *,
     reference: torch.Tensor | None = None,
     atol: float = 0.0,

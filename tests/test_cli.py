@@ -25,7 +25,7 @@ def trained(tmp_path_factory):
     return out, log
 
 
-@pytest.mark.parametrize("sub", [[], ["train"], ["verify"], ["inspect"], ["predict"], ["export"], ["plot"]])
+@pytest.mark.parametrize("sub", [[], ["train"], ["verify"], ["inspect"], ["predict"], ["export"], ["sample"], ["plot"]])
 def test_every_subcommand_has_help(sub):
     out = ok(run([*DDP, *sub, "--help"]))
     assert "usage: ddp" in out
@@ -140,7 +140,11 @@ def test_metrics_jsonl_has_training_and_evaluation_records(trained):
 def test_plain_log_lines_when_not_a_terminal_and_only_rank_0(trained):
     _, log = trained
     assert "[rank 0/2] step 5 epoch 0 loss" in log and "samples/s" in log
-    assert "[rank 0/2] eval epoch 1: loss" in log and "[rank 1/2]" not in log
+    assert "[rank 0/2] eval epoch 1: loss" in log
+    # rank 1's only line: its own verify result, which every rank reports
+    assert [line for line in log.splitlines() if "[rank 1/2]" in line] == [
+        line for line in log.splitlines() if line.startswith("[rank 1/2] verify: 2/2 ranks reloaded")
+    ]
 
 
 def test_log_all_ranks_lets_every_rank_print(tmp_path):
@@ -172,16 +176,6 @@ def test_bad_toml_names_the_file_and_the_setting(tmp_path):
     (tmp_path / "run.toml").write_text("[optim]\nlearning_rate = 0.1\n")
     proc = run([*DDP, "train", "--config", str(tmp_path / "run.toml")])
     assert proc.returncode == 2 and "unknown setting(s) ['learning_rate'] in [optim]" in proc.output
-
-
-def test_resume_with_a_changed_setting_says_it_breaks_exactness(tmp_path):
-    args = ["--samples", "512", "--steps", "6", "--checkpoint-every", "3", "--no-async-save", "--out", str(tmp_path)]
-    torchrun(1, *args, extra_env={"DDP_FAULT": "raise:step=4"})
-    out = ok(torchrun(1, *args, "--lr", "0.2"))
-    assert (
-        "warning: settings changed since the checkpoint, the run will not match an uninterrupted one: lr 0.05 -> 0.2"
-        in out
-    )
 
 
 def test_example_script_runs_under_torchrun(tmp_path):

@@ -354,3 +354,14 @@ def test_safetensors_weights_round_trip_bitwise_without_pickle(tmp_path):
     state = load_file(path)  # readable by any safetensors consumer, no pickle involved
     assert_equal = [torch.equal(state[k], v) for k, v in ddp.load(path).items()]
     assert all(assert_equal) and len(assert_equal) == 4
+
+
+def test_a_safetensors_file_whose_header_length_begins_with_0x80_is_not_taken_for_a_pickle(tmp_path):
+    # 0x80 is also the first byte of a legacy torch pickle: 1 safetensors file in 256 looked like one
+    path = tmp_path / "w.safetensors"
+    for pad in range(256):
+        ddp.io.save_safetensors({"w": torch.arange(3.0)}, path, metadata={"pad": "x" * pad})
+        if path.read_bytes()[0] == 0x80:
+            break
+    assert path.read_bytes()[0] == 0x80
+    assert ddp.io.detect_format(path) == "safetensors" and torch.equal(ddp.load(path)["w"], torch.arange(3.0))

@@ -1,0 +1,166 @@
+"""What the trainer needs from a user: a model, data and a loss, and nothing more.
+
+A ``Task`` is a plain dataclass of the user's own objects::
+
+    task = ddp.Task(
+        model=lambda: MyNet(),               # called on every rank after seeding: same weights
+        train_data=MyDataset("train"),       # any map-style Dataset: __len__, __getitem__(i)
+        val_data=MyDataset("val"),           # optional
+        loss=lambda model, batch: ...,       # optional; default cross-entropy of model(x) vs y
+    )
+
+The trainer owns everything else: devices, DDP, sharding, checkpoints, exact resume,
+export and verification. Built-in tasks live in ``ddp/tasks/``, one file each.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset, IterableDataset, TensorDataset, default_collate
+
+from ddp.errors import ConfigError
+
+Batch = Any
+"""What the collate function returns: a tensor, or a tuple, list or dict of them."""
+
+
+@dataclass
+class Task:
+    """A model, its data and its loss: everything the trainer takes from a user."""
+
+    model: Callable[[], nn.Module]
+    """Builds a fresh model; the trainer seeds every RNG first, so every rank gets the same weights."""
+    train_data: Dataset
+    """A map-style Dataset (``__len__``, ``__getitem__`` of one sample); a TensorDataset takes a faster path."""
+    val_data: Dataset | None = None
+    """Held-out samples, evaluated after each epoch (optional)."""
+    collate: Callable[[list], Batch] | None = None
+    """Samples -> batch; default: torch's default_collate (tuples and dicts of tensors)."""
+    loss: Callable[[nn.Module, Batch], torch.Tensor] | None = None
+    """``loss(model, batch)`` -> scalar tensor; default: cross-entropy of ``model(x)`` against ``y``."""
+    probe: Any = None
+    """The model input every rank uses to verify reloads: a tensor (``model(x)``), a tuple
+    (``model(*x)``) or a dict (``model(**x)``). Default: the inputs of the first validation
+    batch of ``(x, y)`` data."""
+    metrics: Callable[[nn.Module, Batch], Mapping[str, float]] | None = None
+    """``metrics(model, batch)`` -> sums over the batch, with a ``count`` entry; the trainer
+    reports each sum / count. Default: loss, and accuracy for ``(x, y)`` classification."""
+    summarize: Callable[[dict[str, float]], dict[str, float]] | None = None
+    """Adds derived figures to the averaged metrics (e.g. perplexity from loss)."""
+    channels_last: bool = False
+    """Train in channels_last under ``--memory-format auto`` (convnets run faster so)."""
+    name: str = "task"
+    """A name for logs."""
+
+    def __post_init__(self) -> None:
+        if not callable(self.model):
+            raise ConfigError(f"task {self.name!r}: model must be a callable that builds an nn.Module")
+        for field_name in ("train_data", "val_data"):
+            data = getattr(self, field_name)
+            if data is None and field_name == "val_data":
+                continue
+            lacks = [m for m in ("__len__", "__getitem__") if not hasattr(data, m)]
+            if lacks or isinstance(data, IterableDataset):
+                raise ConfigError(
+                    f"task {self.name!r}: {field_name} is a {type(data).__name__}"
+                    + (f" without {' and '.join(lacks)}" if lacks else ", an IterableDataset")
+                    + "; the trainer needs a map-style Dataset (__len__, and __getitem__ of one sample) "
+                    "to shard it over the ranks and resume at the exact sample"
+                )
+        if len(self.train_data) == 0:
+            raise ConfigError(f"task {self.name!r}: train_data is empty")
+
+    def batch_of(self, dataset: Dataset, indices: Sequence[int]) -> Batch:
+        """The batch of the given samples, as the trainer's loader makes it."""
+        if isinstance(dataset, TensorDataset) and self.collate is None:
+            return dataset[list(indices)]
+        return (self.collate or default_collate)([dataset[i] for i in indices])
+
+    def compute_loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """The task's loss, or cross-entropy for ``(x, y)`` batches."""
+        if self.loss is not None:
+            return self.loss(model, batch)
+        x, y = _pair(batch, self.name)
+        return F.cross_entropy(model(x), y)
+
+    def compute_metrics(self, model: nn.Module, batch: Batch) -> dict[str, float]:
+        """Sums over one batch with a ``count``: the task's, or loss (and accuracy) by default."""
+        if self.metrics is not None:
+            return dict(self.metrics(model, batch))
+        if self.loss is not None:
+            n = batch_size(batch)
+            return {"loss": self.loss(model, batch).item() * n, "count": n}
+        x, y = _pair(batch, self.name)
+        logits = model(x).float()
+        return {
+            "loss": F.cross_entropy(logits, y, reduction="sum").item(),
+            "accuracy": (logits.argmax(1) == y).sum().item(),
+            "count": len(y),
+        }
+
+    def finish_metrics(self, sums: dict[str, float]) -> dict[str, float]:
+        """Averages from summed metrics, plus the task's derived ones."""
+        count = sums.pop("count", 0)
+        means = {k: v / count if count else math.nan for k, v in sums.items()}
+        return self.summarize(means) if self.summarize else means
+
+    def probe_input(self, n: int = 16) -> Any:
+        """The verify input: ``probe``, or the inputs of the first (validation) batch of ``(x, y)`` data."""
+        if self.probe is not None:
+            return self.probe
+        data = self.val_data if self.val_data is not None and len(self.val_data) > 0 else self.train_data
+        batch = self.batch_of(data, range(min(n, len(data))))
+        if isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[0], torch.Tensor):
+            return batch[0]
+        raise ConfigError(
+            f"task {self.name!r}: cannot derive a probe from batches of type {type(batch).__name__} "
+            "(only from (x, y) pairs); set Task.probe to a model input (a tensor, tuple or dict)"
+        )
+
+
+def _pair(batch: Batch, name: str) -> tuple[Any, torch.Tensor]:
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0], batch[1]
+    raise ConfigError(
+        f"task {name!r}: the default loss takes (x, y) batches, got a {type(batch).__name__}; "
+        "give the task a loss(model, batch) (and metrics, or accept the loss as the only metric)"
+    )
+
+
+def batch_size(batch: Batch) -> int:
+    """Samples in a batch: the leading size of its first tensor."""
+    if isinstance(batch, torch.Tensor):
+        return len(batch)
+    values = batch.values() if isinstance(batch, Mapping) else batch
+    for v in values:
+        if isinstance(v, torch.Tensor) or isinstance(v, (tuple, list, Mapping)):
+            return batch_size(v)
+    raise ConfigError(f"cannot tell the size of a batch of type {type(batch).__name__}")
+
+
+def to_device(batch: Batch, device: torch.device, dtype: torch.dtype | None = None) -> Batch:
+    """The batch on ``device``; floating tensors cast to ``dtype`` (integers, such as labels, kept)."""
+    if isinstance(batch, torch.Tensor):
+        cast = dtype if dtype is not None and batch.is_floating_point() else None
+        return batch.to(device, cast, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return type(batch)({k: to_device(v, device, dtype) for k, v in batch.items()})
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_device(v, device, dtype) for v in batch)
+    return batch
+
+
+def call(model: nn.Module, x: Any) -> Any:
+    """``model(x)`` for a tensor, ``model(*x)`` for a tuple or list, ``model(**x)`` for a dict."""
+    if isinstance(x, Mapping):
+        return model(**x)
+    if isinstance(x, (tuple, list)):
+        return model(*x)
+    return model(x)

@@ -1,0 +1,141 @@
+"""Built-in tasks, and ``--task SPEC`` resolved to a Task.
+
+SPEC is a built-in name (below), ``path/to/file.py:NAME`` or ``package.module:NAME``,
+where NAME is a Task or a function returning one; ``--task-arg KEY=VALUE`` (or the TOML
+``[task.args]`` table) become that function's keyword arguments. Every mistake is a
+usage error that names the SPEC, found before any process group starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from ddp.config import Config
+from ddp.data import seeded
+from ddp.errors import ConfigError
+from ddp.task import Task
+from ddp.tasks import charlm, cnn, digits, mlp, npz
+
+BUILTIN: dict[str, Callable[[Config], Task]] = {
+    "mlp": mlp.from_config,
+    "cnn": cnn.from_config,
+    "npz": npz.from_config,
+    "digits": digits.from_config,
+    "charlm": charlm.from_config,
+}
+# These take their settings from the typed model and data options, not from --task-arg.
+TYPED = ("mlp", "cnn", "npz")
+
+
+def resolve(cfg: Config) -> Task:
+    """The Task that ``cfg.task`` names, built with every RNG seeded from ``--seed``.
+
+    Seeding first makes a task that draws random data build the same data on every rank.
+    """
+    spec, args = cfg.task.spec, cfg.task.args
+    with seeded(cfg.run.seed), _naming(spec):
+        if spec in BUILTIN:
+            if spec in TYPED and args:
+                raise ConfigError(f"task {spec} takes no --task-arg ({sorted(args)}); use its options, e.g. --hidden")
+            task = BUILTIN[spec](cfg)
+        else:
+            task = build(load_object(spec), args, spec)
+        task.probe_input()  # a task whose probe cannot be derived fails now, not after training
+    return task
+
+
+@contextlib.contextmanager
+def _naming(spec: str) -> Iterator[None]:
+    """Prefix the task's own usage errors with the SPEC that produced them."""
+    try:
+        yield
+    except ConfigError as e:
+        text = str(e)
+        raise ConfigError(text if text.startswith("--task") else f"--task {spec}: {text}") from None
+
+
+def build(obj: Any, args: dict[str, Any], spec: str) -> Task:
+    """``obj`` itself if it is a Task, else ``obj(**args)``, which must return one."""
+    if isinstance(obj, Task):
+        if args:
+            raise ConfigError(f"--task {spec} is a Task, not a function: it takes no --task-arg ({sorted(args)})")
+        return obj
+    if not callable(obj):
+        raise ConfigError(f"--task {spec} is a {type(obj).__name__}; expected a ddp.Task or a function returning one")
+    _check_args(obj, args, spec)
+    try:
+        task = obj(**args)
+    except ConfigError:
+        raise
+    except Exception as e:
+        raise ConfigError(f"--task {spec} failed while building the task: {type(e).__name__}: {e}") from e
+    if not isinstance(task, Task):
+        raise ConfigError(f"--task {spec} returned a {type(task).__name__}, not a ddp.Task")
+    return task
+
+
+def _check_args(fn: Callable, args: dict[str, Any], spec: str) -> None:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    unknown = sorted(set(args) - set(params))
+    if unknown:
+        raise ConfigError(f"--task-arg: {spec} takes no argument(s) {unknown}; it takes {sorted(params) or 'none'}")
+    missing = [
+        n for n, p in params.items() if p.default is p.empty and p.kind is not p.VAR_POSITIONAL and n not in args
+    ]
+    if missing:
+        raise ConfigError(f"--task {spec} needs --task-arg for {missing}")
+
+
+def load_object(spec: str) -> Any:
+    """The object ``path/to/file.py:NAME`` or ``package.module:NAME`` names."""
+    where, sep, name = spec.rpartition(":")
+    if not sep or not where or not name:
+        raise ConfigError(
+            f"--task {spec!r}: not a built-in task ({', '.join(BUILTIN)}) nor FILE.py:NAME or package.module:NAME"
+        )
+    module = _import_file(where) if where.endswith(".py") else _import_module(where)
+    if not hasattr(module, name):
+        public = sorted(n for n in vars(module) if not n.startswith("_"))
+        raise ConfigError(f"--task {spec}: {where} has no {name!r}; it defines {', '.join(public[:12]) or 'nothing'}")
+    return getattr(module, name)
+
+
+def _import_file(where: str) -> Any:
+    path = Path(where).resolve()
+    if not path.is_file():
+        raise ConfigError(f"--task: {where} does not exist (relative paths start at {Path.cwd()})")
+    # A stable module name, registered in sys.modules, so DataLoader workers and pickle find it
+    name = f"ddp_task_{path.stem}_{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:
+        del sys.modules[name]
+        raise ConfigError(f"--task: importing {where} failed: {type(e).__name__}: {e}") from e
+    return module
+
+
+def _import_module(where: str) -> Any:
+    try:
+        return importlib.import_module(where)
+    except ImportError as e:
+        raise ConfigError(f"--task: cannot import module {where!r}: {e}") from e
+    except Exception as e:
+        raise ConfigError(f"--task: importing {where} failed: {type(e).__name__}: {e}") from e

@@ -1,0 +1,187 @@
+"""Your model, your data: a task the trainer has never seen keeps every guarantee of the built-ins."""
+
+import json
+import sys
+
+import pytest
+import torch
+
+import ddp
+from ddp import cli, train
+from ddp.tasks import charlm
+
+from .helpers import ROOT, assert_tree_equal, model_state, ok, run, torchrun
+
+USER = ["--task", "tests/user_task.py:make", "--precision", "fp64", "--log-every", "1", "--steps", "20"]
+
+
+def final(run_dir) -> dict:
+    model, state = model_state(run_dir)
+    assert state["step"] == 20
+    return {"model": model, "optimizer": state["optimizer"]}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The user's task on 2 ranks, batch 16 per rank, never interrupted; its output too."""
+    out = tmp_path_factory.mktemp("user-ref")
+    log = ok(torchrun(2, *USER, "--batch-size", "16", "--out", str(out)))
+    return out, log
+
+
+def test_every_rank_reloads_the_users_model_and_prints_the_verify_line(reference):
+    out, log = reference
+    for r in (0, 1):
+        assert f"[rank {r}/2] verify: 2/2 ranks reloaded {out}/mlp.params; outputs identical (max |Δ| = 0" in log
+    evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
+    assert evals and {"loss", "accuracy"} <= set(evals[-1])  # the task's own metrics
+    assert "scale" in torch.load(out / "mlp.params", weights_only=True)  # its buffer is saved
+
+
+def test_users_task_on_2_ranks_equals_one_process_on_the_global_batch(reference, tmp_path):
+    # every sample draws its noise from RNGs seeded by (seed, epoch, index): the same draws on any world size
+    ok(torchrun(1, *USER, "--batch-size", "32", "--out", str(tmp_path)))
+    (a, ta), (b, tb) = model_state(reference[0]), model_state(tmp_path)
+    assert ta["step"] == tb["step"] == 20
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-10
+
+
+def test_users_task_grad_accum_equals_the_larger_batch(reference, tmp_path):
+    ok(torchrun(2, *USER, "--batch-size", "8", "--grad-accum", "2", "--out", str(tmp_path)))
+    a, b = model_state(reference[0])[0], model_state(tmp_path)[0]
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-10
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_users_task_killed_mid_run_restarts_and_ends_bitwise_equal(reference, tmp_path, workers):
+    # The reference loaded in the training process; this run loads in 0 or 2 worker processes and is
+    # killed: what each sample draws depends neither on the restart nor on who loads it.
+    args = [*USER, "--batch-size", "16", "--workers", workers, "--checkpoint-every", "4", "--out", str(tmp_path)]
+    out = ok(torchrun(2, *args, restarts=1, extra_env={"DDP_FAULT": "kill:rank=1:step=10"}))
+    assert "continuing at step" in out
+    assert_tree_equal(final(tmp_path), final(reference[0]))
+
+
+def test_users_task_resumes_from_2_ranks_on_1_with_a_warning(tmp_path):
+    args = [*USER, "--batch-size", "16", "--checkpoint-every", "4", "--no-async-save", "--out", str(tmp_path)]
+    crashed = torchrun(2, *args, extra_env={"DDP_FAULT": "raise:rank=0:step=6"})
+    assert crashed.returncode != 0
+    out = ok(torchrun(1, *args))
+    assert "warning: checkpoint written by 2 rank(s), resuming on 1" in out and "continuing at step 5" in out
+    assert "verify: 1/1 ranks" in out and model_state(tmp_path)[1]["step"] == 20
+
+
+def test_task_options_from_a_toml_table_are_saved_and_a_change_of_them_or_lr_warns_on_resume(tmp_path):
+    (tmp_path / "run.toml").write_text(
+        '[task]\nspec = "tests/user_task.py:make"\n[task.args]\nnoise = 0.2\nsamples = 256\n'
+        "[run]\nsteps = 6\n[checkpoint]\ncheckpoint_every = 3\nasync_save = false\n"
+    )
+    base = ["--config", str(tmp_path / "run.toml"), "--out", str(tmp_path / "run")]
+    torchrun(1, *base, extra_env={"DDP_FAULT": "raise:step=4"})
+    saved = model_state(tmp_path / "run")[1]["config"]["task"]
+    assert saved == {"spec": "tests/user_task.py:make", "args": {"noise": 0.2, "samples": 256}}
+    out = ok(torchrun(1, *base, "--task-arg", "noise=0.3", "--lr", "0.2"))
+    warning = next(line for line in out.splitlines() if "warning: settings changed since the checkpoint" in line)
+    assert "the run will not match an uninterrupted one: " in warning and "lr 0.05 -> 0.2" in warning
+    assert "'noise': 0.2" in warning and "'noise': 0.3" in warning
+
+
+# ---- built-in tasks ---------------------------------------------------------------------
+
+
+def test_charlm_keeps_its_tied_weights_one_tensor_through_save_load_and_resume(tmp_path, capsys):
+    text = tmp_path / "text.txt"  # a few thousand characters: 10 steps an epoch, an evaluation each
+    text.write_text((ROOT / "README.md").read_text()[:6000])
+    args = ["--task", "charlm", "--task-arg", f"text={text}", "--task-arg", "block=32", "--task-arg", "embd=32",
+            "--task-arg", "layers=1", "--optimizer", "adamw", "--lr", "0.01", "--batch-size", "16", "--steps", "24",
+            "--log-every", "1", "--checkpoint-every", "8", "--async-save", "--out", str(tmp_path / "run")]  # fmt: skip
+    crashed = torchrun(2, *args, extra_env={"DDP_FAULT": "raise:rank=1:step=12"})
+    assert crashed.returncode != 0
+    checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "step-00000008" / "model.pt", weights_only=True)
+    assert checkpoint["head.weight"].data_ptr() == checkpoint["tok.weight"].data_ptr()  # stored once, not twice
+    out = ok(torchrun(2, *args))
+    assert "continuing at step 9" in out and "perplexity" in out
+    state = torch.load(tmp_path / "run" / "mlp.params", weights_only=True)
+    model = ddp.load_model(charlm.from_state_dict(state), tmp_path / "run" / "mlp.params")
+    assert model.head.weight is model.tok.weight  # one parameter after loading, not a diverging copy
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert losses[-1] < 0.8 * losses[0]
+    # safetensors refuses shared tensors: exported once, given back under both names, and it verifies
+    # (exported from the checkpoint, whose config travels in the metadata: verify rebuilds the task)
+    dest = tmp_path / "charlm.safetensors"
+    last = tmp_path / "run" / "checkpoints" / "step-00000024"
+    command(capsys, "export", str(last), "--format", "safetensors", "--output", str(dest))
+    back = ddp.load(dest)
+    assert back.keys() == state.keys() and back["head.weight"] is back["tok.weight"]
+    assert all(torch.equal(back[k], state[k]) for k in state)
+    assert "outputs identical" in command(capsys, "verify", str(dest))
+    info = json.loads(command(capsys, "inspect", str(dest), "--json"))
+    assert {t["name"]: t.get("shares") for t in info["tensors"]}["head.weight"] == "tok.weight"
+    sample = command(capsys, "sample", str(dest), "--prompt", "The ", "--chars", "40")
+    assert sample.startswith("The ") and len(sample.rstrip("\n")) == 44
+
+
+def command(capsys, *argv: str) -> str:
+    """``ddp ARGV`` in this process (the CLI's own tests start it as a subprocess); its output."""
+    assert cli.main(list(argv)) == 0, capsys.readouterr().err
+    return capsys.readouterr().out
+
+
+def test_digits_trains_under_ddp_and_verifies(tmp_path):
+    pytest.importorskip("sklearn")
+    out = ok(torchrun(2, "--task", "digits", "--epochs", "8", "--out", str(tmp_path)))
+    assert "verify: 2/2 ranks reloaded" in out
+    evals = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
+    assert evals[-1]["accuracy"] > 0.9  # real handwritten digits, 20 % held out
+
+
+# ---- bad --task specs: usage errors before any process group ------------------------------
+
+
+BAD_SPEC_IDS = ["missing-file", "missing-name", "import-error", "not-callable", "wrong-return", "no-len",
+                "bad-arg", "unknown-builtin", "charlm-without-text", "npz-without-data", "no-probe"]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--task", "nope.py:make"], "--task: nope.py does not exist"),
+        (["--task", "tests/user_task.py:missing"], "tests/user_task.py has no 'missing'; it defines"),
+        (["--task", "no_such_package.tasks:make"], "--task: cannot import module 'no_such_package.tasks'"),
+        (["--task", "tests/user_task.py:not_a_task"], "is a int; expected a ddp.Task or a function returning one"),
+        (["--task", "tests/user_task.py:returns_a_model"], "returned a Scorer, not a ddp.Task"),
+        (["--task", "tests/user_task.py:unsized"], "train_data is a Unsized without __len__"),
+        (["--task", "tests/user_task.py:make", "--task-arg", "colour=red"], "takes no argument(s) ['colour']"),
+        (["--task", "mlpp"], "--task 'mlpp': not a built-in task (mlp, cnn, npz, digits, charlm)"),
+        (["--task", "charlm"], "task charlm needs a text file: --task-arg text=FILE"),
+        (["--task", "npz"], "--task npz needs --data FILE.npz"),
+        (["--task", "tests/user_task.py:no_probe"], "cannot derive a probe from batches of type dict"),
+    ],
+    ids=BAD_SPEC_IDS,
+)
+def test_a_bad_task_spec_is_a_usage_error_naming_it(tmp_path, capsys, monkeypatch, argv, message):
+    monkeypatch.chdir(ROOT)
+    assert train.main([*argv, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "error:" in err
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_task_file_that_fails_to_import_names_the_file_and_the_error(tmp_path, capsys):
+    bad = tmp_path / "broken.py"
+    bad.write_text("import torch\nraise ValueError('no GPU budget')\n")
+    assert train.main(["--task", f"{bad}:make", "--out", str(tmp_path / "run")]) == 2
+    assert f"--task: importing {bad} failed: ValueError: no GPU budget" in capsys.readouterr().err
+
+
+# ---- the Python API -------------------------------------------------------------------------
+
+
+def test_fit_runs_the_same_trainer_under_torchrun_and_alone(tmp_path):
+    script = ROOT / "examples" / "fit.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script),
+           "--out", str(tmp_path / "two")]  # fmt: skip
+    out = ok(run(cmd))
+    assert "fit: 2 ranks verified" in out and (tmp_path / "two" / "mlp.params").exists()
+    out = ok(run([sys.executable, str(script), "--out", str(tmp_path / "one")]))
+    assert "fit: 1 ranks verified" in out

@@ -1,0 +1,104 @@
+"""A user's own task, as someone outside this project would write it (the trainer has never seen it).
+
+Dict batches, a custom collate, a custom loss, a forward that takes keyword arguments, a
+buffer, and a dataset that draws random numbers from torch, numpy and Python in
+``__getitem__`` (an augmentation). Loaded by the tests as ``--task tests/user_task.py:make``.
+"""
+
+import random
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+import ddp
+
+
+class NoisyPoints(Dataset):
+    """Points in 6-D labelled by a fixed rule; each read adds fresh noise and a random scale."""
+
+    def __init__(self, n: int, seed: int, noise: float) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, 6, generator=g)
+        self.y = ((self.x[:, 0] + self.x[:, 1] * self.x[:, 2]) > 0).long()
+        self.noise = noise
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict:
+        scale = np.random.uniform(0.9, 1.1)  # numpy's global RNG
+        weight = 1.0 if random.random() < 0.8 else 0.5  # Python's
+        features = self.x[i] * scale + self.noise * torch.randn(6)  # torch's
+        return {"features": features, "label": self.y[i], "weight": torch.tensor(weight)}
+
+
+def collate(samples: list[dict]) -> dict:
+    """Stack each field, and keep the sample order for the loss to check."""
+    batch = {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+    batch["size"] = len(samples)  # not a tensor: the trainer must pass it through untouched
+    return batch
+
+
+class Scorer(nn.Module):
+    """Standardises its input with a fixed buffer, then a small MLP; called as model(features=...)."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.register_buffer("scale", torch.linspace(0.5, 1.5, 6))
+        self.net = nn.Sequential(nn.Linear(6, hidden), nn.Tanh(), nn.Linear(hidden, 2))
+
+    def forward(self, *, features: torch.Tensor) -> torch.Tensor:
+        return self.net(features * self.scale)
+
+
+def loss(model: nn.Module, batch: dict) -> torch.Tensor:
+    assert batch["size"] == len(batch["label"])
+    per_sample = F.cross_entropy(model(features=batch["features"]), batch["label"], reduction="none")
+    return (per_sample * batch["weight"]).mean()  # a mean over samples: the same over shards or at once
+
+
+def metrics(model: nn.Module, batch: dict) -> dict:
+    logits = model(features=batch["features"])
+    return {
+        "loss": F.cross_entropy(logits, batch["label"], reduction="sum").item(),
+        "accuracy": (logits.argmax(1) == batch["label"]).sum().item(),
+        "count": len(batch["label"]),
+    }
+
+
+def make(samples: int = 512, hidden: int = 16, noise: float = 0.1) -> ddp.Task:
+    probe = {"features": torch.randn(8, 6, generator=torch.Generator().manual_seed(3))}
+    return ddp.Task(
+        model=lambda: Scorer(hidden),
+        train_data=NoisyPoints(samples, seed=0, noise=noise),
+        val_data=NoisyPoints(128, seed=1, noise=noise),
+        collate=collate,
+        loss=loss,
+        metrics=metrics,
+        probe=probe,
+        name="user",
+    )
+
+
+not_a_task = 42
+
+
+def returns_a_model():
+    return Scorer(4)
+
+
+class Unsized(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        yield from range(3)
+
+
+def unsized():
+    return ddp.Task(model=lambda: Scorer(4), train_data=Unsized())
+
+
+def no_probe():
+    """Dict batches and no probe: the trainer cannot guess what to verify with."""
+    return ddp.Task(model=lambda: Scorer(4), train_data=NoisyPoints(64, 0, 0.1), collate=collate, loss=loss)
