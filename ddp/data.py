@@ -98,9 +98,11 @@ class SeededSamples(Dataset):
     """The user's dataset, read by ``(epoch, index)``: each sample draws from RNGs seeded for it.
 
     A dataset that draws random numbers in ``__getitem__`` (augmentation, masking, crops)
-    then gives sample i of epoch e the same draws whether the job was restarted, on how
-    many ranks it runs, and in which worker process (or none) it is loaded. The caller's
-    own RNG streams (dropout in the training process) are put back untouched.
+    from Python's, numpy's or torch's global CPU generators then gives sample i of epoch e
+    the same draws whether the job was restarted, on how many ranks it runs, and in which
+    worker process (or none) it is loaded. The caller's own generator states (dropout in
+    the training process) are put back untouched, once per batch: saving numpy's state
+    costs 70 us, seeding the three generators 7 us.
     """
 
     def __init__(self, dataset: Dataset, seed: int) -> None:
@@ -110,9 +112,35 @@ class SeededSamples(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, key: tuple[int, int]):
-        epoch, index = key
-        with seeded(sample_seed(self.seed, epoch, index)):
-            return self.dataset[index]
+        return self.__getitems__([key])[0]
+
+    def __getitems__(self, keys: list[tuple[int, int]]) -> list:
+        """A batch of samples (the DataLoader's fetcher calls this once per batch)."""
+        with preserved_rng():
+            samples = []
+            for epoch, index in keys:
+                seed_cpu(sample_seed(self.seed, epoch, index))
+                samples.append(self.dataset[index])
+            return samples
+
+
+@contextlib.contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Put Python's, numpy's and torch's CPU generator states back after the block."""
+    py, npy, cpu = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    try:
+        yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(npy)
+        torch.set_rng_state(cpu)
+
+
+def seed_cpu(seed: int) -> None:
+    """Seed Python's, numpy's and torch's CPU generators (torch.manual_seed costs 100 us: CUDA too)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.default_generator.manual_seed(seed)
 
 
 class EpochTagged(Sampler):

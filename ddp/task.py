@@ -81,7 +81,9 @@ class Task:
         """The batch of the given samples, as the trainer's loader makes it."""
         if isinstance(dataset, TensorDataset) and self.collate is None:
             return dataset[list(indices)]
-        return (self.collate or default_collate)([dataset[i] for i in indices])
+        fetch = getattr(dataset, "__getitems__", None)  # one call per batch where the dataset has it
+        samples = fetch(list(indices)) if fetch else [dataset[i] for i in indices]
+        return (self.collate or default_collate)(samples)
 
     def compute_loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         """The task's loss, or cross-entropy for ``(x, y)`` batches."""
