@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -305,6 +306,9 @@ def main(argv: list[str] | None = None) -> int:
     except DDPError as e:
         print(f"ddp {args.command}: error: {e}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # `ddp inspect ... | head`: the reader has gone, which is no error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # as Python's docs advise
+        return 0
 
 
 if __name__ == "__main__":

@@ -95,7 +95,12 @@ class Task:
     def compute_metrics(self, model: nn.Module, batch: Batch) -> dict[str, float]:
         """Sums over one batch with a ``count``: the task's, or loss (and accuracy) by default."""
         if self.metrics is not None:
-            return dict(self.metrics(model, batch))
+            sums = dict(self.metrics(model, batch))
+            if "count" not in sums:
+                raise ConfigError(
+                    f"task {self.name!r}: metrics() must return sums and a 'count'; it gave {sorted(sums)}"
+                )
+            return sums
         if self.loss is not None:
             n = batch_size(batch)
             return {"loss": self.loss(model, batch).item() * n, "count": n}

@@ -384,6 +384,8 @@ class Trainer:
         for part in dist.all_gather_objects(sums):  # every rank sums the same dicts, in rank order
             for key, value in part.items():
                 total[key] = total.get(key, 0.0) + value
+        if not total.get("count"):
+            return {}  # an empty held-out split: nothing to report
         means = self.task.finish_metrics(total)
         shown = " ".join(f"{k} {v:.4f}" for k, v in means.items())
         self.display.message(f"eval epoch {self.progress.epoch - 1}: {shown}")

@@ -56,6 +56,12 @@ def test_inspect_json_describes_a_checkpoint(trained):
     assert info["total_bytes"] == sum(t["bytes"] for t in info["tensors"])
 
 
+def test_inspect_into_a_pipe_that_closes_early_exits_quietly(trained):
+    # `| true` closes the pipe before ddp writes (what `| head` does to long output)
+    proc = run(["bash", "-c", f"set -o pipefail; {sys.executable} -m ddp inspect {trained[0]}/mlp.params | true"])
+    assert proc.returncode == 0 and "Traceback" not in proc.output
+
+
 def test_inspect_reports_a_damaged_file_with_exit_1(trained, tmp_path):
     bad = tmp_path / "mlp.params"
     bad.write_bytes((trained[0] / "mlp.params").read_bytes()[:500])
