@@ -68,19 +68,19 @@ def split(full: TensorDataset, val_fraction: float) -> tuple[TensorDataset, Tens
 # ---- random numbers drawn while loading a sample -----------------------------------------
 
 
+def seed_all(seed: int) -> None:
+    """Seed Python, numpy and torch (CPU and every GPU)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 @contextlib.contextmanager
 def seeded(seed: int) -> Iterator[None]:
-    """Seed Python, numpy and torch's CPU generator for a block, then put their states back."""
-    py, npy = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
-        torch.manual_seed(seed)
-        try:
-            yield
-        finally:
-            random.setstate(py)
-            np.random.set_state(npy)
+    """Seed every generator for a block, then put the CPU generators' states back."""
+    with preserved_rng():
+        seed_all(seed)
+        yield
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:

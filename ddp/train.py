@@ -24,14 +24,12 @@ import contextlib
 import dataclasses
 import json
 import os
-import random
 import signal
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 from torch.distributed.elastic.multiprocessing.errors import record
@@ -41,7 +39,7 @@ from torch.utils.data import TensorDataset
 from ddp import dist, faults
 from ddp.checkpoint import FORMAT_VERSION, Checkpointer, rng_state, set_rng_state
 from ddp.config import SECTIONS, Config, config_changes, parse
-from ddp.data import ResumableSampler, eval_batches, make_loader, seeded, steps_per_epoch
+from ddp.data import ResumableSampler, eval_batches, make_loader, seed_all, seeded, steps_per_epoch
 from ddp.errors import ConfigError, DDPError
 from ddp.io import check_architecture, load_model, save_model, strip_prefixes, unwrap
 from ddp.metrics import MetricsWriter, ProgressDisplay
@@ -63,13 +61,6 @@ class Progress:
     """Current epoch."""
     epoch_samples: int = 0
     """Samples of the current epoch already consumed, counted over all ranks."""
-
-
-def seed_all(seed: int) -> None:
-    """Seed Python, numpy and torch (CPU and every GPU)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def local_model(task: Task, cfg: Config, device: torch.device, dtype: torch.dtype = torch.float32) -> nn.Module:

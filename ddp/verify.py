@@ -48,11 +48,6 @@ class VerifyReport:
         return lines
 
 
-def probe_batch(shape: tuple[int, ...], n: int = 16, seed: int = 1234) -> torch.Tensor:
-    """The same input on every rank: drawn on the CPU from a fixed seed."""
-    return torch.randn(n, *shape, generator=torch.Generator().manual_seed(seed))
-
-
 @torch.no_grad()
 def outputs(model: nn.Module, x: Any, precision: str = "fp32") -> torch.Tensor:
     """The model's output on ``x`` in eval mode, on the model's device, as one float64 CPU tensor.

@@ -101,6 +101,8 @@ def test_charlm_keeps_its_tied_weights_one_tensor_through_save_load_and_resume(t
     assert checkpoint["head.weight"].data_ptr() == checkpoint["tok.weight"].data_ptr()  # stored once, not twice
     out = ok(torchrun(2, *args))
     assert "continuing at step 9" in out and "perplexity" in out
+    resumed = torch.load(tmp_path / "run" / "checkpoints" / "step-00000024" / "model.pt", weights_only=True)
+    assert resumed["head.weight"].data_ptr() == resumed["tok.weight"].data_ptr()  # after the resume as well
     state = torch.load(tmp_path / "run" / "mlp.params", weights_only=True)
     model = ddp.load_model(charlm.from_state_dict(state), tmp_path / "run" / "mlp.params")
     assert model.head.weight is model.tok.weight  # one parameter after loading, not a diverging copy

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import math
+
+from torch.utils.data import TensorDataset
+
 from ddp.config import Config
 from ddp.data import split, synthetic
 from ddp.model import MLP
@@ -19,13 +23,28 @@ def task(
     seed: int = 0,
 ) -> Task:
     """Labels from a fixed random linear teacher; the last ``val_fraction`` held out."""
-    train, val = split(synthetic(samples, (in_features,), out_features, seed), val_fraction)
+    data = synthetic(samples, (in_features,), out_features, seed)
+    return on(data, val_fraction, hidden, out_features, batchnorm, dropout, name="mlp")
+
+
+def on(
+    data: TensorDataset,
+    val_fraction: float,
+    hidden: tuple[int, ...],
+    out_features: int,
+    batchnorm: bool,
+    dropout: float,
+    name: str,
+) -> Task:
+    """The MLP on (X, y) tensors, its input size taken from X; the last ``val_fraction`` held out."""
+    in_features = math.prod(data.tensors[0].shape[1:])
+    train, val = split(data, val_fraction)
     hidden = tuple(hidden)
     return Task(
         model=lambda: MLP(in_features, hidden, out_features, batchnorm, dropout),
         train_data=train,
         val_data=val,
-        name="mlp",
+        name=name,
     )
 
 

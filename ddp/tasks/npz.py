@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import math
-
 from ddp.config import Config
-from ddp.data import load_npz, split
+from ddp.data import load_npz
 from ddp.errors import ConfigError
-from ddp.model import MLP
 from ddp.task import Task
+from ddp.tasks import mlp
 
 
 def task(
@@ -20,16 +18,7 @@ def task(
     val_fraction: float = 0.1,
 ) -> Task:
     """The input size comes from X; labels must lie in [0, out_features)."""
-    full = load_npz(data, out_features)
-    in_features = math.prod(full.tensors[0].shape[1:])
-    train, val = split(full, val_fraction)
-    hidden = tuple(hidden)
-    return Task(
-        model=lambda: MLP(in_features, hidden, out_features, batchnorm, dropout),
-        train_data=train,
-        val_data=val,
-        name="npz",
-    )
+    return mlp.on(load_npz(data, out_features), val_fraction, hidden, out_features, batchnorm, dropout, name="npz")
 
 
 def from_config(cfg: Config) -> Task:
