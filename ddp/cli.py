@@ -5,6 +5,8 @@ ddp verify runs/demo/mlp.params                 # under torchrun: every rank che
 ddp inspect runs/demo/checkpoints/step-00000168 --json
 ddp predict runs/demo/mlp.params --random 4 --device cpu
 ddp export runs/demo/mlp.params --format safetensors
+ddp inspect lightning.ckpt                      # any file holding tensors: torch, safetensors, DCP folders
+ddp predict snapshot.pt --model my_model.py:MLP --input x.npz
 ddp plot runs/demo                              # writes runs/demo/loss.png
 ddp sample runs/lm/mlp.params --prompt "The "   # a trained charlm writes on
 """
@@ -21,126 +23,111 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
-from ddp import dist, train
-from ddp.checkpoint import MANIFEST, read_manifest, validate
-from ddp.config import Config, DistConfig, TaskConfig, upgrade
+from ddp import dist, train, weights
+from ddp.checkpoint import MANIFEST, read_manifest
+from ddp.config import Config, DistConfig, TaskConfig, parse_task_arg
+from ddp.data import seeded
 from ddp.errors import CheckpointError, ConfigError, DDPError
-from ddp.io import (
-    detect_format,
-    load,
-    load_model,
-    load_safetensors,
-    save,
-    save_safetensors,
-    split_aliases,
-    strip_prefixes,
-)
+from ddp.io import split_aliases
 from ddp.metrics import plot
-from ddp.model import builtin_from_state_dict
-from ddp.task import Task
-from ddp.tasks import charlm, resolve
+from ddp.tasks import build_model, charlm, resolve
 from ddp.verify import outputs, summary, verify_identical_outputs
+from ddp.weights import Weights
+
+INSPECT_SCHEMA = 1
+"""Bumped when a field of ``ddp inspect --json`` changes meaning or goes away; new fields may appear."""
 
 
-@dataclasses.dataclass
-class Weights:
-    """A model's weights as found in a file or checkpoint folder, with what is known of it."""
-
-    path: Path
-    state: dict[str, torch.Tensor]
-    cfg: Config | None
-    """The training config: a checkpoint's own, or guessed from the shapes of a built-in model."""
-    info: dict[str, Any]
+def read_weights(args: argparse.Namespace, map_location: str | torch.device = "cpu") -> Weights:
+    return weights.read(args.path, map_location, key=args.key)
 
 
-def read_weights(path: str | Path, map_location: str | torch.device = "cpu") -> Weights:
-    """Weights from a checkpoint folder (validated against its manifest) or a weights file."""
-    path = Path(path)
-    if path.is_dir() or path.name == MANIFEST:
-        folder = path if path.is_dir() else path.parent
-        manifest = validate(folder)
-        state = load(folder / "model.pt", map_location, expect="torch")
-        train_state = load(folder / "train.pt", "cpu", expect="torch")
-        info = {
-            "kind": "checkpoint",
-            "format": "torch",
-            "step": manifest["step"],
-            "epoch": train_state["epoch"],
-            "world_size": manifest["world_size"],
-            "torch_version": manifest["torch_version"],
-            "integrity": f"ok: {len(manifest['files'])} files match the manifest (size, sha256)",
-        }
-        return Weights(folder, state, Config.from_dict(upgrade(train_state["config"])), info)
-    fmt = detect_format(path)
-    meta: dict = {}
-    if fmt == "safetensors":
-        state, meta = load_safetensors(path, map_location)
-    else:
-        state = load(path, map_location)
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{path} holds a {type(state).__name__}, not a state_dict of tensors")
-    state, stripped = strip_prefixes(state)
-    if "config" in meta:
-        cfg = Config.from_dict(json.loads(meta["config"]))
-    else:
-        try:
-            spec, model = builtin_from_state_dict(state)
-            cfg = Config(task=TaskConfig(spec=spec), model=model)
-        except (ValueError, KeyError, IndexError):
-            cfg = None  # listing the tensors needs no architecture; running them does
-    info = {
-        "kind": "weights",
-        "format": fmt,
-        "stripped_prefixes": stripped,
-        "integrity": "ok: loaded with the weights-only loader"
-        if fmt != "safetensors"
-        else "ok: safetensors header and data",
-    }
-    return Weights(path, state, cfg, info)
-
-
-def task_of(w: Weights) -> Task:
-    """The task that trained these weights, rebuilt from its config."""
+def _config(w: Weights, args: argparse.Namespace) -> Config:
+    if args.task:
+        base = w.cfg or Config()
+        return dataclasses.replace(base, task=TaskConfig(spec=args.task, args=dict(args.task_arg)))
     if w.cfg is None:
-        raise CheckpointError(
-            f"{w.path}: cannot tell the architecture: not a built-in model and no training config is stored "
-            "with it; verify the checkpoint folder it came from instead"
+        raise ConfigError(
+            f"{w.path}: cannot tell the architecture: no training config is stored with it and it is not a "
+            "built-in model. Add --model FILE.py:NAME (a class or function returning your nn.Module; "
+            "--model-arg KEY=VALUE for its arguments) or --task SPEC"
         )
-    return resolve(w.cfg)
+    return w.cfg
 
 
-def build_loaded(w: Weights, task: Task, device: torch.device) -> torch.nn.Module:
-    """A fresh model of the file's architecture with its weights, on ``device``."""
+def model_for(w: Weights, args: argparse.Namespace, device: torch.device) -> tuple[nn.Module, Any]:
+    """A fresh model of the weights' architecture with the weights loaded, and its probe input (None if unknown)."""
     dtype = next((v.dtype for v in w.state.values() if v.is_floating_point()), torch.float32)
-    model = train.local_model(task, w.cfg, device, dtype)
-    path = w.path / "model.pt" if w.path.is_dir() else w.path
-    load_model(model, path, verbose=False)
-    return model
+    if args.model:
+        with seeded(0):
+            model = build_model(args.model, dict(args.model_arg)).to(device, dtype=dtype)
+        probe = None
+    else:
+        cfg = _config(w, args)
+        task = resolve(cfg)
+        model = train.local_model(task, cfg, device, dtype)
+        probe = train.probe_input(task, cfg)
+    return weights.load_into(model, w), probe
+
+
+def sample_shape(model: nn.Module, probe: Any, what: str) -> tuple[int, ...]:
+    """The shape of one input sample: the probe's, or the first Linear layer's width."""
+    if probe is not None:
+        if not (isinstance(probe, torch.Tensor) and probe.is_floating_point()):
+            raise ConfigError(f"{what} takes float tensor inputs; this model takes {type(probe).__name__}")
+        return tuple(probe.shape[1:])
+    first = next((m for m in model.modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))), None)
+    if not isinstance(first, nn.Linear):
+        raise ConfigError(f"{what}: cannot tell this model's input shape; give --input FILE.npz with an array X")
+    return (first.weight.shape[1],)  # not in_features: a lazy layer's stays 0 after loading
+
+
+def read_inputs(path: str) -> torch.Tensor:
+    with np.load(path, allow_pickle=False) as f:
+        if "X" not in f.files:
+            raise ConfigError(f"--input: {path} has no array X (it has {f.files})")
+        return torch.as_tensor(f["X"])
+
+
+def run_model(model: nn.Module, x: Any) -> torch.Tensor:
+    try:
+        return outputs(model, x)
+    except (RuntimeError, TypeError, ValueError) as e:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ConfigError(f"the model failed on inputs of shape {shape}: {str(e).splitlines()[0][:300]}") from None
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
     with dist.process_group(DistConfig(backend=args.backend)) as world:
-        w = read_weights(args.path, world.device)
-        task = task_of(w)
-        model = build_loaded(w, task, world.device)
-        probe = train.probe_input(task, w.cfg)
+        w = read_weights(args, world.device)
+        model, probe = model_for(w, args, world.device)
+        if args.input:
+            probe = read_inputs(args.input)
+        elif probe is None:
+            shape = sample_shape(model, None, "ddp verify")
+            probe = torch.randn(8, *shape, generator=torch.Generator().manual_seed(0))
+        run_model(model, probe)
         report = verify_identical_outputs(model, probe, atol=args.atol)
-        dist.log(world, f"{w.info['integrity']}")
+        dist.log(world, integrity(w))
         dist.log(world, summary(report, str(args.path)))
     return 0
 
 
-def cmd_inspect(args: argparse.Namespace) -> int:
-    path = Path(args.path)
-    try:
-        w = read_weights(path)
-    except CheckpointError as e:
-        info = {"path": str(path), "integrity": f"FAILED: {e}"}
-        if path.is_dir() and (path / MANIFEST).exists():
-            info.update(read_manifest(path))
-        print(json.dumps(info, indent=2) if args.json else info["integrity"])
-        return 1
+def integrity(w: Weights) -> str:
+    if "integrity" in w.info:
+        return w.info["integrity"]
+    return {
+        "safetensors": "ok: safetensors header and data",
+        "dcp": "ok: read through torch.distributed.checkpoint (metadata of DCP's own classes only)",
+    }.get(w.format.removesuffix("-sharded"), "ok: loaded with the weights-only loader") + (
+        f", {len(w.metadata['shards'])} shards as the index says" if w.format.endswith("-sharded") else ""
+    )
+
+
+def describe(w: Weights, path: Path) -> dict[str, Any]:
+    """``ddp inspect --json``: see the README for the meaning of every field."""
     _, aliases = split_aliases(w.state)
     tensors = [
         {
@@ -152,27 +139,55 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         }
         for k, v in w.state.items()
     ]
-    info = {
+    return {
+        "schema": INSPECT_SCHEMA,
         "path": str(path),
+        "kind": "checkpoint" if "step" in w.info else "weights",
+        "format": w.format,
         **w.info,
+        "integrity": integrity(w),
+        "found_at": w.found_at,
+        "stripped_prefixes": w.stripped,
+        "other_entries": w.other_entries,
+        "metadata": w.metadata,
         "task": None if w.cfg is None else w.cfg.task.spec,
         "model": None if w.cfg is None else w.cfg.to_dict()["model"],
         "tensors": tensors,
+        "tensor_count": sum("shares" not in t for t in tensors),
         "total_bytes": sum(t["bytes"] for t in tensors if "shares" not in t),
     }
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    path = Path(args.path)
+    try:
+        w = weights.read(path, key=args.key, mmap=True)
+    except CheckpointError as e:
+        info = {"schema": INSPECT_SCHEMA, "path": str(path), "integrity": f"FAILED: {e}"}
+        if path.is_dir() and (path / MANIFEST).exists():
+            info.update(read_manifest(path))
+        print(json.dumps(info, indent=2) if args.json else info["integrity"])
+        return 1
+    info = describe(w, path)
     if args.json:
-        print(json.dumps(info, indent=2))
+        print(json.dumps(info, indent=2, default=str))
         return 0
     for key in ("path", "kind", "format", "step", "epoch", "world_size", "torch_version", "integrity"):
         if key in info:
             print(f"{key:>14}: {info[key]}")
-    print(f"{'task':>14}: {info['task'] or 'unknown (no training config stored)'}")
-    for t in tensors:
+    print(f"{'found at':>14}: {info['found_at'] or 'the top level'}")
+    if info["stripped_prefixes"]:
+        print(f"{'stripped':>14}: {', '.join(info['stripped_prefixes'])}")
+    if info["other_entries"]:
+        print(f"{'also holds':>14}: {', '.join(info['other_entries'])}")
+    if info["kind"] == "weights" and info["metadata"]:  # a checkpoint's manifest is summed up above
+        print(f"{'metadata':>14}: {json.dumps(info['metadata'], default=str)[:300]}")
+    print(f"{'task':>14}: {info['task'] or 'unknown (no training config stored; --model runs it)'}")
+    for t in info["tensors"]:
         shares = f"  (shares {t['shares']})" if "shares" in t else ""
         shape = "x".join(map(str, t["shape"])) or "scalar"
         print(f"  {t['name']:<32} {shape:>12} {t['dtype']:>9} {t['bytes']:>10,} B{shares}")
-    unique = sum("shares" not in t for t in tensors)
-    print(f"{'total':>14}: {info['total_bytes']:,} bytes in {unique} tensors")
+    print(f"{'total':>14}: {info['total_bytes']:,} bytes in {info['tensor_count']} tensors")
     return 0
 
 
@@ -186,24 +201,19 @@ def pick_device(name: str) -> torch.device:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
-    w = read_weights(args.path, device)
-    task = task_of(w)
-    model = build_loaded(w, task, device)
-    probe = train.probe_input(task, w.cfg)
-    if not (isinstance(probe, torch.Tensor) and probe.is_floating_point()):
-        raise ConfigError(f"ddp predict takes float tensor inputs; task {task.name!r} takes {type(probe).__name__}")
-    shape = tuple(probe.shape[1:])
+    w = read_weights(args, device)
+    model, probe = model_for(w, args, device)
     if args.input:
-        with np.load(args.input, allow_pickle=False) as f:
-            if "X" not in f.files:
-                raise ConfigError(f"--input: {args.input} has no array X (it has {f.files})")
-            x = torch.as_tensor(f["X"], dtype=torch.float32)
-        if tuple(x.shape[1:]) != shape:
-            raise ConfigError(f"--input: samples have shape {tuple(x.shape[1:])}, the model expects {shape}")
+        x = read_inputs(args.input)
+        if probe is not None and tuple(x.shape[1:]) != sample_shape(model, probe, "ddp predict"):
+            raise ConfigError(
+                f"--input: samples have shape {tuple(x.shape[1:])}, the model expects {tuple(probe.shape[1:])}"
+            )
     else:
+        shape = sample_shape(model, probe, "ddp predict")
         x = torch.randn(args.random, *shape, generator=torch.Generator().manual_seed(args.seed))
-    logits = outputs(model, x)
-    pred = logits.argmax(1)
+    logits = run_model(model, x)
+    pred = logits.argmax(1) if logits.dim() > 1 else logits
     if args.output:
         np.savez(args.output, X=x.numpy(), logits=logits.numpy(), pred=pred.numpy())
         print(f"wrote {len(x)} predictions to {args.output} (on {device})")
@@ -213,29 +223,32 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+SUFFIX = {"safetensors": ".safetensors", "torch": ".pt", "dcp": ".dcp"}
+
+
 def cmd_export(args: argparse.Namespace) -> int:
-    w = read_weights(args.path)
-    suffix = ".safetensors" if args.format == "safetensors" else ".pt"
-    src = w.path if not w.path.is_dir() else w.path / "model"
-    out = Path(args.output) if args.output else src.with_suffix(suffix)
-    if out.resolve() == Path(args.path).resolve():
-        raise ConfigError(f"--output: {out} is the input file; choose another name")
-    if args.format == "safetensors":
-        meta = {} if w.cfg is None else {"config": json.dumps(w.cfg.to_dict())}
-        save_safetensors(w.state, out, metadata=meta)
-    else:
-        save(w.state, out, format="torch")
-    print(f"exported {len(w.state)} tensors from {args.path} to {out} ({args.format})")
+    w = read_weights(args)
+    if args.model or args.task:  # prove the weights fit before writing them
+        model_for(w, args, torch.device("cpu"))
+    src = Path(args.path)
+    out = Path(args.output) if args.output else src.with_name(src.name.split(".")[0] + SUFFIX[args.format])
+    if out.resolve() == src.resolve() or out.resolve() == w.path.resolve():
+        raise ConfigError(f"--output: {out} is the input; choose another name")
+    if src.is_dir() and out.resolve().is_relative_to(src.resolve()):
+        raise ConfigError(f"--output: {out} is inside the input folder {src}; choose a path outside it")
+    weights.write(w, out, args.format, keep_prefixes=args.keep_prefixes)
+    where = f" found at {w.found_at!r}" if w.found_at else ""
+    stripped = f", prefix {''.join(w.stripped)!r} stripped" if w.stripped and not args.keep_prefixes else ""
+    print(f"exported {len(w.state)} tensors{where} from {args.path} to {out} ({args.format}{stripped})")
     return 0
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
-    w = read_weights(args.path, device)
+    w = read_weights(args, device)
     if "vocab" not in w.state or "pos.weight" not in w.state:
         raise ConfigError(f"{args.path} is not a charlm model (no vocab or pos.weight); ddp sample needs one")
-    model = charlm.from_state_dict(w.state).to(device)
-    load_model(model, w.path / "model.pt" if w.path.is_dir() else w.path, verbose=False)
+    model = weights.load_into(charlm.from_state_dict(w.state).to(device), w)
     print(charlm.generate(model, args.prompt, args.chars, args.temperature, args.seed))
     return 0
 
@@ -245,24 +258,41 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _source_options(p: argparse.ArgumentParser, architecture: bool = True) -> None:
+    p.add_argument(
+        "path",
+        help="a weights file (torch, safetensors), a sharded set's *.index.json, "
+        "a checkpoint folder of this project, or a torch.distributed.checkpoint folder",
+    )
+    p.add_argument("--key", metavar="A/B", help="where the weights are in a nested file (default: found)")
+    if not architecture:
+        return
+    arch = p.add_argument_group("architecture (default: the file's own training config)")
+    arch.add_argument("--model", metavar="SPEC", help="FILE.py:NAME or module:NAME: a class or function -> nn.Module")
+    arch.add_argument("--model-arg", metavar="KEY=VALUE", action="append", type=parse_task_arg, default=[])
+    arch.add_argument("--task", metavar="SPEC", help="a task (built-in name, FILE.py:NAME) whose model it is")
+    arch.add_argument("--task-arg", metavar="KEY=VALUE", action="append", type=parse_task_arg, default=[])
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ddp", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("train", help="train with DDP (all options: ddp train --help)", add_help=False)
 
     v = sub.add_parser("verify", help="check a checkpoint or weights file and that every rank agrees")
-    v.add_argument("path", help="a weights file (mlp.params, .safetensors) or a checkpoint folder")
+    _source_options(v)
+    v.add_argument("--input", metavar="FILE.npz", help="inputs to compare on: array X (default: the task's probe)")
     v.add_argument("--atol", type=float, default=0.0, help="tolerance between ranks (default: 0, bitwise)")
     v.add_argument("--backend", default="auto", help="auto, nccl or gloo (default: auto)")
     v.set_defaults(func=cmd_verify)
 
-    i = sub.add_parser("inspect", help="step, sizes, tensors and integrity of a checkpoint or weights file")
-    i.add_argument("path")
-    i.add_argument("--json", action="store_true", help="machine-readable output")
+    i = sub.add_parser("inspect", help="format, tensors, metadata and integrity of any file holding tensors")
+    _source_options(i, architecture=False)
+    i.add_argument("--json", action="store_true", help="machine-readable output (shape: see the README)")
     i.set_defaults(func=cmd_inspect)
 
     pr = sub.add_parser("predict", help="run saved weights on new inputs, on any device")
-    pr.add_argument("path")
+    _source_options(pr)
     src = pr.add_mutually_exclusive_group(required=True)
     src.add_argument("--input", metavar="FILE.npz", help="inputs: array X")
     src.add_argument("--random", type=int, metavar="N", help="N random inputs (a smoke test)")
@@ -271,14 +301,15 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--output", metavar="FILE.npz", help="write X, logits and pred here (default: print)")
     pr.set_defaults(func=cmd_predict)
 
-    e = sub.add_parser("export", help="a weights-only copy for deployment")
-    e.add_argument("path")
-    e.add_argument("--format", required=True, choices=["safetensors", "torch"])
-    e.add_argument("--output", help="destination (default: beside the input, new suffix)")
+    e = sub.add_parser("export", help="convert the weights among torch, safetensors and DCP, as a plain state_dict")
+    _source_options(e)
+    e.add_argument("--format", required=True, choices=weights.FORMATS)
+    e.add_argument("--output", help="destination (default: beside the input, new suffix; dcp: a folder)")
+    e.add_argument("--keep-prefixes", action="store_true", help="keep module./model. prefixes (default: strip)")
     e.set_defaults(func=cmd_export)
 
     sm = sub.add_parser("sample", help="continue a prompt with a trained charlm")
-    sm.add_argument("path", help="a charlm's mlp.params (or a checkpoint folder)")
+    _source_options(sm, architecture=False)
     sm.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
     sm.add_argument("--chars", type=int, default=200, help="characters to sample (default: 200)")
     sm.add_argument("--temperature", type=float, default=0.8, help="below 1: safer choices (default: 0.8)")

@@ -20,6 +20,7 @@ from typing import IO, Any
 
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy  # a lazy layer takes its shape from the file
 
 from ddp import dist, faults
 from ddp.errors import (
@@ -264,13 +265,15 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
-def strip_prefixes(state_dict: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    """Remove wrapper prefixes from every key; returns the dict and the prefixes removed."""
+def strip_prefixes(
+    state_dict: dict[str, Any], prefixes: tuple[str, ...] = PREFIXES
+) -> tuple[dict[str, Any], list[str]]:
+    """Remove wrapper prefixes shared by every key; returns the dict and the prefixes removed."""
     stripped: list[str] = []
     changed = True
     while changed and state_dict:
         changed = False
-        for prefix in PREFIXES:
+        for prefix in prefixes:
             if all(k.startswith(prefix) for k in state_dict):
                 state_dict = {k[len(prefix) :]: v for k, v in state_dict.items()}
                 stripped.append(prefix)
@@ -324,7 +327,7 @@ def check_architecture(model: nn.Module, state: dict[str, Any], path: str | os.P
     shapes = [
         f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
         for k, v in expected.items()
-        if k in state and isinstance(state[k], torch.Tensor) and state[k].shape != v.shape
+        if k in state and isinstance(state[k], torch.Tensor) and not is_lazy(v) and state[k].shape != v.shape
     ]
     if missing or unexpected or shapes:
         parts = [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
@@ -77,26 +78,42 @@ def materialize(model: nn.Module, example: Any) -> nn.Module:
     return model
 
 
-def builtin_from_state_dict(state: dict[str, Any]) -> tuple[str, ModelConfig]:
-    """Which built-in task (mlp or cnn) a state_dict is from, and its settings, from its shapes."""
+def builtin_model(spec: str, cfg: ModelConfig) -> nn.Module:
+    """The built-in model ``spec`` (mlp or cnn) with the settings ``cfg``."""
+    if spec == "cnn":
+        return ConvNet(cfg.out_features, width=cfg.width, batchnorm=cfg.batchnorm)
+    return MLP(cfg.in_features, cfg.hidden, cfg.out_features, cfg.batchnorm, cfg.dropout)
+
+
+def builtin_from_state_dict(state: dict[str, Any]) -> tuple[str, ModelConfig] | None:
+    """Which built-in model (mlp or cnn) a state_dict is from, and its settings; None unless
+    every name and shape matches that model exactly."""
+    try:
+        spec, cfg = _guess(state)
+    except (KeyError, IndexError, AttributeError, ValueError):
+        return None
+    with torch.device("meta"):  # shapes only: nothing is allocated
+        expected = builtin_model(spec, cfg).state_dict()
+    fits = expected.keys() == state.keys() and all(expected[k].shape == state[k].shape for k in state)
+    return (spec, cfg) if fits else None
+
+
+def _guess(state: dict[str, Any]) -> tuple[str, ModelConfig]:
     if "features.0.weight" in state:
         return "cnn", ModelConfig(
             width=state["features.0.weight"].shape[0],
             out_features=state["output.weight"].shape[0],
             batchnorm="features.1.running_mean" in state,
         )
-    if "output.weight" not in state:
-        raise ValueError("not a state_dict of this project's MLP or ConvNet (no output.weight)")
     linears = sorted(
-        (k for k in state if k.startswith("hidden.") and k.endswith(".weight") and state[k].dim() == 2),
+        (k for k in state if re.fullmatch(r"hidden\.\d+\.weight", k) and state[k].dim() == 2),
         key=lambda k: int(k.split(".")[1]),
     )
     hidden = tuple(state[k].shape[0] for k in linears)
     in_features = state[linears[0]].shape[1] if linears else state["output.weight"].shape[1]
-    batchnorm = any(k.endswith("running_mean") for k in state)
     return "mlp", ModelConfig(
         in_features=in_features,
         hidden=hidden,
         out_features=state["output.weight"].shape[0],
-        batchnorm=batchnorm,
+        batchnorm=any(k.endswith("running_mean") for k in state),
     )

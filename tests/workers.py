@@ -67,3 +67,18 @@ def count_allreduces(cfg_dict: dict) -> tuple[int, int]:
         return len(calls), trainer.progress.step
 
     return _on_every_rank(cfg_dict, body)
+
+
+def save_dcp(folder: str, state_file: str) -> None:
+    """Every rank saves the same state with torch.distributed.checkpoint, as an FSDP or torchtitan job does."""
+    import torch
+    import torch.distributed as tdist
+    import torch.distributed.checkpoint as dcp
+
+    tdist.init_process_group("gloo")
+    try:
+        state = torch.load(state_file, weights_only=True)
+        dcp.save({"model": state, "step": 7}, checkpoint_id=folder)
+        tdist.barrier()
+    finally:
+        tdist.destroy_process_group()

@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from ddp.config import Config
 from ddp.data import seeded
 from ddp.errors import ConfigError
@@ -82,7 +84,7 @@ def build(obj: Any, args: dict[str, Any], spec: str) -> Task:
     return task
 
 
-def _check_args(fn: Callable, args: dict[str, Any], spec: str) -> None:
+def _check_args(fn: Callable, args: dict[str, Any], spec: str, flag: str = "--task") -> None:
     try:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):
@@ -91,32 +93,31 @@ def _check_args(fn: Callable, args: dict[str, Any], spec: str) -> None:
         return
     unknown = sorted(set(args) - set(params))
     if unknown:
-        raise ConfigError(f"--task-arg: {spec} takes no argument(s) {unknown}; it takes {sorted(params) or 'none'}")
+        raise ConfigError(f"{flag}-arg: {spec} takes no argument(s) {unknown}; it takes {sorted(params) or 'none'}")
     missing = [
         n for n, p in params.items() if p.default is p.empty and p.kind is not p.VAR_POSITIONAL and n not in args
     ]
     if missing:
-        raise ConfigError(f"--task {spec} needs --task-arg for {missing}")
+        raise ConfigError(f"{flag} {spec} needs {flag}-arg for {missing}")
 
 
-def load_object(spec: str) -> Any:
-    """The object ``path/to/file.py:NAME`` or ``package.module:NAME`` names."""
+def load_object(spec: str, flag: str = "--task") -> Any:
+    """The object ``path/to/file.py:NAME`` or ``package.module:NAME`` names (``flag`` says which option)."""
     where, sep, name = spec.rpartition(":")
     if not sep or not where or not name:
-        raise ConfigError(
-            f"--task {spec!r}: not a built-in task ({', '.join(BUILTIN)}) nor FILE.py:NAME or package.module:NAME"
-        )
-    module = _import_file(where) if where.endswith(".py") else _import_module(where)
+        builtin = f"not a built-in task ({', '.join(BUILTIN)}) nor" if flag == "--task" else "not"
+        raise ConfigError(f"{flag} {spec!r}: {builtin} FILE.py:NAME or package.module:NAME")
+    module = _import_file(where, flag) if where.endswith(".py") else _import_module(where, flag)
     if not hasattr(module, name):
         public = sorted(n for n in vars(module) if not n.startswith("_"))
-        raise ConfigError(f"--task {spec}: {where} has no {name!r}; it defines {', '.join(public[:12]) or 'nothing'}")
+        raise ConfigError(f"{flag} {spec}: {where} has no {name!r}; it defines {', '.join(public[:12]) or 'nothing'}")
     return getattr(module, name)
 
 
-def _import_file(where: str) -> Any:
+def _import_file(where: str, flag: str) -> Any:
     path = Path(where).resolve()
     if not path.is_file():
-        raise ConfigError(f"--task: {where} does not exist (relative paths start at {Path.cwd()})")
+        raise ConfigError(f"{flag}: {where} does not exist (relative paths start at {Path.cwd()})")
     # A stable module name, registered in sys.modules, so DataLoader workers and pickle find it
     name = f"ddp_task_{path.stem}_{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
     if name in sys.modules:
@@ -128,14 +129,34 @@ def _import_file(where: str) -> Any:
         spec.loader.exec_module(module)
     except Exception as e:
         del sys.modules[name]
-        raise ConfigError(f"--task: importing {where} failed: {type(e).__name__}: {e}") from e
+        raise ConfigError(f"{flag}: importing {where} failed: {type(e).__name__}: {e}") from e
     return module
 
 
-def _import_module(where: str) -> Any:
+def _import_module(where: str, flag: str) -> Any:
     try:
         return importlib.import_module(where)
     except ImportError as e:
-        raise ConfigError(f"--task: cannot import module {where!r}: {e}") from e
+        raise ConfigError(f"{flag}: cannot import module {where!r}: {e}") from e
     except Exception as e:
-        raise ConfigError(f"--task: importing {where} failed: {type(e).__name__}: {e}") from e
+        raise ConfigError(f"{flag}: importing {where} failed: {type(e).__name__}: {e}") from e
+
+
+def build_model(spec: str, args: dict[str, Any]) -> nn.Module:
+    """The module ``--model SPEC`` names: an nn.Module, or a class or function returning one,
+    called with ``--model-arg`` keyword arguments."""
+    obj = load_object(spec, "--model")
+    if isinstance(obj, nn.Module):
+        if args:
+            raise ConfigError(f"--model {spec} is a module instance: it takes no --model-arg ({sorted(args)})")
+        return obj
+    if not callable(obj):
+        raise ConfigError(f"--model {spec} is a {type(obj).__name__}; expected an nn.Module class or a function")
+    _check_args(obj, args, spec, "--model")
+    try:
+        model = obj(**args)
+    except Exception as e:
+        raise ConfigError(f"--model {spec} failed while building the model: {type(e).__name__}: {e}") from e
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"--model {spec} returned a {type(model).__name__}, not an nn.Module")
+    return model

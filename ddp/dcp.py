@@ -1,0 +1,178 @@
+"""``torch.distributed.checkpoint`` (DCP) folders, read and written without running any code.
+
+DCP is what torchtitan and FSDP jobs write: a folder with a ``.metadata`` file and one
+``__R_N.distcp`` data file per writing rank. PyTorch's own reader unpickles ``.metadata``
+without any restriction, and non-tensor entries with the unrestricted torch loader;
+either runs whatever code a crafted file names. Here the metadata goes through an
+unpickler that admits only DCP's own metadata classes (and dtypes, sizes, paths), and
+non-tensor entries through the weights-only loader; tensors are read by PyTorch's own
+``FileSystemReader`` as always. Everything else is PyTorch's API.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta
+from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+from ddp.errors import CheckpointCorruptError, CheckpointNotFoundError, UnsafeCheckpointError
+from ddp.io import fsync_dir
+
+METADATA = ".metadata"
+
+# Every class DCP pickles into .metadata (torch 2.4-2.13), and nothing that can run code.
+_METADATA_CLASSES = {
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata",
+        "StorageMeta",
+        "MetadataIndex",
+        "TensorProperties",
+        "TensorStorageMetadata",
+        "ChunkStorageMetadata",
+        "BytesStorageMetadata",
+        "_MEM_FORMAT_ENCODING",
+    },
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"},
+    "pathlib": {"Path", "PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"},
+    "collections": {"OrderedDict"},
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP metadata; any other class is refused by name."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if name in _METADATA_CLASSES.get(module, ()):
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of DCP metadata")
+
+
+def is_dcp(path: Path) -> bool:
+    """Whether ``path`` is a DCP checkpoint folder."""
+    return path.is_dir() and (path / METADATA).is_file()
+
+
+def read_metadata(folder: Path) -> Metadata:
+    """A DCP folder's metadata, unpickled with DCP's own classes only."""
+    try:
+        with open(folder / METADATA, "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+    except pickle.UnpicklingError as e:
+        raise UnsafeCheckpointError(
+            f"{folder / METADATA} names {e}, so it was not loaded: a DCP metadata file holds only DCP's own "
+            "classes; one naming others may run code when unpickled. Re-save the checkpoint from code you trust"
+        ) from None
+    except (EOFError, ValueError, TypeError, AttributeError) as e:
+        raise CheckpointCorruptError(f"{folder / METADATA} is damaged or truncated ({e}); it cannot be read") from e
+    if not isinstance(metadata, Metadata):
+        raise CheckpointCorruptError(f"{folder / METADATA} holds a {type(metadata).__name__}, not DCP Metadata")
+    return metadata
+
+
+class _SafeReader(FileSystemReader):
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        metadata = read_metadata(Path(self.path))
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class _SafePlanner(_EmptyStateDictLoadPlanner):
+    """Rebuilds the saved state from the metadata; non-tensor entries through the weights-only loader."""
+
+    def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+        try:
+            obj = torch.load(value, weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise UnsafeCheckpointError(
+                f"entry {read_item.dest_index.fqn!r} of the DCP checkpoint holds objects the weights-only loader "
+                f"refuses ({str(e).splitlines()[0][:200]}); it was not loaded"
+            ) from None
+        if self.flatten_state_dict:  # put it back where it was nested, as DefaultLoadPlanner does
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj
+
+
+def load(folder: str | os.PathLike) -> tuple[dict[str, Any], Metadata]:
+    """Everything a DCP folder holds, as one (nested) dict of full CPU tensors and values.
+
+    Sharded tensors come back whole, so a checkpoint written by N ranks loads in one
+    process. Reads on this process only; no process group is needed or used.
+    """
+    folder = Path(folder)
+    if not is_dcp(folder):
+        raise CheckpointNotFoundError(f"{folder} is not a DCP checkpoint folder (no {METADATA} in it)")
+    metadata = read_metadata(folder)
+    missing = sorted(
+        {info.relative_path for info in (metadata.storage_data or {}).values()} - {p.name for p in folder.iterdir()}
+    )
+    if missing:
+        raise CheckpointCorruptError(
+            f"{folder}: {METADATA} names data files that are missing: {', '.join(missing)}; "
+            "copy the whole folder (every rank wrote one)"
+        )
+    ends: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+    for name, end in sorted(ends.items()):
+        if (size := (folder / name).stat().st_size) < end:
+            raise CheckpointCorruptError(f"{folder / name} has {size} bytes, {METADATA} says {end} (truncated?)")
+    state: dict[str, Any] = {}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "assuming the intent is to load in a single process": it is
+            # the loader format_utils.dcp_to_torch_save uses: dcp.load keeps only keys the caller passes
+            _load_state_dict(state, storage_reader=_SafeReader(folder), planner=_SafePlanner(), no_dist=True)
+    except CheckpointException as e:  # DCP gathers each reader's error into this (a BaseException)
+        errors = [failure[0] if isinstance(failure, tuple) else failure for failure in e.failures.values()]
+        for error in errors:
+            if isinstance(error, UnsafeCheckpointError):
+                raise UnsafeCheckpointError(f"{folder}: {error}") from None
+        reason = "; ".join(f"{type(x).__name__}: {x}".rstrip(": ") for x in errors)
+        raise CheckpointCorruptError(f"{folder}: a DCP data file is damaged or truncated ({reason})") from None
+    return state, metadata
+
+
+def save(state: dict[str, Any], folder: str | os.PathLike) -> None:
+    """Write ``state`` as a DCP folder from this one process, all or nothing.
+
+    The folder is written under a temporary name and renamed into place, so an
+    interrupted export leaves no folder that looks complete.
+    """
+    folder = Path(folder)
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the single-process warning, as above
+            dcp.save(dict(state), storage_writer=FileSystemWriter(tmp), no_dist=True)
+        os.replace(tmp, folder)
+        fsync_dir(folder.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def describe(metadata: Metadata) -> dict[str, Any]:
+    """What ``ddp inspect`` shows of DCP metadata: version, files, non-tensor entries."""
+    files = sorted({info.relative_path for info in (metadata.storage_data or {}).values()})
+    values = sorted(k for k, v in metadata.state_dict_metadata.items() if isinstance(v, BytesStorageMetadata))
+    return {"dcp_version": getattr(metadata, "version", None), "data_files": files, "non_tensor_entries": values}

@@ -1,0 +1,341 @@
+"""A model's weights, found in any file that holds tensors, and written in any format.
+
+People bring weights from everywhere: the textbook's ``mlp.params``, the DDP tutorial's
+``snapshot.pt`` (``{"MODEL_STATE": ..., "EPOCHS_RUN": ...}``), Lightning's ``.ckpt``
+(``state_dict`` with a ``model.`` prefix), Hugging Face's ``model.safetensors`` and its
+sharded sets (``model.safetensors.index.json``), torchtitan's and FSDP's
+``torch.distributed.checkpoint`` folders, and this project's checkpoints. ``read`` finds
+the tensors in each (``found_at`` says where, ``stripped`` which wrapper prefixes it
+removed) without needing the architecture; ``write`` converts them among torch,
+safetensors and DCP. Nothing read here can run code: torch files go through the
+weights-only loader, DCP through ``ddp.dcp``, safetensors hold no code at all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ddp import dcp
+from ddp.checkpoint import MANIFEST, validate
+from ddp.config import Config, TaskConfig, upgrade
+from ddp.errors import CheckpointCorruptError, CheckpointFormatError, CheckpointNotFoundError, ConfigError
+from ddp.io import (
+    check_architecture,
+    detect_format,
+    load,
+    load_safetensors,
+    save,
+    save_safetensors,
+    strip_prefixes,
+)
+from ddp.model import builtin_from_state_dict
+
+# Where training scripts keep the weights inside a bigger dict, most common first.
+WEIGHT_KEYS = (
+    "state_dict",  # Lightning, many scripts
+    "model_state_dict",  # PyTorch's saving-for-resume recipe
+    "model",  # torchtitan, timm, fairseq
+    "module",  # DeepSpeed
+    "MODEL_STATE",  # pytorch/examples' DDP tutorial snapshot
+    "model_state",
+    "net",
+    "network",
+    "weights",
+    "params",
+)
+# Subtrees with training state, not weights: never searched for a model's tensors.
+TRAINING_STATE = ("optim", "scheduler", "scaler", "lr_", "rng")
+# DDP, torch.compile, and LightningModule's attribute for the user's model.
+PREFIXES = ("module.", "_orig_mod.", "model.")
+FORMATS = ("torch", "safetensors", "dcp")
+"""What ``write`` writes (and ``ddp export --format`` takes)."""
+
+
+@dataclasses.dataclass
+class Weights:
+    """A model's weights as found in a file or folder, with what is known of them."""
+
+    path: Path
+    """What was read: a file, a checkpoint or DCP folder, or a sharded set's index."""
+    format: str
+    """torch, torch-legacy, safetensors, safetensors-sharded, torch-sharded or dcp."""
+    state: dict[str, torch.Tensor]
+    """The tensors by name, wrapper prefixes stripped."""
+    found_at: str = ""
+    """The key path of the weights inside the file ('' = the whole file), keys joined by '/'."""
+    stripped: list[str] = dataclasses.field(default_factory=list)
+    """Prefixes removed from every name, outermost first."""
+    other_entries: list[str] = dataclasses.field(default_factory=list)
+    """The file's other top-level entries (epoch, optimizer, ...), which are not weights."""
+    metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """The format's own metadata: safetensors metadata, an index's, DCP's."""
+    cfg: Config | None = None
+    """The training config: a checkpoint's own, or recognised from a built-in model's shapes."""
+    info: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """What else a checkpoint of this project says: step, epoch, world_size, integrity."""
+
+    def named(self, keep_prefixes: bool = False) -> dict[str, torch.Tensor]:
+        """The tensors, under their names in the file when ``keep_prefixes``."""
+        prefix = "".join(self.stripped) if keep_prefixes else ""
+        return {prefix + k: v for k, v in self.state.items()}
+
+
+def read(
+    path: str | os.PathLike,
+    map_location: str | torch.device = "cpu",
+    *,
+    key: str | None = None,
+    mmap: bool = False,
+) -> Weights:
+    """The weights in ``path``: a file, a checkpoint folder, a DCP folder or a sharded set.
+
+    Args:
+        key: where the weights are inside a nested file (``ema`` or ``model/ema``) when
+            the file holds more than one set; found automatically otherwise.
+        mmap: map a torch file instead of reading it (listing tensors then reads nothing).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointNotFoundError(f"{path} does not exist; check the path")
+    if path.name == MANIFEST or (path.is_dir() and _is_checkpoint(path)):
+        return _read_checkpoint(path if path.is_dir() else path.parent, map_location)
+    if dcp.is_dcp(path):
+        state, metadata = dcp.load(path)
+        return _found(path, "dcp", state, key, map_location, dcp.describe(metadata))
+    if path.is_dir():
+        path = _the_file_in(path)
+    if path.name.endswith(".index.json"):
+        return _read_sharded(path, map_location, key)
+    fmt = detect_format(path)
+    if fmt == "safetensors":
+        state, metadata = load_safetensors(path, map_location)
+        return _found(path, fmt, state, key, map_location, metadata)
+    return _found(path, fmt, load(path, map_location, mmap=mmap), key, map_location, {})
+
+
+def _is_checkpoint(folder: Path) -> bool:
+    return (folder / MANIFEST).exists() or ((folder / "model.pt").exists() and (folder / "train.pt").exists())
+
+
+def _the_file_in(folder: Path) -> Path:
+    """The one weights file a folder holds (Hugging Face's layout): an index or a single safetensors file."""
+    for pattern in ("*.safetensors.index.json", "*.index.json", "*.safetensors"):
+        found = sorted(folder.glob(pattern))
+        if len(found) == 1:
+            return found[0]
+        if len(found) > 1:
+            names = ", ".join(p.name for p in found[:4])
+            raise CheckpointFormatError(f"{folder} holds several weights files ({names}); name the one to read")
+    raise CheckpointFormatError(
+        f"{folder} is a folder without a checkpoint: expected {MANIFEST} (this project), .metadata "
+        "(torch.distributed.checkpoint), a *.index.json (a sharded set) or one .safetensors file"
+    )
+
+
+def _read_checkpoint(folder: Path, map_location: str | torch.device) -> Weights:
+    manifest = validate(folder)
+    state = load(folder / "model.pt", map_location, expect="torch")
+    train_state = load(folder / "train.pt", "cpu", expect="torch")
+    cfg = Config.from_dict(upgrade(train_state["config"]))
+    info = {
+        "step": manifest["step"],
+        "epoch": train_state["epoch"],
+        "world_size": manifest["world_size"],
+        "torch_version": manifest["torch_version"],
+        "integrity": f"ok: {len(manifest['files'])} files match the manifest (size, sha256)",
+    }
+    state, stripped = strip_prefixes(state)  # this project's own files: wrapper prefixes only
+    metadata = {"manifest": manifest}
+    return Weights(folder, "torch", state, "model.pt", stripped, ["train.pt"], metadata, cfg, info)
+
+
+def _read_sharded(index: Path, map_location: str | torch.device, key: str | None) -> Weights:
+    """A sharded set: an index whose ``weight_map`` names the file of every tensor."""
+    try:
+        doc = json.loads(index.read_text())
+    except (UnicodeDecodeError, ValueError) as e:
+        raise CheckpointCorruptError(f"{index} is not valid JSON ({e}); expected a sharded-checkpoint index") from e
+    weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointFormatError(f"{index} has no weight_map; expected the index of a sharded set of weights")
+    shards: dict[str, list[str]] = {}
+    for name, shard in weight_map.items():
+        shards.setdefault(shard, []).append(name)
+    for shard, names in shards.items():
+        if not (index.parent / shard).is_file():
+            raise CheckpointNotFoundError(
+                f"{index} names shard {shard} (holding {len(names)} tensors, e.g. {names[0]}), which does not "
+                f"exist in {index.parent}; copy every shard beside the index"
+            )
+    state: dict[str, torch.Tensor] = {}
+    fmt = "torch"
+    for shard, names in shards.items():
+        shard_weights = read(index.parent / shard, map_location)
+        fmt = "safetensors" if shard_weights.format == "safetensors" else "torch"
+        tensors = shard_weights.named(keep_prefixes=True)
+        lacking = [n for n in names if n not in tensors]
+        if lacking:
+            raise CheckpointCorruptError(
+                f"{index} says shard {shard} holds {lacking[:3]}, but it does not; the set is inconsistent"
+            )
+        state.update({n: tensors[n] for n in names})
+    metadata = {k: v for k, v in doc.items() if k != "weight_map"}
+    metadata["shards"] = list(shards)
+    w = _found(index, f"{fmt}-sharded", state, key, map_location, metadata)
+    return w
+
+
+def _found(
+    path: Path, fmt: str, obj: Any, key: str | None, map_location: str | torch.device, metadata: dict
+) -> Weights:
+    found_at, state, others = find_tensors(obj, key, path)
+    state = {k: v.to(map_location) for k, v in state.items()}
+    state, stripped = strip_prefixes(state, PREFIXES)
+    cfg = Config.from_dict(json.loads(metadata["config"])) if "config" in metadata else recognise(state)
+    return Weights(path, fmt, state, found_at, stripped, others, metadata, cfg)
+
+
+def find_tensors(obj: Any, key: str | None, path: Path) -> tuple[str, dict[str, torch.Tensor], list[str]]:
+    """(key path, tensors by name, other top-level entries) of the weights inside ``obj``."""
+    if key:
+        inner = obj
+        for i, part in enumerate(key.split("/")):
+            if not isinstance(inner, dict) or _lookup(inner, part) is _MISSING:
+                where = "/".join(key.split("/")[:i]) or "the top level"
+                keys = list(inner)[:12] if isinstance(inner, dict) else type(inner).__name__
+                raise ConfigError(f"--key {key}: {path} has no {part!r} at {where} (it has {keys})")
+            inner = _lookup(inner, part)
+        state = _tensors_of(inner)
+        if not state:
+            raise CheckpointFormatError(f"{path}: the entry at --key {key} holds no tensors")
+        top = key.split("/")[0]
+        return key, state, [str(k) for k in obj if str(k) != top] if isinstance(obj, dict) else []
+    found = _search(obj, "")
+    if found is None:
+        raise CheckpointFormatError(f"{path} holds no tensors ({_summary(obj)}); expected a model's weights")
+    if isinstance(found, list):
+        paths = ", ".join(f"{p} ({n} tensors)" for p, n in found[:6])
+        raise CheckpointFormatError(
+            f"{path} holds several sets of tensors: {paths}; choose one with --key (e.g. --key {found[0][0]})"
+        )
+    at, state = found
+    top = at.split("/")[0]
+    if not at and isinstance(obj, dict):
+        others = [str(k) for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    else:
+        others = [str(k) for k in obj if str(k) != top] if isinstance(obj, dict) else []
+    return at, state, others
+
+
+_MISSING = object()
+
+
+def _lookup(d: dict, part: str) -> Any:
+    for k, v in d.items():
+        if str(k) == part:
+            return v
+    return _MISSING
+
+
+def _tensors_of(obj: Any) -> dict[str, torch.Tensor]:
+    """The tensors directly in ``obj``: itself, its items, or its dict's tensor entries."""
+    if isinstance(obj, torch.Tensor):
+        return {"tensor": obj}
+    if isinstance(obj, (list, tuple)) and obj and all(isinstance(v, torch.Tensor) for v in obj):
+        return {str(i): v for i, v in enumerate(obj)}
+    if isinstance(obj, dict):
+        return {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    return {}
+
+
+def _search(obj: Any, at: str) -> tuple[str, dict] | list[tuple[str, int]] | None:
+    """The weights in ``obj``: a dict of tensors, under a common key, or the one set inside.
+
+    Returns (key path, tensors), or a list of (key path, count) when several sets are
+    equally likely, or None when ``obj`` holds no tensors.
+    """
+    direct = _tensors_of(obj)
+    if direct and (not isinstance(obj, dict) or len(direct) == len(obj)):
+        return at, direct
+    if not isinstance(obj, dict):
+        return None
+    for key in WEIGHT_KEYS:
+        if key in obj:
+            found = _search(obj[key], _join(at, key))
+            if found is not None:
+                return found
+    if direct:  # tensors beside other entries (torchtitan: the model's tensors at the top level)
+        return at, direct
+    sets = [
+        found
+        for k, v in obj.items()
+        if isinstance(v, (dict, list, tuple)) and not str(k).lower().startswith(TRAINING_STATE)
+        for found in [_search(v, _join(at, str(k)))]
+        if found is not None
+    ]
+    if len(sets) == 1:
+        return sets[0]
+    if not sets:
+        return None
+    return [s for found in sets for s in (found if isinstance(found, list) else [(found[0], len(found[1]))])]
+
+
+def _join(at: str, key: str) -> str:
+    return f"{at}/{key}" if at else key
+
+
+def _summary(obj: Any) -> str:
+    if isinstance(obj, dict):
+        keys = ", ".join(map(str, list(obj)[:8]))
+        return f"a dict with keys {keys}" if obj else "an empty dict"
+    return f"a {type(obj).__name__}"
+
+
+def recognise(state: dict[str, torch.Tensor]) -> Config | None:
+    """The config of a built-in model whose every name and shape ``state`` matches; else None."""
+    found = builtin_from_state_dict(state)
+    return None if found is None else Config(task=TaskConfig(spec=found[0]), model=found[1])
+
+
+def fit_names(model: nn.Module, w: Weights) -> dict[str, torch.Tensor]:
+    """``w``'s tensors under the names ``model`` uses: stripped, or with some prefixes kept.
+
+    A model whose own first attribute is ``model`` wants the ``model.`` back.
+    """
+    expected = set(model.state_dict())
+    for i in range(len(w.stripped) + 1):
+        prefix = "".join(w.stripped[i:])
+        if {prefix + k for k in w.state} == expected:
+            return {prefix + k: v for k, v in w.state.items()}
+    return w.state
+
+
+def load_into(model: nn.Module, w: Weights) -> nn.Module:
+    """Load ``w`` strictly into ``model`` (on the model's device); mismatches are named."""
+    state = fit_names(model, w)
+    check_architecture(model, state, w.path)
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def write(w: Weights, out: Path, fmt: str, keep_prefixes: bool = False) -> None:
+    """Write ``w``'s tensors, bitwise, as a plain state_dict in ``fmt`` (torch, safetensors or dcp)."""
+    state = w.named(keep_prefixes)
+    if fmt == "safetensors":
+        meta = {} if w.cfg is None else {"config": json.dumps(w.cfg.to_dict())}
+        save_safetensors(state, out, metadata=meta)
+    elif fmt == "torch":
+        save(state, out, format="torch")
+    elif fmt == "dcp":
+        if out.exists():
+            raise ConfigError(f"--output: {out} exists; DCP writes a folder, remove it or choose another name")
+        dcp.save(state, out)
+    else:
+        raise ConfigError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")

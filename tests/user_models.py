@@ -1,0 +1,42 @@
+"""Models as users write them, for ``--model tests/user_models.py:NAME`` (and a file that runs code)."""
+
+import torch
+from torch import nn
+
+
+class TextbookMLP(nn.Module):
+    """The textbook's MLP: lazy layers named hidden and output (its mlp.params has hidden.weight)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden = nn.LazyLinear(256)
+        self.output = nn.LazyLinear(10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.output(torch.relu(self.hidden(x)))
+
+
+def sequential(width: int = 32) -> nn.Module:
+    """The same kind of MLP as a plain nn.Sequential (state_dict names 0.weight, 2.weight)."""
+    return nn.Sequential(nn.Linear(20, width), nn.ReLU(), nn.Linear(width, 10))
+
+
+class Wrapped(nn.Module):
+    """A model whose only child is called ``model``: its own names begin with the ``model.`` prefix."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = sequential()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+
+class Payload:
+    """Unpickling this would run ``open(path, 'w')``: what a malicious checkpoint does."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
