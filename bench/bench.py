@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
+import mmap
 import os
 import platform
 import statistics
@@ -41,10 +43,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ddp import dist  # noqa: E402
-from ddp.checkpoint import Checkpointer, stage  # noqa: E402
+from ddp.checkpoint import Checkpointer, stage, validate  # noqa: E402
 from ddp.config import CheckpointConfig, Config  # noqa: E402
 from ddp.data import make_loader  # noqa: E402
-from ddp.io import load  # noqa: E402
 from ddp.model import MLP  # noqa: E402
 from ddp.train import Trainer, export_and_verify, local_model  # noqa: E402
 
@@ -352,6 +353,9 @@ def loader_table(args, out: Path) -> list[dict]:
                 print(f"  {name}, workers {k[0]}, pin_memory {k[1]}: {median(raw[k]):,.0f} samples/s, "
                       f"vs default {_short(ratio)}", flush=True)  # fmt: skip
             del steps, t
+            # Now, not at some later fork: DataLoader workers forked while these iterators await
+            # the cycle collector inherit them and, collecting them, fail "can only test a child process".
+            gc.collect()
     finally:
         dist.shutdown()
     return rows
@@ -360,24 +364,18 @@ def loader_table(args, out: Path) -> list[dict]:
 # ---- checkpoints ---------------------------------------------------------------------
 
 
-def big_state(megabytes: int) -> tuple[dict, dict]:
-    """A model + SGD-momentum state of about ``megabytes`` MB (half weights, half momentum)."""
-    width = int((megabytes * 2**20 / 16) ** 0.5)  # two width^2 layers, weights + momentum, 4 bytes
-    model = MLP(hidden=(width, width, width))
+def big_state(megabytes: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """A model + SGD momentum of about ``megabytes`` MB of state (half weights, half momentum)."""
+    width = int((megabytes * 2**20 / 24) ** 0.5)  # three width^2 layers, weights + momentum, 4 bytes
+    model = MLP(hidden=(width, width, width, width))
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     F.cross_entropy(model(torch.randn(4, 20)), torch.zeros(4, dtype=torch.long)).backward()
     opt.step()
-    return model.state_dict(), opt.state_dict()
+    return model, opt
 
 
 def nbytes(obj) -> int:
-    if isinstance(obj, torch.Tensor):
-        return obj.nbytes
-    if isinstance(obj, dict):
-        return sum(nbytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(nbytes(v) for v in obj)
-    return 0
+    return sum(t.nbytes for t in tensors(obj))
 
 
 def tensors(obj):
@@ -391,69 +389,130 @@ def tensors(obj):
             yield from tensors(v)
 
 
-def raw_write(state, path: Path) -> float:
-    """The floor: the same bytes written with numpy tofile, then fsync."""
+def write_floor(state, path: Path) -> float:
+    """The write floor: the same tensor bytes, f.write(memoryview) into a fresh file, then fsync."""
     start = time.perf_counter()
     with open(path, "wb") as f:
         for t in tensors(state):
-            t.numpy().tofile(f)
+            f.write(memoryview(t.numpy()).cast("B"))
         f.flush()
         os.fsync(f.fileno())
     return time.perf_counter() - start
 
 
+def read_floor(path: Path, buf: bytearray, cold: bool = False) -> float:
+    """The read floor: the file's bytes into a preallocated buffer, by readinto or by a mapped copy
+    (whichever is faster on this host: each is the simplest way to get the bytes into memory)."""
+
+    def readinto() -> None:
+        with open(path, "rb", buffering=0) as f:
+            f.readinto(buf)
+
+    def mapped() -> None:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            memoryview(buf)[: len(m)] = m
+
+    times = []
+    for read in (readinto, mapped):
+        if cold:
+            drop_cache(path)
+        start = time.perf_counter()
+        read()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def drop_cache(*paths: Path) -> bool:
+    """Ask the kernel to forget these files' pages (our own files only); False where it cannot."""
+    if not hasattr(os, "posix_fadvise"):
+        return False
+    for path in paths:
+        for p in [path] if path.is_file() else sorted(path.iterdir()):
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+    return True
+
+
+def resume_load(folder: Path, model, opt) -> float:
+    """What --resume does with a checkpoint: validate it, load it, into the model and optimizer."""
+    start = time.perf_counter()
+    validate(folder)
+    state, _, _ = Checkpointer.load(folder)
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    return time.perf_counter() - start
+
+
+def quartiles(xs: list[float]) -> dict:
+    q = statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
+    return {"median": median(xs), "q1": q[0], "q3": q[2]}
+
+
+def paired_ratio(t: dict[str, list[float]], num: str, den: str) -> dict:
+    """Median and quartiles over repeats of t[num] / t[den], each taken within one repeat."""
+    return quartiles([x / y for x, y in zip(t[num], t[den], strict=True)])
+
+
 def checkpoint_table(args, out: Path) -> dict:
+    """Save and resume-load against the write and read floors, measured in turn, alternating order."""
     dist.init(Config().dist)
     torch.set_num_threads(os.cpu_count() or 1)
     results: dict = {}
     try:
         for size in args.sizes:
-            model, optim = big_state(size)
-            state = {"model.pt": model, "train.pt": {"optimizer": optim, "step": 1}}
-            real = nbytes(state) / 2**20
-            saves, raws, loads, mmaps, stalls, copies = [], [], [], [], [], []
+            model, opt = big_state(size)
+            state = {"model.pt": model.state_dict(), "train.pt": {"optimizer": opt.state_dict(), "step": 1}}
+            gb = nbytes(state) / 1e9
+            buf = bytearray(nbytes(state) + 2**20)
+            t: dict[str, list[float]] = {k: [] for k in ("write", "save", "read", "load", "read_cold", "load_cold",
+                                                          "copy", "async_stall")}  # fmt: skip
             ckpt_sync = Checkpointer(out / f"sync{size}", CheckpointConfig(keep_last=2, async_save=False))
             ckpt_async = Checkpointer(out / f"async{size}", CheckpointConfig(keep_last=2, async_save=True))
             buffers: dict = {}
             stage(state, buffers)  # warm the copy floor's buffers, as async saves reuse theirs
             ckpt_async.save(0, state, {})
             ckpt_async.wait()
+            cold = True
             for rep in range(args.ckpt_repeats):
-                raws.append(raw_write(state, out / "raw.bin"))
-                (out / "raw.bin").unlink()
-                t0 = time.perf_counter()
-                ckpt_sync.save(rep + 1, state, {})
-                saves.append(time.perf_counter() - t0)
-                raws.append(raw_write(state, out / "raw.bin"))  # before and after: no order effect
-                (out / "raw.bin").unlink()
-                folder = out / f"sync{size}" / f"step-{rep + 1:08d}"
-                t0 = time.perf_counter()
-                load(folder / "model.pt"), load(folder / "train.pt")
-                loads.append(time.perf_counter() - t0)
-                t0 = time.perf_counter()
-                m1, m2 = load(folder / "model.pt", mmap=True), load(folder / "train.pt", mmap=True)
-                mmaps.append(time.perf_counter() - t0)
-                del m1, m2
-                t0 = time.perf_counter()
+                raw, folder = out / "raw.bin", out / f"sync{size}" / f"step-{rep + 1:08d}"
+                for op in ("write", "save") if rep % 2 == 0 else ("save", "write"):
+                    if op == "write":
+                        raw.unlink(missing_ok=True)
+                        t["write"].append(write_floor(state, raw))
+                    else:
+                        start = time.perf_counter()
+                        ckpt_sync.save(rep + 1, state, {})
+                        t["save"].append(time.perf_counter() - start)
+                for op in ("read", "load") if rep % 2 == 0 else ("load", "read"):
+                    t[op].append(read_floor(raw, buf) if op == "read" else resume_load(folder, model, opt))
+                cold = drop_cache(folder) and cold
+                t["load_cold"].append(resume_load(folder, model, opt))
+                t["read_cold"].append(read_floor(raw, buf, cold=True))
+                start = time.perf_counter()
                 stage(state, buffers)
-                copies.append(time.perf_counter() - t0)
-                t0 = time.perf_counter()
+                t["copy"].append(time.perf_counter() - start)
+                start = time.perf_counter()
                 ckpt_async.save(rep + 1, state, {})
-                stalls.append(time.perf_counter() - t0)
+                t["async_stall"].append(time.perf_counter() - start)
                 ckpt_async.wait()
             results[f"{size} MB"] = {
-                "state_mb": real,
-                "save_s": median(saves),
-                "raw_s": median(raws),
-                "raw/save": median(raws) / median(saves),
-                "load_s": median(loads),
-                "load_mmap_s": median(mmaps),
-                "sync_stall_s": median(saves),
-                "async_stall_s": median(stalls),
-                "copy_s": median(copies),
-                "async_stall/copy": median(stalls) / median(copies),
+                "state_gb": gb,
+                **{f"{k}_gb_s": gb / median(v) for k, v in t.items() if k not in ("copy", "async_stall")},
+                "save/write floor": paired_ratio(t, "write", "save"),  # speed as a fraction of the floor's
+                "load/read floor": paired_ratio(t, "read", "load"),
+                "load/read floor, cold": paired_ratio(t, "read_cold", "load_cold"),
+                "cold_cache_dropped": cold,
+                "async_stall/copy": paired_ratio(t, "async_stall", "copy"),
             }
-            print(f"  {size} MB: " + ", ".join(f"{k}={v:.3g}" for k, v in results[f"{size} MB"].items()), flush=True)
+            r = results[f"{size} MB"]
+            print(f"  {size} MB: save {_ratio(r['save/write floor'])} of the write floor, load "
+                  f"{_ratio(r['load/read floor'])} of the read floor (cold {_ratio(r['load/read floor, cold'])})",
+                  flush=True)  # fmt: skip
+            del model, opt, state, buf, buffers
+            gc.collect()
         results["lost_per_checkpoint"] = lost_per_checkpoint(args, out)
     finally:
         dist.shutdown()
@@ -518,10 +577,10 @@ def main() -> None:
     q = args.quick
     args.block_s, args.repeats = args.block_s or (0.02 if q else 0.5), args.repeats or (1 if q else 11)
     args.side_repeats = max(1, args.repeats // 2)  # a and the loader table: coarser figures
-    args.ckpt_repeats = 1 if q else 3
+    args.ckpt_repeats = 1 if q else 5
     args.window_repeats = 1 if q else 5
     args.batch, args.samples = (16, 512) if q else (64, 8192)
-    args.sizes = [2, 4, 8] if q else [64, 128, 256]
+    args.sizes = [4, 8] if q else [256, 1024]
     args.window, args.every, args.window_width = (4, 2, 64) if q else (12, 4, 4096)
     args.loader_workers = (0, 1) if q else (0, 1, 2)
     with tempfile.TemporaryDirectory(dir=ROOT / "bench") as tmp:
@@ -574,17 +633,22 @@ def print_tables(r: dict) -> None:
             loader = LOADER_NAMES.get(w, f"ours: batched, {w} workers")
             print(f"| {row['case']} | {loader} | {row['pin_memory']} | {row['samples_per_s']:,.0f} "
                   f"| {_ratio(row['vs default'])} |")  # fmt: skip
-    print("\n| state | save s | raw s | raw/save | load s | load mmap s | sync stall s | async stall s | copy s "
-          "| async stall/copy |")  # fmt: skip
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     if not r["checkpoints"]:
         return
+    print("\ncheckpoints: GB/s, and speed as a fraction of the floor's in the same run (median, quartiles)")
+    print("| state | write floor | save | save/floor | read floor | load | load/floor | cold: read floor | load "
+          "| load/floor | async stall/copy |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, c in r["checkpoints"].items():
         if name == "lost_per_checkpoint":
             continue
-        cells = [f"{c['state_mb']:.0f} MB", *(f"{c[k]:.3f}" for k in ("save_s", "raw_s")), f"{c['raw/save']:.2f}",
-                 *(f"{c[k]:.3f}" for k in ("load_s", "load_mmap_s", "sync_stall_s", "async_stall_s", "copy_s")),
-                 f"{c['async_stall/copy']:.2f}"]  # fmt: skip
+        cold = c["cold_cache_dropped"]
+        cells = [f"{c['state_gb'] * 1000:.0f} MB", *(f"{c[f'{k}_gb_s']:.2f}" for k in ("write", "save")),
+                 _ratio(c["save/write floor"]), *(f"{c[f'{k}_gb_s']:.2f}" for k in ("read", "load")),
+                 _ratio(c["load/read floor"]),
+                 *((f"{c['read_cold_gb_s']:.2f}", f"{c['load_cold_gb_s']:.2f}", _ratio(c["load/read floor, cold"]))
+                   if cold else ("cannot drop the cache here", "-", "-")),
+                 _ratio(c["async_stall/copy"])]  # fmt: skip
         print("| " + " | ".join(cells) + " |")
     lost = r["checkpoints"]["lost_per_checkpoint"]
     print(f"\ntraining time lost per checkpoint ({lost['state_mb']:.0f} MB state, {lost['checkpoints']} checkpoints "

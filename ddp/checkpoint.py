@@ -5,7 +5,7 @@ Layout: ``<out>/checkpoints/step-00000120/`` holding
 - ``model.pt``: the unwrapped model state_dict (written by rank 0),
 - ``train.pt``: optimizer, scheduler, grad scaler, progress and config (rank 0),
 - ``rank-00000.pt`` ...: each rank's RNG states (written by that rank),
-- ``manifest.json``: size and sha256 of every file, step, world size, format version.
+- ``manifest.json``: size and checksum (xxh3-128) of every file, step, world size, format version.
 
 A checkpoint is written into ``.tmp-step-00000120``, fsynced, and committed by one
 atomic rename after the manifest is in place. A folder without a valid manifest is
@@ -15,9 +15,11 @@ one. Every rank reaches the same collectives in the same order.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
+import mmap
 import os
 import random
 import re
@@ -28,6 +30,7 @@ from typing import IO, Any
 
 import numpy as np
 import torch
+import xxhash
 
 from ddp import dist
 from ddp.config import CheckpointConfig
@@ -49,14 +52,19 @@ def rank_file(rank: int) -> str:
     return f"rank-{rank:05d}.pt"
 
 
+DIGEST = "xxh3_128"
+"""The checksum new manifests record: 16 bytes, ~20 GB/s per core here (sha256: 1.8)."""
+DIGESTS = {"xxh3_128": xxhash.xxh3_128, "sha256": hashlib.sha256}  # sha256: manifests before 0.3
+
+
 class HashingWriter:
     """A write-only file wrapper that hashes and counts the bytes as they pass."""
 
     def __init__(self, f: IO[bytes]) -> None:
-        self.f, self.sha, self.size = f, hashlib.sha256(), 0
+        self.f, self.hash, self.size = f, DIGESTS[DIGEST](), 0
 
     def write(self, data) -> int:
-        self.sha.update(data)
+        self.hash.update(data)
         self.size += len(data)
         return self.f.write(data)
 
@@ -65,24 +73,42 @@ class HashingWriter:
 
 
 def write_file(path: Path, obj: Any) -> dict:
-    """torch.save ``obj`` durably; returns its manifest entry (size and sha256)."""
+    """torch.save ``obj`` durably; returns its manifest entry (size and checksum).
+
+    torch's zip writer computes a CRC32 of every record, which made a save cost twice
+    the raw write here; the manifest's checksum covers every byte instead, once.
+    """
     entry: dict = {}
 
     def write(f: IO[bytes]) -> None:
         w = HashingWriter(f)
-        torch.save(obj, w)
-        entry.update(size=w.size, sha256=w.sha.hexdigest())
+        with _no_zip_crc():
+            torch.save(obj, w)
+        entry.update({"size": w.size, DIGEST: w.hash.hexdigest()})
 
     write_durable(path, write)
     return entry
 
 
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
+def _no_zip_crc() -> contextlib.AbstractContextManager:
+    try:
+        from torch.utils.serialization import config
+    except ImportError:  # torch < 2.6 has no such setting: the records keep their CRC32
+        return contextlib.nullcontext()
+    return config.patch({"save.compute_crc32": False})
+
+
+def file_digest(path: Path, algorithm: str = DIGEST) -> str:
+    """Hex checksum of a file, read through a memory map.
+
+    Mapping reads each page from disk once: a load that follows maps the same pages from
+    the page cache, so validating and loading read the data once, not twice.
+    """
+    h = DIGESTS[algorithm]()
     with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
+        if os.fstat(f.fileno()).st_size:
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+                h.update(m)
     return h.hexdigest()
 
 
@@ -109,7 +135,7 @@ def read_manifest(folder: Path) -> dict:
 
 
 def validate(folder: Path, hashes: bool = True) -> dict:
-    """Check every file against the manifest (size, then sha256); returns the manifest."""
+    """Check every file against the manifest (size, then checksum); returns the manifest."""
     manifest = read_manifest(folder)
     for name, entry in manifest["files"].items():
         path = folder / name
@@ -118,9 +144,18 @@ def validate(folder: Path, hashes: bool = True) -> dict:
         size = path.stat().st_size
         if size != entry["size"]:
             raise CheckpointCorruptError(f"{path} has {size} bytes, the manifest says {entry['size']} (truncated?)")
-        if hashes and sha256_file(path) != entry["sha256"]:
-            raise CheckpointCorruptError(f"{path} fails its sha256 check: the file was altered or damaged")
+        algorithm = next((a for a in DIGESTS if a in entry), None)
+        if algorithm is None:
+            raise CheckpointCorruptError(f"{folder / MANIFEST}: the entry of {name} has no checksum ({list(entry)})")
+        if hashes and file_digest(path, algorithm) != entry[algorithm]:
+            raise CheckpointCorruptError(f"{path} fails its {algorithm} check: the file was altered or damaged")
     return manifest
+
+
+def digest_of(manifest: dict) -> str:
+    """The checksum algorithm a manifest's entries use."""
+    entries = list(manifest["files"].values())
+    return next((a for a in DIGESTS if entries and a in entries[0]), "none")
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
@@ -400,9 +435,11 @@ class Checkpointer:
     def load(folder: Path, map_location: torch.device | str = "cpu") -> tuple[dict, dict | None, dict]:
         """(model and train state, this rank's own state or None, manifest) of a checkpoint."""
         manifest = read_manifest(folder)
+        # Mapped, not read: validate() has just paged the files in; load_state_dict copies the model's
+        # tensors out, and optimizer state keeps private (copy-on-write) pages of the file.
         state = {
-            "model": load(folder / "model.pt", map_location, expect="torch"),
-            **load(folder / "train.pt", map_location, expect="torch"),
+            "model": load(folder / "model.pt", map_location, expect="torch", mmap=True),
+            **load(folder / "train.pt", map_location, expect="torch", mmap=True),
         }
         own_path = folder / rank_file(dist.rank())
         own = load(own_path, "cpu", expect="torch") if own_path.exists() else None

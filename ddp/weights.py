@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ddp import dcp
-from ddp.checkpoint import MANIFEST, validate
+from ddp.checkpoint import MANIFEST, digest_of, validate
 from ddp.config import Config, TaskConfig, upgrade
 from ddp.errors import CheckpointCorruptError, CheckpointFormatError, CheckpointNotFoundError, ConfigError
 from ddp.io import (
@@ -149,7 +149,7 @@ def _read_checkpoint(folder: Path, map_location: str | torch.device) -> Weights:
         "epoch": train_state["epoch"],
         "world_size": manifest["world_size"],
         "torch_version": manifest["torch_version"],
-        "integrity": f"ok: {len(manifest['files'])} files match the manifest (size, sha256)",
+        "integrity": f"ok: {len(manifest['files'])} files match the manifest (size, {digest_of(manifest)})",
     }
     state, stripped = strip_prefixes(state)  # this project's own files: wrapper prefixes only
     metadata = {"manifest": manifest}

@@ -111,7 +111,7 @@ def test_verify_under_torchrun_checks_every_rank(trained):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "ddp",
            "verify", str(trained[0] / "checkpoints" / "step-00000028")]  # fmt: skip
     out = ok(run(cmd))
-    assert "ok: 4 files match the manifest (size, sha256)" in out
+    assert "ok: 4 files match the manifest (size, xxh3_128)" in out
     assert "verify: 2/2 ranks reloaded" in out and "outputs identical" in out
 
 

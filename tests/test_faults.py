@@ -1,6 +1,7 @@
 """Bad input and faults: clear errors that name what is wrong, and no good checkpoint lost."""
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -62,13 +63,29 @@ def test_truncated_checkpoint_is_reported_with_its_size(run_copy):
         ddp.load(model)
 
 
-def test_flipped_byte_fails_the_sha256_check(run_copy):
+def test_flipped_byte_fails_the_checksum(run_copy):
     train = run_copy / "checkpoints" / "step-00000008" / "train.pt"
     data = bytearray(train.read_bytes())
     data[len(data) // 2] ^= 0xFF
     train.write_bytes(bytes(data))
-    with pytest.raises(CheckpointCorruptError, match=rf"{train} fails its sha256 check"):
+    with pytest.raises(CheckpointCorruptError, match=rf"{train} fails its xxh3_128 check"):
         validate(train.parent)
+
+
+def test_a_sha256_manifest_of_earlier_versions_still_verifies_and_resumes(run_copy):
+    folder = run_copy / "checkpoints" / "step-00000008"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for name, entry in manifest["files"].items():
+        del entry["xxh3_128"]
+        entry["sha256"] = hashlib.sha256((folder / name).read_bytes()).hexdigest()
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    assert validate(folder)["step"] == 8
+    out = ok(torchrun(2, *ARGS, "--steps", "10", "--checkpoint-every", "4", "--out", str(run_copy)))
+    assert f"resumed from {folder}: continuing at step 9" in out
+    train = folder / "train.pt"
+    train.write_bytes(train.read_bytes()[:-1] + bytes([train.read_bytes()[-1] ^ 1]))
+    with pytest.raises(CheckpointCorruptError, match=rf"{train} fails its sha256 check"):
+        validate(folder)
 
 
 def test_checkpoint_without_or_with_a_broken_manifest_is_refused(run_copy):
