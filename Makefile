@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 # tests mostly wait on process start-up and collectives, so 2 workers fit 2 cores.
 TEST_WORKERS ?= 2
 
-.PHONY: install train-ddp test test-gpu lint format bench clean
+.PHONY: install train-ddp test test-gpu gpu-check lint format bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,9 @@ test: install  ## the test suite (CPU, gloo, real torchrun processes)
 
 test-gpu: install  ## the GPU tests (NCCL); needs CUDA
 	$(PY) -m pytest -m gpu $(PYTEST_ARGS)
+
+gpu-check: install  ## on a CUDA host: GPU tests, train-ddp on NCCL, bench --quick; one report (< 8 min)
+	$(PY) bench/gpu_check.py $(ARGS)
 
 lint: install  ## ruff check + ruff format --check
 	$(VENV)/bin/ruff check .

@@ -361,6 +361,38 @@ def loader_table(args, out: Path) -> list[dict]:
     return rows
 
 
+def h2d_table(args) -> dict:
+    """Host-to-device copies on CUDA: pageable vs pinned host memory, GB/s (alternating, repeats)."""
+    if not torch.cuda.is_available():
+        return {}
+    n = (64 if args.quick else 256) * 2**20 // 4
+    pageable, pinned = torch.randn(n), torch.randn(n).pin_memory()
+    dest = torch.empty(n, device="cuda")
+    times: dict[str, list[float]] = {"pageable": [], "pinned": []}
+
+    def copy(src: torch.Tensor) -> float:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        dest.copy_(src, non_blocking=src.is_pinned())
+        torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    copy(pageable), copy(pinned)  # warm up
+    for rep in range(max(3, args.repeats)):
+        for kind in ("pageable", "pinned") if rep % 2 == 0 else ("pinned", "pageable"):
+            times[kind].append(copy(pageable if kind == "pageable" else pinned))
+    gb = n * 4 / 1e9
+    result = {
+        "mb": n * 4 / 2**20,
+        "device": torch.cuda.get_device_name(),
+        **{f"{k}_gb_s": gb / median(v) for k, v in times.items()},
+        "pinned/pageable": paired_ratio(times, "pageable", "pinned"),
+    }
+    print(f"  host-to-device {result['mb']:.0f} MB: pageable {result['pageable_gb_s']:.1f} GB/s, pinned "
+          f"{result['pinned_gb_s']:.1f} GB/s, {_ratio(result['pinned/pageable'])}x", flush=True)  # fmt: skip
+    return result
+
+
 # ---- checkpoints ---------------------------------------------------------------------
 
 
@@ -589,6 +621,8 @@ def main() -> None:
         training = training_table(args, tmp)
         print("input pipeline, a world of one (samples/s):", flush=True)
         loader = loader_table(args, tmp) if args.only in ("", "loader") else []
+        print("host-to-device copies (CUDA only):", flush=True)
+        h2d = h2d_table(args)
         print("checkpoints:", flush=True)
         ckpt = {} if args.no_checkpoints else checkpoint_table(args, tmp)
     results = {
@@ -597,6 +631,7 @@ def main() -> None:
         "quick": q,
         "training": training,
         "loader": loader,
+        "host_to_device": h2d,
         "checkpoints": ckpt,
     }
     Path(args.output).write_text(json.dumps(results, indent=1))

@@ -184,6 +184,9 @@ class DistConfig:
     """Seconds a collective waits for a missing rank before the job fails (PyTorch: 30 min)."""
     join_timeout: float = 60.0
     """Seconds a rank waits to reach the process group's store at start (or after a restart) before failing."""
+    device: str = "auto"
+    """auto (each rank's own GPU under nccl, the CPU under gloo), cpu, or cuda: GPU local_rank mod the
+    visible GPUs, under gloo too, so that several ranks can share one GPU (a test setup, not for speed)."""
     atol: float | None = None
     """Verify tolerance; default 0 (bitwise) in fp32, looser for bf16/fp16 or mixed fleets."""
     bucket_cap_mb: float | None = None
@@ -202,6 +205,7 @@ class DistConfig:
         )
         _check(self.timeout > 0, "timeout", "must be positive")
         _check(self.join_timeout > 0, "join_timeout", "must be positive")
+        _check(self.device in ("auto", "cpu", "cuda"), "device", f"unknown {self.device!r}; use auto, cpu or cuda")
         _check(self.atol is None or self.atol >= 0, "atol", "cannot be negative")
 
 

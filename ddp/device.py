@@ -37,12 +37,17 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
-def local_device(backend: str = "gloo") -> torch.device:
+def local_device(backend: str = "gloo", kind: str = "auto") -> torch.device:
     """The device this process trains on: ``cuda:LOCAL_RANK`` under NCCL, else the CPU.
 
     Each local rank takes its own GPU; ``cuda:0`` for every rank would put the whole
-    node's work on one card.
+    node's work on one card. ``kind="cuda"`` puts gloo ranks on GPUs too, sharing them
+    when there are more ranks than GPUs.
     """
+    if kind == "cpu":
+        return cpu()
     if backend == "nccl":
         return gpu(local_rank())
+    if kind == "cuda":
+        return gpu(local_rank() % max(num_gpus(), 1))
     return cpu()

@@ -35,6 +35,8 @@ class World:
     local_rank: int = 0
     local_world_size: int = 1
     backend: str = "gloo"
+    device_kind: str = "auto"
+    """--device: auto, cpu or cuda."""
 
     @property
     def is_main(self) -> bool:
@@ -44,14 +46,14 @@ class World:
     @property
     def device(self) -> torch.device:
         """This rank's device: its own GPU under NCCL, else the CPU."""
-        return local_device(self.backend)
+        return local_device(self.backend, self.device_kind)
 
     def prefix(self) -> str:
         """Log prefix, e.g. ``[rank 0/2]``."""
         return f"[rank {self.rank}/{self.world_size}]"
 
 
-def world_from_env(backend: str = "gloo") -> World:
+def world_from_env(backend: str = "gloo", device: str = "auto") -> World:
     """Read torchrun's variables; a world of one when they are absent."""
     env = os.environ
     return World(
@@ -60,6 +62,7 @@ def world_from_env(backend: str = "gloo") -> World:
         local_rank=int(env.get("LOCAL_RANK", 0)),
         local_world_size=int(env.get("LOCAL_WORLD_SIZE", 1)),
         backend=backend,
+        device_kind=device,
     )
 
 
@@ -74,6 +77,10 @@ def resolve_backend(name: str) -> str:
 
 def check_devices(world: World) -> None:
     """Under NCCL each local rank needs its own GPU; refuse before any group starts."""
+    if world.device_kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA GPU is visible; use --device auto or cpu")
+    if world.device_kind == "cpu" and world.backend == "nccl":
+        raise ConfigError("--device cpu: NCCL runs on GPUs only; use --backend gloo with --device cpu")
     if world.backend == "nccl" and world.local_world_size > num_gpus():
         raise ConfigError(
             f"{world.local_world_size} processes per node but only {num_gpus()} visible GPU(s) "
@@ -84,9 +91,9 @@ def check_devices(world: World) -> None:
 
 def init(cfg: DistConfig) -> World:
     """Join the process group (or make a world of one) with an explicit timeout."""
-    world = world_from_env(resolve_backend(cfg.backend))
+    world = world_from_env(resolve_backend(cfg.backend), cfg.device)
     check_devices(world)
-    if world.backend == "nccl":
+    if world.device.type == "cuda":
         torch.cuda.set_device(world.device)  # before init, so NCCL binds this rank's GPU
     timeout = datetime.timedelta(seconds=cfg.timeout)
     if "MASTER_ADDR" in os.environ and "WORLD_SIZE" in os.environ:

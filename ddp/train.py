@@ -413,7 +413,7 @@ def check_output_dir(out: Path) -> None:
 def check_settings(cfg: Config) -> None:
     """Usage errors that can be found before any process group starts."""
     backend = dist.resolve_backend(cfg.dist.backend)
-    dist.check_devices(dist.world_from_env(backend))
+    dist.check_devices(dist.world_from_env(backend, cfg.dist.device))
     if cfg.run.sync_bn and backend != "nccl":
         raise ConfigError("--sync-bn needs CUDA GPUs and NCCL (PyTorch's SyncBatchNorm does not run on CPU)")
     if cfg.dist.static_graph and cfg.optim.grad_accum > 1:

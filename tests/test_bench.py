@@ -3,6 +3,9 @@
 import json
 import sys
 
+import pytest
+import torch
+
 from .helpers import ok, run
 
 
@@ -16,3 +19,9 @@ def test_bench_quick_runs_and_writes_results(tmp_path):
     )
     assert {(row["workers"], row["pin_memory"]) for row in results["loader"]} >= {(0, False), (1, False)}
     assert "lost_per_checkpoint" in results["checkpoints"] and "| case |" in out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU case")
+def test_gpu_check_without_cuda_says_so_and_exits_0(tmp_path):
+    proc = run([sys.executable, "bench/gpu_check.py", "--report", str(tmp_path / "r.json")], timeout=60)
+    assert proc.returncode == 0 and "no CUDA GPU is visible" in proc.output and not (tmp_path / "r.json").exists()

@@ -1,10 +1,14 @@
 """The textbook's device helpers."""
 
+import sys
+
 import pytest
 import torch
 
 import ddp
 from ddp.device import local_device
+
+from .helpers import run
 
 
 def test_cpu_and_gpu_name_devices():
@@ -47,3 +51,15 @@ def test_local_device_follows_local_rank_under_nccl(monkeypatch):
 def test_try_gpu_returns_an_existing_gpu():
     assert ddp.try_gpu(0) == ddp.gpu(0)
     assert torch.ones(1, device=ddp.try_gpu()).is_cuda
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU case")
+def test_device_cuda_without_a_gpu_is_a_usage_error(tmp_path):
+    proc = run([sys.executable, "-m", "ddp", "train", "--device", "cuda", "--steps", "1", "--out", str(tmp_path)])
+    assert proc.returncode == 2 and "--device cuda: no CUDA GPU is visible" in proc.output
+
+
+def test_local_device_puts_ranks_on_gpus_only_when_asked():
+    assert local_device("gloo") == local_device("gloo", "cpu") == local_device("nccl", "cpu") == ddp.cpu()
+    assert local_device("nccl") == ddp.gpu(0)  # LOCAL_RANK unset: 0
+    assert local_device("gloo", "cuda") == ddp.gpu(0)  # gloo ranks share the visible GPUs

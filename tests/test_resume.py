@@ -193,3 +193,17 @@ def test_a_folder_without_manifest_is_skipped(tmp_path):
     out = ok(torchrun(1, *args))
     assert f"skipping {tmp_path}/checkpoints/step-00000009: no manifest.json (an unfinished save)" in out
     assert f"resumed from {newest}: step 6 already completes the run" in out
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 1, reason="needs CUDA")
+def test_sigkill_restart_on_nccl_ends_bitwise_equal(tmp_path):
+    # NCCL's unique id travels through the fresh store of each attempt, as gloo's addresses do.
+    # One rank per GPU, up to 2: on a one-GPU host this is 1 rank, which still restarts on NCCL.
+    n = min(torch.cuda.device_count(), 2)
+    args = [*BASE, "--backend", "nccl", "--deterministic"]
+    ok(torchrun(n, *args, "--out", str(tmp_path / "ref")))
+    run_args = [*args, "--out", str(tmp_path / "run"), "--checkpoint-every", "5"]
+    out = ok(torchrun(n, *run_args, restarts=1, extra_env={"DDP_FAULT": f"kill:rank={n - 1}:step=13"}))
+    assert "nccl on cuda:0" in out and "step-00000010: continuing at step 11" in out
+    assert_tree_equal(final_state(tmp_path / "run"), final_state(tmp_path / "ref"))
