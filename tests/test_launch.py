@@ -1,6 +1,9 @@
 """Launch anywhere: every script in launch/ starts a working job."""
 
+import contextlib
+import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -37,6 +40,30 @@ def start(cmd: list[str], log: Path, **extra: str) -> subprocess.Popen:
     f = open(log, "w")
     extra = {"PYTHON": sys.executable, **extra}
     return subprocess.Popen(cmd, cwd=ROOT, env=env(**extra), stdout=f, stderr=subprocess.STDOUT)
+
+
+def kill_node(pid: int) -> None:
+    """SIGKILL a launcher and every process under it at once: torchrun puts its workers in
+    sessions of their own, so killing the launcher's process group would leave them running."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # exited meanwhile
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, i = [pid], 0
+    while i < len(tree):
+        tree += parents.get(tree[i], [])
+        i += 1
+    for p in tree:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGKILL)
+
+
+def listening(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 def test_two_nodes_rendezvous_on_one_host_and_only_global_rank_0_writes(tmp_path):
@@ -105,6 +132,41 @@ def test_a_node_that_joins_a_running_elastic_job_restarts_it_on_the_larger_world
     assert first.returncode == 0 and second.returncode == 0, logs[-4000:]
     assert "warning: checkpoint written by 1 rank(s), resuming on 2" in logs
     assert "verify: 2/2 ranks reloaded" in logs
+
+
+def test_a_node_that_leaves_an_elastic_job_lets_the_others_finish(tmp_path):
+    # A node dies whole (agent and workers: a power cut). The survivors' collective fails, their
+    # agent restarts them, the next rendezvous round closes without the dead node, and the job
+    # resumes on the smaller world from a checkpoint the larger one wrote.
+    port = free_port()
+    cmd = ["bash", "launch/elastic.sh", "--head", "127.0.0.1", "--port", str(port), "--nnodes", "1:2", "--nproc", "1",
+           "--samples", "1024", "--batch-size", "16", "--steps", "3000", "--checkpoint-every", "50",
+           "--log-every", "500", "--timeout", "30", "--out", str(tmp_path)]  # fmt: skip
+    # node 0 starts first, so that it hosts the rendezvous as the head node does; the first round
+    # waits 10 s for more nodes, so that both train from the start
+    nodes = [start(cmd, tmp_path / "node0.log", RDZV_CONF="last_call_timeout=10")]
+    try:
+        deadline = time.monotonic() + 90
+        while not listening(port):
+            assert time.monotonic() < deadline and nodes[0].poll() is None, (tmp_path / "node0.log").read_text()
+            time.sleep(0.1)
+        nodes.append(start(cmd, tmp_path / "node1.log", RDZV_CONF="last_call_timeout=10"))
+        while not any(
+            '"world_size": 2' in m.read_text() for m in (tmp_path / "checkpoints").glob("step-*/manifest.json")
+        ):
+            logs = "".join((tmp_path / f"node{i}.log").read_text() for i in range(2))
+            assert time.monotonic() < deadline and all(n.poll() is None for n in nodes), logs[-3000:]
+            time.sleep(0.1)
+        kill_node(nodes[1].pid)
+        nodes[0].wait(timeout=150)
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                kill_node(node.pid)
+    log = (tmp_path / "node0.log").read_text()
+    assert nodes[0].returncode == 0, log[-4000:]
+    assert "warning: checkpoint written by 2 rank(s), resuming on 1" in log
+    assert "verify: 1/1 ranks reloaded" in log
 
 
 STANDINS = {
