@@ -48,6 +48,12 @@ def _config(w: Weights, args: argparse.Namespace) -> Config:
     if args.task:
         base = w.cfg or Config()
         return dataclasses.replace(base, task=TaskConfig(spec=args.task, args=dict(args.task_arg)))
+    if w.cfg is not None and w.cfg.task.spec.startswith("python:"):
+        raise ConfigError(
+            f"{w.path} was trained by ddp.fit on a Task object ({w.cfg.task.spec.removeprefix('python:')!r}), "
+            "which no file names; add --model FILE.py:NAME (the function or class that builds its model) "
+            "or --task FILE.py:NAME"
+        )
     if w.cfg is None:
         raise ConfigError(
             f"{w.path}: cannot tell the architecture: no training config is stored with it and it is not a "

@@ -125,7 +125,10 @@ def _is_checkpoint(folder: Path) -> bool:
 
 
 def _the_file_in(folder: Path) -> Path:
-    """The one weights file a folder holds (Hugging Face's layout): an index or a single safetensors file."""
+    """The one weights file a folder holds: a run's mlp.params, or (Hugging Face's layout) an index or
+    a single safetensors file."""
+    if (folder / "mlp.params").is_file():
+        return folder / "mlp.params"
     for pattern in ("*.safetensors.index.json", "*.index.json", "*.safetensors"):
         found = sorted(folder.glob(pattern))
         if len(found) == 1:
@@ -134,7 +137,7 @@ def _the_file_in(folder: Path) -> Path:
             names = ", ".join(p.name for p in found[:4])
             raise CheckpointFormatError(f"{folder} holds several weights files ({names}); name the one to read")
     raise CheckpointFormatError(
-        f"{folder} is a folder without a checkpoint: expected {MANIFEST} (this project), .metadata "
+        f"{folder} is a folder without a checkpoint: expected {MANIFEST} or mlp.params (this project), .metadata "
         "(torch.distributed.checkpoint), a *.index.json (a sharded set) or one .safetensors file"
     )
 

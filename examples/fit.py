@@ -42,13 +42,18 @@ def ring_loss(model: nn.Module, batch: dict) -> torch.Tensor:
     return F.cross_entropy(model(batch["xy"]), batch["label"])
 
 
+def rings_model() -> nn.Module:
+    """The model; ``ddp predict runs/fit/mlp.params --model examples/fit.py:rings_model --random 4`` runs it."""
+    return nn.Sequential(nn.Linear(2, 32), nn.ReLU(), nn.Linear(32, 2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="runs/fit")
     parser.add_argument("--steps", type=int, default=60)
     args = parser.parse_args()
     task = ddp.Task(
-        model=lambda: nn.Sequential(nn.Linear(2, 32), nn.ReLU(), nn.Linear(32, 2)),
+        model=rings_model,
         train_data=Rings(2048, seed=0),
         val_data=Rings(256, seed=1),
         loss=ring_loss,

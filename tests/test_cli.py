@@ -56,6 +56,11 @@ def test_inspect_json_describes_a_checkpoint(trained):
     assert info["total_bytes"] == sum(t["bytes"] for t in info["tensors"])
 
 
+def test_inspect_of_a_run_folder_reads_its_mlp_params(trained):
+    info = json.loads(ok(run([*DDP, "inspect", str(trained[0]), "--json"])))
+    assert info["kind"] == "weights" and info["task"] == "mlp" and info["tensor_count"] == 4
+
+
 def test_inspect_into_a_pipe_that_closes_early_exits_quietly(trained):
     # `| true` closes the pipe before ddp writes (what `| head` does to long output)
     proc = run(["bash", "-c", f"set -o pipefail; {sys.executable} -m ddp inspect {trained[0]}/mlp.params | true"])

@@ -187,3 +187,10 @@ def test_fit_runs_the_same_trainer_under_torchrun_and_alone(tmp_path):
     assert "fit: 2 ranks verified" in out and (tmp_path / "two" / "mlp.params").exists()
     out = ok(run([sys.executable, str(script), "--out", str(tmp_path / "one")]))
     assert "fit: 1 ranks verified" in out
+    # a checkpoint of ddp.fit names no file to rebuild its model from: --model does
+    ddp = [sys.executable, "-m", "ddp", "verify"]
+    folder = tmp_path / "one" / "checkpoints" / "step-00000060"
+    proc = run([*ddp, str(folder)])
+    assert proc.returncode == 2 and "trained by ddp.fit on a Task object ('rings')" in proc.output
+    out = ok(run([*ddp, str(folder), "--model", "examples/fit.py:rings_model"]))
+    assert "verify: 1/1 ranks reloaded" in out and "files match the manifest" in out
