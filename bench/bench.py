@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import xxhash
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 
@@ -433,19 +434,25 @@ def write_floor(state, path: Path) -> float:
 
 
 def read_floor(path: Path, buf: bytearray, cold: bool = False) -> float:
-    """The read floor: the file's bytes into a preallocated buffer, by readinto or by a mapped copy
-    (whichever is faster on this host: each is the simplest way to get the bytes into memory)."""
+    """The read floor: the least work that gets every byte of the file through the CPU once.
+
+    The fastest of: ``readinto`` a preallocated buffer, a copy out of a memory map, and one
+    checksum pass over a memory map (what a load that maps its tensors must do at least).
+    """
 
     def readinto() -> None:
         with open(path, "rb", buffering=0) as f:
             f.readinto(buf)
 
-    def mapped() -> None:
+    def mapped(copy: bool) -> None:
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-            memoryview(buf)[: len(m)] = m
+            if copy:
+                memoryview(buf)[: len(m)] = m
+            else:
+                xxhash.xxh3_128(m).digest()
 
     times = []
-    for read in (readinto, mapped):
+    for read in (readinto, lambda: mapped(True), lambda: mapped(False)):
         if cold:
             drop_cache(path)
         start = time.perf_counter()
@@ -548,7 +555,42 @@ def checkpoint_table(args, out: Path) -> dict:
         results["lost_per_checkpoint"] = lost_per_checkpoint(args, out)
     finally:
         dist.shutdown()
+    results["spread_save"] = spread_save_table(args, out)
     return results
+
+
+def spread_save_worker(megabytes: int, out: str, repeats: int) -> list[float]:
+    """On every rank: seconds per checkpoint save of the same model + momentum (rank 0's figures)."""
+    dist.init(Config().dist)
+    try:
+        torch.manual_seed(0)  # the same state on every rank, as DDP keeps it
+        model, opt = big_state(megabytes)
+        state = {"model.pt": model.state_dict(), "train.pt": {"optimizer": opt.state_dict(), "step": 1}}
+        ckpt = Checkpointer(Path(out), CheckpointConfig(keep_last=2, async_save=False), say=lambda _: None)
+        ckpt.prepare()
+        times = []
+        for rep in range(repeats):
+            dist.barrier()
+            start = time.perf_counter()
+            ckpt.save(rep + 1, state, {"rank": dist.rank()})
+            times.append(time.perf_counter() - start)
+        return times
+    finally:
+        dist.shutdown()
+
+
+def spread_save_table(args, out: Path) -> dict:
+    """A save on 1 rank vs 2: with 2, rank 1 writes the optimizer state while rank 0 writes the model."""
+    mb = args.sizes[0]
+    times = {n: [] for n in (1, 2)}
+    for rep in range(args.ckpt_repeats):
+        for n in (1, 2) if rep % 2 == 0 else (2, 1):
+            times[n] += launch(spread_save_worker, n, mb, str(out / f"spread{n}-{rep}"), 2)[1:]  # first: warm-up
+    result = {"state_mb": mb, **{f"{n}_rank_save_s": median(v) for n, v in times.items()},
+              "2 ranks / 1": quartiles([b / a for a, b in zip(times[1], times[2], strict=True)])}  # fmt: skip
+    print(f"  save of {mb} MB: 1 rank {result['1_rank_save_s']:.3f} s, 2 ranks {result['2_rank_save_s']:.3f} s "
+          f"(time ratio {_ratio(result['2 ranks / 1'])})", flush=True)  # fmt: skip
+    return result
 
 
 def lost_per_checkpoint(args, out: Path) -> dict:
@@ -675,7 +717,7 @@ def print_tables(r: dict) -> None:
           "| load/floor | async stall/copy |")  # fmt: skip
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, c in r["checkpoints"].items():
-        if name == "lost_per_checkpoint":
+        if name in ("lost_per_checkpoint", "spread_save"):
             continue
         cold = c["cold_cache_dropped"]
         cells = [f"{c['state_gb'] * 1000:.0f} MB", *(f"{c[f'{k}_gb_s']:.2f}" for k in ("write", "save")),
@@ -689,6 +731,10 @@ def print_tables(r: dict) -> None:
     print(f"\ntraining time lost per checkpoint ({lost['state_mb']:.0f} MB state, {lost['checkpoints']} checkpoints "
           f"in {lost['window_steps']} steps of {lost['step_s']:.3f} s): sync {lost['sync_lost_per_ckpt_s']:.3f} s, "
           f"async {lost['async_lost_per_ckpt_s']:.3f} s")  # fmt: skip
+    spread = r["checkpoints"]["spread_save"]
+    print(f"save of {spread['state_mb']} MB (model + momentum) on 1 rank: {spread['1_rank_save_s']:.3f} s; "
+          f"on 2 ranks (rank 1 writes the momentum): {spread['2_rank_save_s']:.3f} s; "
+          f"2/1: {_ratio(spread['2 ranks / 1'])}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -156,7 +156,8 @@ def _read_checkpoint(folder: Path, map_location: str | torch.device) -> Weights:
     }
     state, stripped = strip_prefixes(state)  # this project's own files: wrapper prefixes only
     metadata = {"manifest": manifest}
-    return Weights(folder, "torch", state, "model.pt", stripped, ["train.pt"], metadata, cfg, info)
+    others = [name for name in manifest["files"] if name != "model.pt"]
+    return Weights(folder, "torch", state, "model.pt", stripped, others, metadata, cfg, info)
 
 
 def _read_sharded(index: Path, map_location: str | torch.device, key: str | None) -> Weights:

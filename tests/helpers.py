@@ -75,13 +75,13 @@ def elastic(fn, nproc: int, *args):
 
 
 def model_state(run_dir: Path, step: int | None = None) -> tuple[dict, dict]:
-    """(model state_dict, train state) of a run's newest (or given) checkpoint."""
+    """(model state_dict, train state with the optimizer's whole state) of a run's newest (or given) checkpoint."""
+    from ddp.checkpoint import Checkpointer
+
     folders = sorted((run_dir / "checkpoints").glob("step-*"))
     folder = folders[-1] if step is None else run_dir / "checkpoints" / f"step-{step:08d}"
-    return (
-        torch.load(folder / "model.pt", weights_only=True),
-        torch.load(folder / "train.pt", weights_only=True),
-    )
+    state, _, _ = Checkpointer.load(folder)
+    return state.pop("model"), state
 
 
 def assert_tree_equal(a, b, path: str = "") -> None:

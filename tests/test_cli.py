@@ -49,7 +49,7 @@ def test_inspect_json_describes_a_checkpoint(trained):
     info = json.loads(ok(run([*DDP, "inspect", str(folder), "--json"])))
     assert info["kind"] == "checkpoint" and info["step"] == 28 and info["epoch"] == 2 and info["world_size"] == 2
     assert info["torch_version"] == str(torch.__version__) and info["format"] == "torch"
-    assert info["integrity"].startswith("ok: 4 files match the manifest")
+    assert info["integrity"].startswith("ok: 5 files match the manifest")
     tensors = {t["name"]: t for t in info["tensors"]}
     assert tensors["hidden.0.weight"] == {"name": "hidden.0.weight", "shape": [256, 20], "dtype": "float32",
                                           "bytes": 256 * 20 * 4}  # fmt: skip
@@ -116,7 +116,7 @@ def test_verify_under_torchrun_checks_every_rank(trained):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "ddp",
            "verify", str(trained[0] / "checkpoints" / "step-00000028")]  # fmt: skip
     out = ok(run(cmd))
-    assert "ok: 4 files match the manifest (size, xxh3_128)" in out
+    assert "ok: 5 files match the manifest (size, xxh3_128)" in out
     assert "verify: 2/2 ranks reloaded" in out and "outputs identical" in out
 
 

@@ -265,8 +265,9 @@ def test_unwritable_out_fails_before_training_and_a_missing_out_is_created(tmp_p
 def test_disk_full_during_a_save_fails_every_rank_and_keeps_the_previous_checkpoint(tmp_path):
     args = [*ARGS, "--steps", "8", "--checkpoint-every", "4", "--timeout", "30", "--out", str(tmp_path)]
     start = time.monotonic()
-    # rank 1 writes one file per checkpoint, rank 0 four (rank file, model, train, manifest)
-    proc = torchrun(2, *args, extra_env={"DDP_FAULT": "enospc:rank=1:save=2"})
+    # per checkpoint rank 1 writes two files (rank file, its optimizer share), rank 0 four (rank
+    # file, model, train, manifest): rank 1's third write is its rank file of step 8
+    proc = torchrun(2, *args, extra_env={"DDP_FAULT": "enospc:rank=1:save=3"})
     assert time.monotonic() - start < 60 and proc.returncode != 0
     rank_file = tmp_path / "checkpoints" / ".tmp-step-00000008" / "rank-00001.pt"
     for r in (0, 1):
@@ -292,11 +293,12 @@ def test_an_async_save_that_fails_mid_run_stops_every_rank_at_the_next_step(tmp_
 
 
 # Per checkpoint, rank 0 writes its rank file, model.pt, train.pt, then the manifest; rank 1
-# writes its rank file. The Nth write of a rank is killed: points inside checkpoint 8.
+# writes its rank file and its share of the optimizer state (all of it, with 2 ranks and SGD
+# momentum). The Nth write of a rank is killed: points inside checkpoint 8.
 @pytest.mark.parametrize(
     ("rank", "write"),
-    [(0, 5), (0, 6), (0, 8), (1, 2)],
-    ids=["rank0-own-file", "rank0-model", "rank0-manifest", "rank1-own-file"],
+    [(0, 5), (0, 6), (0, 8), (1, 4)],
+    ids=["rank0-own-file", "rank0-model", "rank0-manifest", "rank1-optimizer-share"],
 )
 def test_kill_during_a_save_keeps_the_previous_checkpoint_and_cleans_up(tmp_path, rank, write):
     args = [*ARGS, "--steps", "8", "--checkpoint-every", "4", "--out", str(tmp_path)]

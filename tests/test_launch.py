@@ -66,7 +66,7 @@ def listening(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
-def test_two_nodes_rendezvous_on_one_host_and_only_global_rank_0_writes(tmp_path):
+def test_two_nodes_rendezvous_on_one_host_and_rank_0_writes_the_shared_files(tmp_path):
     port, writes = free_port(), tmp_path / "writes.log"
     launcher = ["--head", "127.0.0.1", "--port", str(port), "--nnodes", "2", "--nproc", "2", "--rdzv-id", "two"]
     cmd = ["bash", "launch/multinode.sh", *launcher, "--", *ARGS, "--checkpoint-every", "3", "--out", str(tmp_path)]
@@ -81,7 +81,13 @@ def test_two_nodes_rendezvous_on_one_host_and_only_global_rank_0_writes(tmp_path
         rank, name = line.split("\t")
         by_file.setdefault(name.split(".tmp-")[0].lstrip("."), set()).add(rank)
     assert by_file["mlp.params"] == by_file["model.pt"] == by_file["train.pt"] == by_file["manifest.json"] == {"0"}
-    assert {r for name, ranks in by_file.items() if name.startswith("rank-") for r in ranks} == {"0", "1", "2", "3"}
+    assert all(by_file[f"rank-0000{r}.pt"] == {str(r)} for r in range(4))
+    # the optimizer state goes to the ranks other than 0 (which writes the model), largest tensor first
+    assert {name: ranks for name, ranks in by_file.items() if name.startswith("optim-")} == {
+        "optim-00001.pt": {"1"},
+        "optim-00002.pt": {"2"},
+        "optim-00003.pt": {"3"},
+    }
 
 
 def test_a_rank_killed_on_one_of_two_nodes_restarts_both_and_resumes(tmp_path):
