@@ -555,7 +555,8 @@ def checkpoint_table(args, out: Path) -> dict:
         results["lost_per_checkpoint"] = lost_per_checkpoint(args, out)
     finally:
         dist.shutdown()
-    results["spread_save"] = spread_save_table(args, out)
+    if not args.quick:  # two launches of fresh processes: most of a quick run's time for no figure worth reading
+        results["spread_save"] = spread_save_table(args, out)
     return results
 
 
@@ -731,7 +732,9 @@ def print_tables(r: dict) -> None:
     print(f"\ntraining time lost per checkpoint ({lost['state_mb']:.0f} MB state, {lost['checkpoints']} checkpoints "
           f"in {lost['window_steps']} steps of {lost['step_s']:.3f} s): sync {lost['sync_lost_per_ckpt_s']:.3f} s, "
           f"async {lost['async_lost_per_ckpt_s']:.3f} s")  # fmt: skip
-    spread = r["checkpoints"]["spread_save"]
+    spread = r["checkpoints"].get("spread_save")
+    if not spread:
+        return
     print(f"save of {spread['state_mb']} MB (model + momentum) on 1 rank: {spread['1_rank_save_s']:.3f} s; "
           f"on 2 ranks (rank 1 writes the momentum): {spread['2_rank_save_s']:.3f} s; "
           f"2/1: {_ratio(spread['2 ranks / 1'])}")  # fmt: skip
