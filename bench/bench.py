@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ddp import dist  # noqa: E402
-from ddp.checkpoint import Checkpointer, stage, validate  # noqa: E402
+from ddp.checkpoint import Checkpointer, nbytes, stage, validate  # noqa: E402
 from ddp.config import CheckpointConfig, Config  # noqa: E402
 from ddp.data import make_loader  # noqa: E402
 from ddp.model import MLP  # noqa: E402
@@ -405,10 +405,6 @@ def big_state(megabytes: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     F.cross_entropy(model(torch.randn(4, 20)), torch.zeros(4, dtype=torch.long)).backward()
     opt.step()
     return model, opt
-
-
-def nbytes(obj) -> int:
-    return sum(t.nbytes for t in tensors(obj))
 
 
 def tensors(obj):

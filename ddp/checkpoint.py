@@ -75,23 +75,24 @@ def spread(replicated: dict[str, Any], world_size: int) -> tuple[dict[str, Any],
     if world_size == 1 or not isinstance(optimizer, dict) or not optimizer.get("state"):
         return replicated, {}
     load = [0] * world_size
-    load[0] = sum(_nbytes(obj) for obj in replicated.values()) - _nbytes(optimizer["state"])
+    load[0] = sum(nbytes(obj) for obj in replicated.values()) - nbytes(optimizer["state"])
     shares: dict[int, dict] = {}
-    for pid, entry in sorted(optimizer["state"].items(), key=lambda kv: (-_nbytes(kv[1]), str(kv[0]))):
+    for pid, entry in sorted(optimizer["state"].items(), key=lambda kv: (-nbytes(kv[1]), str(kv[0]))):
         rank = min(range(world_size), key=lambda r: (load[r], r))
         shares.setdefault(rank, {})[pid] = entry
-        load[rank] += _nbytes(entry)
+        load[rank] += nbytes(entry)
     train = {**replicated["train.pt"], "optimizer": {**optimizer, "state": {}}}
     return {**replicated, "train.pt": train}, shares
 
 
-def _nbytes(obj: Any) -> int:
+def nbytes(obj: Any) -> int:
+    """Bytes of every tensor in ``obj`` (nested dicts, lists and tuples)."""
     if isinstance(obj, torch.Tensor):
         return obj.nbytes
     if isinstance(obj, dict):
-        return sum(_nbytes(v) for v in obj.values())
+        return sum(nbytes(v) for v in obj.values())
     if isinstance(obj, (list, tuple)):
-        return sum(_nbytes(v) for v in obj)
+        return sum(nbytes(v) for v in obj)
     return 0
 
 

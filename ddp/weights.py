@@ -155,7 +155,7 @@ def _read_checkpoint(folder: Path, map_location: str | torch.device) -> Weights:
         "integrity": f"ok: {len(manifest['files'])} files match the manifest (size, {digest_of(manifest)})",
     }
     state, stripped = strip_prefixes(state)  # this project's own files: wrapper prefixes only
-    metadata = {"manifest": manifest}
+    metadata = {"manifest": manifest, "config": cfg.to_dict()}
     others = [name for name in manifest["files"] if name != "model.pt"]
     return Weights(folder, "torch", state, "model.pt", stripped, others, metadata, cfg, info)
 
@@ -192,8 +192,7 @@ def _read_sharded(index: Path, map_location: str | torch.device, key: str | None
         state.update({n: tensors[n] for n in names})
     metadata = {k: v for k, v in doc.items() if k != "weight_map"}
     metadata["shards"] = list(shards)
-    w = _found(index, f"{fmt}-sharded", state, key, map_location, metadata)
-    return w
+    return _found(index, f"{fmt}-sharded", state, key, map_location, metadata)
 
 
 def _found(

@@ -54,6 +54,7 @@ def test_inspect_json_describes_a_checkpoint(trained):
     assert tensors["hidden.0.weight"] == {"name": "hidden.0.weight", "shape": [256, 20], "dtype": "float32",
                                           "bytes": 256 * 20 * 4}  # fmt: skip
     assert info["total_bytes"] == sum(t["bytes"] for t in info["tensors"])
+    assert info["metadata"]["config"]["run"]["out"] == str(out_dir) and info["metadata"]["manifest"]["step"] == 28
 
 
 def test_inspect_of_a_run_folder_reads_its_mlp_params(trained):

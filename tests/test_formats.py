@@ -19,7 +19,7 @@ import torch
 
 from ddp import cli, weights
 
-from . import user_models, workers
+from . import user_models, user_task, workers
 from .helpers import ROOT, elastic, ok, run
 
 MODELS = Path(user_models.__file__).relative_to(ROOT)
@@ -266,3 +266,14 @@ def test_a_truncated_dcp_data_file_is_named(files, capsys, tmp_path):
     data.write_bytes(data.read_bytes()[:100])
     code, text = ddp(capsys, "inspect", folder)
     assert code == 1 and f"{data} has 100 bytes, .metadata says" in text
+
+
+def test_verify_with_task_rebuilds_a_users_model_from_a_nested_file(tmp_path):
+    torch.manual_seed(0)
+    scorer = user_task.make(hidden=8).model()
+    torch.save({"MODEL_STATE": {f"module.{k}": v for k, v in scorer.state_dict().items()}}, tmp_path / "s.pt")
+    verify = [sys.executable, "-m", "ddp", "verify", str(tmp_path / "s.pt"), "--task", "tests/user_task.py:make"]
+    proc = run(verify)
+    assert proc.returncode == 1 and "shape mismatches" in proc.output  # the task's default hidden=16
+    out = ok(run([*verify, "--task-arg", "hidden=8"]))
+    assert "verify: 1/1 ranks reloaded" in out
