@@ -3,6 +3,7 @@
     make bench                   # full run, about 8 minutes on 2 cores; writes bench/results.json
     python bench/bench.py --quick  # a smoke run with tiny sizes (the test suite runs this)
     python bench/bench.py --only cnn --no-checkpoints  # some training cases only
+    python bench/strategies.py     # DDP vs FSDP alone: memory per rank and throughput on 1, 2, 3 ranks
 
 Training (samples/s, same model, data and global batch):
   a  one process using every core
@@ -236,7 +237,7 @@ def paired(raw: dict[str, list[float]], num: str, den: str) -> dict:
     return {"median": median(ratios), "q1": q1, "q3": q3}
 
 
-QUICK_CASES = ("mlp (textbook, 20-256-10)", "cnn (2 conv, 16x16)")  # --quick: one of each kind
+QUICK_CASES = ("mlp (textbook, 20-256-10)",)  # --quick: one launch proves the table runs
 
 
 def training_cases() -> list[tuple[str, tuple, dict]]:
@@ -324,7 +325,7 @@ def loader_table(args, out: Path) -> list[dict]:
         pins = (False, True) if world.device.type == "cuda" else (False,)
         settings = [(w, pin) for w in args.loader_workers for pin in pins] + [TUTORIAL_LOADER, *PER_SAMPLE]
         default = (0, world.device.type == "cuda")
-        for name in ("mlp (textbook, 20-256-10)", "cnn (2 conv, 16x16)"):
+        for name in QUICK_CASES if args.quick else ("mlp (textbook, 20-256-10)", "cnn (2 conv, 16x16)"):
             task, model = MODELS[name]
             cfg = Config.from_dict({"task": {"spec": task}, "model": model,
                                     "data": {"samples": args.samples, "batch_size": args.batch},
@@ -664,6 +665,10 @@ def main() -> None:
         h2d = h2d_table(args)
         print("checkpoints:", flush=True)
         ckpt = {} if args.no_checkpoints else checkpoint_table(args, tmp)
+        print("DDP vs FSDP:", flush=True)
+        from strategies import strategies_table  # bench/strategies.py, which imports this file: here, not above
+
+        strategies = strategies_table(q, tmp) if args.only in ("", "strategies") else []
     results = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"Python {platform.python_version()}",
@@ -672,6 +677,7 @@ def main() -> None:
         "loader": loader,
         "host_to_device": h2d,
         "checkpoints": ckpt,
+        "strategies": strategies,
     }
     Path(args.output).write_text(json.dumps(results, indent=1))
     print_tables(results)
@@ -707,6 +713,10 @@ def print_tables(r: dict) -> None:
             loader = LOADER_NAMES.get(w, f"ours: batched, {w} workers")
             print(f"| {row['case']} | {loader} | {row['pin_memory']} | {row['samples_per_s']:,.0f} "
                   f"| {_ratio(row['vs default'])} |")  # fmt: skip
+    if r["strategies"]:
+        from strategies import print_table
+
+        print_table(r["strategies"])
     if not r["checkpoints"]:
         return
     print("\ncheckpoints: GB/s, and speed as a fraction of the floor's in the same run (median, quartiles)")

@@ -7,6 +7,9 @@ Layout: ``<out>/checkpoints/step-00000120/`` holding
 - ``optim-00001.pt`` ...: the optimizer's per-parameter state, shared out over the ranks
   by size so that each writes about as many bytes (``spread``),
 - ``rank-00000.pt`` ...: each rank's RNG states (written by that rank),
+- under ``--strategy fsdp``, ``sharded/`` instead of ``model.pt`` and the optimizer files:
+  each rank's shards of the model and optimizer state, a ``torch.distributed.checkpoint``
+  folder (``__R_0.distcp`` per rank, ``.metadata`` from rank 0), resharded on load,
 - ``manifest.json``: size and checksum (xxh3-128) of every file, step, world size, format version.
 
 A checkpoint is written into ``.tmp-step-00000120``, fsynced, and committed by one
@@ -94,6 +97,45 @@ def nbytes(obj: Any) -> int:
     if isinstance(obj, (list, tuple)):
         return sum(nbytes(v) for v in obj)
     return 0
+
+
+SHARDED = "sharded"
+"""The folder of a checkpoint's model and optimizer shards, under ``--strategy fsdp``."""
+
+
+def is_sharded(manifest: dict) -> bool:
+    """Whether a checkpoint holds its model and optimizer as shards (``--strategy fsdp``)."""
+    return f"{SHARDED}/.metadata" in manifest["files"]  # DCP's metadata file
+
+
+def write_shards(folder: Path, state: dict[str, Any]) -> dict:
+    """Called by every rank: each writes its shards; returns the manifest entries of its own files.
+
+    DCP names each rank's data file ``__R_N.distcp``; rank 0 also wrote ``.metadata``.
+    """
+    from ddp import dcp  # torch.distributed.checkpoint: 0.6 s to import, only FSDP runs need it
+
+    dcp.save_sharded(state, folder)
+    rank = dist.rank()
+    mine = sorted(
+        p for p in folder.iterdir() if p.name.startswith(f"__{rank}_") or (rank == 0 and not p.name.startswith("__"))
+    )
+    if rank == 0:
+        fsync_dir(folder)
+    return {f"{SHARDED}/{p.name}": {"size": p.stat().st_size, DIGEST: file_digest(p)} for p in mine}
+
+
+def optimizer_by_index(state: dict[str, Any]) -> dict[str, Any]:
+    """An optimizer state_dict keyed by parameter name (as DCP stores it) in torch's own form, by index.
+
+    Indices follow the order of the param groups' parameters, as ``Optimizer.state_dict`` numbers them.
+    """
+    order = [name for group in state["param_groups"] for name in group["params"]]
+    index = {name: i for i, name in enumerate(order)}
+    return {
+        "state": {index[name]: entry for name, entry in state["state"].items()},
+        "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in state["param_groups"]],
+    }
 
 
 DIGEST = "xxh3_128"
@@ -348,7 +390,9 @@ class Checkpointer:
 
     # -- saving --
 
-    def save(self, step: int, replicated: dict[str, Any], own: dict[str, Any]) -> None:
+    def save(
+        self, step: int, replicated: dict[str, Any], own: dict[str, Any], sharded: dict[str, Any] | None = None
+    ) -> None:
         """Called by every rank: write a checkpoint of ``step``.
 
         Args:
@@ -356,6 +400,8 @@ class Checkpointer:
                 except the per-parameter optimizer state of ``train.pt``, which ``spread``
                 shares out so that every rank writes about as many bytes.
             own: this rank's object, written to its ``rank-NNNNN.pt``.
+            sharded: this rank's shards (DTensors) of the model and optimizer state,
+                written into ``sharded/`` through torch.distributed.checkpoint (no async).
         """
         self.wait()
         shared, shares = spread(replicated, dist.world_size())
@@ -365,8 +411,8 @@ class Checkpointer:
         if dist.rank() in shares:
             files[optim_file(dist.rank())] = shares[dist.rank()]
         self.pending_step = step
-        if not self.cfg.async_save:
-            self.result = self._write(step, files)
+        if sharded is not None or not self.cfg.async_save:
+            self.result = self._write(step, files, sharded)
             self.commit()
             return
         seen: dict = {}
@@ -380,14 +426,13 @@ class Checkpointer:
     def _write_into_result(self, step: int, files: dict[str, Any]) -> None:
         self.result = self._write(step, files)
 
-    def _write(self, step: int, files: dict[str, Any]) -> dict:
+    def _write(self, step: int, files: dict[str, Any], sharded: dict[str, Any] | None = None) -> dict:
         tmp = self.root / f".tmp-{step_dir(self.root, step).name}"
         try:
+            written = {} if sharded is None else write_shards(tmp / SHARDED, sharded)  # first: a collective
             tmp.mkdir(parents=True, exist_ok=True)
-            return {
-                "files": {name: write_file(tmp / name, obj) for name, obj in files.items()},
-                "error": None,
-            }
+            written.update({name: write_file(tmp / name, obj) for name, obj in files.items()})
+            return {"files": written, "error": None}
         except (OSError, CheckpointError) as e:
             return {"files": {}, "error": e}
 
@@ -483,16 +528,26 @@ class Checkpointer:
     @staticmethod
     def load(folder: Path, map_location: torch.device | str = "cpu") -> tuple[dict, dict | None, dict]:
         """(model and train state, this rank's own state or None, manifest) of a checkpoint."""
-        manifest = read_manifest(folder)
+        state, own, manifest = Checkpointer.load_train(folder, map_location)
+        if is_sharded(manifest):  # gathered whole in this process: the model and optimizer of any strategy
+            from ddp import dcp
+
+            shards, _ = dcp.load(folder / SHARDED)
+            state.update(model=shards["model"], optimizer=optimizer_by_index(shards["optim"]))
+            return state, own, manifest
         # Mapped, not read: validate() has just paged the files in; load_state_dict copies the model's
         # tensors out, and optimizer state keeps private (copy-on-write) pages of the file.
-        state = {
-            "model": load(folder / "model.pt", map_location, expect="torch", mmap=True),
-            **load(folder / "train.pt", map_location, expect="torch", mmap=True),
-        }
+        state["model"] = load(folder / "model.pt", map_location, expect="torch", mmap=True)
         shares = sorted(name for name in manifest["files"] if OPTIM_FILE.match(name))
         for name in shares:  # the optimizer state the ranks wrote their shares of (see spread)
             state["optimizer"]["state"].update(load(folder / name, map_location, expect="torch", mmap=True))
+        return state, own, manifest
+
+    @staticmethod
+    def load_train(folder: Path, map_location: torch.device | str = "cpu") -> tuple[dict, dict | None, dict]:
+        """(train state, this rank's own state or None, manifest): all but the model (and sharded optimizer)."""
+        manifest = read_manifest(folder)
+        state = load(folder / "train.pt", map_location, expect="torch", mmap=True)
         own_path = folder / rank_file(dist.rank())
         own = load(own_path, "cpu", expect="torch") if own_path.exists() else None
         return state, own, manifest

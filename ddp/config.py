@@ -174,10 +174,16 @@ class CheckpointConfig:
         )
 
 
+STRATEGIES = ("ddp", "fsdp")
+
+
 @dataclass
 class DistConfig:
-    """The process group."""
+    """The process group, and how the model is spread over it."""
 
+    strategy: str = "ddp"
+    """ddp: every rank holds the whole model (DistributedDataParallel); fsdp: each rank holds 1/N of the
+    parameters, gradients and optimizer state (FSDP2 fully_shard), for models that do not fit one device."""
     backend: str = "auto"
     """auto (nccl when CUDA is available, else gloo), nccl or gloo."""
     timeout: float = 300.0
@@ -197,6 +203,7 @@ class DistConfig:
     """Tell DDP the graph never changes (not with --grad-accum > 1, where DDP asserts)."""
 
     def __post_init__(self) -> None:
+        _check(self.strategy in STRATEGIES, "strategy", f"unknown {self.strategy!r}; use ddp or fsdp")
         _check(self.bucket_cap_mb is None or self.bucket_cap_mb > 0, "bucket_cap_mb", "must be positive")
         _check(
             self.backend in ("auto", "nccl", "gloo"),
@@ -279,6 +286,7 @@ EXACTNESS = {
         "dropout",
     ),
     "data": ("data", "samples", "val_fraction", "batch_size"),
+    "dist": ("strategy",),  # FSDP reduces gradients in another order: equal to ~1e-16, not bitwise
     "optim": (
         "optimizer",
         "lr",
@@ -333,7 +341,10 @@ def _build(kind: type, values: dict, section: str):
 
 
 def upgrade(old: dict) -> dict:
-    """A config saved before tasks existed, in today's form (``model.arch`` became ``task.spec``)."""
+    """An older config in today's form: ``model.arch`` became ``task.spec``; DDP was the only strategy."""
+    dist = old.get("dist", {})
+    if "strategy" not in dist:
+        old = {**old, "dist": {**dist, "strategy": "ddp"}}
     if "task" in old:
         return old
     model = {k: v for k, v in old.get("model", {}).items() if k != "arch"}

@@ -258,6 +258,11 @@ def eval_batches(task: Task, rank: int, world_size: int, batch_size: int, seed: 
         yield task.batch_of(data, mine[i : i + batch_size])
 
 
+def eval_batch_count(samples: int, rank: int, world_size: int, batch_size: int) -> int:
+    """How many batches ``eval_batches`` gives ``rank``."""
+    return math.ceil(len(range(rank, samples, world_size)) / batch_size)
+
+
 def _seed_worker(worker_id: int) -> None:
     seed = torch.initial_seed() % 2**32  # derived by torch from the loader's generator
     np.random.seed(seed)

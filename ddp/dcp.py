@@ -11,11 +11,13 @@ non-tensor entries through the weights-only loader; tensors are read by PyTorch'
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import pickle
 import shutil
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +26,11 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
-from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, _EmptyStateDictLoadPlanner
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta, TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
-from ddp.errors import CheckpointCorruptError, CheckpointNotFoundError, UnsafeCheckpointError
+from ddp.errors import CheckpointCorruptError, CheckpointError, CheckpointNotFoundError, UnsafeCheckpointError
 from ddp.io import fsync_dir
 
 METADATA = ".metadata"
@@ -95,8 +97,8 @@ class _SafeReader(FileSystemReader):
         return metadata
 
 
-class _SafePlanner(_EmptyStateDictLoadPlanner):
-    """Rebuilds the saved state from the metadata; non-tensor entries through the weights-only loader."""
+class _WeightsOnlyBytes:
+    """Non-tensor entries through the weights-only loader (DCP's own planners unpickle anything)."""
 
     def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
         try:
@@ -112,6 +114,14 @@ class _SafePlanner(_EmptyStateDictLoadPlanner):
             self.state_dict[read_item.dest_index.fqn] = obj
 
 
+class _SafePlanner(_WeightsOnlyBytes, _EmptyStateDictLoadPlanner):
+    """Rebuilds the saved state from the metadata alone."""
+
+
+class _SafeLoadPlanner(_WeightsOnlyBytes, DefaultLoadPlanner):
+    """Loads into the caller's state dict (its DTensors take their own shards)."""
+
+
 def load(folder: str | os.PathLike) -> tuple[dict[str, Any], Metadata]:
     """Everything a DCP folder holds, as one (nested) dict of full CPU tensors and values.
 
@@ -119,6 +129,45 @@ def load(folder: str | os.PathLike) -> tuple[dict[str, Any], Metadata]:
     process. Reads on this process only; no process group is needed or used.
     """
     folder = Path(folder)
+    metadata = check_files(folder)
+    state: dict[str, Any] = {}
+    with _read_errors(folder), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "assuming the intent is to load in a single process": it is
+        # the loader format_utils.dcp_to_torch_save uses: dcp.load keeps only keys the caller passes
+        _load_state_dict(state, storage_reader=_SafeReader(folder), planner=_SafePlanner(), no_dist=True)
+    return state, metadata
+
+
+def load_into(state: dict[str, Any], folder: str | os.PathLike) -> None:
+    """Called by every rank: fill ``state`` in place from a DCP folder, each DTensor with its own shard.
+
+    The folder may have been written by any number of ranks: DCP reshards on load.
+    """
+    folder = Path(folder)
+    with _read_errors(folder):
+        dcp.load(state, storage_reader=_SafeReader(folder), planner=_SafeLoadPlanner())
+
+
+def save_sharded(state: dict[str, Any], folder: str | os.PathLike) -> None:
+    """Called by every rank: each writes its own shards of ``state`` into ``folder``, rank 0 the metadata.
+
+    A rank's write error (a full disk) reaches every rank as a CheckpointError naming it.
+    """
+    try:
+        dcp.save(state, storage_writer=FileSystemWriter(folder))
+    except CheckpointException as e:
+        raise CheckpointError(f"writing the shards into {folder} failed: {_reasons(e)}") from None
+
+
+def tensor_shapes(folder: str | os.PathLike, prefix: str = "") -> dict[str, torch.Size]:
+    """The whole shape of each tensor whose key starts with ``prefix`` (removed), as the metadata records it."""
+    entries = check_files(Path(folder)).state_dict_metadata.items()
+    tensors = [(k, v) for k, v in entries if isinstance(v, TensorStorageMetadata)]
+    return {k[len(prefix) :]: v.size for k, v in tensors if k.startswith(prefix)}
+
+
+def check_files(folder: Path) -> Metadata:
+    """The metadata, after checking that every data file it names is there and long enough."""
     if not is_dcp(folder):
         raise CheckpointNotFoundError(f"{folder} is not a DCP checkpoint folder (no {METADATA} in it)")
     metadata = read_metadata(folder)
@@ -136,20 +185,30 @@ def load(folder: str | os.PathLike) -> tuple[dict[str, Any], Metadata]:
     for name, end in sorted(ends.items()):
         if (size := (folder / name).stat().st_size) < end:
             raise CheckpointCorruptError(f"{folder / name} has {size} bytes, {METADATA} says {end} (truncated?)")
-    state: dict[str, Any] = {}
+    return metadata
+
+
+@contextlib.contextmanager
+def _read_errors(folder: Path) -> Iterator[None]:
+    """DCP's CheckpointException (a BaseException holding each rank's error) as one clear error."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "assuming the intent is to load in a single process": it is
-            # the loader format_utils.dcp_to_torch_save uses: dcp.load keeps only keys the caller passes
-            _load_state_dict(state, storage_reader=_SafeReader(folder), planner=_SafePlanner(), no_dist=True)
-    except CheckpointException as e:  # DCP gathers each reader's error into this (a BaseException)
-        errors = [failure[0] if isinstance(failure, tuple) else failure for failure in e.failures.values()]
-        for error in errors:
+        yield
+    except CheckpointException as e:
+        for error in _failures(e):
             if isinstance(error, UnsafeCheckpointError):
                 raise UnsafeCheckpointError(f"{folder}: {error}") from None
-        reason = "; ".join(f"{type(x).__name__}: {x}".rstrip(": ") for x in errors)
-        raise CheckpointCorruptError(f"{folder}: a DCP data file is damaged or truncated ({reason})") from None
-    return state, metadata
+        raise CheckpointCorruptError(f"{folder}: a DCP data file is damaged or truncated ({_reasons(e)})") from None
+
+
+def _failures(e: CheckpointException) -> list[BaseException]:
+    return [failure[0] if isinstance(failure, tuple) else failure for failure in e.failures.values()]
+
+
+def _reasons(e: CheckpointException) -> str:
+    """Each failing rank's error; the rank named only where there are several to tell apart."""
+    errors = dict(zip(e.failures, _failures(e), strict=True))
+    named = len(errors) > 1 or set(errors) != {0}
+    return "; ".join(f"{f'rank {r}: ' if named else ''}{type(x).__name__}: {x}".rstrip(": ") for r, x in errors.items())
 
 
 def save(state: dict[str, Any], folder: str | os.PathLike) -> None:

@@ -281,16 +281,20 @@ def strip_prefixes(
     return state_dict, stripped
 
 
-def save_model(model: nn.Module, path: str | os.PathLike, format: str = "torch") -> Path:
+def save_model(
+    model: nn.Module, path: str | os.PathLike, format: str = "torch", state: dict[str, Any] | None = None
+) -> Path:
     """Called by every rank: rank 0 saves the unwrapped state_dict atomically, all wait.
 
-    If the write fails, every rank raises (naming the path and the error); none hangs.
+    ``state``: rank 0's whole state_dict to save instead of the model's own (gathered from
+    the shards of an FSDP model). If the write fails, every rank raises (naming the path
+    and the error); none hangs.
     """
     path = Path(path)
     error = None
     if dist.rank() == 0:
         try:
-            save(unwrap(model).state_dict(), path, format=format)
+            save(unwrap(model).state_dict() if state is None else state, path, format=format)
         except CheckpointError as e:
             error = e
     dist.raise_if_any_failed(error, f"saving {path}")

@@ -16,7 +16,7 @@ export and verification. Built-in tasks live in ``ddp/tasks/``, one file each.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +56,10 @@ class Task:
     """Adds derived figures to the averaged metrics (e.g. perplexity from loss)."""
     channels_last: bool = False
     """Train in channels_last under ``--memory-format auto`` (convnets run faster so)."""
+    blocks: Callable[[nn.Module], Iterable[nn.Module]] | None = None
+    """Under ``--strategy fsdp``: the submodules to shard one by one, e.g. ``lambda m: m.layers``
+    (each transformer block); the root holds the rest. Default: each child with parameters,
+    containers opened up, except modules holding a weight tied to one outside them."""
     name: str = "task"
     """A name for logs."""
 

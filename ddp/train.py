@@ -1,4 +1,4 @@
-"""Train a model with DistributedDataParallel, then save, reload and verify it.
+"""Train a model with DistributedDataParallel (or sharded, FSDP), then save, reload and verify it.
 
 Launch commands:
 
@@ -7,6 +7,7 @@ Launch commands:
     python -m ddp.train --steps 50                   # no torchrun: a world of one
     torchrun --standalone --nproc-per-node=2 -m ddp.train --task mytask.py:make --task-arg hidden=64
     torchrun --standalone --nproc-per-node=2 -m ddp.train --task charlm --task-arg text=README.md
+    torchrun --standalone --nproc-per-node=2 -m ddp.train --strategy fsdp   # sharded: see README, FSDP
     # two nodes; run on each, HOST being node 0's address:
     torchrun --nnodes=2 --nproc-per-node=8 --rdzv-backend=c10d \\
         --rdzv-endpoint=HOST:29500 --rdzv-id=job42 --max-restarts=3 -m ddp.train
@@ -36,10 +37,18 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import TensorDataset
 
-from ddp import dist, faults
-from ddp.checkpoint import FORMAT_VERSION, Checkpointer, rng_state, set_rng_state
+from ddp import dist, faults, fsdp
+from ddp.checkpoint import (
+    FORMAT_VERSION,
+    SHARDED,
+    Checkpointer,
+    is_sharded,
+    read_manifest,
+    rng_state,
+    set_rng_state,
+)
 from ddp.config import SECTIONS, Config, config_changes, parse
-from ddp.data import ResumableSampler, eval_batches, make_loader, seed_all, seeded, steps_per_epoch
+from ddp.data import ResumableSampler, eval_batch_count, eval_batches, make_loader, seed_all, seeded, steps_per_epoch
 from ddp.errors import ConfigError, DDPError
 from ddp.io import check_architecture, load_model, save_model, strip_prefixes, unwrap
 from ddp.metrics import MetricsWriter, ProgressDisplay
@@ -106,7 +115,10 @@ class Trainer:
         self.out = cfg.run.out_dir
         self.out.mkdir(parents=True, exist_ok=True)
         self.dtype = torch.float64 if cfg.optim.precision == "fp64" else torch.float32
-        self.model = local_model(self.task, cfg, self.device, self.dtype)
+        # Under FSDP the whole model is built in host memory, with the seeded weights DDP would have; each
+        # block's shards then move to the device as it is sharded, so no device ever holds the whole model.
+        built_on = torch.device("cpu") if self.sharded else self.device
+        self.model = local_model(self.task, cfg, built_on, self.dtype)
         seed_all(cfg.run.seed + 1_000_003 * world.rank)  # dropout etc. differ per rank, reproducibly
         self.train_set = self.task.train_data
         self.sampler = ResumableSampler(self.train_set, world.world_size, world.rank, cfg.run.seed)
@@ -126,7 +138,7 @@ class Trainer:
                 f"ranks x {cfg.optim.grad_accum} accumulation) exceeds the {len(self.train_set)} training samples"
             )
         self.total_steps = cfg.run.steps or cfg.run.epochs * self.steps_per_epoch
-        self.ddp = self._wrap(self.model)
+        self.wrapped = self._wrap(self.model)
         self.optimizer = self._optimizer()
         self.scheduler = self._scheduler()
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.optim.precision == "fp16")
@@ -140,7 +152,17 @@ class Trainer:
 
     # ---- construction ----
 
+    @property
+    def sharded(self) -> bool:
+        """Whether the model is sharded (``--strategy fsdp``) rather than replicated (DDP)."""
+        return self.cfg.dist.strategy == "fsdp"
+
     def _wrap(self, model: nn.Module) -> nn.Module:
+        if self.sharded:  # in place: the model's parameters become this rank's shards (DTensors)
+            fsdp.shard(model, self.world.world_size, self.device, self.task.blocks, self.cfg.optim.precision)
+            if self.cfg.run.compile:
+                model.compile()  # compiled in place: the module stays the FSDP module it is
+            return model
         if self.cfg.run.compile:
             model = torch.compile(model)
         ids = [self.device] if self.device.type == "cuda" else None  # device_ids must be None on CPU
@@ -169,28 +191,28 @@ class Trainer:
 
     # ---- checkpoints ----
 
-    def state(self) -> tuple[dict, dict]:
-        """(replicated files, this rank's own state) of a full checkpoint."""
+    def state(self) -> tuple[dict, dict, dict | None]:
+        """(replicated files, this rank's own state, its shards under FSDP) of a full checkpoint."""
         train = {
             "format_version": FORMAT_VERSION,
             "step": self.progress.step,
             "epoch": self.progress.epoch,
             "epoch_samples": self.progress.epoch_samples,
-            "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "config": self.cfg.to_dict(),
             "world_size": self.world.world_size,
             "torch_version": str(torch.__version__),
         }
-        replicated = {"model.pt": unwrap(self.ddp).state_dict(), "train.pt": train}
         own = {"rank": self.world.rank, "world_size": self.world.world_size, "rng": rng_state()}
-        return replicated, own
+        if self.sharded:
+            return {"train.pt": train}, own, fsdp.sharded_state(self.model, self.optimizer)
+        train["optimizer"] = self.optimizer.state_dict()
+        return {"model.pt": unwrap(self.wrapped).state_dict(), "train.pt": train}, own, None
 
     def save_checkpoint(self) -> None:
         """Called by every rank: save the full state of the current step."""
-        replicated, own = self.state()
-        self.checkpointer.save(self.progress.step, replicated, own)
+        self.checkpointer.save(self.progress.step, *self.state())
         self.last_save_time = time.monotonic()
 
     def resume(self) -> None:
@@ -199,11 +221,12 @@ class Trainer:
         folder = self.checkpointer.find(self.cfg.checkpoint.resume)
         if folder is None:
             return
-        state, own, _ = Checkpointer.load(folder, self.device)
-        model_state, _ = strip_prefixes(state["model"])
-        check_architecture(unwrap(self.ddp), model_state, folder / "model.pt")
-        unwrap(self.ddp).load_state_dict(model_state)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.sharded and is_sharded(read_manifest(folder)):
+            state, own, _ = Checkpointer.load_train(folder, self.device)
+            self._load_shards(folder / SHARDED)
+        else:
+            state, own, _ = Checkpointer.load(folder, self.device if not self.sharded else "cpu")
+            self._load_whole(state, folder)
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.progress = Progress(state["step"], state["epoch"], state["epoch_samples"])
@@ -219,6 +242,29 @@ class Trainer:
             self._say(f"resumed from {folder}: step {self.progress.step} already completes the run")
         else:
             self._say(f"resumed from {folder}: continuing at step {self.progress.step + 1}")
+
+    def _load_shards(self, folder: Path) -> None:
+        """This rank's shards of a sharded checkpoint, written by any number of ranks (DCP reshards)."""
+        from ddp import dcp  # torch.distributed.checkpoint: imported when used (see ddp/fsdp.py)
+
+        shapes = {k: torch.empty(v, device="meta") for k, v in dcp.tensor_shapes(folder, "model.").items()}
+        check_architecture(self.model, shapes, folder)
+        state = fsdp.sharded_state(self.model, self.optimizer)
+        dcp.load_into(state, folder)
+        fsdp.load_state(self.model, self.optimizer, state)
+
+    def _load_whole(self, state: dict, folder: Path) -> None:
+        """A whole model and optimizer state (a DDP checkpoint, or a sharded one under DDP)."""
+        model_state, _ = strip_prefixes(state["model"])
+        model = unwrap(self.wrapped)
+        source = folder / "model.pt" if (folder / "model.pt").exists() else folder / SHARDED
+        check_architecture(model, model_state, source)
+        if self.sharded:  # each rank keeps its shard of the whole tensors
+            optimizer = fsdp.optimizer_by_name(model, state["optimizer"])
+            fsdp.load_state(model, self.optimizer, {"model": model_state, "optim": optimizer}, full=True)
+        else:
+            model.load_state_dict(model_state)
+            self.optimizer.load_state_dict(state["optimizer"])
 
     def _restore_rng(self, own: dict | None, saved_world: int) -> None:
         if own is not None:
@@ -262,7 +308,7 @@ class Trainer:
         After the last step each rank holds statistics of its own last batch; the saved
         model, and so every reloaded copy, carries rank 0's.
         """
-        for buffer in unwrap(self.ddp).buffers():
+        for buffer in unwrap(self.wrapped).buffers():
             dist.broadcast(buffer, src=0)
 
     def _run_epoch(self) -> None:
@@ -295,11 +341,11 @@ class Trainer:
         total = None
         for i, batch in enumerate(micro):
             batch = to_device(batch, self.device, self.dtype)
-            sync = contextlib.nullcontext() if i == k - 1 else self.ddp.no_sync()
+            sync = self._gradient_sync(i == k - 1)
             cast = torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
             with sync:
                 with cast:
-                    loss = self.task.compute_loss(self.ddp, batch)
+                    loss = self.task.compute_loss(self.wrapped, batch)
                     if k > 1:
                         loss = loss / k
                 self.scaler.scale(loss).backward()
@@ -308,6 +354,13 @@ class Trainer:
         self.scaler.update()
         self.scheduler.step()
         return total
+
+    def _gradient_sync(self, last: bool) -> contextlib.AbstractContextManager:
+        """Reduce gradients on the last micro-batch only: DDP's no_sync, FSDP's requires_gradient_sync."""
+        if self.sharded:
+            self.model.set_requires_gradient_sync(last)  # unsharded gradients accumulate until then
+            return contextlib.nullcontext()
+        return contextlib.nullcontext() if last else self.wrapped.no_sync()
 
     def _after_step(self, loss: torch.Tensor) -> None:
         """Log, agree on stopping, and checkpoint when due.
@@ -362,14 +415,20 @@ class Trainer:
         """The task's metrics on the held-out split, each rank taking every N-th sample."""
         if self.task.val_data is None:
             return {}
-        model = self.ddp.module
+        model = self.wrapped if self.sharded else self.wrapped.module  # compiled, if it was
         model.eval()
         sums: dict[str, float] = {}
         size = max(self.cfg.data.batch_size, 1024 if isinstance(self.task.val_data, TensorDataset) else 0)
         world, seed = self.world, self.cfg.run.seed
+        done = 0
         for batch in eval_batches(self.task, world.rank, world.world_size, size, seed):
             for key, value in self.task.compute_metrics(model, to_device(batch, self.device, self.dtype)).items():
                 sums[key] = sums.get(key, 0.0) + float(value)
+            done += 1
+        if self.sharded:  # FSDP's forward is a collective: run as many as rank 0, which has the most batches
+            spare = next(eval_batches(self.task, 0, world.world_size, size, seed), None)
+            for _ in range(eval_batch_count(len(self.task.val_data), 0, world.world_size, size) - done):
+                self.task.compute_metrics(model, to_device(spare, self.device, self.dtype))  # results unused
         model.train()
         total: dict[str, float] = {}
         for part in dist.all_gather_objects(sums):  # every rank sums the same dicts, in rank order
@@ -389,8 +448,9 @@ def export_and_verify(trainer: Trainer) -> VerifyReport:
     cfg, world, task = trainer.cfg, trainer.world, trainer.task
     path = trainer.out / "mlp.params"
     probe = probe_input(task, cfg)
-    reference = outputs(unwrap(trainer.ddp), probe, cfg.optim.precision)
-    save_model(trainer.ddp, path, format=cfg.checkpoint.format)
+    reference = outputs(unwrap(trainer.wrapped), probe, cfg.optim.precision)  # under FSDP, all ranks' forward
+    whole = fsdp.full_model_state(trainer.model) if trainer.sharded else None
+    save_model(trainer.wrapped, path, format=cfg.checkpoint.format, state=whole)
     fresh = load_model(local_model(task, cfg, trainer.device, trainer.dtype), path)
     faults.perturb_reloaded(world.rank, fresh)
     atol = cfg.dist.atol if cfg.dist.atol is not None else DEFAULT_ATOL[cfg.optim.precision]
@@ -418,7 +478,22 @@ def check_settings(cfg: Config) -> None:
         raise ConfigError("--sync-bn needs CUDA GPUs and NCCL (PyTorch's SyncBatchNorm does not run on CPU)")
     if cfg.dist.static_graph and cfg.optim.grad_accum > 1:
         raise ConfigError("--static-graph cannot be combined with --grad-accum > 1 (DDP fails an internal assert)")
+    if cfg.dist.strategy == "fsdp":
+        check_fsdp_settings(cfg)
     check_output_dir(cfg.run.out_dir)
+
+
+def check_fsdp_settings(cfg: Config) -> None:
+    """Options that only DDP has, refused under FSDP rather than silently ignored."""
+    d, refused = cfg.dist, []
+    if d.static_graph or d.bucket_cap_mb is not None or not d.gradient_as_bucket_view:
+        refused.append("--static-graph, --bucket-cap-mb and --no-gradient-as-bucket-view tune DDP's buckets")
+    if cfg.checkpoint.async_save:
+        refused.append("--async-save: sharded checkpoints are written in step (each rank writes only its 1/N)")
+    if cfg.run.sync_bn:
+        refused.append("--sync-bn: SyncBatchNorm is for DDP")
+    if refused:
+        raise ConfigError("--strategy fsdp does not take " + "; ".join(refused))
 
 
 def configure_determinism(cfg: Config) -> None:

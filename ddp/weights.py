@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ddp import dcp
-from ddp.checkpoint import MANIFEST, digest_of, validate
+from ddp.checkpoint import MANIFEST, SHARDED, digest_of, is_sharded, validate
 from ddp.config import Config, TaskConfig, upgrade
 from ddp.errors import CheckpointCorruptError, CheckpointFormatError, CheckpointNotFoundError, ConfigError
 from ddp.io import (
@@ -144,7 +144,11 @@ def _the_file_in(folder: Path) -> Path:
 
 def _read_checkpoint(folder: Path, map_location: str | torch.device) -> Weights:
     manifest = validate(folder)
-    state = load(folder / "model.pt", map_location, expect="torch")
+    if is_sharded(manifest):  # --strategy fsdp: the model's shards, gathered whole
+        state, found_at = dcp.load(folder / SHARDED)[0]["model"], f"{SHARDED}/model"
+        state = {k: v.to(map_location) for k, v in state.items()}
+    else:
+        state, found_at = load(folder / "model.pt", map_location, expect="torch"), "model.pt"
     train_state = load(folder / "train.pt", "cpu", expect="torch")
     cfg = Config.from_dict(upgrade(train_state["config"]))
     info = {
@@ -157,7 +161,7 @@ def _read_checkpoint(folder: Path, map_location: str | torch.device) -> Weights:
     state, stripped = strip_prefixes(state)  # this project's own files: wrapper prefixes only
     metadata = {"manifest": manifest, "config": cfg.to_dict()}
     others = [name for name in manifest["files"] if name != "model.pt"]
-    return Weights(folder, "torch", state, "model.pt", stripped, others, metadata, cfg, info)
+    return Weights(folder, "torch", state, found_at, stripped, others, metadata, cfg, info)
 
 
 def _read_sharded(index: Path, map_location: str | torch.device, key: str | None) -> Weights:

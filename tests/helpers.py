@@ -84,6 +84,19 @@ def model_state(run_dir: Path, step: int | None = None) -> tuple[dict, dict]:
     return state.pop("model"), state
 
 
+def max_diff(a, b) -> float:
+    """Largest |a - b| over nested dicts and lists of tensors (plain values must be equal)."""
+    if isinstance(a, torch.Tensor):
+        return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), f"keys differ: {set(a) ^ set(b)}"
+        return max((max_diff(a[k], b[k]) for k in a), default=0.0)
+    if isinstance(a, (list, tuple)):
+        return max((max_diff(x, y) for x, y in zip(a, b, strict=True)), default=0.0)
+    assert a == b, f"{a!r} != {b!r}"
+    return 0.0
+
+
 def assert_tree_equal(a, b, path: str = "") -> None:
     """Bitwise equality of nested dicts/lists of tensors and plain values."""
     if isinstance(a, torch.Tensor):

@@ -12,13 +12,17 @@ from .helpers import ok, run
 def test_bench_quick_runs_and_writes_results(tmp_path):
     out = ok(run([sys.executable, "bench/bench.py", "--quick", "--output", str(tmp_path / "r.json")], timeout=240))
     results = json.loads((tmp_path / "r.json").read_text())
-    assert {row["case"] for row in results["training"]} >= {"mlp (textbook, 20-256-10)", "cnn (2 conv, 16x16)"}
+    assert {row["case"] for row in results["training"]} == {"mlp (textbook, 20-256-10)"}
     assert all(row["c"] > 0 and row["b"] > 0 for row in results["training"])
     assert all(
         row["c/d"]["q1"] <= row["c/d"]["median"] <= row["c/d"]["q3"] for row in results["training"] if "d" in row
     )
     assert {(row["workers"], row["pin_memory"]) for row in results["loader"]} >= {(0, False), (1, False)}
     assert "lost_per_checkpoint" in results["checkpoints"] and "| case |" in out
+    fsdp = next(row for row in results["strategies"] if row["strategy"] == "fsdp" and row["ranks"] == 2)
+    assert fsdp["params / ddp"] == fsdp["grads / ddp"] == 0.5  # 2 ranks, sizes they divide: exactly half
+    assert 0.5 <= fsdp["optimizer / ddp"] < 0.51  # AdamW's step counts are not sharded
+    assert "| strategy | ranks |" in out
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU case")

@@ -1,4 +1,4 @@
-"""The maths of data parallelism: N ranks with batch b equal one process with batch N*b."""
+"""The maths of data parallelism: N ranks with batch b equal one process with batch N*b, under DDP and FSDP."""
 
 import json
 
@@ -7,12 +7,32 @@ import torch
 
 from ddp.config import Config
 from ddp.data import ResumableSampler, synthetic
+from ddp.model import MLP
 
 from . import workers
-from .helpers import elastic, model_state, ok, torchrun
+from .helpers import elastic, max_diff, model_state, ok, torchrun
 
 # 900 training samples: not a multiple of 2*16, 3*16 or 2*2*16, so a tail is dropped each epoch.
 DATA = ["--samples", "1000", "--precision", "fp64", "--log-every", "1", "--epochs", "2"]
+# fp64 AdamW on a global batch of 48, with hidden and output sizes (7, 5) that 2 and 3 ranks do
+# not divide (FSDP pads the last shard): 18 steps per epoch, a tail dropped.
+MATHS = [*DATA, "--optimizer", "adamw", "--lr", "0.01", "--hidden", "7", "--out-features", "5"]
+STEPS = 2 * (900 // 48)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Runs of MATHS shared by the tests below, launched on first use: launch(name, nproc, args) -> folder."""
+    done = {}
+
+    def launch(name: str, nproc: int, *args: str):
+        if name not in done:
+            out = tmp_path_factory.mktemp(name)
+            ok(torchrun(nproc, *MATHS, *args, "--out", str(out)))
+            done[name] = out
+        return done[name]
+
+    return launch
 
 
 def losses(run_dir) -> list[float]:
@@ -20,20 +40,43 @@ def losses(run_dir) -> list[float]:
     return [r["loss"] for r in map(json.loads, lines) if r["kind"] == "train"]
 
 
-def max_diff(a: dict, b: dict) -> float:
-    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+def assert_same_training(run_dir, reference_dir) -> None:
+    """Weights, optimizer state (AdamW's moments, by parameter) and every step's loss, to 1e-10."""
+    (model, train), (ref_model, ref_train) = model_state(run_dir), model_state(reference_dir)
+    assert train["step"] == ref_train["step"] == STEPS
+    assert max_diff(model, ref_model) < 1e-10
+    assert max_diff(train["optimizer"], ref_train["optimizer"]) < 1e-10
+    a, b = losses(run_dir), losses(reference_dir)
+    assert len(a) == len(b) == STEPS and max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-10
 
 
-@pytest.mark.parametrize("nproc", [2, 3])  # 1 would compare a run with itself
-def test_ddp_on_n_ranks_equals_one_process_on_the_global_batch(tmp_path, nproc):
-    ok(torchrun(nproc, *DATA, "--batch-size", "16", "--out", str(tmp_path / "ddp")))
-    ok(torchrun(1, *DATA, "--batch-size", str(16 * nproc), "--out", str(tmp_path / "one")))
-    (ddp_model, ddp_train), (one_model, one_train) = model_state(tmp_path / "ddp"), model_state(tmp_path / "one")
-    assert ddp_train["step"] == one_train["step"] == 2 * (900 // (16 * nproc))
-    assert max_diff(ddp_model, one_model) < 1e-10
-    ddp_losses, one_losses = losses(tmp_path / "ddp"), losses(tmp_path / "one")
-    assert len(ddp_losses) == len(one_losses) == ddp_train["step"]
-    assert max(abs(a - b) for a, b in zip(ddp_losses, one_losses, strict=True)) < 1e-10
+@pytest.mark.parametrize(
+    ("strategy", "nproc"), [("ddp", 2), ("ddp", 3), ("fsdp", 1), ("fsdp", 2), ("fsdp", 3)]
+)  # DDP on 1 rank would compare a run with itself
+def test_n_ranks_equal_one_process_on_the_global_batch(runs, strategy, nproc):
+    one = runs("one", 1, "--batch-size", "48")
+    run = runs(f"{strategy}{nproc}", nproc, "--batch-size", str(48 // nproc), "--strategy", strategy)
+    assert_same_training(run, one)
+    if strategy == "fsdp":  # every rank wrote its own shards, and no whole model file
+        checkpoint = sorted((run / "checkpoints").glob("step-*"))[-1]
+        written = sorted(p.name for p in (checkpoint / "sharded").glob("__*.distcp"))
+        assert written == [f"__{r}_0.distcp" for r in range(nproc)] and not (checkpoint / "model.pt").exists()
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_grad_accum_equals_a_k_times_larger_batch(runs, strategy):
+    one = runs("one", 1, "--batch-size", "48")
+    accum = runs(f"{strategy}-accum", 2, "--batch-size", "12", "--grad-accum", "2", "--strategy", strategy)
+    assert_same_training(accum, one)
+
+
+def test_fsdp_exports_the_same_plain_state_dict_as_ddp(runs):
+    fsdp, ddp = runs("fsdp2", 2, "--batch-size", "24", "--strategy", "fsdp"), runs("ddp2", 2, "--batch-size", "24")
+    a = torch.load(fsdp / "mlp.params", weights_only=True)
+    b = torch.load(ddp / "mlp.params", weights_only=True)
+    assert list(a) == list(b) and all(type(v) is torch.Tensor and v.device.type == "cpu" for v in a.values())
+    assert max_diff(a, b) < 1e-10
+    MLP(20, (7,), 5).double().load_state_dict(a)  # a plain nn.Module loads it: nothing of FSDP is left
 
 
 @pytest.mark.parametrize(("n", "ranks", "batch"), [(900, 3, 16), (901, 2, 7), (64, 2, 32), (100, 1, 33)])
@@ -63,12 +106,14 @@ def test_grad_accum_allreduces_once_per_optimizer_step(tmp_path):
     assert four == one == 6  # the MLP's gradients fit one bucket: one all-reduce per step, K=4 or not
 
 
-def test_grad_accum_equals_a_k_times_larger_batch(tmp_path):
-    ok(torchrun(2, *DATA, "--batch-size", "16", "--grad-accum", "2", "--out", str(tmp_path / "accum")))
-    ok(torchrun(2, *DATA, "--batch-size", "32", "--out", str(tmp_path / "big")))
-    (a, ta), (b, tb) = model_state(tmp_path / "accum"), model_state(tmp_path / "big")
-    assert ta["step"] == tb["step"] == 2 * (900 // 64)
-    assert max_diff(a, b) < 1e-10
+def test_fsdp_grad_accum_reduce_scatters_once_per_optimizer_step(tmp_path):
+    cfg = Config.from_dict({"run": {"steps": 3}, "data": {"samples": 512, "batch_size": 8}}).to_dict()
+    cfg.update(optim={**cfg["optim"], "grad_accum": 4}, dist={**cfg["dist"], "strategy": "fsdp"})
+    cfg["checkpoint"]["resume"], cfg["run"]["out"] = "never", str(tmp_path)
+    backward, reduce, steps = elastic(workers.count_fsdp_reductions, 2, cfg)[0]
+    units = 2  # the MLP's two Linear layers; its root holds no parameters of its own
+    assert steps == 3 and backward == 3 * 4 * units  # every micro-batch runs each unit's backward
+    assert reduce == 3 * units  # and each unit reduce-scatters once per optimizer step
 
 
 def test_batchnorm_model_trains_saves_reloads_and_verifies(tmp_path):

@@ -52,11 +52,10 @@ def test_users_task_grad_accum_equals_the_larger_batch(reference, tmp_path):
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-10
 
 
-@pytest.mark.parametrize("workers", ["0", "2"])
-def test_users_task_killed_mid_run_restarts_and_ends_bitwise_equal(reference, tmp_path, workers):
-    # The reference loaded in the training process; this run loads in 0 or 2 worker processes and is
+def test_users_task_killed_mid_run_restarts_and_ends_bitwise_equal(reference, tmp_path):
+    # The reference loaded in the training process; this run loads in 2 worker processes and is
     # killed: what each sample draws depends neither on the restart nor on who loads it.
-    args = [*USER, "--batch-size", "16", "--workers", workers, "--checkpoint-every", "4", "--out", str(tmp_path)]
+    args = [*USER, "--batch-size", "16", "--workers", "2", "--checkpoint-every", "4", "--out", str(tmp_path)]
     out = ok(torchrun(2, *args, restarts=1, extra_env={"DDP_FAULT": "kill:rank=1:step=10"}))
     assert "continuing at step" in out
     assert_tree_equal(final(tmp_path), final(reference[0]))

@@ -43,7 +43,7 @@ def train_and_digest(cfg_dict: dict) -> str:
     def body(trainer: Trainer) -> str:
         trainer.train()
         h = hashlib.sha256()
-        for k, v in unwrap(trainer.ddp).state_dict().items():
+        for k, v in unwrap(trainer.wrapped).state_dict().items():
             h.update(k.encode())
             h.update(v.detach().cpu().contiguous().numpy().tobytes())
         return h.hexdigest()
@@ -62,9 +62,28 @@ def count_allreduces(cfg_dict: dict) -> tuple[int, int]:
             calls.append(bucket.index())
             return allreduce_hook(state, bucket)
 
-        trainer.ddp.register_comm_hook(None, counting_hook)
+        trainer.wrapped.register_comm_hook(None, counting_hook)
         trainer.train()
         return len(calls), trainer.progress.step
+
+    return _on_every_rank(cfg_dict, body)
+
+
+def count_fsdp_reductions(cfg_dict: dict) -> tuple[int, int, int]:
+    """(FSDP backward passes, gradient reduce-scatters, optimizer steps), counted by the profiler.
+
+    FSDP marks each unit's backward and reduce-scatter with ``record_function``; the profiler
+    sees the real ones, nothing is replaced.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    def body(trainer: Trainer) -> tuple[int, int, int]:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            trainer.train()
+        names = [e.name for e in prof.events()]
+        backward = sum(n.startswith("FSDP::pre_backward") for n in names)
+        reduce = sum(n.startswith("FSDP::post_backward_reduce") for n in names)
+        return backward, reduce, trainer.progress.step
 
     return _on_every_rank(cfg_dict, body)
 

@@ -160,6 +160,7 @@ def task(
         loss=loss,
         metrics=metrics,
         summarize=with_perplexity,
+        blocks=lambda model: model.blocks,  # FSDP: one unit per transformer block; the tied embedding stays at the root
         name="charlm",
     )
 

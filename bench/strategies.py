@@ -1,0 +1,156 @@
+"""DDP vs FSDP: what each rank holds, its peak memory, and throughput, on 1, 2 and 3 ranks.
+
+    python bench/strategies.py                 # N = 1, 2, 3; an MLP of 4 x 2048 with AdamW
+    python bench/strategies.py --quick         # N = 2, a small MLP (bench.py --quick runs this)
+
+Each (strategy, N) is one fresh launch, so that its peak resident memory is its own. Per
+rank: bytes of parameters, gradients and optimizer state this rank holds (its shards
+under FSDP, measured after training steps), the peak resident set size minus the RSS
+before the trainer was built (model, data, DDP buckets or FSDP's all-gathered blocks),
+and samples/s over timed steps taken as ``ddp.train`` takes them.
+
+Peak RSS is measured twice: with glibc's defaults, as a user runs, and with
+``MALLOC_MMAP_THRESHOLD_`` fixed at 1 MiB, where every large block is mapped and unmapped
+on its own and so leaves the process when freed. FSDP allocates and frees a block's
+whole parameters and gradients at every step; under the defaults glibc keeps much of
+that memory in its heaps after it is freed (its mmap threshold grows with the sizes it
+sees), so the first figure overstates what FSDP keeps live and the second shows it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.distributed.tensor import DTensor
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench import launch, quiet, trainer_step  # noqa: E402  (bench/bench.py, beside this file)
+from ddp import dist  # noqa: E402
+from ddp.config import Config  # noqa: E402
+from ddp.train import Trainer  # noqa: E402
+
+
+def local_bytes(obj) -> int:
+    """Bytes this rank holds of every tensor in ``obj``: a DTensor counts its local shard only."""
+    if isinstance(obj, DTensor):
+        return obj.to_local().nbytes
+    if isinstance(obj, torch.Tensor):
+        return obj.nbytes
+    if isinstance(obj, dict):
+        return sum(local_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(local_bytes(v) for v in obj)
+    return 0
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def strategy_worker(cfg_dict: dict, steps: int) -> dict:
+    """On each rank: bytes held, peak memory growth and samples/s of one strategy."""
+    torch.set_num_threads(1)
+    cfg = Config.from_dict(cfg_dict)
+    world = dist.init(cfg.dist)
+    try:
+        before = rss_bytes()
+        trainer = quiet(Trainer(cfg, world))
+        step = trainer_step(trainer)
+        for _ in range(3):  # warm-up: the optimizer state exists after the first step
+            step()
+        params = list(trainer.model.parameters())
+        held = {
+            "params": local_bytes(params),
+            "grads": local_bytes([p.grad for p in params if p.grad is not None]),
+            "optimizer": local_bytes(trainer.optimizer.state_dict()["state"]),
+        }
+        dist.barrier()
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        seconds = time.perf_counter() - start
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+        global_batch = cfg.data.batch_size * world.world_size
+        return {**held, "peak_growth": peak - before, "samples_per_s": steps * global_batch / seconds}
+    finally:
+        dist.shutdown()
+
+
+def strategies_table(quick: bool, out: Path) -> list[dict]:
+    """One row per (strategy, N): rank 0's figures, and each FSDP figure as a share of DDP's."""
+    hidden, ranks, steps = ([256, 256], (2,), 5) if quick else ([2048] * 4, (1, 2, 3), 20)
+    cfg = {
+        "model": {"hidden": hidden},
+        "data": {"samples": 4096, "batch_size": 32},
+        "optim": {"optimizer": "adamw", "schedule": "constant"},
+        "run": {"steps": 10**9, "out": str(out / "strategies")},
+        "checkpoint": {"resume": "never"},
+    }
+    rows = []
+    for n in ranks:
+        got = {}
+        for strategy in ("ddp", "fsdp"):
+            c = json.loads(json.dumps(cfg))
+            c["dist"] = {"strategy": strategy}
+            got[strategy] = launch(strategy_worker, n, c, steps)
+            if not quick:  # a launch more each: the quick run only proves the table runs
+                with mmap_threshold(2**20):
+                    got[strategy]["peak_growth_mapped"] = launch(strategy_worker, n, c, 1)["peak_growth"]
+        for strategy, r in got.items():
+            share = {f"{k} / ddp": r[k] / got["ddp"][k] for k in ("params", "grads", "optimizer", *PEAKS) if k in r}
+            rows.append({"strategy": strategy, "ranks": n, "hidden": hidden, **r, **share,
+                         "throughput / ddp": r["samples_per_s"] / got["ddp"]["samples_per_s"]})  # fmt: skip
+            print(f"  {strategy} on {n} rank(s): " + ", ".join(f"{k}={v:,.3g}" for k, v in rows[-1].items()
+                                                              if isinstance(v, float | int)), flush=True)  # fmt: skip
+    return rows
+
+
+PEAKS = ("peak_growth", "peak_growth_mapped")
+
+
+@contextlib.contextmanager
+def mmap_threshold(size: int):
+    """Workers launched inside map every allocation of ``size`` bytes or more on its own (glibc)."""
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = str(size)
+    try:
+        yield
+    finally:
+        del os.environ["MALLOC_MMAP_THRESHOLD_"]
+
+
+def print_table(rows: list[dict]) -> None:
+    mb = 2**20
+    print(f"\nDDP vs FSDP per rank, MLP {'x'.join(map(str, rows[0]['hidden']))} + AdamW (MB; FSDP as a share of DDP):")
+    print("| strategy | ranks | params | grads | optimizer | peak RSS growth | same, large blocks mapped | samples/s "
+          "| throughput / ddp |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        keys = ("params", "grads", "optimizer", *PEAKS)
+        cells = [f"{r[k] / mb:.1f} ({r[f'{k} / ddp']:.2f})" if k in r else "-" for k in keys]
+        print(f"| {r['strategy']} | {r['ranks']} | " + " | ".join(cells)
+              + f" | {r['samples_per_s']:,.0f} | {r['throughput / ddp']:.2f} |")  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="N = 2 and a small model: checks that it runs")
+    args = p.parse_args()
+    import tempfile
+
+    with tempfile.TemporaryDirectory(dir=ROOT / "bench") as tmp:
+        print_table(strategies_table(args.quick, Path(tmp)))
+
+
+if __name__ == "__main__":
+    main()

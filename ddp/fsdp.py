@@ -1,0 +1,172 @@
+"""Fully sharded data parallelism (FSDP2, ``fully_shard``): shard a model, move its state in and out.
+
+Under ``--strategy fsdp`` each rank keeps 1/N of every parameter, gradient and optimizer
+state; a block's full parameters exist only while it runs (all-gathered before its
+forward and backward, freed after). Sharding is per block: each block the task names is
+one unit of communication, the root holds the rest. Checkpoints hold each rank's
+shards (``torch.distributed.checkpoint``, which reshards on load); the exported weights
+are gathered whole to rank 0's CPU, one tensor at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from ddp.errors import ConfigError
+
+# torch.distributed.fsdp and .checkpoint are imported where used: together they add 0.6 s to the
+# start of every process, DDP's included.
+
+CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+PARAM_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def default_blocks(model: nn.Module) -> list[nn.Module]:
+    """The model's children that hold parameters, containers opened up; tied ones left to the root.
+
+    For an ``nn.Sequential`` of layers that is each layer; for a transformer whose blocks
+    sit in a ``ModuleList``, each block (and the embeddings, norms and head beside it). A
+    module sharing a parameter with one outside it (an output layer tied to the
+    embedding) stays with the root: one parameter cannot be sharded in two units.
+    """
+    found: list[nn.Module] = []
+
+    def visit(module: nn.Module, prefix: str) -> None:
+        for name, child in module.named_children():
+            if isinstance(child, CONTAINERS):
+                visit(child, f"{prefix}{name}.")
+            elif any(True for _ in child.parameters()) and not _tied_outside(model, f"{prefix}{name}"):
+                found.append(child)
+
+    visit(model, "")
+    return found
+
+
+def _owners(model: nn.Module) -> dict[int, list[str]]:
+    """Parameter id -> every name it has in ``model`` (two or more when tied)."""
+    owners: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(name)
+    return owners
+
+
+def _tied_outside(model: nn.Module, block: str) -> list[str]:
+    """Names outside ``block`` of parameters that ``block`` holds."""
+    inside = f"{block}."
+    return [
+        name
+        for names in _owners(model).values()
+        if any(n.startswith(inside) for n in names)
+        for name in names
+        if not name.startswith(inside)
+    ]
+
+
+def resolve_blocks(model: nn.Module, blocks: Callable[[nn.Module], Iterable[nn.Module]] | None) -> list[str]:
+    """Qualified names of the blocks to shard, deepest first; a clear error for a block FSDP cannot shard."""
+    chosen = list(blocks(model)) if blocks is not None else default_blocks(model)
+    names = {id(m): name for name, m in model.named_modules()}
+    resolved = []
+    for block in chosen:
+        if not isinstance(block, nn.Module) or id(block) not in names:
+            raise ConfigError(
+                f"Task.blocks returned a {type(block).__name__} that is not a submodule of the model; "
+                "return the model's own blocks, e.g. `blocks=lambda m: m.layers`"
+            )
+        name = names[id(block)]
+        if name == "":
+            continue  # the root is always sharded last
+        if tied := _tied_outside(model, name):
+            raise ConfigError(
+                f"Task.blocks: block {name!r} shares a parameter with {', '.join(tied[:3])} outside it (tied "
+                "weights); FSDP shards a parameter in one unit only: leave that block to the root, or name a "
+                "block that holds both"
+            )
+        resolved.append(name)
+    return sorted(set(resolved), key=lambda n: -n.count("."))
+
+
+def shard(
+    model: nn.Module,
+    world_size: int,
+    device: torch.device,
+    blocks: Callable[[nn.Module], Iterable[nn.Module]] | None = None,
+    precision: str = "fp32",
+) -> nn.Module:
+    """``fully_shard`` each block (deepest first), then the root, over a 1-D mesh of all ranks.
+
+    bf16 and fp16 run the forward and backward in that dtype with fp32 master weights
+    and fp32 gradient reduction, FSDP's own mixed precision.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(device.type, (world_size,))
+    dtype = PARAM_DTYPE.get(precision)
+    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32 if dtype else None)
+    for name in resolve_blocks(model, blocks):
+        fully_shard(model.get_submodule(name), mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether ``model`` was sharded by ``fully_shard``."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """This rank's shards of the model and optimizer state, keyed by parameter name (for DCP)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    return {"model": model_state, "optim": optim_state}
+
+
+def load_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any], *, full: bool = False
+) -> None:
+    """Load ``{"model", "optim"}`` into the (sharded) model and optimizer.
+
+    ``full``: the state holds whole tensors (a DDP checkpoint); each rank keeps its shard.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=state["model"],
+        optim_state_dict=state["optim"],
+        options=StateDictOptions(full_state_dict=full),
+    )
+
+
+def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Called by every rank: the whole state_dict on rank 0's CPU (``{}`` elsewhere).
+
+    Gathered one tensor at a time and moved to the CPU at once, so no rank ever holds
+    more than one full copy, and no GPU more than one full tensor.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    for names in _owners(model).values():  # tied weights: one tensor under both names, as DDP saves them
+        for alias in names[1:]:
+            if names[0] in state and alias in state:
+                state[alias] = state[names[0]]
+    return state
+
+
+def optimizer_by_name(model: nn.Module, optimizer_state: dict[str, Any]) -> dict[str, Any]:
+    """A torch optimizer state_dict (parameters by index) keyed by parameter name instead."""
+    names = [name for name, _ in model.named_parameters()]
+    return {
+        "state": {names[i]: entry for i, entry in optimizer_state["state"].items()},
+        "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in optimizer_state["param_groups"]],
+    }

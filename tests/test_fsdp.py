@@ -1,0 +1,84 @@
+"""--strategy fsdp: checkpoints, restarts, tied weights and settings; its maths are in test_equivalence."""
+
+import pytest
+import torch
+from torch import nn
+
+from ddp.errors import ConfigError
+from ddp.fsdp import default_blocks, resolve_blocks
+from ddp.model import MLP
+from ddp.tasks.charlm import CharLM
+from ddp.train import main
+from ddp.weights import read
+
+from .helpers import assert_tree_equal, max_diff, model_state, ok, torchrun
+from .tied_task import TiedNet
+
+FSDP = ["--strategy", "fsdp", "--samples", "1024", "--batch-size", "32", "--log-every", "1"]
+
+
+def test_sigkilled_fsdp_rank_restarts_and_ends_bitwise_equal(tmp_path):
+    args = [*FSDP, "--steps", "20", "--optimizer", "adamw", "--lr", "0.01"]
+    ok(torchrun(2, *args, "--out", str(tmp_path / "ref")))
+    run = [*args, "--checkpoint-every", "5", "--out", str(tmp_path / "run")]
+    out = ok(torchrun(2, *run, restarts=1, extra_env={"DDP_FAULT": "kill:rank=1:step=17"}))
+    assert "step-00000015: continuing at step 16" in out  # across the epoch boundary at step 14
+    (model, train), (ref_model, ref_train) = model_state(tmp_path / "run"), model_state(tmp_path / "ref")
+    assert_tree_equal(model, ref_model)
+    assert_tree_equal(train["optimizer"], ref_train["optimizer"])
+
+
+def test_fsdp_bf16_sigterm_saves_then_resumes_on_three_ranks_past_a_damaged_checkpoint(tmp_path):
+    args = [*FSDP, "--steps", "16", "--checkpoint-every", "4", "--precision", "bf16", "--out", str(tmp_path)]
+    out = ok(torchrun(2, *args, extra_env={"DDP_FAULT": "sigterm:rank=1:step=10"}))
+    assert "stopping on SIGTERM after step 10: checkpoint saved" in out
+    newest = tmp_path / "checkpoints" / "step-00000010"
+    shard = newest / "sharded" / "__1_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    out = ok(torchrun(3, *args))
+    assert f"skipping {newest}: {shard} fails its xxh3_128 check" in out
+    assert "checkpoint written by 2 rank(s), resuming on 3" in out and "continuing at step 9" in out
+    assert "verify: 3/3 ranks reloaded" in out and "atol = 0.01 for bf16" in out
+    assert model_state(tmp_path)[1]["step"] == 16
+
+
+def test_fsdp_trains_a_users_task_with_tied_weights_as_one_process_does(tmp_path):
+    task = ["--task", "tests/tied_task.py:make", "--precision", "fp64", "--steps", "20"]
+    ok(torchrun(1, *task, "--batch-size", "32", "--out", str(tmp_path / "one")))
+    ok(torchrun(2, *task, "--batch-size", "16", "--strategy", "fsdp", "--out", str(tmp_path / "fsdp")))
+    (a, _), (b, _) = model_state(tmp_path / "fsdp"), model_state(tmp_path / "one")
+    assert max_diff(a, b) < 1e-10
+    weights = torch.load(tmp_path / "fsdp" / "mlp.params", weights_only=True)
+    assert weights["head.weight"].data_ptr() == weights["embed.weight"].data_ptr()  # one tensor, as DDP saves it
+    found = read(tmp_path / "fsdp" / "checkpoints" / "step-00000020")  # what inspect, verify and export read
+    assert found.found_at == "sharded/model" and max_diff(found.state, weights) == 0
+    # the step a user takes when the model outgrows DDP: its checkpoint continues under FSDP
+    out = ok(torchrun(2, *task[:-1], "24", "--batch-size", "16", "--strategy", "fsdp", "--out", str(tmp_path / "one")))
+    assert "strategy 'ddp' -> 'fsdp'" in out and "continuing at step 21" in out and "verify: 2/2 ranks" in out
+
+
+def test_default_blocks_open_containers_and_leave_tied_weights_to_the_root():
+    mlp = MLP(20, (8, 8), 3)
+    assert default_blocks(mlp) == [mlp.hidden[0], mlp.hidden[2], mlp.output]
+    tied = TiedNet(13, 6)
+    assert default_blocks(tied) == [tied.mix[0]]
+    lm = CharLM(torch.arange(10), block=8, layers=2, heads=2, embd=8)
+    assert [b for b in default_blocks(lm) if b in list(lm.blocks)] == list(lm.blocks)
+    assert lm.tok not in default_blocks(lm) and lm.head not in default_blocks(lm)
+
+
+def test_a_block_holding_one_half_of_a_tied_pair_is_refused_by_name():
+    tied = TiedNet(13, 6)
+    with pytest.raises(ConfigError, match=r"block 'head' shares a parameter with embed.weight"):
+        resolve_blocks(tied, lambda m: [m.head])
+    with pytest.raises(ConfigError, match="not a submodule of the model"):
+        resolve_blocks(tied, lambda m: [nn.Linear(2, 2)])
+    assert resolve_blocks(tied, lambda m: [m.mix, m.mix[0]]) == ["mix.0", "mix"]  # deepest first
+
+
+def test_ddp_only_options_are_refused_under_fsdp(tmp_path, capsys):
+    assert main(["--strategy", "fsdp", "--static-graph", "--async-save", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "--strategy fsdp does not take --static-graph" in err and "--async-save" in err
