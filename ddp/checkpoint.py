@@ -2,10 +2,11 @@
 
 Layout: ``<out>/checkpoints/step-00000120/`` holding
 
-- ``model.pt``: the unwrapped model state_dict (written by rank 0),
-- ``train.pt``: optimizer, scheduler, grad scaler, progress and config (rank 0),
-- ``optim-00001.pt`` ...: the optimizer's per-parameter state, shared out over the ranks
-  by size so that each writes about as many bytes (``spread``),
+- ``model.pt``: the unwrapped model state_dict, on 1 rank; on N ranks ``model-0000R.pt``,
+  each rank's share of it (``spread``),
+- ``train.pt``: optimizer settings, scheduler, grad scaler, progress and config (rank 0),
+- ``optim-0000R.pt``: the optimizer's per-parameter state, shared out with the model's
+  tensors by size so that each rank writes about as many bytes (on 1 rank, in ``train.pt``),
 - ``rank-00000.pt`` ...: each rank's RNG states (written by that rank),
 - under ``--strategy fsdp``, ``sharded/`` instead of ``model.pt`` and the optimizer files:
   each rank's shards of the model and optimizer state, a ``torch.distributed.checkpoint``
@@ -65,27 +66,47 @@ def optim_file(rank: int) -> str:
 OPTIM_FILE = re.compile(r"^optim-\d{5}\.pt$")
 
 
-def spread(replicated: dict[str, Any], world_size: int) -> tuple[dict[str, Any], dict[int, dict]]:
-    """(files rank 0 writes, {rank: its share of the optimizer's per-parameter state}).
+def model_file(rank: int) -> str:
+    """Name of the file holding the share of the model's tensors that ``rank`` wrote."""
+    return f"model-{rank:05d}.pt"
 
-    Rank 0 writes ``model.pt`` whole (its BatchNorm statistics are the ones every rank
-    reloads) and ``train.pt`` without the optimizer's ``state``; that state, identical on
-    every rank under DDP, goes to the ranks by size, largest first to the rank with the
-    fewest bytes so far. Every rank computes the same split from the same state. With
-    SGD momentum 2 ranks each write half; with Adam, 3 ranks a third.
+
+MODEL_FILE = re.compile(r"^model-\d{5}\.pt$")
+
+
+def spread(replicated: dict[str, Any], world_size: int) -> tuple[dict[str, Any], dict[int, dict[str, Any]]]:
+    """(files rank 0 writes, {rank: {file name: its share}}) of a DDP checkpoint.
+
+    The model's tensors and the optimizer's per-parameter state are identical on every
+    rank (the trainer hands every rank rank 0's buffers first), so they go to the ranks by
+    size, largest first to the rank with the fewest bytes so far; rank 0 starts with
+    ``train.pt``, which keeps the order of the model's keys. Rank R writes its share of the
+    model to ``model-0000R.pt`` and of the optimizer state to ``optim-0000R.pt``. A tied
+    weight (one tensor, two names) goes whole to one rank and is stored once. Every rank
+    computes the same split from the same state; on 1 rank ``model.pt`` stays whole.
     """
-    optimizer = replicated.get("train.pt", {}).get("optimizer")
-    if world_size == 1 or not isinstance(optimizer, dict) or not optimizer.get("state"):
+    model, train = replicated.get("model.pt"), replicated.get("train.pt")
+    if world_size == 1 or not isinstance(model, dict) or not isinstance(train, dict):
         return replicated, {}
-    load = [0] * world_size
-    load[0] = sum(nbytes(obj) for obj in replicated.values()) - nbytes(optimizer["state"])
-    shares: dict[int, dict] = {}
-    for pid, entry in sorted(optimizer["state"].items(), key=lambda kv: (-nbytes(kv[1]), str(kv[0]))):
+    optimizer = train.get("optimizer") or {}
+    tied: dict[Any, list[str]] = {}
+    for key, value in model.items():
+        shared = isinstance(value, torch.Tensor) and value.numel() > 0
+        tied.setdefault(storage_key(value) if shared else key, []).append(key)
+    items = [(nbytes(model[keys[0]]), "model", {k: model[k] for k in keys}) for keys in tied.values()]
+    items += [(nbytes(entry), "optim", {pid: entry}) for pid, entry in (optimizer.get("state") or {}).items()]
+    train = {**train, "model_keys": list(model)}
+    if optimizer:
+        train["optimizer"] = {**optimizer, "state": {}}
+    whole = {**{k: v for k, v in replicated.items() if k != "model.pt"}, "train.pt": train}
+    load = [nbytes(whole)] + [0] * (world_size - 1)
+    shares: dict[int, dict[str, Any]] = {}
+    for size, kind, entries in sorted(items, key=lambda it: (-it[0], it[1], str(next(iter(it[2]))))):
         rank = min(range(world_size), key=lambda r: (load[r], r))
-        shares.setdefault(rank, {})[pid] = entry
-        load[rank] += nbytes(entry)
-    train = {**replicated["train.pt"], "optimizer": {**optimizer, "state": {}}}
-    return {**replicated, "train.pt": train}, shares
+        name = model_file(rank) if kind == "model" else optim_file(rank)
+        shares.setdefault(rank, {}).setdefault(name, {}).update(entries)
+        load[rank] += size
+    return whole, shares
 
 
 def nbytes(obj: Any) -> int:
@@ -283,6 +304,23 @@ def clean_stale(root: Path) -> list[Path]:
     return removed
 
 
+def read_model(
+    folder: Path, manifest: dict, order: list[str] | None, map_location: torch.device | str = "cpu"
+) -> tuple[dict[str, Any], str]:
+    """(the model's state_dict, where it was) of a DDP checkpoint: ``model.pt``, or every rank's share.
+
+    Mapped, not read: validate() has just paged the files in; load_state_dict copies the
+    tensors out. ``order``: the model's keys in state_dict order (``train.pt`` keeps it).
+    """
+    if "model.pt" in manifest["files"]:
+        return load(folder / "model.pt", map_location, expect="torch", mmap=True), "model.pt"
+    merged: dict[str, Any] = {}
+    for name in sorted(n for n in manifest["files"] if MODEL_FILE.match(n)):
+        merged.update(load(folder / name, map_location, expect="torch", mmap=True))
+    order = order if order is not None and set(order) == set(merged) else list(merged)
+    return {k: merged[k] for k in order}, "model-*.pt"
+
+
 # ---- RNG state, as tensors the weights-only loader accepts ----------------------------
 
 
@@ -408,8 +446,7 @@ class Checkpointer:
         files = {rank_file(dist.rank()): own}
         if dist.rank() == 0:
             files.update(shared)
-        if dist.rank() in shares:
-            files[optim_file(dist.rank())] = shares[dist.rank()]
+        files.update(shares.get(dist.rank(), {}))
         self.pending_step = step
         if sharded is not None or not self.cfg.async_save:
             self.result = self._write(step, files, sharded)
@@ -535,9 +572,7 @@ class Checkpointer:
             shards, _ = dcp.load(folder / SHARDED)
             state.update(model=shards["model"], optimizer=optimizer_by_index(shards["optim"]))
             return state, own, manifest
-        # Mapped, not read: validate() has just paged the files in; load_state_dict copies the model's
-        # tensors out, and optimizer state keeps private (copy-on-write) pages of the file.
-        state["model"] = load(folder / "model.pt", map_location, expect="torch", mmap=True)
+        state["model"], _ = read_model(folder, manifest, state.pop("model_keys", None), map_location)
         shares = sorted(name for name in manifest["files"] if OPTIM_FILE.match(name))
         for name in shares:  # the optimizer state the ranks wrote their shares of (see spread)
             state["optimizer"]["state"].update(load(folder / name, map_location, expect="torch", mmap=True))

@@ -208,7 +208,23 @@ class Trainer:
         if self.sharded:
             return {"train.pt": train}, own, fsdp.sharded_state(self.model, self.optimizer)
         train["optimizer"] = self.optimizer.state_dict()
-        return {"model.pt": unwrap(self.wrapped).state_dict(), "train.pt": train}, own, None
+        return {"model.pt": self._model_state(), "train.pt": train}, own, None
+
+    def _model_state(self) -> dict:
+        """The model's state_dict with rank 0's buffers on every rank, so that any rank can write any tensor.
+
+        Parameters are identical on every rank under DDP; buffers (BatchNorm statistics) are
+        each rank's own until DDP broadcasts rank 0's before the next forward. Copies: the
+        model itself is left as it is.
+        """
+        model = unwrap(self.wrapped)
+        state = model.state_dict()
+        if self.world.world_size > 1:
+            for name, _ in model.named_buffers():
+                if name in state:  # persistent buffers only
+                    state[name] = state[name].clone()
+                    dist.broadcast(state[name], src=0)
+        return state
 
     def save_checkpoint(self) -> None:
         """Called by every rank: save the full state of the current step."""
@@ -257,7 +273,7 @@ class Trainer:
         """A whole model and optimizer state (a DDP checkpoint, or a sharded one under DDP)."""
         model_state, _ = strip_prefixes(state["model"])
         model = unwrap(self.wrapped)
-        source = folder / "model.pt" if (folder / "model.pt").exists() else folder / SHARDED
+        source = folder / "model.pt" if (folder / "model.pt").exists() else folder  # or each rank's share
         check_architecture(model, model_state, source)
         if self.sharded:  # each rank keeps its shard of the whole tensors
             optimizer = fsdp.optimizer_by_name(model, state["optimizer"])

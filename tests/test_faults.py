@@ -54,7 +54,7 @@ def run_copy(trained, tmp_path):
 
 
 def test_truncated_checkpoint_is_reported_with_its_size(run_copy):
-    model = run_copy / "checkpoints" / "step-00000008" / "model.pt"
+    model = run_copy / "checkpoints" / "step-00000008" / "model-00000.pt"  # rank 0's share of the model
     size = model.stat().st_size
     model.write_bytes(model.read_bytes()[: size // 2])
     with pytest.raises(CheckpointCorruptError, match=rf"{model} has {size // 2} bytes, the manifest says {size}"):
@@ -102,7 +102,7 @@ def test_resume_auto_falls_back_to_the_previous_complete_checkpoint(run_copy):
     newest = run_copy / "checkpoints" / "step-00000008"
     previous = run_copy / "checkpoints" / "step-00000004"
     before = sha256_tree(previous)
-    model = newest / "model.pt"
+    model = newest / "model-00000.pt"
     model.write_bytes(model.read_bytes()[:100])
     out = ok(torchrun(2, *ARGS, "--steps", "8", "--checkpoint-every", "4", "--out", str(run_copy)))
     lines = [line for line in out.splitlines() if "skipping" in line]
@@ -292,13 +292,14 @@ def test_an_async_save_that_fails_mid_run_stops_every_rank_at_the_next_step(tmp_
     assert not (tmp_path / "mlp.params").exists()
 
 
-# Per checkpoint, rank 0 writes its rank file, model.pt, train.pt, then the manifest; rank 1
-# writes its rank file and its share of the optimizer state (all of it, with 2 ranks and SGD
-# momentum). The Nth write of a rank is killed: points inside checkpoint 8.
+# Per checkpoint, rank 0 writes its rank file, train.pt, its share of the model, then the
+# manifest; rank 1 writes its rank file and its share of the optimizer state (with 2 ranks and
+# SGD momentum the shares are the whole model and the whole momentum: tensors of the same sizes).
+# The Nth write of a rank is killed: points inside checkpoint 8.
 @pytest.mark.parametrize(
     ("rank", "write"),
-    [(0, 5), (0, 6), (0, 8), (1, 4)],
-    ids=["rank0-own-file", "rank0-model", "rank0-manifest", "rank1-optimizer-share"],
+    [(0, 5), (0, 7), (0, 8), (1, 4)],
+    ids=["rank0-own-file", "rank0-model-share", "rank0-manifest", "rank1-optimizer-share"],
 )
 def test_kill_during_a_save_keeps_the_previous_checkpoint_and_cleans_up(tmp_path, rank, write):
     args = [*ARGS, "--steps", "8", "--checkpoint-every", "4", "--out", str(tmp_path)]

@@ -96,11 +96,11 @@ def test_charlm_keeps_its_tied_weights_one_tensor_through_save_load_and_resume(t
             "--log-every", "1", "--checkpoint-every", "8", "--async-save", "--out", str(tmp_path / "run")]  # fmt: skip
     crashed = torchrun(2, *args, extra_env={"DDP_FAULT": "raise:rank=1:step=12"})
     assert crashed.returncode != 0
-    checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "step-00000008" / "model.pt", weights_only=True)
+    checkpoint = model_state(tmp_path / "run", step=8)[0]  # every rank's share, merged
     assert checkpoint["head.weight"].data_ptr() == checkpoint["tok.weight"].data_ptr()  # stored once, not twice
     out = ok(torchrun(2, *args))
     assert "continuing at step 9" in out and "perplexity" in out
-    resumed = torch.load(tmp_path / "run" / "checkpoints" / "step-00000024" / "model.pt", weights_only=True)
+    resumed = model_state(tmp_path / "run", step=24)[0]
     assert resumed["head.weight"].data_ptr() == resumed["tok.weight"].data_ptr()  # after the resume as well
     state = torch.load(tmp_path / "run" / "mlp.params", weights_only=True)
     model = ddp.load_model(charlm.from_state_dict(state), tmp_path / "run" / "mlp.params")
