@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from torch import nn
+
 from ddp.config import Config
 from ddp.data import split, synthetic
 from ddp.model import ConvNet
@@ -25,6 +27,7 @@ def task(
         train_data=train,
         val_data=val,
         channels_last=True,
+        blocks=lambda model: [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))],  # FSDP units
         name="cnn",
     )
 

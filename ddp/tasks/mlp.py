@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+from torch import nn
 from torch.utils.data import TensorDataset
 
 from ddp.config import Config
@@ -44,6 +45,7 @@ def on(
         model=lambda: MLP(in_features, hidden, out_features, batchnorm, dropout),
         train_data=train,
         val_data=val,
+        blocks=lambda model: [m for m in model.modules() if isinstance(m, nn.Linear)],  # FSDP: a unit per layer
         name=name,
     )
 
