@@ -29,28 +29,15 @@ import time
 from pathlib import Path
 
 import torch
-from torch.distributed.tensor import DTensor
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench import launch, quiet, trainer_step  # noqa: E402  (bench/bench.py, beside this file)
 from ddp import dist  # noqa: E402
+from ddp.checkpoint import nbytes  # noqa: E402
 from ddp.config import Config  # noqa: E402
 from ddp.train import Trainer  # noqa: E402
-
-
-def local_bytes(obj) -> int:
-    """Bytes this rank holds of every tensor in ``obj``: a DTensor counts its local shard only."""
-    if isinstance(obj, DTensor):
-        return obj.to_local().nbytes
-    if isinstance(obj, torch.Tensor):
-        return obj.nbytes
-    if isinstance(obj, dict):
-        return sum(local_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(local_bytes(v) for v in obj)
-    return 0
 
 
 def rss_bytes() -> int:
@@ -71,9 +58,9 @@ def strategy_worker(cfg_dict: dict, steps: int) -> dict:
             step()
         params = list(trainer.model.parameters())
         held = {
-            "params": local_bytes(params),
-            "grads": local_bytes([p.grad for p in params if p.grad is not None]),
-            "optimizer": local_bytes(trainer.optimizer.state_dict()["state"]),
+            "params": nbytes(params),
+            "grads": nbytes([p.grad for p in params if p.grad is not None]),
+            "optimizer": nbytes(trainer.optimizer.state_dict()["state"]),
         }
         dist.barrier()
         start = time.perf_counter()

@@ -110,9 +110,10 @@ def spread(replicated: dict[str, Any], world_size: int) -> tuple[dict[str, Any],
 
 
 def nbytes(obj: Any) -> int:
-    """Bytes of every tensor in ``obj`` (nested dicts, lists and tuples)."""
+    """Bytes of every tensor in ``obj`` (nested dicts, lists and tuples); a DTensor counts this rank's shard."""
     if isinstance(obj, torch.Tensor):
-        return obj.nbytes
+        to_local = getattr(obj, "to_local", None)  # a DTensor, without importing torch.distributed.tensor
+        return to_local().nbytes if to_local is not None else obj.nbytes
     if isinstance(obj, dict):
         return sum(nbytes(v) for v in obj.values())
     if isinstance(obj, (list, tuple)):
