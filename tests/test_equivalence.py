@@ -52,10 +52,11 @@ def assert_same_training(run_dir, reference_dir) -> None:
 
 @pytest.mark.parametrize(
     ("strategy", "nproc"), [("ddp", 2), ("ddp", 3), ("fsdp", 1), ("fsdp", 2), ("fsdp", 3)]
-)  # DDP on 1 rank would compare a run with itself
+)  # DDP on 1 rank would compare a run with itself; FSDP on 1 rank runs compiled as well
 def test_n_ranks_equal_one_process_on_the_global_batch(runs, strategy, nproc):
     one = runs("one", 1, "--batch-size", "48")
-    run = runs(f"{strategy}{nproc}", nproc, "--batch-size", str(48 // nproc), "--strategy", strategy)
+    compiled = ["--compile"] if nproc == 1 else []
+    run = runs(f"{strategy}{nproc}", nproc, "--batch-size", str(48 // nproc), "--strategy", strategy, *compiled)
     assert_same_training(run, one)
     if strategy == "fsdp":  # every rank wrote its own shards, and no whole model file
         checkpoint = sorted((run / "checkpoints").glob("step-*"))[-1]
