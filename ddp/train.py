@@ -206,25 +206,27 @@ class Trainer:
         }
         own = {"rank": self.world.rank, "world_size": self.world.world_size, "rng": rng_state()}
         if self.sharded:
-            return {"train.pt": train}, own, fsdp.sharded_state(self.model, self.optimizer)
+            shards = fsdp.sharded_state(self.model, self.optimizer)
+            self._rank0_buffers(shards["model"])
+            return {"train.pt": train}, own, shards
         train["optimizer"] = self.optimizer.state_dict()
-        return {"model.pt": self._model_state(), "train.pt": train}, own, None
+        model_state = unwrap(self.wrapped).state_dict()
+        self._rank0_buffers(model_state)
+        return {"model.pt": model_state, "train.pt": train}, own, None
 
-    def _model_state(self) -> dict:
-        """The model's state_dict with rank 0's buffers on every rank, so that any rank can write any tensor.
+    def _rank0_buffers(self, model_state: dict) -> None:
+        """Put copies of rank 0's buffers into ``model_state`` on every rank, so any rank may write them.
 
-        Parameters are identical on every rank under DDP; buffers (BatchNorm statistics) are
-        each rank's own until DDP broadcasts rank 0's before the next forward. Copies: the
-        model itself is left as it is.
+        Buffers (BatchNorm statistics) are each rank's own: DDP broadcasts rank 0's before
+        the next forward, FSDP never. A checkpoint holds rank 0's, as ``mlp.params`` does;
+        the model itself is left as it is.
         """
-        model = unwrap(self.wrapped)
-        state = model.state_dict()
-        if self.world.world_size > 1:
-            for name, _ in model.named_buffers():
-                if name in state:  # persistent buffers only
-                    state[name] = state[name].clone()
-                    dist.broadcast(state[name], src=0)
-        return state
+        if self.world.world_size == 1:
+            return
+        for name, _ in unwrap(self.wrapped).named_buffers():
+            if name in model_state:  # persistent buffers only
+                model_state[name] = model_state[name].clone()
+                dist.broadcast(model_state[name], src=0)
 
     def save_checkpoint(self) -> None:
         """Called by every rank: save the full state of the current step."""

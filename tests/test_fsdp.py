@@ -18,7 +18,8 @@ FSDP = ["--strategy", "fsdp", "--samples", "1024", "--batch-size", "32", "--log-
 
 
 def test_sigkilled_fsdp_rank_restarts_and_ends_bitwise_equal(tmp_path):
-    args = [*FSDP, "--steps", "20", "--optimizer", "adamw", "--lr", "0.01"]
+    # BatchNorm: each rank's running statistics are its own under FSDP; the checkpoint must hold rank 0's
+    args = [*FSDP, "--steps", "20", "--optimizer", "adamw", "--lr", "0.01", "--batchnorm"]
     ok(torchrun(2, *args, "--out", str(tmp_path / "ref")))
     run = [*args, "--checkpoint-every", "5", "--out", str(tmp_path / "run")]
     out = ok(torchrun(2, *run, restarts=1, extra_env={"DDP_FAULT": "kill:rank=1:step=17"}))
