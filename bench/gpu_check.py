@@ -6,8 +6,8 @@
 On a host with one or more CUDA GPUs it runs, each step bounded in time:
 
 1. the GPU-marked tests (``pytest -m gpu``; tests that need two GPUs say so when skipped);
-2. ``make train-ddp`` on NCCL, one rank per GPU; on a one-GPU host also 2 ranks sharing
-   that GPU over gloo (``--device cuda``);
+2. ``make train-ddp`` on NCCL, one rank per GPU, with DDP and with ``--strategy fsdp``
+   (bf16); on a one-GPU host also 2 ranks sharing that GPU over gloo (``--device cuda``);
 3. the bench's quick mode: pinned vs pageable host-to-device copies, and the checkpoint
    floors and ratios on this host's disk.
 
@@ -73,15 +73,18 @@ def main() -> int:
     work = report_path.parent
     work.mkdir(parents=True, exist_ok=True)
     n = torch.cuda.device_count()
+    # time limits: 180 + 60 + 60 + 60 + 110 = 470 s, under 8 minutes whatever happens
     steps = [step("GPU tests", [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rs", "-p", "no:cacheprovider"],
-                  timeout=240)]  # fmt: skip
-    steps.append(step(f"train-ddp, NCCL, {n} rank(s)", train(n, work / "nccl"), timeout=90))
+                  timeout=180)]  # fmt: skip
+    steps.append(step(f"train-ddp, NCCL, {n} rank(s)", train(n, work / "nccl"), timeout=60))
+    fsdp = train(n, work / "fsdp", "--strategy", "fsdp", "--precision", "bf16")
+    steps.append(step(f"train-ddp --strategy fsdp --precision bf16, NCCL, {n} rank(s)", fsdp, timeout=60))
     if n == 1:
         shared = train(2, work / "gloo-shared", "--backend", "gloo", "--device", "cuda")
-        steps.append(step("train-ddp, gloo, 2 ranks sharing the GPU", shared, timeout=90))
+        steps.append(step("train-ddp, gloo, 2 ranks sharing the GPU", shared, timeout=60))
     bench_json = work / "bench.json"
     steps.append(step("bench --quick", [sys.executable, "bench/bench.py", "--quick", "--output", str(bench_json)],
-                      timeout=150))  # fmt: skip
+                      timeout=110))  # fmt: skip
     for s in steps:  # the figures each step printed
         s["verify"] = re.findall(r"verify: \d+/\d+ ranks .*", s["output_tail"])[-1:]
         s["tests"] = re.findall(r"=+ (.*(?:passed|failed|error).*) =+", s["output_tail"])[-1:]
