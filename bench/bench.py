@@ -323,7 +323,8 @@ def loader_table(args, out: Path) -> list[dict]:
     rows = []
     try:
         pins = (False, True) if world.device.type == "cuda" else (False,)
-        settings = [(w, pin) for w in args.loader_workers for pin in pins] + [TUTORIAL_LOADER, *PER_SAMPLE]
+        per_sample = PER_SAMPLE[:1] if args.quick else PER_SAMPLE  # --quick: worker processes once, not twice
+        settings = [(w, pin) for w in args.loader_workers for pin in pins] + [TUTORIAL_LOADER, *per_sample]
         default = (0, world.device.type == "cuda")
         for name in QUICK_CASES if args.quick else ("mlp (textbook, 20-256-10)", "cnn (2 conv, 16x16)"):
             task, model = MODELS[name]

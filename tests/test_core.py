@@ -18,7 +18,8 @@ SMALL = ["--samples", "1024", "--batch-size", "32"]
 
 @pytest.mark.parametrize("nproc", [1, 3])  # 2 ranks: nearly every other test
 def test_train_save_reload_verify_passes(tmp_path, nproc):
-    out = ok(torchrun(nproc, *SMALL, "--epochs", "2", "--out", str(tmp_path)))
+    out = ok(torchrun(nproc, *SMALL, "--epochs", "2", "--log-all-ranks", "--out", str(tmp_path)))
+    assert all(f"[rank {r}/{nproc}] step 10 epoch" in out for r in range(nproc))  # --log-all-ranks
     path = tmp_path / "mlp.params"
     line = f"verify: {nproc}/{nproc} ranks reloaded {path}; outputs identical (max |Δ| = 0, atol = 0 for fp32)"
     assert line in out
