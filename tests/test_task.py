@@ -67,6 +67,7 @@ def test_users_task_resumes_from_2_ranks_on_1_with_a_warning(tmp_path):
     assert crashed.returncode != 0
     out = ok(torchrun(1, *args))
     assert "warning: checkpoint written by 2 rank(s), resuming on 1" in out and "continuing at step 5" in out
+    assert "the RNG state of ranks [1] was not used" in out
     assert "verify: 1/1 ranks" in out and model_state(tmp_path)[1]["step"] == 20
 
 
