@@ -1,7 +1,6 @@
 """``python -m ddp``: the same as the ``ddp`` command."""
 
-import sys
-
 from ddp.cli import main
+from ddp.dist import exit_process
 
-sys.exit(main())
+exit_process(main())

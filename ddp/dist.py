@@ -198,6 +198,20 @@ def _device_id(world: World) -> torch.device | None:
     return world.device if world.backend == "nccl" else None
 
 
+def exit_process(code: int) -> None:
+    """End a ``torchrun`` worker or CLI process with ``code``, without the collector's last passes.
+
+    Everything is written and the process group is gone by now. What is left is
+    interpreter shutdown, whose cycle collections walk every object torch created: about
+    0.8 s of CPU per process here. Freezing them first skips that; memory goes back to
+    the OS with the process as always.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    gc.freeze()
+    sys.exit(code)
+
+
 def shutdown() -> None:
     """Leave the process group, if one was joined."""
     # DDP models sit in reference cycles: free dead ones now, while the interpreter is
