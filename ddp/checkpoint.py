@@ -308,11 +308,16 @@ def clean_stale(root: Path) -> list[Path]:
 def read_model(
     folder: Path, manifest: dict, order: list[str] | None, map_location: torch.device | str = "cpu"
 ) -> tuple[dict[str, Any], str]:
-    """(the model's state_dict, where it was) of a DDP checkpoint: ``model.pt``, or every rank's share.
+    """(the model's state_dict, where it was) of a checkpoint: ``model.pt``, every rank's share, or the shards.
 
     Mapped, not read: validate() has just paged the files in; load_state_dict copies the
     tensors out. ``order``: the model's keys in state_dict order (``train.pt`` keeps it).
     """
+    if is_sharded(manifest):  # --strategy fsdp: gathered whole in this process
+        from ddp import dcp
+
+        shards = dcp.load(folder / SHARDED)[0]["model"]
+        return {k: v.to(map_location) for k, v in shards.items()}, f"{SHARDED}/model"
     if "model.pt" in manifest["files"]:
         return load(folder / "model.pt", map_location, expect="torch", mmap=True), "model.pt"
     merged: dict[str, Any] = {}

@@ -114,13 +114,6 @@ def shard(
     return model
 
 
-def is_sharded(model: nn.Module) -> bool:
-    """Whether ``model`` was sharded by ``fully_shard``."""
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
-
-
 def sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """This rank's shards of the model and optimizer state, keyed by parameter name (for DCP)."""
     from torch.distributed.checkpoint.state_dict import get_state_dict

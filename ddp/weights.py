@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ddp import dcp
-from ddp.checkpoint import MANIFEST, MODEL_FILE, SHARDED, digest_of, is_sharded, read_model, validate
+from ddp.checkpoint import MANIFEST, MODEL_FILE, digest_of, read_model, validate
 from ddp.config import Config, TaskConfig, upgrade
 from ddp.errors import CheckpointCorruptError, CheckpointFormatError, CheckpointNotFoundError, ConfigError
 from ddp.io import (
@@ -145,11 +145,7 @@ def _the_file_in(folder: Path) -> Path:
 def _read_checkpoint(folder: Path, map_location: str | torch.device) -> Weights:
     manifest = validate(folder)
     train_state = load(folder / "train.pt", "cpu", expect="torch")
-    if is_sharded(manifest):  # --strategy fsdp: the model's shards, gathered whole
-        state, found_at = dcp.load(folder / SHARDED)[0]["model"], f"{SHARDED}/model"
-        state = {k: v.to(map_location) for k, v in state.items()}
-    else:  # model.pt, or the share of it each rank wrote
-        state, found_at = read_model(folder, manifest, train_state.get("model_keys"), map_location)
+    state, found_at = read_model(folder, manifest, train_state.get("model_keys"), map_location)
     cfg = Config.from_dict(upgrade(train_state["config"]))
     info = {
         "step": manifest["step"],

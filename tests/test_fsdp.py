@@ -43,6 +43,8 @@ def test_fsdp_bf16_sigterm_saves_then_resumes_on_three_ranks_past_a_damaged_chec
     assert "checkpoint written by 2 rank(s), resuming on 3" in out and "continuing at step 9" in out
     assert "verify: 3/3 ranks reloaded" in out and "atol = 0.01 for bf16" in out
     assert model_state(tmp_path)[1]["step"] == 16
+    kept = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())  # --keep-last 3 prunes sharded ones too
+    assert kept == ["step-00000010", "step-00000012", "step-00000016"]
 
 
 def test_fsdp_trains_a_users_task_with_tied_weights_as_one_process_does(tmp_path):
