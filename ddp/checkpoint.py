@@ -46,6 +46,7 @@ from ddp.io import fsync_dir, load, storage_key, write_durable
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 STEP_DIR = re.compile(r"^step-(\d{8})$")
+PRUNED = ".pruned-"  # a checkpoint beyond --keep-last, renamed before it is deleted in the background
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -166,15 +167,29 @@ DIGESTS = {"xxh3_128": xxhash.xxh3_128, "sha256": hashlib.sha256}  # sha256: man
 
 
 class HashingWriter:
-    """A write-only file wrapper that hashes and counts the bytes as they pass."""
+    """A write-only file wrapper that hashes and counts the bytes as they pass.
+
+    A large write (a tensor's bytes) is hashed on a second thread while this one copies
+    it into the file: both release the GIL, so the checksum costs no time of its own
+    where a second core is free (12 ms per 256 MB here, 8% of a save, when done in turn).
+    """
+
+    OVERLAP = 1 << 22  # below 4 MB a thread costs more than it hides
 
     def __init__(self, f: IO[bytes]) -> None:
         self.f, self.hash, self.size = f, DIGESTS[DIGEST](), 0
 
     def write(self, data) -> int:
-        self.hash.update(data)
         self.size += len(data)
-        return self.f.write(data)
+        if len(data) < self.OVERLAP:
+            self.hash.update(data)
+            return self.f.write(data)
+        hasher = threading.Thread(target=self.hash.update, args=(data,))
+        hasher.start()
+        try:
+            return self.f.write(data)
+        finally:
+            hasher.join()  # before returning: torch may free or reuse ``data`` once write returns
 
     def flush(self) -> None:
         self.f.flush()
@@ -299,7 +314,7 @@ def clean_stale(root: Path) -> list[Path]:
             if not final.exists():
                 os.replace(p, final)  # a crash hit between swapping out and in: keep the old one
                 continue
-        if p.name.startswith((".tmp-step-", ".old-step-")):
+        if p.name.startswith((".tmp-step-", ".old-step-", PRUNED)):
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p)
     return removed
@@ -406,6 +421,11 @@ def stage(obj: Any, buffers: dict[str, torch.Tensor], key: str = "", seen: dict 
     return obj
 
 
+def _remove_all(folders: list[Path]) -> None:
+    for folder in folders:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 # ---- the checkpointer -----------------------------------------------------------------
 
 
@@ -419,6 +439,7 @@ class Checkpointer:
         self.result: dict = {}
         self.pending_step: int | None = None
         self.last_saved: int | None = None
+        self.pruner: threading.Thread | None = None
 
     def prepare(self) -> None:
         """Called by every rank at start: rank 0 removes leftovers of interrupted saves."""
@@ -427,7 +448,8 @@ class Checkpointer:
             try:
                 self.root.mkdir(parents=True, exist_ok=True)
                 for p in clean_stale(self.root):
-                    self.say(f"removed leftover {p} of an interrupted save")
+                    what = "deletion" if p.name.startswith(PRUNED) else "save"
+                    self.say(f"removed leftover {p} of an interrupted {what}")
             except OSError as e:
                 error = e
         dist.raise_if_any_failed(error, f"preparing {self.root}")
@@ -487,11 +509,14 @@ class Checkpointer:
         return int(writing), int(not writing and self.result.get("error") is not None)
 
     def wait(self) -> None:
-        """Called by every rank: finish and commit the save in flight, if any."""
+        """Called by every rank: finish and commit the save in flight, if any, and its pruning."""
         if self.thread is not None:
             self.thread.join()
         if self.pending_step is not None:
             self.commit()
+        if self.pruner is not None:
+            self.pruner.join()
+            self.pruner = None
 
     def commit(self) -> None:
         """Called by every rank once its files are written: rank 0 writes the manifest and renames."""
@@ -538,9 +563,22 @@ class Checkpointer:
             shutil.rmtree(old, ignore_errors=True)
 
     def _prune(self) -> None:
+        """Retire the checkpoints beyond --keep-last now; delete their files in the background.
+
+        Deleting a GB of files took 0.2 s here, a stall of every save (sync or async) for
+        nothing the next step needs. Once renamed, a folder is never loaded; a kill mid-way
+        leaves a ``.pruned-`` folder that ``clean_stale`` removes at the next start.
+        """
+        if self.pruner is not None:
+            self.pruner.join()
+        retired = []
         for folder in complete_checkpoints(self.root)[: -self.cfg.keep_last]:
             (folder / MANIFEST).unlink()  # first: a half-deleted folder must not look complete
-            shutil.rmtree(folder, ignore_errors=True)
+            retired.append(folder.with_name(PRUNED + folder.name))
+            os.replace(folder, retired[-1])
+        if retired:
+            self.pruner = threading.Thread(target=_remove_all, args=(retired,), name="ddp-prune")
+            self.pruner.start()
 
     # -- loading --
 

@@ -8,7 +8,8 @@ from torch import nn
 
 import ddp
 from ddp import dist
-from ddp.config import DistConfig
+from ddp.checkpoint import Checkpointer
+from ddp.config import CheckpointConfig, DistConfig
 from ddp.io import atomic_write, strip_prefixes
 from ddp.model import MLP
 
@@ -95,3 +96,21 @@ def test_atomic_write_that_fails_midway_keeps_the_old_file(tmp_path):
     assert target.read_bytes() == before
     assert os.listdir(tmp_path) == ["mlp.params"]  # no temp file left behind
     assert torch.equal(ddp.load(target)["w"], torch.ones(3))
+
+
+def test_keep_last_retires_old_checkpoints_at_once_and_deletes_them_in_the_background(world_of_one, tmp_path):
+    ckpt = Checkpointer(tmp_path, CheckpointConfig(keep_last=2, async_save=False), say=lambda m: None)
+    ckpt.prepare()
+    for step in (1, 2, 3):
+        ckpt.save(step, {"model.pt": {"w": torch.full((1000,), float(step))}}, {})
+        names = sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".pruned-"))
+        assert names == [f"step-{s:08d}" for s in range(max(1, step - 1), step + 1)]  # never more than 2 loadable
+    assert ckpt.pruner is not None  # step 1's files go while training goes on
+    ckpt.wait()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000002", "step-00000003"]
+    (tmp_path / ".pruned-step-00000001").mkdir()  # a kill in the middle of deleting
+    (tmp_path / ".pruned-step-00000001" / "model.pt").write_bytes(b"half")
+    said = []
+    Checkpointer(tmp_path, CheckpointConfig(), say=said.append).prepare()
+    assert said == [f"removed leftover {tmp_path}/.pruned-step-00000001 of an interrupted deletion"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000002", "step-00000003"]
