@@ -645,7 +645,7 @@ def lost_per_checkpoint(args, out: Path) -> dict:
         "data": {"samples": 4096, "batch_size": 64},
         "optim": {"schedule": "constant"},
         "run": {"steps": 10**9},
-        "checkpoint": {"resume": "never"},
+        "checkpoint": {"resume": "never", "keep_last": 2},
     }
     times: dict[str, list[float]] = {"none": [], "sync": [], "async": []}
     n_ckpt = args.window // args.every
@@ -657,9 +657,10 @@ def lost_per_checkpoint(args, out: Path) -> dict:
             trainer = quiet(Trainer(Config.from_dict(c), dist.world_from_env()))
             holder = [iter(trainer.loader), trainer.loader]
             trainer._run_step([next_batch(holder)])  # warm up
-            if mode == "async":
-                trainer.save_checkpoint()  # first save allocates the staging buffers
+            for _ in range(3 if mode != "none" else 0):  # steady state: pruning under way, staging buffers made
+                trainer.save_checkpoint()
                 trainer.checkpointer.wait()
+                trainer.progress.step += 1
             t0 = time.perf_counter()
             for i in range(1, args.window + 1):
                 loss = trainer._run_step([next_batch(holder)])
@@ -669,6 +670,7 @@ def lost_per_checkpoint(args, out: Path) -> dict:
                     trainer.save_checkpoint()
             trainer.checkpointer.wait()
             times[mode].append(time.perf_counter() - t0)
+            shutil.rmtree(c["run"]["out"], ignore_errors=True)
     state_mb = nbytes(trainer.state()[0]) / 2**20
     base = median(times["none"])
     return {
