@@ -15,8 +15,10 @@ Training (samples/s, same model, data and global batch):
 These machines are noisy (steps of a few ms stall for ~4 ms now and then), so b, c, d and
 the c variants run in the same processes as blocks of about --block-s seconds, in alternating
 order, --repeats times; a ratio such as c/d is taken within each repeat and the median over
-repeats is reported with its quartiles. Checkpoint figures are medians of 3 (the lost-time
-window of 5).
+repeats is reported with its quartiles. Checkpoints are timed in steady state (after untimed
+saves, with --keep-last pruning under way): medians of 9 paired ratios with their quartiles,
+and the fastest over the fastest, the figure a disk's slow spells disturb least (the
+lost-time window: medians of 5).
 """
 
 from __future__ import annotations
