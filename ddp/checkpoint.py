@@ -589,7 +589,7 @@ class Checkpointer:
         retired = []
         for folder in complete_checkpoints(self.root)[: -self.cfg.keep_last]:
             (folder / MANIFEST).unlink()  # first: a half-deleted folder must not look complete
-            retired.append(folder.with_name(PRUNED + folder.name))
+            retired.append(folder.with_name(f"{PRUNED}{folder.name}.{os.getpid()}"))  # never an existing name
             os.replace(folder, retired[-1])
         if retired:
             self.pruner = threading.Thread(target=_remove_all, args=(retired,), name="ddp-prune")
