@@ -1,6 +1,6 @@
 """Benchmarks: training throughput and checkpoint speed, measured side by side.
 
-    make bench                   # full run, about 8 minutes on 2 cores; writes bench/results.json
+    make bench                   # full run, about 13 minutes on 2 cores; writes bench/results.json
     python bench/bench.py --quick  # a smoke run with tiny sizes (the test suite runs this)
     python bench/bench.py --only cnn --no-checkpoints  # some training cases only
     python bench/strategies.py     # DDP vs FSDP alone: memory per rank and throughput on 1, 2, 3 ranks
