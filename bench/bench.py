@@ -236,9 +236,7 @@ def one_process(cfg_dict: dict, block_s: float, repeats: int) -> float:
 
 def paired(raw: dict[str, list[float]], num: str, den: str) -> dict:
     """The ratio num/den per repeat (taken side by side): median and quartiles."""
-    ratios = [n / d for n, d in zip(raw[num], raw[den], strict=True)]
-    q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
-    return {"median": median(ratios), "q1": q1, "q3": q3}
+    return quartiles([n / d for n, d in zip(raw[num], raw[den], strict=True)])
 
 
 QUICK_CASES = ("mlp (textbook, 20-256-10)",)  # --quick: one launch proves the table runs
@@ -515,10 +513,9 @@ def quartiles(xs: list[float]) -> dict:
 
 
 def paired_ratio(t: dict, num, den) -> dict:
-    """Median and quartiles over repeats of t[num] / t[den], each taken within one repeat; and
-    ``best``, the fastest of one over the fastest of the other: where a disk has slow spells
-    unrelated to what is measured, the least disturbed figure of each."""
-    return {**quartiles([x / y for x, y in zip(t[num], t[den], strict=True)]), "best": min(t[num]) / min(t[den])}
+    """``paired``, and ``best``: the fastest of one over the fastest of the other. Where a disk
+    has slow spells unrelated to what is measured, the least disturbed figure of each."""
+    return {**paired(t, num, den), "best": min(t[num]) / min(t[den])}
 
 
 def checkpoint_table(args, out: Path) -> dict:
