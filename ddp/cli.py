@@ -29,7 +29,7 @@ from ddp import dist, train, weights
 from ddp.checkpoint import MANIFEST, read_manifest
 from ddp.config import Config, DistConfig, TaskConfig, parse_task_arg
 from ddp.data import seeded
-from ddp.errors import CheckpointError, ConfigError, DDPError
+from ddp.errors import CheckpointError, ConfigError, DDPError, Reported
 from ddp.io import split_aliases
 from ddp.metrics import plot
 from ddp.tasks import build_model, charlm, resolve
@@ -107,18 +107,25 @@ def run_model(model: nn.Module, x: Any) -> torch.Tensor:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     with dist.process_group(DistConfig(backend=args.backend)) as world:
-        w = read_weights(args, world.device)
-        model, probe = model_for(w, args, world.device)
-        if args.input:
-            probe = read_inputs(args.input)
-        elif probe is None:
-            shape = sample_shape(model, None, "ddp verify")
-            probe = torch.randn(8, *shape, generator=torch.Generator().manual_seed(0))
-        run_model(model, probe)
-        report = verify_identical_outputs(model, probe, atol=args.atol)
-        dist.log(world, integrity(w))
-        dist.log(world, summary(report, str(args.path)))
+        try:
+            verify_file(args, world)
+        except DDPError as e:
+            raise Reported(say_error(args.command, e)) from e  # before leaving the group: see Reported
     return 0
+
+
+def verify_file(args: argparse.Namespace, world: dist.World) -> None:
+    w = read_weights(args, world.device)
+    model, probe = model_for(w, args, world.device)
+    if args.input:
+        probe = read_inputs(args.input)
+    elif probe is None:
+        shape = sample_shape(model, None, "ddp verify")
+        probe = torch.randn(8, *shape, generator=torch.Generator().manual_seed(0))
+    run_model(model, probe)
+    report = verify_identical_outputs(model, probe, atol=args.atol)
+    dist.log(world, integrity(w))
+    dist.log(world, summary(report, str(args.path)))
 
 
 def integrity(w: Weights) -> str:
@@ -329,6 +336,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def say_error(command: str, e: DDPError) -> int:
+    """Print ``e`` as the command's one-line error; its exit code (2 for a usage error)."""
+    print(f"ddp {command}: error: {e}", file=sys.stderr, flush=True)
+    return 2 if isinstance(e, ConfigError) else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``ddp`` console script."""
     argv = sys.argv[1:] if argv is None else argv
@@ -337,12 +350,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as e:
-        print(f"ddp {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    except Reported as r:
+        return r.code
     except DDPError as e:
-        print(f"ddp {args.command}: error: {e}", file=sys.stderr)
-        return 1
+        return say_error(args.command, e)
     except BrokenPipeError:  # `ddp inspect ... | head`: the reader has gone, which is no error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # as Python's docs advise
         return 0

@@ -230,6 +230,7 @@ def process_group(cfg: DistConfig) -> Iterator[World]:
         yield world
         barrier()  # gloo aborts a rank whose peer tears down mid-exchange: leave together
     finally:
+        faults.before_leave(world.rank)
         shutdown()
 
 

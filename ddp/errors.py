@@ -47,3 +47,16 @@ class DistributedError(DDPError):
 
 class VerifyError(DDPError):
     """Ranks gave different outputs after reloading the saved weights."""
+
+
+class Reported(Exception):
+    """An error whose message this rank printed before leaving its process group.
+
+    Said there because once one rank exits, the launcher kills the others: a rank still
+    leaving the group (which can take a while on a loaded host) died with its message
+    unsaid. Carries the exit code; deliberately not a DDPError, so no handler prints it again.
+    """
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code

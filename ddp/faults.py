@@ -6,6 +6,8 @@ Tests set ``DDP_FAULT`` in a worker's environment, e.g. ``kill:rank=1:step=7`` o
 A fault fires in one attempt of an elastic job: the first (``TORCHELASTIC_RESTART_COUNT``
 0) unless it says ``attempt=N``. Several faults, one per attempt, are separated by ``;``:
 ``kill:rank=1:step=7;kill:attempt=1:rank=0:step=12`` kills twice, then runs clean.
+Any fault may add ``linger=S``: its rank then takes S seconds more to leave the process
+group, as a rank on a loaded host does.
 Unset, every hook here is a no-op.
 """
 
@@ -73,6 +75,13 @@ def before_save_write(rank: int, path: os.PathLike | str) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
     if spec["kind"] == "kill-in-save":
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def before_leave(rank: int) -> None:
+    """Called before a rank leaves the process group: ``linger=S`` slows its leaving."""
+    spec = _spec()
+    if spec is not None and "linger" in spec and _mine(spec, rank):
+        time.sleep(float(spec["linger"]))
 
 
 def perturb_reloaded(rank: int, model) -> None:

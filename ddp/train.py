@@ -49,7 +49,7 @@ from ddp.checkpoint import (
 )
 from ddp.config import SECTIONS, Config, config_changes, parse
 from ddp.data import ResumableSampler, eval_batch_count, eval_batches, make_loader, seed_all, seeded, steps_per_epoch
-from ddp.errors import ConfigError, DDPError
+from ddp.errors import ConfigError, DDPError, Reported
 from ddp.io import check_architecture, load_model, save_model, strip_prefixes, unwrap
 from ddp.metrics import MetricsWriter, ProgressDisplay
 from ddp.model import materialize
@@ -573,6 +573,23 @@ def is_comm_failure(e: BaseException) -> bool:
     return isinstance(e, torch.distributed.DistError) or any(c in str(e) for c in clues)
 
 
+def explain(world: dist.World, e: BaseException) -> int | None:
+    """Print a known failure as one line on stderr and give its exit code; None for a bug."""
+    if isinstance(e, DDPError):
+        print(f"{world.prefix()} error: {e}", file=sys.stderr, flush=True)
+        return 2 if isinstance(e, ConfigError) else 1
+    if not (isinstance(e, RuntimeError) and is_comm_failure(e)):
+        return None
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    print(
+        f"{world.prefix()} error: a collective failed, another rank probably died or hung "
+        f"(see the launcher's report of the failing rank): {first}",
+        file=sys.stderr,
+        flush=True,
+    )
+    return 1
+
+
 @record
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``torchrun -m ddp.train`` and ``ddp train``."""
@@ -587,25 +604,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         with dist.process_group(cfg.dist) as world:
-            run(cfg, world, task)
-            return 0
-    except ConfigError as e:
-        print(f"{world.prefix()} error: {e}", file=sys.stderr, flush=True)
-        return 2
-    except DDPError as e:
-        print(f"{world.prefix()} error: {e}", file=sys.stderr, flush=True)
-        return 1
-    except RuntimeError as e:
-        if not is_comm_failure(e):
+            try:
+                run(cfg, world, task)
+            except Exception as e:
+                code = explain(world, e)  # now, before leaving the group: see Reported
+                if code is None:
+                    raise
+                raise Reported(code) from e
+        return 0
+    except Reported as r:
+        return r.code
+    except Exception as e:  # joining or leaving the group
+        code = explain(world, e)
+        if code is None:
             raise
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(
-            f"{world.prefix()} error: a collective failed, another rank probably died or hung "
-            f"(see the launcher's report of the failing rank): {first}",
-            file=sys.stderr,
-            flush=True,
-        )
-        return 1
+        return code
 
 
 if __name__ == "__main__":

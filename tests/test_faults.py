@@ -266,8 +266,9 @@ def test_disk_full_during_a_save_fails_every_rank_and_keeps_the_previous_checkpo
     args = [*ARGS, "--steps", "8", "--checkpoint-every", "4", "--timeout", "30", "--out", str(tmp_path)]
     start = time.monotonic()
     # per checkpoint rank 1 writes two files (rank file, its optimizer share), rank 0 four (rank
-    # file, model, train, manifest): rank 1's third write is its rank file of step 8
-    proc = torchrun(2, *args, extra_env={"DDP_FAULT": "enospc:rank=1:save=3"})
+    # file, model, train, manifest): rank 1's third write is its rank file of step 8. Rank 1 is
+    # slow to leave the group: the launcher kills it once rank 0 exits, and it must have spoken.
+    proc = torchrun(2, *args, extra_env={"DDP_FAULT": "enospc:rank=1:save=3:linger=5"})
     assert time.monotonic() - start < 60 and proc.returncode != 0
     rank_file = tmp_path / "checkpoints" / ".tmp-step-00000008" / "rank-00001.pt"
     for r in (0, 1):
@@ -284,7 +285,7 @@ def test_disk_full_during_a_save_fails_every_rank_and_keeps_the_previous_checkpo
 
 def test_an_async_save_that_fails_mid_run_stops_every_rank_at_the_next_step(tmp_path):
     args = [*ARGS, "--steps", "8", "--checkpoint-every", "4", "--async-save", "--log-every", "100"]
-    proc = torchrun(2, *args, "--out", str(tmp_path), extra_env={"DDP_FAULT": "enospc:rank=1:save=1"})
+    proc = torchrun(2, *args, "--out", str(tmp_path), extra_env={"DDP_FAULT": "enospc:rank=1:save=1:linger=5"})
     assert proc.returncode != 0
     for r in (0, 1):
         assert f"[rank {r}/2] error: checkpoint of step 4 failed, the previous ones are intact: rank 1: " in proc.output
