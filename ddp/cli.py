@@ -110,7 +110,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         try:
             verify_file(args, world)
         except DDPError as e:
-            raise Reported(say_error(args.command, e)) from e  # before leaving the group: see Reported
+            who = f"ddp {args.command}" if world.world_size == 1 else f"{world.prefix()} ddp {args.command}"
+            raise Reported(say_error(who, e)) from e  # before leaving the group: see Reported
     return 0
 
 
@@ -336,9 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def say_error(command: str, e: DDPError) -> int:
-    """Print ``e`` as the command's one-line error; its exit code (2 for a usage error)."""
-    print(f"ddp {command}: error: {e}", file=sys.stderr, flush=True)
+def say_error(who: str, e: DDPError) -> int:
+    """Print ``e`` as ``who``'s one-line error; its exit code (2 for a usage error)."""
+    print(f"{who}: error: {e}", file=sys.stderr, flush=True)
     return 2 if isinstance(e, ConfigError) else 1
 
 
@@ -353,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     except Reported as r:
         return r.code
     except DDPError as e:
-        return say_error(args.command, e)
+        return say_error(f"ddp {args.command}", e)
     except BrokenPipeError:  # `ddp inspect ... | head`: the reader has gone, which is no error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # as Python's docs advise
         return 0

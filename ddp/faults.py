@@ -7,7 +7,7 @@ A fault fires in one attempt of an elastic job: the first (``TORCHELASTIC_RESTAR
 0) unless it says ``attempt=N``. Several faults, one per attempt, are separated by ``;``:
 ``kill:rank=1:step=7;kill:attempt=1:rank=0:step=12`` kills twice, then runs clean.
 Any fault may add ``linger=S``: its rank then takes S seconds more to leave the process
-group, as a rank on a loaded host does.
+group, as a rank on a loaded host does; ``linger:rank=1:seconds=S`` does only that.
 Unset, every hook here is a no-op.
 """
 
@@ -78,10 +78,13 @@ def before_save_write(rank: int, path: os.PathLike | str) -> None:
 
 
 def before_leave(rank: int) -> None:
-    """Called before a rank leaves the process group: ``linger=S`` slows its leaving."""
+    """Called before a rank leaves the process group: ``linger`` slows its leaving."""
     spec = _spec()
-    if spec is not None and "linger" in spec and _mine(spec, rank):
-        time.sleep(float(spec["linger"]))
+    if spec is None or not _mine(spec, rank):
+        return
+    seconds = spec.get("seconds") if spec["kind"] == "linger" else spec.get("linger")
+    if seconds is not None:
+        time.sleep(float(seconds))
 
 
 def perturb_reloaded(rank: int, model) -> None:

@@ -126,6 +126,17 @@ def test_verify_of_a_missing_file_exits_1_naming_it(tmp_path):
     assert proc.returncode == 1 and f"{tmp_path}/none.params does not exist" in proc.output
 
 
+def test_verify_under_torchrun_of_a_missing_file_fails_on_every_rank_naming_it(tmp_path):
+    missing = tmp_path / "none.params"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "ddp",
+           "verify", str(missing)]  # fmt: skip
+    # rank 1 is slow to leave the group: the launcher kills it once rank 0 exits, and it must have spoken
+    proc = run(cmd, extra_env={"DDP_FAULT": "linger:rank=1:seconds=5"})
+    assert proc.returncode != 0
+    for r in (0, 1):
+        assert f"[rank {r}/2] ddp verify: error: {missing} does not exist; check the path" in proc.output
+
+
 def test_plot_writes_a_png(trained):
     pytest.importorskip("matplotlib")
     out_dir, _ = trained
