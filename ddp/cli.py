@@ -175,7 +175,7 @@ def describe(w: Weights, path: Path) -> dict[str, Any]:
 def cmd_inspect(args: argparse.Namespace) -> int:
     path = Path(args.path)
     try:
-        w = weights.read(path, key=args.key, mmap=True)
+        w = weights.read(path, key=args.key, mmap=True, shapes_only=True)
     except CheckpointError as e:
         info = {"schema": INSPECT_SCHEMA, "path": str(path), "integrity": f"FAILED: {e}"}
         if path.is_dir() and (path / MANIFEST).exists():

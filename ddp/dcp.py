@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
-from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint._traverse import get_element, set_element
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, _EmptyStateDictLoadPlanner
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta, TensorStorageMetadata
@@ -122,11 +122,15 @@ class _SafeLoadPlanner(_WeightsOnlyBytes, DefaultLoadPlanner):
     """Loads into the caller's state dict (its DTensors take their own shards)."""
 
 
-def load(folder: str | os.PathLike) -> tuple[dict[str, Any], Metadata]:
-    """Everything a DCP folder holds, as one (nested) dict of full CPU tensors and values.
+def load(folder: str | os.PathLike, keys: set[str] | None = None) -> tuple[dict[str, Any], Metadata]:
+    """What a DCP folder holds, as one (nested) dict of full CPU tensors and values.
 
     Sharded tensors come back whole, so a checkpoint written by N ranks loads in one
     process. Reads on this process only; no process group is needed or used.
+
+    Args:
+        keys: read only these entries, each a saved key or the dotted path of a nested one
+            (``{"model"}`` leaves a torchtitan checkpoint's optimizer state unread); all if None.
     """
     folder = Path(folder)
     metadata = check_files(folder)
@@ -134,7 +138,30 @@ def load(folder: str | os.PathLike) -> tuple[dict[str, Any], Metadata]:
     with _read_errors(folder), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "assuming the intent is to load in a single process": it is
         # the loader format_utils.dcp_to_torch_save uses: dcp.load keeps only keys the caller passes
-        _load_state_dict(state, storage_reader=_SafeReader(folder), planner=_SafePlanner(), no_dist=True)
+        planner = _SafePlanner(keys=keys)
+        _load_state_dict(state, storage_reader=_SafeReader(folder), planner=planner, no_dist=True)
+    return state, metadata
+
+
+def outline(folder: str | os.PathLike) -> tuple[dict[str, Any], Metadata]:
+    """A DCP folder's nested structure without reading a tensor's bytes.
+
+    Each tensor is a meta-device tensor of its whole shape and dtype; the non-tensor
+    entries (steps, names: small) are read, through the weights-only loader as always.
+    """
+    folder = Path(folder)
+    metadata = check_files(folder)
+    entries = metadata.state_dict_metadata
+    small = {k for k, v in entries.items() if isinstance(v, BytesStorageMetadata)}
+    values = load(folder, keys=small)[0] if small else {}
+    paths = metadata.planner_data or {}
+    state: dict[str, Any] = {}
+    for k, v in entries.items():  # in the saved order, as load gives them
+        path = paths.get(k, (k,))
+        if isinstance(v, TensorStorageMetadata):
+            set_element(state, path, torch.empty(v.size, dtype=v.properties.dtype, device="meta"))
+        else:
+            set_element(state, path, get_element(values, path))
     return state, metadata
 
 

@@ -174,6 +174,8 @@ def save_safetensors(
 
 def storage_key(t: torch.Tensor) -> tuple:
     """Equal for two tensors that are the same view of the same memory (a tied weight's two names)."""
+    if t.is_meta:  # no memory to share: a shape read from metadata is only itself
+        return (id(t),)
     return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
 
 

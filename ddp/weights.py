@@ -93,6 +93,7 @@ def read(
     *,
     key: str | None = None,
     mmap: bool = False,
+    shapes_only: bool = False,
 ) -> Weights:
     """The weights in ``path``: a file, a checkpoint folder, a DCP folder or a sharded set.
 
@@ -100,6 +101,8 @@ def read(
         key: where the weights are inside a nested file (``ema`` or ``model/ema``) when
             the file holds more than one set; found automatically otherwise.
         mmap: map a torch file instead of reading it (listing tensors then reads nothing).
+        shapes_only: only names, shapes and dtypes are wanted (``ddp inspect``): a DCP
+            folder's tensors are then meta-device tensors, its data files never read.
     """
     path = Path(path)
     if not path.exists():
@@ -107,8 +110,7 @@ def read(
     if path.name == MANIFEST or (path.is_dir() and _is_checkpoint(path)):
         return _read_checkpoint(path if path.is_dir() else path.parent, map_location)
     if dcp.is_dcp(path):
-        state, metadata = dcp.load(path)
-        return _found(path, "dcp", state, key, map_location, dcp.describe(metadata))
+        return _read_dcp(path, map_location, key, shapes_only)
     if path.is_dir():
         path = _the_file_in(path)
     if path.name.endswith(".index.json"):
@@ -160,6 +162,22 @@ def _read_checkpoint(folder: Path, map_location: str | torch.device) -> Weights:
     return Weights(folder, "torch", state, found_at, stripped, others, metadata, cfg, info)
 
 
+def _read_dcp(folder: Path, map_location: str | torch.device, key: str | None, shapes_only: bool) -> Weights:
+    """A DCP folder: where the weights are, from its metadata; then only they are read.
+
+    A torchtitan checkpoint holds two to three times the model's bytes of optimizer state,
+    which neither listing nor loading the weights needs.
+    """
+    outline, metadata = dcp.outline(folder)
+    found_at, state, others = find_tensors(outline, key, folder)
+    if shapes_only:
+        said = "ok: metadata of DCP's own classes only, every data file as long as it says (tensors not read)"
+        return _weights(folder, "dcp", found_at, state, others, None, dcp.describe(metadata), {"integrity": said})
+    loaded, _ = dcp.load(folder, keys={found_at.split("/")[0]} if found_at else None)  # its whole top-level entry
+    _, state, _ = find_tensors(loaded, found_at or None, folder)
+    return _weights(folder, "dcp", found_at, state, others, map_location, dcp.describe(metadata))
+
+
 def _read_sharded(index: Path, map_location: str | torch.device, key: str | None) -> Weights:
     """A sharded set: an index whose ``weight_map`` names the file of every tensor."""
     try:
@@ -199,10 +217,25 @@ def _found(
     path: Path, fmt: str, obj: Any, key: str | None, map_location: str | torch.device, metadata: dict
 ) -> Weights:
     found_at, state, others = find_tensors(obj, key, path)
-    state = {k: v.to(map_location) for k, v in state.items()}
+    return _weights(path, fmt, found_at, state, others, map_location, metadata)
+
+
+def _weights(
+    path: Path,
+    fmt: str,
+    found_at: str,
+    state: dict[str, torch.Tensor],
+    others: list[str],
+    map_location: str | torch.device | None,
+    metadata: dict,
+    info: dict | None = None,
+) -> Weights:
+    """Weights of found tensors: moved to ``map_location`` (kept where they are if None), prefixes stripped."""
+    if map_location is not None:
+        state = {k: v.to(map_location) for k, v in state.items()}
     state, stripped = strip_prefixes(state, PREFIXES)
     cfg = Config.from_dict(json.loads(metadata["config"])) if "config" in metadata else recognise(state)
-    return Weights(path, fmt, state, found_at, stripped, others, metadata, cfg)
+    return Weights(path, fmt, state, found_at, stripped, others, metadata, cfg, info or {})
 
 
 def find_tensors(obj: Any, key: str | None, path: Path) -> tuple[str, dict[str, torch.Tensor], list[str]]:

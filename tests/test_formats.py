@@ -17,7 +17,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from ddp import cli, weights
+from ddp import cli, dcp, weights
 
 from . import user_models, user_task, workers
 from .helpers import ROOT, elastic, ok, run
@@ -266,6 +266,28 @@ def test_a_truncated_dcp_data_file_is_named(files, capsys, tmp_path):
     data.write_bytes(data.read_bytes()[:100])
     code, text = ddp(capsys, "inspect", folder)
     assert code == 1 and f"{data} has 100 bytes, .metadata says" in text
+
+
+def bytes_read() -> int:
+    """Bytes this process has read through read() calls so far, page cache or not."""
+    return int(next(line for line in Path("/proc/self/io").read_text().splitlines() if line.startswith("rchar:"))[6:])
+
+
+def test_a_dcp_folders_optimizer_state_is_read_neither_to_list_nor_to_load_its_weights(capsys, tmp_path):
+    model = {"layer.weight": torch.randn(64, 64), "layer.bias": torch.randn(64)}
+    optim = {"exp_avg": torch.randn(4_000_000), "exp_avg_sq": torch.randn(4_000_000)}  # 32 MB, as torchtitan's
+    dcp.save({"model": model, "optim": optim, "step": 7}, tmp_path / "ckpt")
+    before = bytes_read()
+    w = weights.read(tmp_path / "ckpt")
+    loading = bytes_read() - before
+    assert w.found_at == "model" and w.other_entries == ["optim", "step"]
+    assert_same_tensors(w.state, model)
+    before = bytes_read()
+    code, out = ddp(capsys, "inspect", tmp_path / "ckpt", "--json")
+    listing = bytes_read() - before
+    info = json.loads(out)
+    assert code == 0 and info["integrity"].endswith("(tensors not read)") and info["total_bytes"] == 64 * 65 * 4
+    assert loading < 2_000_000 and listing < 1_000_000, (loading, listing)  # of 32 MB in the folder
 
 
 def test_verify_with_task_rebuilds_a_users_model_from_a_nested_file(tmp_path):
