@@ -346,7 +346,7 @@ def read_model(
     if is_sharded(manifest):  # --strategy fsdp: gathered whole in this process
         from ddp import dcp
 
-        shards = dcp.load(folder / SHARDED)[0]["model"]
+        shards = dcp.load(folder / SHARDED, keys={"model"})[0]["model"]  # the optimizer's shards stay on disk
         return {k: v.to(map_location) for k, v in shards.items()}, f"{SHARDED}/model"
     if "model.pt" in manifest["files"]:
         return load(folder / "model.pt", map_location, expect="torch", mmap=True), "model.pt"
