@@ -173,7 +173,8 @@ def _read_dcp(folder: Path, map_location: str | torch.device, key: str | None, s
     if shapes_only:
         said = "ok: metadata of DCP's own classes only, every data file as long as it says (tensors not read)"
         return _weights(folder, "dcp", found_at, state, others, None, dcp.describe(metadata), {"integrity": said})
-    loaded, _ = dcp.load(folder, keys={found_at.split("/")[0]} if found_at else None)  # its whole top-level entry
+    # their whole top-level entry, or (torchtitan's layout) the tensors at the top level beside the rest
+    loaded, _ = dcp.load(folder, keys={found_at.split("/")[0]} if found_at else set(state))
     _, state, _ = find_tensors(loaded, found_at or None, folder)
     return _weights(folder, "dcp", found_at, state, others, map_location, dcp.describe(metadata))
 

@@ -273,14 +273,17 @@ def bytes_read() -> int:
     return int(next(line for line in Path("/proc/self/io").read_text().splitlines() if line.startswith("rchar:"))[6:])
 
 
-def test_a_dcp_folders_optimizer_state_is_read_neither_to_list_nor_to_load_its_weights(capsys, tmp_path):
+@pytest.mark.parametrize("layout", ["nested", "torchtitan"])
+def test_a_dcp_folders_optimizer_state_is_read_neither_to_list_nor_to_load_its_weights(capsys, tmp_path, layout):
     model = {"layer.weight": torch.randn(64, 64), "layer.bias": torch.randn(64)}
-    optim = {"exp_avg": torch.randn(4_000_000), "exp_avg_sq": torch.randn(4_000_000)}  # 32 MB, as torchtitan's
-    dcp.save({"model": model, "optim": optim, "step": 7}, tmp_path / "ckpt")
+    optim = {"exp_avg": torch.randn(4_000_000), "exp_avg_sq": torch.randn(4_000_000)}  # 32 MB, Adam's two moments
+    rest = {"optim": optim, "step": 7}
+    # torchtitan saves the model's tensors at the top level, beside the optimizer and the rest
+    dcp.save({"model": model, **rest} if layout == "nested" else {**model, **rest}, tmp_path / "ckpt")
     before = bytes_read()
     w = weights.read(tmp_path / "ckpt")
     loading = bytes_read() - before
-    assert w.found_at == "model" and w.other_entries == ["optim", "step"]
+    assert w.found_at == ("model" if layout == "nested" else "") and w.other_entries == ["optim", "step"]
     assert_same_tensors(w.state, model)
     before = bytes_read()
     code, out = ddp(capsys, "inspect", tmp_path / "ckpt", "--json")
