@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import os
 import pickle
 import shutil
@@ -115,7 +116,14 @@ class _WeightsOnlyBytes:
 
 
 class _SafePlanner(_WeightsOnlyBytes, _EmptyStateDictLoadPlanner):
-    """Rebuilds the saved state from the metadata alone."""
+    """Rebuilds the saved state from the metadata alone (only the entries under ``keys``, if given)."""
+
+    def _should_include_key(self, key: str, metadata: Metadata) -> bool:
+        # PyTorch's own fails on a folder saved unflattened (no planner_data) when given keys
+        if self.keys is None:
+            return True
+        path = (metadata.planner_data or {}).get(key, (key,))
+        return any(name in self.keys for name in itertools.accumulate(map(str, path), lambda a, b: f"{a}.{b}"))
 
 
 class _SafeLoadPlanner(_WeightsOnlyBytes, DefaultLoadPlanner):
@@ -154,10 +162,9 @@ def outline(folder: str | os.PathLike) -> tuple[dict[str, Any], Metadata]:
     entries = metadata.state_dict_metadata
     small = {k for k, v in entries.items() if isinstance(v, BytesStorageMetadata)}
     values = load(folder, keys=small)[0] if small else {}
-    paths = metadata.planner_data or {}
     state: dict[str, Any] = {}
     for k, v in entries.items():  # in the saved order, as load gives them
-        path = paths.get(k, (k,))
+        path = (metadata.planner_data or {}).get(k, (k,))
         if isinstance(v, TensorStorageMetadata):
             set_element(state, path, torch.empty(v.size, dtype=v.properties.dtype, device="meta"))
         else:

@@ -10,6 +10,7 @@ import json
 import pickle
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -291,6 +292,23 @@ def test_a_dcp_folders_optimizer_state_is_read_neither_to_list_nor_to_load_its_w
     info = json.loads(out)
     assert code == 0 and info["integrity"].endswith("(tensors not read)") and info["total_bytes"] == 64 * 65 * 4
     assert loading < 2_000_000 and listing < 1_000_000, (loading, listing)  # of 32 MB in the folder
+
+
+def test_a_dcp_folder_saved_unflattened_lists_and_loads(capsys, tmp_path):
+    import torch.distributed.checkpoint as torch_dcp
+    from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+
+    model = {"layer.weight": torch.randn(4, 3), "layer.bias": torch.randn(4)}
+    writer, planner = torch_dcp.FileSystemWriter(tmp_path / "flat"), DefaultSavePlanner(flatten_state_dict=False)
+    with warnings.catch_warnings():  # torch: "assuming the intent is to save in a single process"
+        warnings.simplefilter("ignore")
+        torch_dcp.save({**model, "step": 3}, storage_writer=writer, planner=planner, no_dist=True)
+    assert dcp.read_metadata(tmp_path / "flat").planner_data is None  # no paths to unflatten by
+    w = weights.read(tmp_path / "flat")
+    assert w.found_at == "" and w.other_entries == ["step"]
+    assert_same_tensors(w.state, model)
+    code, out = ddp(capsys, "inspect", tmp_path / "flat", "--json")
+    assert code == 0 and [t["name"] for t in json.loads(out)["tensors"]] == list(model)
 
 
 def test_verify_with_task_rebuilds_a_users_model_from_a_nested_file(tmp_path):
