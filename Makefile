@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# The default installs quickly here; override e.g. make TORCH_SPEC='torch==2.5.1' install
+# The default installs quickly here; override e.g. make TORCH_SPEC='torch==2.6.0' install
 TORCH_SPEC ?= torch==2.13.0
 NPROC ?=
 ARGS ?=
