@@ -146,8 +146,7 @@ def load(folder: str | os.PathLike, keys: set[str] | None = None) -> tuple[dict[
     with _read_errors(folder), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "assuming the intent is to load in a single process": it is
         # the loader format_utils.dcp_to_torch_save uses: dcp.load keeps only keys the caller passes
-        planner = _SafePlanner(keys=keys)
-        _load_state_dict(state, storage_reader=_SafeReader(folder), planner=planner, no_dist=True)
+        _load_state_dict(state, storage_reader=_SafeReader(folder), planner=_SafePlanner(keys=keys), no_dist=True)
     return state, metadata
 
 
