@@ -29,7 +29,7 @@ from ddp import dist, train, weights
 from ddp.checkpoint import MANIFEST, read_manifest
 from ddp.config import Config, DistConfig, TaskConfig, parse_task_arg
 from ddp.data import seeded
-from ddp.errors import CheckpointError, ConfigError, DDPError, Reported
+from ddp.errors import CheckpointError, ConfigError, DDPError, Reported, say
 from ddp.io import split_aliases
 from ddp.metrics import plot
 from ddp.tasks import build_model, charlm, resolve
@@ -110,8 +110,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         try:
             verify_file(args, world)
         except DDPError as e:
-            who = f"ddp {args.command}" if world.world_size == 1 else f"{world.prefix()} ddp {args.command}"
-            raise Reported(say_error(who, e)) from e  # before leaving the group: see Reported
+            lead = f"ddp {args.command}:" if world.world_size == 1 else f"{world.prefix()} ddp {args.command}:"
+            raise Reported(say(lead, e)) from e  # before leaving the group: see Reported
     return 0
 
 
@@ -337,12 +337,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def say_error(who: str, e: DDPError) -> int:
-    """Print ``e`` as ``who``'s one-line error; its exit code (2 for a usage error)."""
-    print(f"{who}: error: {e}", file=sys.stderr, flush=True)
-    return 2 if isinstance(e, ConfigError) else 1
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``ddp`` console script."""
     argv = sys.argv[1:] if argv is None else argv
@@ -354,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     except Reported as r:
         return r.code
     except DDPError as e:
-        return say_error(f"ddp {args.command}", e)
+        return say(f"ddp {args.command}:", e)
     except BrokenPipeError:  # `ddp inspect ... | head`: the reader has gone, which is no error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # as Python's docs advise
         return 0

@@ -1,8 +1,10 @@
-"""The errors this package raises on purpose.
+"""The errors this package raises on purpose, and how a command tells them.
 
 Each message names the file, key, field, port or rank at fault and says what to do next,
 so that a user reading a job log can act without opening the source.
 """
+
+import sys
 
 
 class DDPError(Exception):
@@ -60,3 +62,9 @@ class Reported(Exception):
     def __init__(self, code: int) -> None:
         super().__init__(code)
         self.code = code
+
+
+def say(lead: str, e: DDPError) -> int:
+    """Print ``e`` on stderr as one line after ``lead``; its exit code (2 for a usage error)."""
+    print(f"{lead} error: {e}", file=sys.stderr, flush=True)
+    return 2 if isinstance(e, ConfigError) else 1

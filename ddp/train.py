@@ -49,7 +49,7 @@ from ddp.checkpoint import (
 )
 from ddp.config import SECTIONS, Config, config_changes, parse
 from ddp.data import ResumableSampler, eval_batch_count, eval_batches, make_loader, seed_all, seeded, steps_per_epoch
-from ddp.errors import ConfigError, DDPError, Reported
+from ddp.errors import ConfigError, DDPError, Reported, say
 from ddp.io import check_architecture, load_model, save_model, strip_prefixes, unwrap
 from ddp.metrics import MetricsWriter, ProgressDisplay
 from ddp.model import materialize
@@ -576,8 +576,7 @@ def is_comm_failure(e: BaseException) -> bool:
 def explain(world: dist.World, e: BaseException) -> int | None:
     """Print a known failure as one line on stderr and give its exit code; None for a bug."""
     if isinstance(e, DDPError):
-        print(f"{world.prefix()} error: {e}", file=sys.stderr, flush=True)
-        return 2 if isinstance(e, ConfigError) else 1
+        return say(world.prefix(), e)
     if not (isinstance(e, RuntimeError) and is_comm_failure(e)):
         return None
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -600,8 +599,7 @@ def main(argv: list[str] | None = None) -> int:
         configure_determinism(cfg)
         task = resolve(cfg)  # a bad --task is a usage error before any process group starts
     except ConfigError as e:
-        print(f"ddp train: error: {e}", file=sys.stderr)
-        return 2
+        return say("ddp train:", e)
     try:
         with dist.process_group(cfg.dist) as world:
             try:
