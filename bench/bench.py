@@ -8,7 +8,7 @@
 Training (samples/s, same model, data and global batch):
   a  one process using every core
   b  N ranks, each training its shard with no gradient sync (the ideal for DDP here)
-  c  N ranks with DDP as ddp.train runs it (Trainer._run_step and _after_step)
+  c  N ranks with DDP as ddp.train runs it (Trainer.step)
   d  the plain tutorial loop: DataLoader + DistributedSampler, DDP and the model as they come
   c ... the same trainer with one setting changed; "c again" is c itself: the noise floor
 
@@ -31,11 +31,8 @@ import mmap
 import os
 import platform
 import shutil
-import statistics
-import sys
 import tempfile
 import time
-import uuid
 import warnings
 from pathlib import Path
 
@@ -45,15 +42,29 @@ import xxhash
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from ddp import group
+from ddp.checkpoint import Checkpointer
+from ddp.checkpoint_files import nbytes, read_state, stage, validate
+from ddp.config import CheckpointConfig, Config
+from ddp.data import make_loader
+from ddp.model import MLP
+from ddp.train import Trainer, export_and_verify, local_model
 
-from ddp import dist  # noqa: E402
-from ddp.checkpoint import Checkpointer, nbytes, stage, validate  # noqa: E402
-from ddp.config import CheckpointConfig, Config  # noqa: E402
-from ddp.data import make_loader  # noqa: E402
-from ddp.model import MLP  # noqa: E402
-from ddp.train import Trainer, export_and_verify, local_model  # noqa: E402
+from common import (
+    ROOT,
+    best_text,
+    launch,
+    median,
+    next_batch,
+    paired,
+    paired_ratio,
+    quiet,
+    ratio_text,
+    short,
+    timed,
+    trainer_step,
+)
+from strategies import print_table, strategies_table
 
 # c with one setting changed (section, field, value); "c again" is c itself, the noise floor
 C_VARIANTS = {
@@ -63,7 +74,7 @@ C_VARIANTS = {
     "c contiguous": ("run", "memory_format", "contiguous"),
     "c again": None,
 }
-MODELS = {  # the built-in task and its model settings
+MODELS = {  # the built-in task and its settings (--task-arg)
     "mlp (textbook, 20-256-10)": ("mlp", {}),
     "mlp wide (1024x1024)": ("mlp", {"hidden": [1024, 1024]}),
     "cnn (2 conv, 16x16)": ("cnn", {"width": 32}),
@@ -72,61 +83,17 @@ MODELS = {  # the built-in task and its model settings
 }
 
 
-def median(xs: list[float]) -> float:
-    return statistics.median(xs)
-
-
-# ---- training throughput, inside each rank -------------------------------------------
-
-
-def _timed(step, steps: int, warmup: int) -> float:
-    for _ in range(warmup):
-        step()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return time.perf_counter() - start
-
-
-def next_batch(holder: list):
-    """The next batch of ``holder = [iterator, loader]``, starting a new pass when one ends."""
-    try:
-        return next(holder[0])
-    except StopIteration:
-        holder[0] = iter(holder[1])
-        return next(holder[0])
-
-
-def quiet(trainer: Trainer) -> Trainer:
-    """A trainer ready for stepping by hand, with no progress output."""
-    trainer.display = type("Quiet", (), {"update": lambda *a: None, "message": lambda *a: None})()
-    trainer.tick = (time.monotonic(), 0)
-    return trainer
-
-
-def trainer_step(t: Trainer):
-    """One optimizer step exactly as ddp.train takes it."""
-    holder = [iter(t.loader), t.loader]
-
-    def step():
-        loss = t._run_step([next_batch(holder) for _ in range(t.cfg.optim.grad_accum)])
-        t.progress.step += 1
-        t._after_step(loss)
-
-    return step
-
-
 def throughput_worker(cfg_dict: dict, block_s: float, repeats: int, variants: list[str]) -> dict:
     """On each rank: samples/s of variants b, c, d (and c options), interleaved per repeat."""
     torch.set_num_threads(1)
     cfg = Config.from_dict(cfg_dict)
-    world = dist.init(cfg.dist)
+    world = group.init(cfg.dist)
     try:
         result = _measure(cfg, cfg_dict, world, block_s, repeats, variants)
-        dist.barrier()  # the trainers are freed by now: leave the group together
+        group.barrier()  # the trainers are freed by now: leave the group together
         return result
     finally:
-        dist.shutdown()
+        group.shutdown()
 
 
 def variant_config(cfg_dict: dict, variant: str) -> Config:
@@ -179,14 +146,14 @@ def _measure(cfg: Config, cfg_dict: dict, world, block_s: float, repeats: int, v
     global_batch = cfg.data.batch_size * world.world_size * cfg.optim.grad_accum
     # a block of every variant lasts about block_s: long enough to average the host's
     # millisecond stalls, short enough to interleave many blocks; all ranks run the same count
-    per_step = max(dist.all_gather_objects(_timed(fns["c"], 5, warmup=3) / 5))
+    per_step = max(group.all_gather_objects(timed(fns["c"], 5, warmup=3) / 5))
     steps = max(5, round(block_s / per_step))
     results: dict[str, list[float]] = {v: [] for v in variants}
     for rep in range(repeats):
         for v in variants if rep % 2 == 0 else variants[::-1]:  # alternate the order: no drift bias
-            dist.barrier()
-            seconds = _timed(fns[v], steps, warmup=3)
-            slowest = max(dist.all_gather_objects(seconds))  # a step is as slow as the slowest rank
+            group.barrier()
+            seconds = timed(fns[v], steps, warmup=3)
+            slowest = max(group.all_gather_objects(seconds))  # a step is as slow as the slowest rank
             results[v].append(steps * global_batch / slowest)
     return {"samples_per_s": {v: median(r) for v, r in results.items()}, "raw": results, "steps_per_block": steps,
             **where_time_goes(trainer, fns["c"])}  # fmt: skip
@@ -195,48 +162,33 @@ def _measure(cfg: Config, cfg_dict: dict, world, block_s: float, repeats: int, v
 def where_time_goes(trainer: Trainer, step_c) -> dict:
     """One bare all-reduce of the gradients; an epoch of c; reload-and-verify."""
     grads = torch.zeros(sum(p.numel() for p in trainer.model.parameters()))
-    allreduce_s = median([_timed(lambda: torch.distributed.all_reduce(grads), 20, 3) / 20 for _ in range(3)])
-    single = sorted(_timed(lambda: torch.distributed.all_reduce(grads), 1, 0) for _ in range(100))
-    dist.barrier()
+    allreduce_s = median([timed(lambda: torch.distributed.all_reduce(grads), 20, 3) / 20 for _ in range(3)])
+    single = sorted(timed(lambda: torch.distributed.all_reduce(grads), 1, 0) for _ in range(100))
+    group.barrier()
     t0 = time.perf_counter()
     for _ in range(trainer.steps_per_epoch):
         step_c()
-    epoch_s = max(dist.all_gather_objects(time.perf_counter() - t0))
+    epoch_s = max(group.all_gather_objects(time.perf_counter() - t0))
     t0 = time.perf_counter()
     export_and_verify(trainer)
-    verify_s = max(dist.all_gather_objects(time.perf_counter() - t0))
+    verify_s = max(group.all_gather_objects(time.perf_counter() - t0))
     grad_mb = grads.nbytes / 2**20
     return {"epoch_s": epoch_s, "verify_s": verify_s, "allreduce_ms": 1000 * allreduce_s, "grad_mb": grad_mb,
             "allreduce_p50_ms": 1000 * single[50], "allreduce_p90_ms": 1000 * single[90]}  # fmt: skip
-
-
-def launch(fn, nproc: int, *args):
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
-    os.environ["OMP_NUM_THREADS"] = "1"
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, rdzv_backend="c10d",
-                          rdzv_endpoint="localhost:0", run_id=str(uuid.uuid4()), max_restarts=0,
-                          monitor_interval=0.1)  # fmt: skip
-    return elastic_launch(config, fn)(*args)[0]
 
 
 def one_process(cfg_dict: dict, block_s: float, repeats: int) -> float:
     """a: a world of one, every core, batch = the global batch."""
     torch.set_num_threads(os.cpu_count() or 1)
     cfg = Config.from_dict(cfg_dict)
-    world = dist.init(cfg.dist)
+    world = group.init(cfg.dist)
     try:
         step = trainer_step(quiet(Trainer(cfg, world)))
         gb = cfg.data.batch_size * cfg.optim.grad_accum
-        steps = max(5, round(block_s / (_timed(step, 5, warmup=3) / 5)))
-        return median([steps * gb / _timed(step, steps, 3) for _ in range(repeats)])
+        steps = max(5, round(block_s / (timed(step, 5, warmup=3) / 5)))
+        return median([steps * gb / timed(step, steps, 3) for _ in range(repeats)])
     finally:
-        dist.shutdown()
-
-
-def paired(raw: dict[str, list[float]], num: str, den: str) -> dict:
-    """The ratio num/den per repeat (taken side by side): median and quartiles."""
-    return quartiles([n / d for n, d in zip(raw[num], raw[den], strict=True)])
+        group.shutdown()
 
 
 QUICK_CASES = ("mlp (textbook, 20-256-10)",)  # --quick: one launch proves the table runs
@@ -255,9 +207,8 @@ def training_table(args, out: Path) -> list[dict]:
         if args.only not in name or (args.quick and name not in QUICK_CASES):
             continue
         cfg = {
-            "task": {"spec": spec[0]},
-            "model": spec[1],
-            "data": {"samples": args.samples, "batch_size": args.batch},
+            "task": {"spec": spec[0], "args": {**spec[1], "samples": args.samples}},
+            "data": {"batch_size": args.batch},
             "optim": {"schedule": "constant", **optim},
             "checkpoint": {"resume": "never"},
             "run": {"steps": 10**9, "out": str(out / "train")},
@@ -267,7 +218,7 @@ def training_table(args, out: Path) -> list[dict]:
         if not optim:  # the tutorial and the settings tried, on the plain cases
             variants += ["d", *(v for v in C_VARIANTS if v != "c contiguous" or spec[0] == "cnn")]
         res = launch(throughput_worker, args.nproc, cfg, args.block_s, args.repeats, variants)
-        one = dict(cfg, data={"samples": args.samples, "batch_size": args.batch * args.nproc})
+        one = dict(cfg, data={"batch_size": args.batch * args.nproc})
         a = one_process(one, args.block_s, args.side_repeats)
         s, raw = res["samples_per_s"], res["raw"]
         global_batch = args.batch * args.nproc * optim.get("grad_accum", 1)
@@ -283,12 +234,8 @@ def training_table(args, out: Path) -> list[dict]:
             if v in s:
                 row[f"{v} / c"] = paired(raw, v, "c")
         rows.append(row)
-        print(f"  {name}: " + ", ".join(f"{k}={_short(v)}" for k, v in row.items() if k != "case"), flush=True)
+        print(f"  {name}: " + ", ".join(f"{k}={short(v)}" for k, v in row.items() if k != "case"), flush=True)
     return rows
-
-
-def _short(v) -> str:
-    return f"{v['median']:.3g} [{v['q1']:.3g}-{v['q3']:.3g}]" if isinstance(v, dict) else f"{v:,.3g}"
 
 
 # ---- the input pipeline: DataLoader workers and pinned memory -----------------------
@@ -321,7 +268,7 @@ def loader_table(args, out: Path) -> list[dict]:
 
     Pinned memory only exists with CUDA; on a CPU host the table is about workers alone.
     """
-    world = dist.init(Config().dist)
+    world = group.init(Config().dist)
     rows = []
     try:
         pins = (False, True) if world.device.type == "cuda" else (False,)
@@ -330,8 +277,8 @@ def loader_table(args, out: Path) -> list[dict]:
         default = (0, world.device.type == "cuda")
         for name in QUICK_CASES if args.quick else ("mlp (textbook, 20-256-10)", "cnn (2 conv, 16x16)"):
             task, model = MODELS[name]
-            cfg = Config.from_dict({"task": {"spec": task}, "model": model,
-                                    "data": {"samples": args.samples, "batch_size": args.batch},
+            cfg = Config.from_dict({"task": {"spec": task, "args": {**model, "samples": args.samples}},
+                                    "data": {"batch_size": args.batch},
                                     "optim": {"schedule": "constant"}, "checkpoint": {"resume": "never"},
                                     "run": {"steps": 10**9, "out": str(out / "loader")}})  # fmt: skip
             steps = {}
@@ -345,24 +292,24 @@ def loader_table(args, out: Path) -> list[dict]:
                 else:
                     t.loader = make_loader(t.task, t.sampler, args.batch, workers, pin, cfg.run.seed)
                 steps[(workers, pin)] = trainer_step(t)
-            per_step = _timed(steps[default], 5, warmup=3) / 5
+            per_step = timed(steps[default], 5, warmup=3) / 5
             n = max(5, round(args.block_s / per_step))
             raw: dict = {k: [] for k in settings}
             for rep in range(args.side_repeats):
                 for k in settings if rep % 2 == 0 else settings[::-1]:
-                    raw[k].append(n * args.batch / _timed(steps[k], n, warmup=3))
+                    raw[k].append(n * args.batch / timed(steps[k], n, warmup=3))
             for k in settings:
                 ratio = paired({"x": raw[k], "base": raw[default]}, "x", "base")
                 rows.append({"case": name, "device": str(world.device), "workers": k[0], "pin_memory": k[1],
                              "samples_per_s": median(raw[k]), "vs default": ratio})  # fmt: skip
                 print(f"  {name}, workers {k[0]}, pin_memory {k[1]}: {median(raw[k]):,.0f} samples/s, "
-                      f"vs default {_short(ratio)}", flush=True)  # fmt: skip
+                      f"vs default {short(ratio)}", flush=True)  # fmt: skip
             del steps, t
             # Now, not at some later fork: DataLoader workers forked while these iterators await
             # the cycle collector inherit them and, collecting them, fail "can only test a child process".
             gc.collect()
     finally:
-        dist.shutdown()
+        group.shutdown()
     return rows
 
 
@@ -394,7 +341,7 @@ def h2d_table(args) -> dict:
         "pinned/pageable": paired_ratio(times, "pageable", "pinned"),
     }
     print(f"  host-to-device {result['mb']:.0f} MB: pageable {result['pageable_gb_s']:.1f} GB/s, pinned "
-          f"{result['pinned_gb_s']:.1f} GB/s, {_ratio(result['pinned/pageable'])}x", flush=True)  # fmt: skip
+          f"{result['pinned_gb_s']:.1f} GB/s, {ratio_text(result['pinned/pageable'])}x", flush=True)  # fmt: skip
     return result
 
 
@@ -501,49 +448,40 @@ def resume_load(folder: Path, model, opt) -> float:
     """What --resume does with a checkpoint: validate it, load it, into the model and optimizer."""
     start = time.perf_counter()
     validate(folder)
-    state, _, _ = Checkpointer.load(folder)
+    state, _ = read_state(folder)
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
     return time.perf_counter() - start
 
 
-def quartiles(xs: list[float]) -> dict:
-    q = statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
-    return {"median": median(xs), "q1": q[0], "q3": q[2]}
-
-
-def paired_ratio(t: dict, num, den) -> dict:
-    """``paired``, and ``best``: the fastest of one over the fastest of the other. Where a disk
-    has slow spells unrelated to what is measured, the least disturbed figure of each."""
-    return {**paired(t, num, den), "best": min(t[num]) / min(t[den])}
-
-
 def checkpoint_table(args, out: Path) -> dict:
     """Save and resume-load against the write and read floors, measured in turn, alternating order."""
-    dist.init(Config().dist)
+    group.init(Config().dist)
     torch.set_num_threads(os.cpu_count() or 1)
     results: dict = {}
     try:
         for size in args.sizes:
             model, opt = big_state(size)
-            state = {"model.pt": model.state_dict(), "train.pt": {"optimizer": opt.state_dict(), "step": 1}}
+            keep = 2
+            ckpt_sync = Checkpointer(out / f"sync{size}", CheckpointConfig(keep_last=keep), model, opt)
+            ckpt_async = Checkpointer(
+                out / f"async{size}", CheckpointConfig(keep_last=keep, async_save=True), model, opt
+            )
+            state = ckpt_sync.state()[0]  # the files a save writes (model.pt, train.pt): the floors write these
             gb = nbytes(state) / 1e9
             buf = bytearray(nbytes(state) + 2**20)
             kinds = ("write", "save", "read", "checksum", "load", "read_cold", "checksum_cold", "load_cold", "copy",
                      "async_stall")  # fmt: skip
             t: dict[str, list[float]] = {k: [] for k in kinds}
-            keep = 2
-            ckpt_sync = Checkpointer(out / f"sync{size}", CheckpointConfig(keep_last=keep, async_save=False))
-            ckpt_async = Checkpointer(out / f"async{size}", CheckpointConfig(keep_last=keep, async_save=True))
             buffers: dict = {}
             stage(state, buffers)  # warm the copy floor's buffers, as async saves reuse theirs
-            ckpt_async.save(0, state, {})
+            ckpt_async.save(0)
             ckpt_async.wait()
             # Steady state, as in a run that saves every N steps: keep+1 untimed rounds, so that
             # the floor and the save both write into blocks freed by their own retention. This
             # VM's disk wrote never-used blocks at a fifth of the speed (0.35 vs 1.8 GB/s).
             for warm in range(-keep - 1, 0):
-                ckpt_sync.save(warm + keep + 2, state, {})
+                ckpt_sync.save(warm + keep + 2)
                 write_floor(state, floor_file(out, warm))
                 retire(out, warm, keep)
             ckpt_sync.wait()
@@ -557,7 +495,7 @@ def checkpoint_table(args, out: Path) -> dict:
                         retire(out, rep, keep)
                     else:
                         start = time.perf_counter()
-                        ckpt_sync.save(step, state, {})
+                        ckpt_sync.save(step)
                         t["save"].append(time.perf_counter() - start)
                         ckpt_sync.wait()  # the background deletion of the checkpoint beyond --keep-last
                 for op in ("read", "load") if rep % 2 == 0 else ("load", "read"):
@@ -572,7 +510,7 @@ def checkpoint_table(args, out: Path) -> dict:
                 stage(state, buffers)
                 t["copy"].append(time.perf_counter() - start)
                 start = time.perf_counter()
-                ckpt_async.save(rep + 1, state, {})
+                ckpt_async.save(rep + 1)
                 t["async_stall"].append(time.perf_counter() - start)
                 ckpt_async.wait()
             results[f"{size} MB"] = {
@@ -587,14 +525,14 @@ def checkpoint_table(args, out: Path) -> dict:
                 "async_stall/copy": paired_ratio(t, "async_stall", "copy"),
             }
             r = results[f"{size} MB"]
-            print(f"  {size} MB: save {_ratio(r['save/write floor'])} of the write floor, load "
-                  f"{_ratio(r['load/read floor'])} of the read floor (cold {_ratio(r['load/read floor, cold'])})",
-                  flush=True)  # fmt: skip
+            print(f"  {size} MB: save {ratio_text(r['save/write floor'])} of the write floor, load "
+                  f"{ratio_text(r['load/read floor'])} of the read floor "
+                  f"(cold {ratio_text(r['load/read floor, cold'])})", flush=True)  # fmt: skip
             del model, opt, state, buf, buffers
             gc.collect()
         results["lost_per_checkpoint"] = lost_per_checkpoint(args, out)
     finally:
-        dist.shutdown()
+        group.shutdown()
     if not args.quick:  # two launches of fresh processes: most of a quick run's time for no figure worth reading
         results["spread_save"] = spread_save_table(args, out)
     return results
@@ -602,23 +540,22 @@ def checkpoint_table(args, out: Path) -> dict:
 
 def spread_save_worker(megabytes: int, out: str, repeats: int) -> list[float]:
     """On every rank: seconds per checkpoint save of the same model + momentum (rank 0's figures)."""
-    dist.init(Config().dist)
+    group.init(Config().dist)
     try:
         torch.manual_seed(0)  # the same state on every rank, as DDP keeps it
         model, opt = big_state(megabytes)
-        state = {"model.pt": model.state_dict(), "train.pt": {"optimizer": opt.state_dict(), "step": 1}}
-        ckpt = Checkpointer(Path(out), CheckpointConfig(keep_last=2, async_save=False), say=lambda _: None)
+        ckpt = Checkpointer(Path(out), CheckpointConfig(keep_last=2), model, opt, say=lambda _: None)
         ckpt.prepare()
         times = []
         for rep in range(3 + repeats):  # 3 untimed: steady state, writing into blocks the pruning freed
-            dist.barrier()
+            group.barrier()
             start = time.perf_counter()
-            ckpt.save(rep + 1, state, {"rank": dist.rank()})
+            ckpt.save(rep + 1)
             times.append(time.perf_counter() - start)
             ckpt.wait()  # the background deletion, untimed
         return times[3:]
     finally:
-        dist.shutdown()
+        group.shutdown()
 
 
 def spread_save_table(args, out: Path) -> dict:
@@ -632,7 +569,7 @@ def spread_save_table(args, out: Path) -> dict:
     result = {"state_mb": mb, **{f"{n}_rank_save_s": median(v) for n, v in times.items()},
               "2 ranks / 1": paired_ratio(times, 2, 1)}  # fmt: skip
     print(f"  save of {mb} MB: 1 rank {result['1_rank_save_s']:.3f} s, 2 ranks {result['2_rank_save_s']:.3f} s "
-          f"(time ratio {_best(result['2 ranks / 1'])})", flush=True)  # fmt: skip
+          f"(time ratio {best_text(result['2 ranks / 1'])})", flush=True)  # fmt: skip
     return result
 
 
@@ -640,8 +577,8 @@ def lost_per_checkpoint(args, out: Path) -> dict:
     """Training time lost per checkpoint over a window of steps: none vs sync vs async."""
     width = args.window_width
     cfg = {
-        "model": {"hidden": [width, width, width]},
-        "data": {"samples": 4096, "batch_size": 64},
+        "task": {"spec": "mlp", "args": {"hidden": [width, width, width], "samples": 4096}},
+        "data": {"batch_size": 64},
         "optim": {"schedule": "constant"},
         "run": {"steps": 10**9},
         "checkpoint": {"resume": "never", "keep_last": 2},
@@ -653,24 +590,22 @@ def lost_per_checkpoint(args, out: Path) -> dict:
             c = json.loads(json.dumps(cfg))
             c["run"]["out"] = str(out / f"window-{mode}-{rep}")
             c["checkpoint"]["async_save"] = mode == "async"
-            trainer = quiet(Trainer(Config.from_dict(c), dist.world_from_env()))
-            holder = [iter(trainer.loader), trainer.loader]
-            trainer._run_step([next_batch(holder)])  # warm up
+            trainer = quiet(Trainer(Config.from_dict(c), group.world_from_env()))
+            step = trainer_step(trainer)
+            step()  # warm up
             for _ in range(3 if mode != "none" else 0):  # steady state: pruning under way, staging buffers made
                 trainer.save_checkpoint()
                 trainer.checkpointer.wait()
-                trainer.progress.step += 1
+                step()
             t0 = time.perf_counter()
             for i in range(1, args.window + 1):
-                loss = trainer._run_step([next_batch(holder)])
-                trainer.progress.step += 1
-                trainer._after_step(loss)
+                step()
                 if mode != "none" and i % args.every == 0:
                     trainer.save_checkpoint()
             trainer.checkpointer.wait()
             times[mode].append(time.perf_counter() - t0)
             shutil.rmtree(c["run"]["out"], ignore_errors=True)
-    state_mb = nbytes(trainer.state()[0]) / 2**20
+    state_mb = nbytes(trainer.checkpointer.state()[0]) / 2**20
     base = median(times["none"])
     return {
         "state_mb": state_mb,
@@ -713,8 +648,6 @@ def main() -> None:
         print("checkpoints:", flush=True)
         ckpt = {} if args.no_checkpoints else checkpoint_table(args, tmp)
         print("DDP vs FSDP:", flush=True)
-        from strategies import strategies_table  # bench/strategies.py, which imports this file: here, not above
-
         strategies = strategies_table(q, tmp) if args.only in ("", "strategies") else []
     results = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
@@ -731,14 +664,6 @@ def main() -> None:
     print(f"wrote {args.output}")
 
 
-def _ratio(v: dict) -> str:
-    return f"{v['median']:.2f} ({v['q1']:.2f}–{v['q3']:.2f})"
-
-
-def _best(v: dict) -> str:
-    return f"{_ratio(v)}, best {v['best']:.2f}"
-
-
 def print_tables(r: dict) -> None:
     print(f"\nmachine: {r['machine']}")
     print("ratios: median over repeats of the ratio within each repeat (quartiles in brackets)")
@@ -747,14 +672,14 @@ def print_tables(r: dict) -> None:
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in r["training"]:
         d = f"{row['d']:,.0f}" if "d" in row else "-"
-        cd = _ratio(row["c/d"]) if "c/d" in row else "-"
-        print(f"| {row['case']} | {row['a']:,.0f} | {row['b']:,.0f} | {row['c']:,.0f} | {d} | {_ratio(row['c/b'])} "
+        cd = ratio_text(row["c/d"]) if "c/d" in row else "-"
+        print(f"| {row['case']} | {row['a']:,.0f} | {row['b']:,.0f} | {row['c']:,.0f} | {d} | {ratio_text(row['c/b'])} "
               f"| {cd} | {row['step_ms_b']:.2f} / {row['step_ms_c']:.2f} "
               f"| {row['allreduce_ms']:.2f} ({row['grad_mb']:.2f}) | {row['verify_share_of_epoch']:.1%} |")  # fmt: skip
     print("\n| setting vs c | " + " | ".join(row["case"] for row in r["training"] if "c/d" in row) + " |")
     print("|---|" + "---:|" * sum("c/d" in row for row in r["training"]))
     for v in C_VARIANTS:
-        cells = [_ratio(row[f"{v} / c"]) if f"{v} / c" in row else "-" for row in r["training"] if "c/d" in row]
+        cells = [ratio_text(row[f"{v} / c"]) if f"{v} / c" in row else "-" for row in r["training"] if "c/d" in row]
         print(f"| {v} | " + " | ".join(cells) + " |")
     if r["loader"]:
         print(f"\ninput pipeline on {r['loader'][0]['device']} (a world of one; default: workers 0, pinned on CUDA):")
@@ -763,10 +688,8 @@ def print_tables(r: dict) -> None:
             w = row["workers"]
             loader = LOADER_NAMES.get(w, f"ours: batched, {w} workers")
             print(f"| {row['case']} | {loader} | {row['pin_memory']} | {row['samples_per_s']:,.0f} "
-                  f"| {_ratio(row['vs default'])} |")  # fmt: skip
+                  f"| {ratio_text(row['vs default'])} |")  # fmt: skip
     if r["strategies"]:
-        from strategies import print_table
-
         print_table(r["strategies"])
     if not r["checkpoints"]:
         return
@@ -782,12 +705,12 @@ def print_tables(r: dict) -> None:
             continue
         cold = c["cold_cache_dropped"]
         cells = [f"{c['state_gb'] * 1000:.0f} MB", *(f"{c[f'{k}_gb_s']:.2f}" for k in ("write", "save")),
-                 _best(c["save/write floor"]), *(f"{c[f'{k}_gb_s']:.2f}" for k in ("read", "load")),
-                 _best(c["load/read floor"]),
-                 *((f"{c['read_cold_gb_s']:.2f}", f"{c['load_cold_gb_s']:.2f}", _best(c["load/read floor, cold"]))
+                 best_text(c["save/write floor"]), *(f"{c[f'{k}_gb_s']:.2f}" for k in ("read", "load")),
+                 best_text(c["load/read floor"]),
+                 *((f"{c['read_cold_gb_s']:.2f}", f"{c['load_cold_gb_s']:.2f}", best_text(c["load/read floor, cold"]))
                    if cold else ("cannot drop the cache here", "-", "-")),
                  f"{c['load/checksum pass']['median']:.2f}; {c['load/checksum pass, cold']['median']:.2f}",
-                 _ratio(c["async_stall/copy"])]  # fmt: skip
+                 ratio_text(c["async_stall/copy"])]  # fmt: skip
         print("| " + " | ".join(cells) + " |")
     lost = r["checkpoints"]["lost_per_checkpoint"]
     print(f"\ntraining time lost per checkpoint ({lost['state_mb']:.0f} MB state, {lost['checkpoints']} checkpoints "
@@ -798,7 +721,7 @@ def print_tables(r: dict) -> None:
         return
     print(f"save of {spread['state_mb']} MB (model + momentum) on 1 rank: {spread['1_rank_save_s']:.3f} s; "
           f"on 2 ranks (rank 1 writes the momentum): {spread['2_rank_save_s']:.3f} s; "
-          f"2/1: {_best(spread['2 ranks / 1'])}")  # fmt: skip
+          f"2/1: {best_text(spread['2 ranks / 1'])}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -24,20 +24,17 @@ import contextlib
 import json
 import os
 import resource
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from ddp import group
+from ddp.checkpoint_files import nbytes
+from ddp.config import Config
+from ddp.train import Trainer
 
-from bench import launch, quiet, trainer_step  # noqa: E402  (bench/bench.py, beside this file)
-from ddp import dist  # noqa: E402
-from ddp.checkpoint import nbytes  # noqa: E402
-from ddp.config import Config  # noqa: E402
-from ddp.train import Trainer  # noqa: E402
+from common import ROOT, launch, quiet, trainer_step
 
 
 def rss_bytes() -> int:
@@ -65,7 +62,7 @@ def strategy_worker(cfg_dict: dict, steps: int) -> dict:
     """On each rank: bytes held, peak memory growth and samples/s of one strategy."""
     torch.set_num_threads(1)
     cfg = Config.from_dict(cfg_dict)
-    world = dist.init(cfg.dist)
+    world = group.init(cfg.dist)
     try:
         before = rss_bytes()
         reset_peak_rss()
@@ -79,7 +76,7 @@ def strategy_worker(cfg_dict: dict, steps: int) -> dict:
             "grads": nbytes([p.grad for p in params if p.grad is not None]),
             "optimizer": nbytes(trainer.optimizer.state_dict()["state"]),
         }
-        dist.barrier()
+        group.barrier()
         start = time.perf_counter()
         for _ in range(steps):
             step()
@@ -88,15 +85,15 @@ def strategy_worker(cfg_dict: dict, steps: int) -> dict:
         global_batch = cfg.data.batch_size * world.world_size
         return {**held, "peak_growth": peak - before, "samples_per_s": steps * global_batch / seconds}
     finally:
-        dist.shutdown()
+        group.shutdown()
 
 
 def strategies_table(quick: bool, out: Path) -> list[dict]:
     """One row per (strategy, N): rank 0's figures, and each FSDP figure as a share of DDP's."""
     hidden, ranks, steps = ([256, 256], (2,), 5) if quick else ([2048] * 4, (1, 2, 3), 20)
     cfg = {
-        "model": {"hidden": hidden},
-        "data": {"samples": 4096, "batch_size": 32},
+        "task": {"spec": "mlp", "args": {"hidden": hidden, "samples": 4096}},
+        "data": {"batch_size": 32},
         "optim": {"optimizer": "adamw", "schedule": "constant"},
         "run": {"steps": 10**9, "out": str(out / "strategies")},
         "checkpoint": {"resume": "never"},

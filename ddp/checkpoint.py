@@ -1,465 +1,225 @@
 """Full-state checkpoints: periodic, atomic, verified, and resumable on any world size.
 
-Layout: ``<out>/checkpoints/step-00000120/`` holding
-
-- ``model.pt``: the unwrapped model state_dict, on 1 rank; on N ranks ``model-0000R.pt``,
-  each rank's share of it (``spread``),
-- ``train.pt``: optimizer settings, scheduler, grad scaler, progress and config (rank 0),
-- ``optim-0000R.pt``: the optimizer's per-parameter state, shared out with the model's
-  tensors by size so that each rank writes about as many bytes (on 1 rank, in ``train.pt``),
-- ``rank-00000.pt`` ...: each rank's RNG states (written by that rank),
-- under ``--strategy fsdp``, ``sharded/`` instead of ``model.pt`` and the optimizer files:
-  each rank's shards of the model and optimizer state, a ``torch.distributed.checkpoint``
-  folder (``__R_0.distcp`` per rank, ``.metadata`` from rank 0), resharded on load,
-- ``manifest.json``: size and checksum (xxh3-128) of every file, step, world size, format version.
-
-A checkpoint is written into ``.tmp-step-00000120``, fsynced, and committed by one
-atomic rename after the manifest is in place. A folder without a valid manifest is
-never loaded, so a crash mid-save leaves the previous checkpoint the newest complete
-one. Every rank reaches the same collectives in the same order.
+The Trainer hands a ``Checkpointer`` the stateful parts of training: the model, its
+optimizer, and named objects with ``state_dict()`` / ``load_state_dict()`` (scheduler,
+grad scaler, progress), as torchtitan's ``Stateful`` and accelerate's
+``register_for_checkpointing`` take them. The Checkpointer owns the rest: what goes into
+which file (``ddp.checkpoint_files``: the whole model, each rank's share, or FSDP's shards),
+rank 0's buffers, every rank's RNG state, when a save commits, which checkpoints are kept,
+and which one a restart resumes from. Every rank calls every method here, in the same
+order, so every rank reaches the same collectives.
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime
-import hashlib
 import json
-import mmap
 import os
-import random
-import re
 import shutil
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import IO, Any
+from typing import Any, Protocol
 
-import numpy as np
 import torch
-import xxhash
-
-from ddp import dist
-from ddp.config import CheckpointConfig
-from ddp.errors import CheckpointCorruptError, CheckpointError, CheckpointNotFoundError
-from ddp.io import fsync_dir, load, storage_key, write_durable
-
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-STEP_DIR = re.compile(r"^step-(\d{8})$")
-PRUNED = ".pruned-"  # a checkpoint beyond --keep-last, renamed before it is deleted in the background
-
-
-def step_dir(root: Path, step: int) -> Path:
-    """Folder of the checkpoint taken after optimizer step ``step``."""
-    return root / f"step-{step:08d}"
-
-
-def rank_file(rank: int) -> str:
-    """Name of one rank's own file inside a checkpoint."""
-    return f"rank-{rank:05d}.pt"
-
-
-def optim_file(rank: int) -> str:
-    """Name of the file holding the optimizer state that ``rank`` wrote."""
-    return f"optim-{rank:05d}.pt"
-
-
-OPTIM_FILE = re.compile(r"^optim-\d{5}\.pt$")
-
-
-def model_file(rank: int) -> str:
-    """Name of the file holding the share of the model's tensors that ``rank`` wrote."""
-    return f"model-{rank:05d}.pt"
-
-
-MODEL_FILE = re.compile(r"^model-\d{5}\.pt$")
-
-
-def spread(replicated: dict[str, Any], world_size: int) -> tuple[dict[str, Any], dict[int, dict[str, Any]]]:
-    """(files rank 0 writes, {rank: {file name: its share}}) of a DDP checkpoint.
-
-    The model's tensors and the optimizer's per-parameter state are identical on every
-    rank (the trainer hands every rank rank 0's buffers first), so they go to the ranks by
-    size, largest first to the rank with the fewest bytes so far; rank 0 starts with
-    ``train.pt``, which keeps the order of the model's keys. Rank R writes its share of the
-    model to ``model-0000R.pt`` and of the optimizer state to ``optim-0000R.pt``. A tied
-    weight (one tensor, two names) goes whole to one rank and is stored once. Every rank
-    computes the same split from the same state; on 1 rank ``model.pt`` stays whole.
-    """
-    model, train = replicated.get("model.pt"), replicated.get("train.pt")
-    if world_size == 1 or not isinstance(model, dict) or not isinstance(train, dict):
-        return replicated, {}
-    optimizer = train.get("optimizer") or {}
-    tied: dict[Any, list[str]] = {}
-    for key, value in model.items():
-        shared = isinstance(value, torch.Tensor) and value.numel() > 0
-        tied.setdefault(storage_key(value) if shared else key, []).append(key)
-    items = [(nbytes(model[keys[0]]), "model", {k: model[k] for k in keys}) for keys in tied.values()]
-    items += [(nbytes(entry), "optim", {pid: entry}) for pid, entry in (optimizer.get("state") or {}).items()]
-    train = {**train, "model_keys": list(model)}
-    if optimizer:
-        train["optimizer"] = {**optimizer, "state": {}}
-    whole = {**{k: v for k, v in replicated.items() if k != "model.pt"}, "train.pt": train}
-    load = [nbytes(whole)] + [0] * (world_size - 1)
-    shares: dict[int, dict[str, Any]] = {}
-    for size, kind, entries in sorted(items, key=lambda it: (-it[0], it[1], str(next(iter(it[2]))))):
-        rank = min(range(world_size), key=lambda r: (load[r], r))
-        name = model_file(rank) if kind == "model" else optim_file(rank)
-        shares.setdefault(rank, {}).setdefault(name, {}).update(entries)
-        load[rank] += size
-    return whole, shares
-
-
-def nbytes(obj: Any) -> int:
-    """Bytes of every tensor in ``obj`` (nested dicts, lists and tuples); a DTensor counts this rank's shard."""
-    if isinstance(obj, torch.Tensor):
-        to_local = getattr(obj, "to_local", None)  # a DTensor, without importing torch.distributed.tensor
-        return to_local().nbytes if to_local is not None else obj.nbytes
-    if isinstance(obj, dict):
-        return sum(nbytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(nbytes(v) for v in obj)
-    return 0
-
-
-SHARDED = "sharded"
-"""The folder of a checkpoint's model and optimizer shards, under ``--strategy fsdp``."""
-
-
-def is_sharded(manifest: dict) -> bool:
-    """Whether a checkpoint holds its model and optimizer as shards (``--strategy fsdp``)."""
-    return f"{SHARDED}/.metadata" in manifest["files"]  # DCP's metadata file
-
-
-def write_shards(folder: Path, state: dict[str, Any]) -> dict:
-    """Called by every rank: each writes its shards; returns the manifest entries of its own files.
-
-    DCP names each rank's data file ``__R_N.distcp``; rank 0 also wrote ``.metadata``.
-    """
-    from ddp import dcp  # torch.distributed.checkpoint: 0.6 s to import, only FSDP runs need it
-
-    dcp.save_sharded(state, folder)
-    rank = dist.rank()
-    mine = sorted(
-        p for p in folder.iterdir() if p.name.startswith(f"__{rank}_") or (rank == 0 and not p.name.startswith("__"))
-    )
-    if rank == 0:
-        fsync_dir(folder)
-    return {f"{SHARDED}/{p.name}": {"size": p.stat().st_size, DIGEST: file_digest(p)} for p in mine}
-
-
-def optimizer_by_index(state: dict[str, Any]) -> dict[str, Any]:
-    """An optimizer state_dict keyed by parameter name (as DCP stores it) in torch's own form, by index.
-
-    Indices follow the order of the param groups' parameters, as ``Optimizer.state_dict`` numbers them.
-    """
-    order = [name for group in state["param_groups"] for name in group["params"]]
-    index = {name: i for i, name in enumerate(order)}
-    return {
-        "state": {index[name]: entry for name, entry in state["state"].items()},
-        "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in state["param_groups"]],
-    }
-
-
-DIGEST = "xxh3_128"
-"""The checksum new manifests record: 16 bytes, ~20 GB/s per core here (sha256: 1.8)."""
-DIGESTS = {"xxh3_128": xxhash.xxh3_128, "sha256": hashlib.sha256}  # sha256: manifests written before xxh3
-
-
-class HashingWriter:
-    """A write-only file wrapper that hashes and counts the bytes as they pass.
-
-    A large write (a tensor's bytes) is hashed on a second thread while this one copies
-    it into the file: both release the GIL, so the checksum costs no time of its own
-    where a second core is free (12 ms per 256 MB here, 8% of a save, when done in turn).
-    """
-
-    OVERLAP = 1 << 22  # below 4 MB a thread costs more than it hides
-
-    def __init__(self, f: IO[bytes]) -> None:
-        self.f, self.hash, self.size = f, DIGESTS[DIGEST](), 0
-
-    def write(self, data) -> int:
-        self.size += len(data)
-        if len(data) < self.OVERLAP:
-            self.hash.update(data)
-            return self.f.write(data)
-        hasher = threading.Thread(target=self.hash.update, args=(data,))
-        hasher.start()
-        try:
-            return self.f.write(data)
-        finally:
-            hasher.join()  # before returning: torch may free or reuse ``data`` once write returns
-
-    def flush(self) -> None:
-        self.f.flush()
-
-
-def write_file(path: Path, obj: Any) -> dict:
-    """torch.save ``obj`` durably; returns its manifest entry (size and checksum).
-
-    torch's zip writer computes a CRC32 of every record, which made a save cost twice
-    the raw write here; the manifest's checksum covers every byte instead, once.
-    """
-    entry: dict = {}
-
-    def write(f: IO[bytes]) -> None:
-        w = HashingWriter(f)
-        with _no_zip_crc():
-            torch.save(obj, w)
-        entry.update({"size": w.size, DIGEST: w.hash.hexdigest()})
-
-    write_durable(path, write)
-    return entry
-
-
-def _no_zip_crc() -> contextlib.AbstractContextManager:
-    try:
-        from torch.utils.serialization import config
-    except ImportError:  # torch < 2.6 has no such setting: the records keep their CRC32
-        return contextlib.nullcontext()
-    return config.patch({"save.compute_crc32": False})
-
-
-def file_digest(path: Path, algorithm: str = DIGEST) -> str:
-    """Hex checksum of a file, read through a memory map.
-
-    Mapping reads each page from disk once: a load that follows maps the same pages from
-    the page cache, so validating and loading read the data once, not twice.
-    """
-    h = DIGESTS[algorithm]()
-    with open(path, "rb") as f:
-        if os.fstat(f.fileno()).st_size:
-            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-                h.update(m)
-    return h.hexdigest()
-
-
-# ---- reading and validating ----------------------------------------------------------
-
-
-def read_manifest(folder: Path) -> dict:
-    """The manifest of a checkpoint folder; a clear error if it is missing or broken."""
-    path = folder / MANIFEST
-    if not folder.is_dir():
-        raise CheckpointNotFoundError(f"checkpoint folder {folder} does not exist")
-    if not path.exists():
-        raise CheckpointCorruptError(f"{folder} has no {MANIFEST}: an unfinished save, never loaded")
-    try:
-        manifest = json.loads(path.read_text())
-        manifest["files"], manifest["step"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise CheckpointCorruptError(f"{path} is not a valid manifest: {e}") from e
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise CheckpointCorruptError(
-            f"{path}: format version {manifest.get('format_version')!r}, this ddp reads version {FORMAT_VERSION}"
-        )
-    return manifest
-
-
-def validate(folder: Path, hashes: bool = True) -> dict:
-    """Check every file against the manifest (size, then checksum); returns the manifest.
-
-    The files are hashed on one thread per core (xxhash releases the GIL): on resume every
-    rank waits for this, and with N ranks' shares there are many files.
-    """
-    manifest = read_manifest(folder)
-    algorithms = {}
-    for name, entry in manifest["files"].items():
-        path = folder / name
-        if not path.exists():
-            raise CheckpointCorruptError(f"{path} is listed in the manifest but missing")
-        size = path.stat().st_size
-        if size != entry["size"]:
-            raise CheckpointCorruptError(f"{path} has {size} bytes, the manifest says {entry['size']} (truncated?)")
-        algorithms[name] = next((a for a in DIGESTS if a in entry), None)
-        if algorithms[name] is None:
-            raise CheckpointCorruptError(f"{folder / MANIFEST}: the entry of {name} has no checksum ({list(entry)})")
-    if not hashes:
-        return manifest
-    with ThreadPoolExecutor(max_workers=max(1, min(len(algorithms), os.cpu_count() or 1))) as pool:
-        digests = dict(
-            zip(algorithms, pool.map(lambda n: file_digest(folder / n, algorithms[n]), algorithms), strict=True)
-        )
-    for name, algorithm in algorithms.items():  # the first damaged file in the manifest's order
-        if digests[name] != manifest["files"][name][algorithm]:
-            raise CheckpointCorruptError(
-                f"{folder / name} fails its {algorithm} check: the file was altered or damaged"
-            )
-    return manifest
-
-
-def digest_of(manifest: dict) -> str:
-    """The checksum algorithm a manifest's entries use."""
-    entries = list(manifest["files"].values())
-    return next((a for a in DIGESTS if entries and a in entries[0]), "none")
-
-
-def complete_checkpoints(root: Path) -> list[Path]:
-    """Committed checkpoint folders (those with a manifest), oldest first."""
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if STEP_DIR.match(p.name) and (p / MANIFEST).exists()]
-    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
-
-
-def newest_valid(root: Path, say=print) -> Path | None:
-    """The newest checkpoint that passes validation; broken ones are skipped, one line each."""
-    for p in root.iterdir() if root.is_dir() else []:
-        if STEP_DIR.match(p.name) and not (p / MANIFEST).exists():
-            say(f"skipping {p}: no {MANIFEST} (an unfinished save)")
-    for folder in reversed(complete_checkpoints(root)):
-        try:
-            validate(folder)
-            return folder
-        except CheckpointError as e:
-            say(f"skipping {folder}: {e}; falling back to the previous checkpoint")
-    return None
-
-
-def clean_stale(root: Path) -> list[Path]:
-    """Remove leftovers of interrupted saves (rank 0, at start); restore a swapped-out one."""
-    removed = []
-    if not root.is_dir():
-        return removed
-    for p in root.iterdir():
-        if p.name.startswith(".old-step-"):
-            final = root / p.name[len(".old-") :].split(".")[0]
-            if not final.exists():
-                os.replace(p, final)  # a crash hit between swapping out and in: keep the old one
-                continue
-        if p.name.startswith((".tmp-step-", ".old-step-", PRUNED)):
-            shutil.rmtree(p, ignore_errors=True)
-            removed.append(p)
-    return removed
-
-
-def read_model(
-    folder: Path, manifest: dict, order: list[str] | None, map_location: torch.device | str = "cpu"
-) -> tuple[dict[str, Any], str]:
-    """(the model's state_dict, where it was) of a checkpoint: ``model.pt``, every rank's share, or the shards.
-
-    Mapped, not read: validate() has just paged the files in; load_state_dict copies the
-    tensors out. ``order``: the model's keys in state_dict order (``train.pt`` keeps it).
-    """
-    if is_sharded(manifest):  # --strategy fsdp: gathered whole in this process
-        from ddp import dcp
-
-        shards = dcp.load(folder / SHARDED, keys={"model"})[0]["model"]  # the optimizer's shards stay on disk
-        return {k: v.to(map_location) for k, v in shards.items()}, f"{SHARDED}/model"
-    if "model.pt" in manifest["files"]:
-        return load(folder / "model.pt", map_location, expect="torch", mmap=True), "model.pt"
-    merged: dict[str, Any] = {}
-    for name in sorted(n for n in manifest["files"] if MODEL_FILE.match(n)):
-        merged.update(load(folder / name, map_location, expect="torch", mmap=True))
-    order = order if order is not None and set(order) == set(merged) else list(merged)
-    return {k: merged[k] for k in order}, "model-*.pt"
-
-
-# ---- RNG state, as tensors the weights-only loader accepts ----------------------------
-
-
-def rng_state() -> dict:
-    """Python, numpy, torch CPU and every CUDA device's generator state."""
-    version, pystate, gauss = random.getstate()
-    _, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    state = {
-        "python": torch.tensor(pystate, dtype=torch.int64),
-        "python_version": version,
-        "python_gauss": gauss,
-        "numpy": torch.from_numpy(np_keys.astype(np.int64)),
-        "numpy_pos": int(np_pos),
-        "numpy_gauss": (int(np_has_gauss), float(np_gauss)),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    """Restore what ``rng_state`` captured."""
-    random.setstate(
-        (
-            state["python_version"],
-            tuple(state["python"].tolist()),
-            state["python_gauss"],
-        )
-    )
-    has_gauss, gauss = state["numpy_gauss"]
-    np.random.set_state(
-        (
-            "MT19937",
-            state["numpy"].numpy().astype(np.uint32),
-            state["numpy_pos"],
-            has_gauss,
-            gauss,
-        )
-    )
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"][: torch.cuda.device_count()])
-
-
-# ---- staging for asynchronous saves ---------------------------------------------------
-
-
-def stage(obj: Any, buffers: dict[str, torch.Tensor], key: str = "", seen: dict | None = None) -> Any:
-    """A copy of ``obj`` whose tensors live in reusable CPU buffers.
-
-    Buffers are kept from one save to the next: touching freshly allocated memory
-    costs more than the copy itself on these machines. A tensor met twice (a tied
-    weight, under two names) is copied once and staged as one tensor, as torch.save
-    would have stored it.
-    """
-    seen = {} if seen is None else seen
-    if isinstance(obj, torch.Tensor):
-        shared = storage_key(obj) if obj.numel() else None
-        if shared in seen:
-            return seen[shared]
-        buf = buffers.get(key)
-        if buf is None or buf.shape != obj.shape or buf.dtype != obj.dtype:
-            buf = torch.empty(obj.shape, dtype=obj.dtype, pin_memory=obj.is_cuda)
-            buffers[key] = buf
-        buf.copy_(obj.detach(), non_blocking=obj.is_cuda)
-        if shared is not None:
-            seen[shared] = buf
-        return buf
-    if isinstance(obj, dict):
-        staged = type(obj)((k, stage(v, buffers, f"{key}/{k}", seen)) for k, v in obj.items())
-        if hasattr(obj, "_metadata"):  # a module state_dict's versions: load_state_dict reads them
-            staged._metadata = obj._metadata
-        return staged
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(stage(v, buffers, f"{key}/{i}", seen) for i, v in enumerate(obj))
-    return obj
-
-
-def _remove_all(folders: list[Path]) -> None:
-    for folder in folders:
-        shutil.rmtree(folder, ignore_errors=True)
-
-
-# ---- the checkpointer -----------------------------------------------------------------
+from torch import nn
+
+from ddp import fsdp, group, rng
+from ddp.checkpoint_files import (
+    FORMAT_VERSION,
+    MANIFEST,
+    MODEL,
+    PRUNED,
+    SHARDED,
+    TRAIN,
+    clean_stale,
+    complete_checkpoints,
+    fsync_dir,
+    is_sharded,
+    newest_valid,
+    rank_file,
+    read_manifest,
+    read_state,
+    read_train,
+    remove_all,
+    spread,
+    stage,
+    step_dir,
+    validate,
+    write_durable,
+    write_file,
+    write_shards,
+)
+from ddp.config import CheckpointConfig, Config, config_changes
+from ddp.errors import CheckpointError
+from ddp.io import check_architecture, strip_prefixes
+
+
+class Stateful(Protocol):
+    """Anything a checkpoint can hold: torch's optimizers, schedulers and scalers, and the trainer's progress."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+PROGRESS = "progress"
+"""The stateful whose entries sit at the top level of ``train.pt`` (step, epoch, ...), where ``ddp inspect``
+and every earlier version of this project read them."""
 
 
 class Checkpointer:
-    """Saves, commits, prunes and finds checkpoints under ``<out>/checkpoints``."""
+    """Saves, commits, prunes, finds and restores the training state under ``<out>/checkpoints``."""
 
-    def __init__(self, root: Path, cfg: CheckpointConfig, say=print) -> None:
+    def __init__(
+        self,
+        root: Path,
+        cfg: CheckpointConfig,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        stateful: dict[str, Stateful] | None = None,
+        *,
+        sharded: bool = False,
+        device: torch.device | str = "cpu",
+        config: Config | None = None,
+        say=print,
+    ) -> None:
+        """
+        Args:
+            model: the unwrapped model (under FSDP, the sharded module itself).
+            stateful: named objects saved in ``train.pt`` under their names; ``progress``'s
+                entries go to its top level.
+            sharded: the model is sharded (``--strategy fsdp``): its and the optimizer's
+                state are saved as each rank's shards.
+            config: the run's config, stored with the state and compared on resume.
+        """
         self.root, self.cfg, self.say = Path(root), cfg, say
-        self.buffers: dict[str, torch.Tensor] = {}
+        self.model, self.optimizer, self.stateful = model, optimizer, dict(stateful or {})
+        self.sharded, self.device, self.config = sharded, device, config
+        self.buffers: dict[str, torch.Tensor] = {}  # async staging, reused from save to save
         self.thread: threading.Thread | None = None
         self.result: dict = {}
         self.pending_step: int | None = None
         self.last_saved: int | None = None
         self.pruner: threading.Thread | None = None
 
+    # -- the state --
+
+    def state(self) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None]:
+        """(files identical on every rank, this rank's own state, its shards under FSDP) of a checkpoint now."""
+        train: dict[str, Any] = {"format_version": FORMAT_VERSION}
+        for name, obj in self.stateful.items():
+            if name == PROGRESS:
+                train.update(obj.state_dict())
+            else:
+                train[name] = obj.state_dict()
+        train.update(
+            config=None if self.config is None else self.config.to_dict(),
+            world_size=group.world_size(),
+            torch_version=str(torch.__version__),
+        )
+        own = {"rank": group.rank(), "world_size": group.world_size(), "rng": rng.state()}
+        if self.sharded:
+            shards = fsdp.sharded_state(self.model, self.optimizer)
+            self._rank0_buffers(shards["model"])
+            return {TRAIN: train}, own, shards
+        train["optimizer"] = self.optimizer.state_dict()
+        model_state = self.model.state_dict()
+        self._rank0_buffers(model_state)
+        return {MODEL: model_state, TRAIN: train}, own, None
+
+    def _rank0_buffers(self, model_state: dict) -> None:
+        """Put copies of rank 0's buffers into ``model_state`` on every rank, so any rank may write them.
+
+        Buffers (BatchNorm statistics) are each rank's own: DDP broadcasts rank 0's before
+        the next forward, FSDP never. A checkpoint holds rank 0's, as the exported weights
+        do; the model itself is left as it is.
+        """
+        if group.world_size() == 1:
+            return
+        for name, _ in self.model.named_buffers():
+            if name in model_state:  # persistent buffers only
+                model_state[name] = model_state[name].clone()
+                group.broadcast(model_state[name], src=0)
+
+    def restore(self, folder: Path) -> dict[str, Any]:
+        """Load the checkpoint in ``folder`` into the model, optimizer, every stateful and the RNGs; its
+        ``train.pt``."""
+        if self.sharded and is_sharded(read_manifest(folder)):
+            train, own, _ = read_train(folder, self.device)
+            self._load_shards(folder / SHARDED)
+        else:
+            train, own = read_state(folder, self.device if not self.sharded else "cpu")
+            self._load_whole(train, folder)
+        for name, obj in self.stateful.items():
+            obj.load_state_dict(train if name == PROGRESS else train[name])
+        self.last_saved = train["step"]
+        self._restore_rng(own, train["world_size"], train["step"])
+        if self.config is not None and train.get("config") is not None:
+            changes = config_changes(train["config"], self.config)
+            if changes:
+                self.say(
+                    "warning: settings changed since the checkpoint, the run will not match an "
+                    f"uninterrupted one: {', '.join(changes)}"
+                )
+        return train
+
+    def _load_shards(self, folder: Path) -> None:
+        """This rank's shards of a sharded checkpoint, written by any number of ranks (DCP reshards)."""
+        from ddp import dcp  # torch.distributed.checkpoint: imported when used (see ddp/fsdp.py)
+
+        shapes = {k: torch.empty(v, device="meta") for k, v in dcp.tensor_shapes(folder, "model.").items()}
+        check_architecture(self.model, shapes, folder)
+        state = fsdp.sharded_state(self.model, self.optimizer)
+        dcp.load_into(state, folder)
+        fsdp.load_state(self.model, self.optimizer, state)
+
+    def _load_whole(self, state: dict, folder: Path) -> None:
+        """A whole model and optimizer state (a DDP checkpoint, or a sharded one under DDP)."""
+        model_state, _ = strip_prefixes(state["model"])
+        source = folder / MODEL if (folder / MODEL).exists() else folder  # or each rank's share
+        check_architecture(self.model, model_state, source)
+        if self.sharded:  # each rank keeps its shard of the whole tensors
+            optimizer = fsdp.optimizer_by_name(self.model, state["optimizer"])
+            fsdp.load_state(self.model, self.optimizer, {"model": model_state, "optim": optimizer}, full=True)
+        else:
+            self.model.load_state_dict(model_state)
+            self.optimizer.load_state_dict(state["optimizer"])
+
+    def _restore_rng(self, own: dict | None, saved_world: int, step: int) -> None:
+        world, rank = group.world_size(), group.rank()
+        if own is not None:
+            rng.restore(own["rng"])
+        else:
+            rng.seed_all(rng.rank_seed(self.config.run.seed if self.config else 0, rank, step))
+        if saved_world != world:
+            epoch, samples = (self.stateful[PROGRESS].state_dict()[k] for k in ("epoch", "epoch_samples"))
+            reseeded = list(range(saved_world, world))
+            self.say(
+                f"warning: checkpoint written by {saved_world} rank(s), resuming on {world}: "
+                f"data continues at sample {samples} of epoch {epoch}; "
+                + (
+                    f"ranks {reseeded} had no RNG state and were reseeded from (seed, rank, step)"
+                    if reseeded
+                    else f"the RNG state of ranks {list(range(world, saved_world))} was not used"
+                )
+                + "; results will not be bitwise equal to a run on the original world size"
+            )
+
+    # -- finding and resuming --
+
+    def resume(self, resume: str) -> Path | None:
+        """Clean up after interrupted saves, then restore the checkpoint ``resume`` selects (auto, never, or a
+        folder); the folder restored, or None."""
+        self.prepare()
+        folder = self.find(resume)
+        if folder is not None:
+            self.restore(folder)
+        return folder
+
     def prepare(self) -> None:
-        """Called by every rank at start: rank 0 removes leftovers of interrupted saves."""
+        """Rank 0 removes leftovers of interrupted saves and deletions."""
         error = None
-        if dist.rank() == 0:
+        if group.rank() == 0:
             try:
                 self.root.mkdir(parents=True, exist_ok=True)
                 for p in clean_stale(self.root):
@@ -467,29 +227,44 @@ class Checkpointer:
                     self.say(f"removed leftover {p} of an interrupted {what}")
             except OSError as e:
                 error = e
-        dist.raise_if_any_failed(error, f"preparing {self.root}")
+        group.raise_if_any_failed(error, f"preparing {self.root}")
+
+    def find(self, resume: str) -> Path | None:
+        """The checkpoint to resume from, chosen by rank 0."""
+        choice: Path | BaseException | None = None
+        if group.rank() == 0:
+            try:
+                choice = self._choose(resume)
+            except CheckpointError as e:
+                choice = e
+        choice = group.all_gather_objects(str(choice) if isinstance(choice, BaseException) else choice)[0]
+        if isinstance(choice, str):
+            raise CheckpointError(choice)
+        return choice
+
+    def _choose(self, resume: str) -> Path | None:
+        if resume == "never":
+            return None
+        if resume == "auto":
+            return newest_valid(self.root, self.say)
+        folder = Path(resume)
+        if folder.name == MANIFEST:
+            folder = folder.parent
+        validate(folder)
+        return folder
 
     # -- saving --
 
-    def save(
-        self, step: int, replicated: dict[str, Any], own: dict[str, Any], sharded: dict[str, Any] | None = None
-    ) -> None:
-        """Called by every rank: write a checkpoint of ``step``.
-
-        Args:
-            replicated: file name -> object, identical on all ranks; rank 0 writes them,
-                except the per-parameter optimizer state of ``train.pt``, which ``spread``
-                shares out so that every rank writes about as many bytes.
-            own: this rank's object, written to its ``rank-NNNNN.pt``.
-            sharded: this rank's shards (DTensors) of the model and optimizer state,
-                written into ``sharded/`` through torch.distributed.checkpoint (no async).
-        """
+    def save(self, step: int) -> None:
+        """Write a checkpoint of the state now, as that of ``step``: in step, or staged and written on a
+        thread under ``--async-save`` (committed by ``commit`` once every rank has written)."""
         self.wait()
-        shared, shares = spread(replicated, dist.world_size())
-        files = {rank_file(dist.rank()): own}
-        if dist.rank() == 0:
+        replicated, own, sharded = self.state()
+        shared, shares = spread(replicated, group.world_size())
+        files = {rank_file(group.rank()): own}
+        if group.rank() == 0:
             files.update(shared)
-        files.update(shares.get(dist.rank(), {}))
+        files.update(shares.get(group.rank(), {}))
         self.pending_step = step
         if sharded is not None or not self.cfg.async_save:
             self.result = self._write(step, files, sharded)
@@ -524,7 +299,7 @@ class Checkpointer:
         return int(writing), int(not writing and self.result.get("error") is not None)
 
     def wait(self) -> None:
-        """Called by every rank: finish and commit the save in flight, if any, and its pruning."""
+        """Finish and commit the save in flight, if any, and its pruning."""
         if self.thread is not None:
             self.thread.join()
         if self.pending_step is not None:
@@ -534,34 +309,35 @@ class Checkpointer:
             self.pruner = None
 
     def commit(self) -> None:
-        """Called by every rank once its files are written: rank 0 writes the manifest and renames."""
+        """Once every rank's files are written: rank 0 writes the manifest and renames."""
         step, result = self.pending_step, self.result
         self.pending_step, self.thread = None, None
         final = step_dir(self.root, step)
         tmp = self.root / f".tmp-{final.name}"
-        gathered = dist.all_gather_objects((None if result["error"] is None else str(result["error"]), result["files"]))
+        error = None if result["error"] is None else str(result["error"])
+        gathered = group.all_gather_objects((error, result["files"]))
         failed = [(r, m) for r, (m, _) in enumerate(gathered) if m is not None]
         if failed:
-            if dist.rank() == 0:
+            if group.rank() == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
             detail = "; ".join(f"rank {r}: {m}" for r, m in failed)
             raise CheckpointError(f"checkpoint of step {step} failed, the previous ones are intact: {detail}")
         error = None
-        if dist.rank() == 0:
+        if group.rank() == 0:
             try:
                 files = {name: entry for _, f in gathered for name, entry in f.items()}
                 self._commit(step, files, tmp, final)
                 self._prune()
             except (OSError, CheckpointError) as e:
                 error = e
-        dist.raise_if_any_failed(error, f"committing checkpoint {final}")
+        group.raise_if_any_failed(error, f"committing checkpoint {final}")
         self.last_saved = step
 
     def _commit(self, step: int, files: dict, tmp: Path, final: Path) -> None:
         manifest = {
             "format_version": FORMAT_VERSION,
             "step": step,
-            "world_size": dist.world_size(),
+            "world_size": group.world_size(),
             "torch_version": str(torch.__version__),
             "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "files": dict(sorted(files.items())),
@@ -592,56 +368,5 @@ class Checkpointer:
             retired.append(folder.with_name(f"{PRUNED}{folder.name}.{os.getpid()}"))  # never an existing name
             os.replace(folder, retired[-1])
         if retired:
-            self.pruner = threading.Thread(target=_remove_all, args=(retired,), name="ddp-prune")
+            self.pruner = threading.Thread(target=remove_all, args=(retired,), name="ddp-prune")
             self.pruner.start()
-
-    # -- loading --
-
-    def find(self, resume: str) -> Path | None:
-        """Called by every rank: the checkpoint to resume from, chosen by rank 0."""
-        choice: Path | BaseException | None = None
-        if dist.rank() == 0:
-            try:
-                choice = self._choose(resume)
-            except CheckpointError as e:
-                choice = e
-        choice = dist.all_gather_objects(str(choice) if isinstance(choice, BaseException) else choice)[0]
-        if isinstance(choice, str):
-            raise CheckpointError(choice)
-        return choice
-
-    def _choose(self, resume: str) -> Path | None:
-        if resume == "never":
-            return None
-        if resume == "auto":
-            return newest_valid(self.root, self.say)
-        folder = Path(resume)
-        if folder.name == MANIFEST:
-            folder = folder.parent
-        validate(folder)
-        return folder
-
-    @staticmethod
-    def load(folder: Path, map_location: torch.device | str = "cpu") -> tuple[dict, dict | None, dict]:
-        """(model and train state, this rank's own state or None, manifest) of a checkpoint."""
-        state, own, manifest = Checkpointer.load_train(folder, map_location)
-        if is_sharded(manifest):  # gathered whole in this process: the model and optimizer of any strategy
-            from ddp import dcp
-
-            shards, _ = dcp.load(folder / SHARDED)
-            state.update(model=shards["model"], optimizer=optimizer_by_index(shards["optim"]))
-            return state, own, manifest
-        state["model"], _ = read_model(folder, manifest, state.pop("model_keys", None), map_location)
-        shares = sorted(name for name in manifest["files"] if OPTIM_FILE.match(name))
-        for name in shares:  # the optimizer state the ranks wrote their shares of (see spread)
-            state["optimizer"]["state"].update(load(folder / name, map_location, expect="torch", mmap=True))
-        return state, own, manifest
-
-    @staticmethod
-    def load_train(folder: Path, map_location: torch.device | str = "cpu") -> tuple[dict, dict | None, dict]:
-        """(train state, this rank's own state or None, manifest): all but the model (and sharded optimizer)."""
-        manifest = read_manifest(folder)
-        state = load(folder / "train.pt", map_location, expect="torch", mmap=True)
-        own_path = folder / rank_file(dist.rank())
-        own = load(own_path, "cpu", expect="torch") if own_path.exists() else None
-        return state, own, manifest

@@ -8,7 +8,7 @@ ddp export runs/demo/mlp.params --format safetensors
 ddp inspect lightning.ckpt                      # any file holding tensors: torch, safetensors, DCP folders
 ddp predict snapshot.pt --model my_model.py:MLP --input x.npz
 ddp plot runs/demo                              # writes runs/demo/loss.png
-ddp sample runs/lm/mlp.params --prompt "The "   # a trained charlm writes on
+ddp sample runs/lm/charlm.params --prompt "The "   # a trained charlm writes on
 """
 
 from __future__ import annotations
@@ -25,18 +25,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from ddp import dist, train, weights
-from ddp.checkpoint import MANIFEST, read_manifest
+from ddp import group, train, weights
+from ddp.checkpoint_files import MANIFEST, read_manifest
 from ddp.config import Config, DistConfig, TaskConfig, parse_task_arg
-from ddp.data import seeded
-from ddp.errors import CheckpointError, ConfigError, DDPError, Reported, say
+from ddp.errors import CheckpointError, ConfigError, DDPError, Reported, first_line, say
 from ddp.io import split_aliases
 from ddp.metrics import plot
+from ddp.rng import seeded
 from ddp.tasks import build_model, charlm, resolve
 from ddp.verify import outputs, summary, verify_identical_outputs
 from ddp.weights import Weights
 
-INSPECT_SCHEMA = 1
+INSPECT_SCHEMA = 2
 """Bumped when a field of ``ddp inspect --json`` changes meaning or goes away; new fields may appear."""
 
 
@@ -102,11 +102,11 @@ def run_model(model: nn.Module, x: Any) -> torch.Tensor:
         return outputs(model, x)
     except (RuntimeError, TypeError, ValueError) as e:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ConfigError(f"the model failed on inputs of shape {shape}: {str(e).splitlines()[0][:300]}") from None
+        raise ConfigError(f"the model failed on inputs of shape {shape}: {first_line(e)[:300]}") from None
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    with dist.process_group(DistConfig(backend=args.backend)) as world:
+    with group.process_group(DistConfig(backend=args.backend)) as world:
         try:
             verify_file(args, world)
         except DDPError as e:
@@ -115,7 +115,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
-def verify_file(args: argparse.Namespace, world: dist.World) -> None:
+def verify_file(args: argparse.Namespace, world: group.World) -> None:
     w = read_weights(args, world.device)
     model, probe = model_for(w, args, world.device)
     if args.input:
@@ -125,8 +125,8 @@ def verify_file(args: argparse.Namespace, world: dist.World) -> None:
         probe = torch.randn(8, *shape, generator=torch.Generator().manual_seed(0))
     run_model(model, probe)
     report = verify_identical_outputs(model, probe, atol=args.atol)
-    dist.log(world, integrity(w))
-    dist.log(world, summary(report, str(args.path)))
+    group.log(world, integrity(w))
+    group.log(world, summary(report, str(args.path)))
 
 
 def integrity(w: Weights) -> str:
@@ -165,7 +165,7 @@ def describe(w: Weights, path: Path) -> dict[str, Any]:
         "other_entries": w.other_entries,
         "metadata": w.metadata,
         "task": None if w.cfg is None else w.cfg.task.spec,
-        "model": None if w.cfg is None else w.cfg.to_dict()["model"],
+        "task_args": None if w.cfg is None else w.cfg.task.args,
         "tensors": tensors,
         "tensor_count": sum("shares" not in t for t in tensors),
         "total_bytes": sum(t["bytes"] for t in tensors if "shares" not in t),
@@ -283,9 +283,9 @@ def _source_options(p: argparse.ArgumentParser, architecture: bool = True) -> No
         return
     arch = p.add_argument_group("architecture (default: the file's own training config)")
     arch.add_argument("--model", metavar="SPEC", help="FILE.py:NAME or module:NAME: a class or function -> nn.Module")
-    arch.add_argument("--model-arg", metavar="KEY=VALUE", action="append", type=parse_task_arg, default=[])
+    arch.add_argument("--model-arg", metavar="KEY=VALUE", nargs="+", action="extend", type=parse_task_arg, default=[])
     arch.add_argument("--task", metavar="SPEC", help="a task (built-in name, FILE.py:NAME) whose model it is")
-    arch.add_argument("--task-arg", metavar="KEY=VALUE", action="append", type=parse_task_arg, default=[])
+    arch.add_argument("--task-arg", metavar="KEY=VALUE", nargs="+", action="extend", type=parse_task_arg, default=[])
 
 
 def build_parser() -> argparse.ArgumentParser:

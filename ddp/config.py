@@ -39,7 +39,8 @@ class TaskConfig:
     spec: str = "mlp"
     """mlp, cnn, npz, digits, charlm, or yours: FILE.py:NAME or package.module:NAME (a Task or a function)."""
     args: dict[str, Any] = field(default_factory=dict)
-    """Keyword arguments for the task: --task-arg KEY=VALUE (repeatable), or a [task.args] table."""
+    """The task's own settings, its function's keyword arguments: --task-arg KEY=VALUE [KEY=VALUE ...]
+    (repeatable), or a [task.args] table. A setting the task does not take is a usage error."""
 
     def __post_init__(self) -> None:
         _check(bool(self.spec), "task", "must name a task")
@@ -49,41 +50,9 @@ class TaskConfig:
 
 
 @dataclass
-class ModelConfig:
-    """Settings of the built-in models (tasks mlp, cnn and npz)."""
-
-    in_features: int = 20
-    """Input features of the MLP."""
-    hidden: tuple[int, ...] = (256,)
-    """Hidden layer widths of the MLP, e.g. --hidden 256 128."""
-    out_features: int = 10
-    """Number of classes."""
-    width: int = 32
-    """Channels of the first convolution of the cnn (the second has twice as many)."""
-    batchnorm: bool = False
-    """Put a BatchNorm1d after each hidden Linear layer (a model with buffers)."""
-    dropout: float = 0.0
-    """Dropout probability after each hidden layer."""
-
-    def __post_init__(self) -> None:
-        self.hidden = tuple(self.hidden)
-        _check(self.in_features > 0, "in_features", "must be positive")
-        _check(self.width > 0, "width", "must be positive")
-        _check(self.out_features > 1, "out_features", "needs at least 2 classes")
-        _check(all(h > 0 for h in self.hidden), "hidden", "widths must be positive")
-        _check(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
-
-
-@dataclass
 class DataConfig:
-    """Where samples come from and how they are batched."""
+    """How the task's samples are batched and loaded (what the samples are is the task's own setting)."""
 
-    data: str | None = None
-    """A .npz file with arrays X (samples) and y (int labels); default: synthetic data."""
-    samples: int = 4096
-    """Size of the synthetic dataset (ignored with --data)."""
-    val_fraction: float = 0.1
-    """Share of the samples held out for evaluation each epoch."""
     batch_size: int = 64
     """Samples per rank per micro-batch; the global batch is this x ranks x --grad-accum."""
     workers: int = 0
@@ -95,11 +64,7 @@ class DataConfig:
             "batch_size",
             f"must be positive, got {self.batch_size}",
         )
-        _check(self.samples > 0, "samples", "must be positive")
-        _check(0.0 <= self.val_fraction < 1.0, "val_fraction", "must be in [0, 1)")
         _check(self.workers >= 0, "workers", "cannot be negative")
-        if self.data is not None:
-            _check(self.data.endswith(".npz"), "data", f"{self.data} is not a .npz file")
 
 
 @dataclass
@@ -152,7 +117,7 @@ class CheckpointConfig:
     async_save: bool = False
     """Snapshot to reused CPU buffers and write in a background thread (pays off when the CPU is idle)."""
     format: str = "torch"
-    """Format of the exported weights <out>/mlp.params: torch or safetensors."""
+    """Format of the exported weights <out>/<task>.params (mlp.params for mlp): torch or safetensors."""
 
     def __post_init__(self) -> None:
         _check(self.checkpoint_every >= 0, "checkpoint_every", "cannot be negative")
@@ -266,7 +231,6 @@ class RunConfig:
 SECTIONS = {
     "task": TaskConfig,
     "run": RunConfig,
-    "model": ModelConfig,
     "data": DataConfig,
     "optim": OptimConfig,
     "checkpoint": CheckpointConfig,
@@ -277,15 +241,7 @@ SECTIONS = {
 EXACTNESS = {
     "task": ("spec", "args"),
     "run": ("seed", "steps", "epochs", "deterministic", "memory_format"),
-    "model": (
-        "in_features",
-        "hidden",
-        "width",
-        "out_features",
-        "batchnorm",
-        "dropout",
-    ),
-    "data": ("data", "samples", "val_fraction", "batch_size"),
+    "data": ("batch_size",),
     "dist": ("strategy",),  # FSDP reduces gradients in another order: equal to ~1e-16, not bitwise
     "optim": (
         "optimizer",
@@ -305,14 +261,13 @@ class Config:
 
     task: TaskConfig = field(default_factory=TaskConfig)
     run: RunConfig = field(default_factory=RunConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     dist: DistConfig = field(default_factory=DistConfig)
 
     def __post_init__(self) -> None:
-        if self.data.data and self.task.spec == "mlp":
+        if self.task.args.get("data") and self.task.spec == "mlp":
             self.task.spec = "npz"  # --data FILE.npz alone: the MLP on the user's arrays, as before tasks
 
     def to_dict(self) -> dict:
@@ -321,7 +276,8 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict) -> Config:
-        """Build from a nested dict such as ``to_dict`` or a TOML file gives."""
+        """Build from a nested dict such as ``to_dict`` or a TOML file gives (older forms upgraded)."""
+        d = upgrade(d)
         unknown = set(d) - set(SECTIONS)
         if unknown:
             raise ConfigError(f"unknown config section(s) {sorted(unknown)}; use {sorted(SECTIONS)}")
@@ -340,17 +296,57 @@ def _build(kind: type, values: dict, section: str):
     return kind(**values)
 
 
-def upgrade(old: dict) -> dict:
-    """An older config in today's form: ``model.arch`` became ``task.spec``; DDP was the only strategy."""
+# Settings of the built-in tasks that were options of their own ([model], three of [data]) before they became
+# the tasks' arguments: the old flags remain as aliases of --task-arg. Each with its old default.
+TASK_OPTIONS: dict[str, tuple[Any, str]] = {
+    "in_features": (20, "Input features of the MLP (mlp)."),
+    "hidden": ((256,), "Hidden layer widths of the MLP, e.g. --hidden 256 128 (mlp, npz)."),
+    "out_features": (10, "Number of classes (mlp, cnn, npz)."),
+    "width": (32, "Channels of the first convolution (cnn, digits)."),
+    "batchnorm": (False, "A BatchNorm after each hidden layer: a model with buffers (mlp, cnn, npz)."),
+    "dropout": (0.0, "Dropout probability after each hidden layer (mlp, npz, digits, charlm)."),
+    "samples": (4096, "Size of the synthetic dataset (mlp, cnn)."),
+    "val_fraction": (0.1, "Share of the samples held out for evaluation (every built-in task)."),
+    "data": (None, "A .npz file with arrays X (samples) and y (int labels): the MLP on your data (npz)."),
+}
+# Which of those each built-in task read, before they became its arguments.
+READ_BEFORE = {
+    "mlp": ("in_features", "hidden", "out_features", "batchnorm", "dropout", "samples", "val_fraction"),
+    "cnn": ("width", "out_features", "batchnorm", "samples", "val_fraction"),
+    "npz": ("data", "hidden", "out_features", "batchnorm", "dropout", "val_fraction"),
+    "charlm": ("val_fraction",),
+}
+
+
+def upgrade(old: dict, explicit: bool = False) -> dict:
+    """A config of an earlier version in today's form; today's passes unchanged.
+
+    ``model.arch`` became ``task.spec``; DDP was the only strategy; the built-in tasks'
+    settings (``[model]``, ``data.samples``, ``data.val_fraction``, ``data.data``) became
+    ``task.args``. From a stored config (a checkpoint's, which wrote every field) only
+    those the task read and that differ from their old defaults move, so that an old
+    checkpoint resumed with the same flags reports no change. From a file of the user's
+    (``explicit``) every one moves, so that a setting the task does not take is refused.
+    """
     dist = old.get("dist", {})
     if "strategy" not in dist:
         old = {**old, "dist": {**dist, "strategy": "ddp"}}
-    if "task" in old:
+    data = old.get("data", {})
+    moved = {**old.get("model", {}), **{k: v for k, v in data.items() if k in TASK_OPTIONS}}
+    if not moved:
         return old
-    model = {k: v for k, v in old.get("model", {}).items() if k != "arch"}
-    arch = old.get("model", {}).get("arch", "mlp")
-    spec = "npz" if old.get("data", {}).get("data") and arch == "mlp" else arch
-    return {**old, "model": model, "task": {"spec": spec, "args": {}}}
+    arch = moved.pop("arch", "mlp")
+    task = dict(old.get("task") or {"spec": "npz" if moved.get("data") and arch == "mlp" else arch})
+    args = dict(task.get("args", {}))
+    for key, value in moved.items():
+        default = TASK_OPTIONS[key][0] if key in TASK_OPTIONS else None
+        unused = key not in READ_BEFORE.get(task["spec"], ()) or value == (
+            list(default) if isinstance(default, tuple) else default
+        )
+        if explicit or not unused:
+            args.setdefault(key, value)
+    rest = {k: v for k, v in old.items() if k not in ("model", "data", "task")}
+    return {**rest, "data": {k: v for k, v in data.items() if k not in TASK_OPTIONS}, "task": {**task, "args": args}}
 
 
 def config_changes(old: dict, new: Config) -> list[str]:
@@ -402,8 +398,28 @@ def _add_task_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("task", TaskConfig.__doc__)
     group.add_argument("--task", dest="task.spec", metavar="SPEC", default=argparse.SUPPRESS,
                        help=f"{docs['spec']} (default: mlp)")  # fmt: skip
-    group.add_argument("--task-arg", dest="task.args", metavar="KEY=VALUE", action="append", type=parse_task_arg,
-                       default=argparse.SUPPRESS, help=docs["args"])  # fmt: skip
+    add_task_arg_option(group, "--task-arg", "task.args", docs["args"])
+    settings = parser.add_argument_group(
+        "settings of the built-in tasks",
+        "Each is the same as --task-arg NAME=VALUE; a task that does not take it "
+        "refuses it. Defaults are the task's own.",
+    )
+    for name, (default, helptext) in TASK_OPTIONS.items():
+        opts: dict[str, Any] = {"dest": f"task.args.{name}", "default": argparse.SUPPRESS}
+        if isinstance(default, bool):
+            opts["action"] = argparse.BooleanOptionalAction
+        else:
+            opts["metavar"] = name.upper()
+            opts["type"] = str if default is None else type(default[0] if isinstance(default, tuple) else default)
+            opts["nargs"] = "+" if isinstance(default, tuple) else None
+        shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
+        settings.add_argument(f"--{name.replace('_', '-')}", help=f"{helptext} (mlp's default: {shown})", **opts)
+
+
+def add_task_arg_option(group, flag: str, dest: str, helptext: str) -> None:
+    """``--task-arg KEY=VALUE [KEY=VALUE ...]``, repeatable: every pair of every use, in order."""
+    group.add_argument(flag, dest=dest, metavar="KEY=VALUE", nargs="+", action="extend", type=parse_task_arg,
+                       default=argparse.SUPPRESS, help=helptext)  # fmt: skip
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -443,6 +459,8 @@ def from_namespace(ns: argparse.Namespace, toml_path: str | None = None) -> Conf
     for dest, value in vars(ns).items():
         if dest == "task.args":  # KEY=VALUE pairs on top of the file's [task.args]
             values["task"]["args"] = {**values["task"].get("args", {}), **dict(value)}
+        elif dest.startswith("task.args."):  # a built-in task's setting given by its own flag
+            values["task"].setdefault("args", {})[dest.removeprefix("task.args.")] = value
         elif "." in dest:
             section, key = dest.split(".", 1)
             values[section][key] = value
@@ -461,7 +479,7 @@ def load_toml(path: str) -> dict:
     for section, settings in data.items():
         if not isinstance(settings, dict):
             raise ConfigError(f"--config: {path}: '{section}' must be a [section] table")
-    return data
+    return upgrade(data, explicit=True)
 
 
 def parser(prog: str = "ddp train") -> argparse.ArgumentParser:

@@ -10,9 +10,7 @@ from epoch to epoch because the permutation does.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import random
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,6 +26,7 @@ from torch.utils.data import (
     default_collate,
 )
 
+from ddp import rng
 from ddp.errors import ConfigError
 from ddp.task import Task
 
@@ -65,32 +64,6 @@ def split(full: TensorDataset, val_fraction: float) -> tuple[TensorDataset, Tens
     return TensorDataset(*(t[:cut] for t in full.tensors)), TensorDataset(*(t[cut:] for t in full.tensors))
 
 
-# ---- random numbers drawn while loading a sample -----------------------------------------
-
-
-def seed_all(seed: int) -> None:
-    """Seed Python, numpy and torch (CPU and every GPU)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-@contextlib.contextmanager
-def seeded(seed: int) -> Iterator[None]:
-    """Seed every generator for a block, then put the CPU generators' states back."""
-    with preserved_rng():
-        seed_all(seed)
-        yield
-
-
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """A seed for sample ``index`` of ``epoch``: a fixed mix (splitmix64) of the three numbers."""
-    z = (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB) % 2**64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % 2**64
-    return (z ^ (z >> 31)) % 2**63
-
-
 EVAL_EPOCH = -1  # the "epoch" of validation samples: their draws are the same every evaluation
 
 
@@ -116,31 +89,12 @@ class SeededSamples(Dataset):
 
     def __getitems__(self, keys: list[tuple[int, int]]) -> list:
         """A batch of samples (the DataLoader's fetcher calls this once per batch)."""
-        with preserved_rng():
+        with rng.preserved():
             samples = []
             for epoch, index in keys:
-                seed_cpu(sample_seed(self.seed, epoch, index))
+                rng.seed_cpu(rng.sample_seed(self.seed, epoch, index))
                 samples.append(self.dataset[index])
             return samples
-
-
-@contextlib.contextmanager
-def preserved_rng() -> Iterator[None]:
-    """Put Python's, numpy's and torch's CPU generator states back after the block."""
-    py, npy, cpu = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    try:
-        yield
-    finally:
-        random.setstate(py)
-        np.random.set_state(npy)
-        torch.set_rng_state(cpu)
-
-
-def seed_cpu(seed: int) -> None:
-    """Seed Python's, numpy's and torch's CPU generators (torch.manual_seed costs 100 us: CUDA too)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.default_generator.manual_seed(seed)
 
 
 class EpochTagged(Sampler):
@@ -230,7 +184,7 @@ def make_loader(
         "num_workers": workers,
         "pin_memory": pin_memory,
         "persistent_workers": workers > 0,
-        "worker_init_fn": _seed_worker if workers else None,
+        "worker_init_fn": rng.seed_worker if workers else None,
         "generator": torch.Generator().manual_seed(seed),
     }
     if batched:
@@ -261,9 +215,3 @@ def eval_batches(task: Task, rank: int, world_size: int, batch_size: int, seed: 
 def eval_batch_count(samples: int, rank: int, world_size: int, batch_size: int) -> int:
     """How many batches ``eval_batches`` gives ``rank``."""
     return math.ceil(len(range(rank, samples, world_size)) / batch_size)
-
-
-def _seed_worker(worker_id: int) -> None:
-    seed = torch.initial_seed() % 2**32  # derived by torch from the loader's generator
-    np.random.seed(seed)
-    random.seed(seed)

@@ -31,7 +31,13 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, _Em
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta, TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
-from ddp.errors import CheckpointCorruptError, CheckpointError, CheckpointNotFoundError, UnsafeCheckpointError
+from ddp.errors import (
+    CheckpointCorruptError,
+    CheckpointError,
+    CheckpointNotFoundError,
+    UnsafeCheckpointError,
+    first_line,
+)
 from ddp.io import fsync_dir
 
 METADATA = ".metadata"
@@ -107,7 +113,7 @@ class _WeightsOnlyBytes:
         except pickle.UnpicklingError as e:
             raise UnsafeCheckpointError(
                 f"entry {read_item.dest_index.fqn!r} of the DCP checkpoint holds objects the weights-only loader "
-                f"refuses ({str(e).splitlines()[0][:200]}); it was not loaded"
+                f"refuses ({first_line(e)[:200]}); it was not loaded"
             ) from None
         if self.flatten_state_dict:  # put it back where it was nested, as DefaultLoadPlanner does
             set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)

@@ -51,3 +51,18 @@ def local_device(backend: str = "gloo", kind: str = "auto") -> torch.device:
     if kind == "cuda":
         return gpu(local_rank() % max(num_gpus(), 1))
     return cpu()
+
+
+DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16, "fp16": torch.float16}
+"""The dtype each ``--precision`` computes in."""
+
+
+def weights_dtype(precision: str) -> torch.dtype:
+    """The dtype a model's weights are kept in: float64 under fp64, else float32 (bf16/fp16 autocast)."""
+    return torch.float64 if precision == "fp64" else torch.float32
+
+
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    """The dtype autocast (or FSDP's mixed precision) computes in; None when the weights' own dtype is used."""
+    dtype = DTYPES[precision]
+    return None if dtype == weights_dtype(precision) else dtype

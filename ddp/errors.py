@@ -64,6 +64,12 @@ class Reported(Exception):
         self.code = code
 
 
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type's name if it has none), for one-line reports."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def say(lead: str, e: DDPError) -> int:
     """Print ``e`` on stderr as one line after ``lead``; its exit code (2 for a usage error)."""
     print(f"{lead} error: {e}", file=sys.stderr, flush=True)

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn.parameter import is_lazy  # a lazy layer takes its shape from the file
 
-from ddp import dist, faults
+from ddp import faults, group
 from ddp.errors import (
     ArchitectureMismatchError,
     CheckpointCorruptError,
@@ -31,12 +31,11 @@ from ddp.errors import (
     CheckpointNotFoundError,
     CheckpointWriteError,
     UnsafeCheckpointError,
+    first_line,
 )
 
-PREFIXES = (
-    "module.",
-    "_orig_mod.",
-)  # added by DistributedDataParallel and torch.compile
+PREFIXES = ("module.", "_orig_mod.")
+"""Added to every key by the wrappers, DistributedDataParallel and torch.compile."""
 
 
 def fsync_dir(path: Path) -> None:
@@ -52,7 +51,7 @@ def write_durable(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -
     """Write a file through ``write(f)`` and fsync it; OSErrors become CheckpointWriteError."""
     path = Path(path)
     try:
-        faults.before_save_write(dist.rank(), path)
+        faults.before_save_write(group.rank(), path)
         with open(path, "wb") as f:
             write(f)
             f.flush()
@@ -89,7 +88,9 @@ def detect_format(path: str | os.PathLike) -> str:
     if not path.exists():
         raise CheckpointNotFoundError(f"{path} does not exist; check the path (or --out)")
     if path.is_dir():
-        raise CheckpointFormatError(f"{path} is a folder; expected a weights file (a checkpoint folder holds model.pt)")
+        raise CheckpointFormatError(
+            f"{path} is a folder; expected a weights file (a checkpoint folder holds manifest.json)"
+        )
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(9)
@@ -221,18 +222,14 @@ def load(
             "when unpickled, so it was not loaded; re-save it as a plain state_dict from code you trust"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
-        raise CheckpointCorruptError(f"{path} could not be read, it is truncated or damaged: {_first_line(e)}") from e
+        raise CheckpointCorruptError(f"{path} could not be read, it is truncated or damaged: {first_line(e)}") from e
 
 
 def _unpickler_reason(e: BaseException) -> str:
     for line in str(e).splitlines():
         if "WeightsUnpickler error:" in line:
             return line.split("WeightsUnpickler error:", 1)[1].split(". Please use")[0].strip()
-    return _first_line(e)
-
-
-def _first_line(e: BaseException) -> str:
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return first_line(e)
 
 
 def load_safetensors(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[dict, dict]:
@@ -294,12 +291,12 @@ def save_model(
     """
     path = Path(path)
     error = None
-    if dist.rank() == 0:
+    if group.rank() == 0:
         try:
             save(unwrap(model).state_dict() if state is None else state, path, format=format)
         except CheckpointError as e:
             error = e
-    dist.raise_if_any_failed(error, f"saving {path}")
+    group.raise_if_any_failed(error, f"saving {path}")
     return path
 
 
@@ -315,7 +312,7 @@ def load_model(model: nn.Module, path: str | os.PathLike, *, verbose: bool = Tru
     if not isinstance(state, dict):
         raise CheckpointFormatError(f"{path} holds a {type(state).__name__}, not a state_dict (a dict of tensors)")
     state, stripped = strip_prefixes(state)
-    if stripped and verbose and dist.rank() == 0:
+    if stripped and verbose and group.rank() == 0:
         print(
             f"load_model: stripped prefix {' and '.join(repr(p) for p in stripped)} from the keys of {path}",
             flush=True,

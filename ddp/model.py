@@ -8,7 +8,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from ddp.config import ModelConfig
 from ddp.task import call
 
 
@@ -78,42 +77,42 @@ def materialize(model: nn.Module, example: Any) -> nn.Module:
     return model
 
 
-def builtin_model(spec: str, cfg: ModelConfig) -> nn.Module:
-    """The built-in model ``spec`` (mlp or cnn) with the settings ``cfg``."""
+def builtin_model(spec: str, settings: dict[str, Any]) -> nn.Module:
+    """The built-in model ``spec`` (mlp or cnn) with its task's settings (``--task-arg``)."""
     if spec == "cnn":
-        return ConvNet(cfg.out_features, width=cfg.width, batchnorm=cfg.batchnorm)
-    return MLP(cfg.in_features, cfg.hidden, cfg.out_features, cfg.batchnorm, cfg.dropout)
+        return ConvNet(settings["out_features"], width=settings["width"], batchnorm=settings["batchnorm"])
+    return MLP(**{k: settings[k] for k in ("in_features", "hidden", "out_features", "batchnorm")})
 
 
-def builtin_from_state_dict(state: dict[str, Any]) -> tuple[str, ModelConfig] | None:
-    """Which built-in model (mlp or cnn) a state_dict is from, and its settings; None unless
+def builtin_from_state_dict(state: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+    """Which built-in model (mlp or cnn) a state_dict is from, and its task's settings; None unless
     every name and shape matches that model exactly."""
     try:
-        spec, cfg = _guess(state)
+        spec, settings = _guess(state)
     except (KeyError, IndexError, AttributeError, ValueError):
         return None
     with torch.device("meta"):  # shapes only: nothing is allocated
-        expected = builtin_model(spec, cfg).state_dict()
+        expected = builtin_model(spec, settings).state_dict()
     fits = expected.keys() == state.keys() and all(expected[k].shape == state[k].shape for k in state)
-    return (spec, cfg) if fits else None
+    return (spec, settings) if fits else None
 
 
-def _guess(state: dict[str, Any]) -> tuple[str, ModelConfig]:
+def _guess(state: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     if "features.0.weight" in state:
-        return "cnn", ModelConfig(
-            width=state["features.0.weight"].shape[0],
-            out_features=state["output.weight"].shape[0],
-            batchnorm="features.1.running_mean" in state,
-        )
+        return "cnn", {
+            "width": state["features.0.weight"].shape[0],
+            "out_features": state["output.weight"].shape[0],
+            "batchnorm": "features.1.running_mean" in state,
+        }
     linears = sorted(
         (k for k in state if re.fullmatch(r"hidden\.\d+\.weight", k) and state[k].dim() == 2),
         key=lambda k: int(k.split(".")[1]),
     )
-    hidden = tuple(state[k].shape[0] for k in linears)
+    hidden = [state[k].shape[0] for k in linears]
     in_features = state[linears[0]].shape[1] if linears else state["output.weight"].shape[1]
-    return "mlp", ModelConfig(
-        in_features=in_features,
-        hidden=hidden,
-        out_features=state["output.weight"].shape[0],
-        batchnorm=any(k.endswith("running_mean") for k in state),
-    )
+    return "mlp", {
+        "in_features": in_features,
+        "hidden": hidden,
+        "out_features": state["output.weight"].shape[0],
+        "batchnorm": any(k.endswith("running_mean") for k in state),
+    }

@@ -61,7 +61,10 @@ class Task:
     (each transformer block); the root holds the rest. Default: each child with parameters,
     containers opened up, except modules holding a weight tied to one outside them."""
     name: str = "task"
-    """A name for logs."""
+    """A name for logs, and for the exported weights' file (``<name>.params``)."""
+    weights_file: str | None = None
+    """The exported weights' file name in ``--out``; default ``<name>.params`` (``mlp.params`` for mlp, as the
+    textbook names it)."""
 
     def __post_init__(self) -> None:
         if not callable(self.model):
@@ -80,6 +83,10 @@ class Task:
                 )
         if len(self.train_data) == 0:
             raise ConfigError(f"task {self.name!r}: train_data is empty")
+        file = self.weights_file or f"{self.name}.params"
+        if not file or "/" in file or file.startswith(".") or file in ("checkpoints", "metrics.jsonl"):
+            raise ConfigError(f"task {self.name!r}: {file!r} cannot be the weights' file name; give a plain name")
+        self.weights_file = file
 
     def batch_of(self, dataset: Dataset, indices: Sequence[int]) -> Batch:
         """The batch of the given samples, as the trainer's loader makes it."""
@@ -134,6 +141,21 @@ class Task:
             f"task {self.name!r}: cannot derive a probe from batches of type {type(batch).__name__} "
             "(only from (x, y) pairs); set Task.probe to a model input (a tensor, tuple or dict)"
         )
+
+
+def check_setting(ok: bool, name: str, message: str) -> None:
+    """A task's usage error for its setting ``name`` (``--name``, or ``--task-arg name=``) unless ``ok``."""
+    if not ok:
+        raise ConfigError(f"--{name.replace('_', '-')}: {message}")
+
+
+def widths(value: int | Sequence[int], name: str = "hidden") -> tuple[int, ...]:
+    """Layer widths given as one number or a list of them (``--hidden 64 32``, ``--task-arg hidden=[64, 32]``)."""
+    found = (value,) if isinstance(value, int) else tuple(value)
+    check_setting(
+        all(isinstance(w, int) and w > 0 for w in found), name, f"widths must be positive integers, got {value!r}"
+    )
+    return found
 
 
 def _pair(batch: Batch, name: str) -> tuple[Any, torch.Tensor]:

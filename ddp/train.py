@@ -13,7 +13,7 @@ Launch commands:
         --rdzv-endpoint=HOST:29500 --rdzv-id=job42 --max-restarts=3 -m ddp.train
 
 ``--task`` picks what to train (ddp/tasks/: a built-in, or your own Task).
-Each rank trains on its own shard; rank 0 writes ``<out>/mlp.params`` (the unwrapped
+Each rank trains on its own shard; rank 0 writes ``<out>/mlp.params`` (``<task>.params``: the unwrapped
 state_dict, atomically) and full-state checkpoints under ``<out>/checkpoints``; every
 rank reloads the weights into a fresh model and all must give identical outputs.
 A relaunch with the same ``--out`` resumes from the newest complete checkpoint.
@@ -28,41 +28,35 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.elastic.multiprocessing.errors import record
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import TensorDataset
 
-from ddp import dist, faults, fsdp
-from ddp.checkpoint import (
-    FORMAT_VERSION,
-    SHARDED,
-    Checkpointer,
-    is_sharded,
-    read_manifest,
-    rng_state,
-    set_rng_state,
-)
-from ddp.config import SECTIONS, Config, config_changes, parse
-from ddp.data import ResumableSampler, eval_batch_count, eval_batches, make_loader, seed_all, seeded, steps_per_epoch
-from ddp.errors import ConfigError, DDPError, Reported, say
-from ddp.io import check_architecture, load_model, save_model, strip_prefixes, unwrap
+from ddp import faults, fsdp, group, rng
+from ddp.checkpoint import PROGRESS, Checkpointer
+from ddp.config import SECTIONS, Config, parse
+from ddp.data import ResumableSampler, eval_batch_count, eval_batches, make_loader, steps_per_epoch
+from ddp.device import autocast_dtype, weights_dtype
+from ddp.errors import ConfigError, DDPError, Reported, first_line, say
+from ddp.io import load_model, save_model, unwrap
 from ddp.metrics import MetricsWriter, ProgressDisplay
 from ddp.model import materialize
-from ddp.task import Task, to_device
+from ddp.task import Batch, Task, to_device
 from ddp.tasks import resolve
 from ddp.verify import DEFAULT_ATOL, VerifyReport, outputs, summary, verify_identical_outputs
-
-AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
 class Progress:
-    """Where training stands; saved in every checkpoint."""
+    """Where training stands; saved in every checkpoint. The sampler's position is (epoch, epoch_samples)."""
 
     step: int = 0
     """Optimizer steps taken."""
@@ -71,12 +65,21 @@ class Progress:
     epoch_samples: int = 0
     """Samples of the current epoch already consumed, counted over all ranks."""
 
+    def state_dict(self) -> dict[str, int]:
+        """The three counters, by name."""
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take the counters from ``state`` (which may hold other entries too)."""
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, int(state[f.name]))
+
 
 def local_model(task: Task, cfg: Config, device: torch.device, dtype: torch.dtype = torch.float32) -> nn.Module:
     """This rank's model before DDP: built from a seeded RNG (the same weights on every rank),
     lazy layers materialised, SyncBatchNorm if asked, in the memory format ``--memory-format``
     resolves to."""
-    with seeded(cfg.run.seed):
+    with rng.seeded(cfg.run.seed):
         model = task.model()
         if not isinstance(model, nn.Module):
             raise ConfigError(f"task {task.name!r}: model() returned a {type(model).__name__}, not an nn.Module")
@@ -88,7 +91,7 @@ def local_model(task: Task, cfg: Config, device: torch.device, dtype: torch.dtyp
 
 def probe_input(task: Task, cfg: Config):
     """The verify input: the task's probe, derived under a fixed seed so that every rank draws the same."""
-    with seeded(cfg.run.seed + 1234):
+    with rng.seeded(cfg.run.seed + 1234):
         return task.probe_input()
 
 
@@ -107,28 +110,27 @@ def memory_format(cfg: Config, task: Task) -> torch.memory_format:
 
 
 class Trainer:
-    """Holds the model, data, optimizer and checkpointer of one rank."""
+    """One rank's training: builds the model, data and optimizer, takes steps, evaluates, decides when to save.
 
-    def __init__(self, cfg: Config, world: dist.World, task: Task | None = None) -> None:
+    What a checkpoint holds, and how, is the Checkpointer's (``self.checkpointer``): the
+    Trainer hands it the model, the optimizer, the scheduler, the scaler and the progress.
+    """
+
+    def __init__(self, cfg: Config, world: group.World, task: Task | None = None) -> None:
         self.cfg, self.world, self.device = cfg, world, world.device
         self.task = task if task is not None else resolve(cfg)
         self.out = cfg.run.out_dir
         self.out.mkdir(parents=True, exist_ok=True)
-        self.dtype = torch.float64 if cfg.optim.precision == "fp64" else torch.float32
+        self.dtype = weights_dtype(cfg.optim.precision)
         # Under FSDP the whole model is built in host memory, with the seeded weights DDP would have; each
         # block's shards then move to the device as it is sharded, so no device ever holds the whole model.
         built_on = torch.device("cpu") if self.sharded else self.device
         self.model = local_model(self.task, cfg, built_on, self.dtype)
-        seed_all(cfg.run.seed + 1_000_003 * world.rank)  # dropout etc. differ per rank, reproducibly
+        rng.seed_all(rng.rank_seed(cfg.run.seed, world.rank))  # dropout etc. differ per rank, reproducibly
         self.train_set = self.task.train_data
         self.sampler = ResumableSampler(self.train_set, world.world_size, world.rank, cfg.run.seed)
         self.loader = make_loader(
-            self.task,
-            self.sampler,
-            cfg.data.batch_size,
-            cfg.data.workers,
-            self.device.type == "cuda",
-            cfg.run.seed,
+            self.task, self.sampler, cfg.data.batch_size, cfg.data.workers, self.device.type == "cuda", cfg.run.seed
         )
         self.global_batch = cfg.data.batch_size * world.world_size * cfg.optim.grad_accum
         self.steps_per_epoch = steps_per_epoch(len(self.train_set), self.global_batch)
@@ -143,12 +145,26 @@ class Trainer:
         self.scheduler = self._scheduler()
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.optim.precision == "fp16")
         self.progress = Progress()
+        self.checkpointer = Checkpointer(
+            self.out / "checkpoints",
+            cfg.checkpoint,
+            self.model,
+            self.optimizer,
+            {"scheduler": self.scheduler, "scaler": self.scaler, PROGRESS: self.progress},
+            sharded=self.sharded,
+            device=self.device,
+            config=cfg,
+            say=self._say,
+        )
+        self.metrics = MetricsWriter(self.out, world.is_main)
+        self.display = ProgressDisplay(cfg.run.log_every, world.prefix(), world.is_main or cfg.run.log_all_ranks)
         self.signalled = False  # set by the SIGTERM handler only
         self.stop_requested = False  # set when any rank was signalled: all ranks agree
         self.last_loss = float("nan")  # mean over ranks, as of the last agreement
-        self.checkpointer = Checkpointer(self.out / "checkpoints", cfg.checkpoint, self._say)
-        self.metrics = MetricsWriter(self.out, world.is_main)
         self.last_save_time = time.monotonic()
+        self.tick = (time.monotonic(), self.progress.step)  # (time, step) the samples/s figure counts from
+        self.batches: Iterator[Batch] | None = None  # this epoch's pass over the loader
+        self.batches_epoch = -1  # the epoch that pass belongs to
 
     # ---- construction ----
 
@@ -187,138 +203,71 @@ class Trainer:
         return torch.optim.lr_scheduler.ConstantLR(self.optimizer, factor=1.0, total_iters=0)
 
     def _say(self, text: str) -> None:
-        dist.log(self.world, text)
+        group.log(self.world, text)
 
     # ---- checkpoints ----
 
-    def state(self) -> tuple[dict, dict, dict | None]:
-        """(replicated files, this rank's own state, its shards under FSDP) of a full checkpoint."""
-        train = {
-            "format_version": FORMAT_VERSION,
-            "step": self.progress.step,
-            "epoch": self.progress.epoch,
-            "epoch_samples": self.progress.epoch_samples,
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "config": self.cfg.to_dict(),
-            "world_size": self.world.world_size,
-            "torch_version": str(torch.__version__),
-        }
-        own = {"rank": self.world.rank, "world_size": self.world.world_size, "rng": rng_state()}
-        if self.sharded:
-            shards = fsdp.sharded_state(self.model, self.optimizer)
-            self._rank0_buffers(shards["model"])
-            return {"train.pt": train}, own, shards
-        train["optimizer"] = self.optimizer.state_dict()
-        model_state = unwrap(self.wrapped).state_dict()
-        self._rank0_buffers(model_state)
-        return {"model.pt": model_state, "train.pt": train}, own, None
-
-    def _rank0_buffers(self, model_state: dict) -> None:
-        """Put copies of rank 0's buffers into ``model_state`` on every rank, so any rank may write them.
-
-        Buffers (BatchNorm statistics) are each rank's own: DDP broadcasts rank 0's before
-        the next forward, FSDP never. A checkpoint holds rank 0's, as ``mlp.params`` does;
-        the model itself is left as it is.
-        """
-        if self.world.world_size == 1:
-            return
-        for name, _ in unwrap(self.wrapped).named_buffers():
-            if name in model_state:  # persistent buffers only
-                model_state[name] = model_state[name].clone()
-                dist.broadcast(model_state[name], src=0)
-
     def save_checkpoint(self) -> None:
         """Called by every rank: save the full state of the current step."""
-        self.checkpointer.save(self.progress.step, *self.state())
+        self.checkpointer.save(self.progress.step)
         self.last_save_time = time.monotonic()
 
     def resume(self) -> None:
-        """Called by every rank: load the checkpoint ``--resume`` selects, if any."""
-        self.checkpointer.prepare()
-        folder = self.checkpointer.find(self.cfg.checkpoint.resume)
+        """Called by every rank: restore the checkpoint ``--resume`` selects, if any."""
+        folder = self.checkpointer.resume(self.cfg.checkpoint.resume)
         if folder is None:
             return
-        if self.sharded and is_sharded(read_manifest(folder)):
-            state, own, _ = Checkpointer.load_train(folder, self.device)
-            self._load_shards(folder / SHARDED)
-        else:
-            state, own, _ = Checkpointer.load(folder, self.device if not self.sharded else "cpu")
-            self._load_whole(state, folder)
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.progress = Progress(state["step"], state["epoch"], state["epoch_samples"])
-        self.checkpointer.last_saved = state["step"]
-        self._restore_rng(own, state["world_size"])
-        changes = config_changes(state["config"], self.cfg)
-        if changes:
-            self._say(
-                f"warning: settings changed since the checkpoint, the run will not match an "
-                f"uninterrupted one: {', '.join(changes)}"
-            )
         if self.progress.step >= self.total_steps:
             self._say(f"resumed from {folder}: step {self.progress.step} already completes the run")
         else:
             self._say(f"resumed from {folder}: continuing at step {self.progress.step + 1}")
-
-    def _load_shards(self, folder: Path) -> None:
-        """This rank's shards of a sharded checkpoint, written by any number of ranks (DCP reshards)."""
-        from ddp import dcp  # torch.distributed.checkpoint: imported when used (see ddp/fsdp.py)
-
-        shapes = {k: torch.empty(v, device="meta") for k, v in dcp.tensor_shapes(folder, "model.").items()}
-        check_architecture(self.model, shapes, folder)
-        state = fsdp.sharded_state(self.model, self.optimizer)
-        dcp.load_into(state, folder)
-        fsdp.load_state(self.model, self.optimizer, state)
-
-    def _load_whole(self, state: dict, folder: Path) -> None:
-        """A whole model and optimizer state (a DDP checkpoint, or a sharded one under DDP)."""
-        model_state, _ = strip_prefixes(state["model"])
-        model = unwrap(self.wrapped)
-        source = folder / "model.pt" if (folder / "model.pt").exists() else folder  # or each rank's share
-        check_architecture(model, model_state, source)
-        if self.sharded:  # each rank keeps its shard of the whole tensors
-            optimizer = fsdp.optimizer_by_name(model, state["optimizer"])
-            fsdp.load_state(model, self.optimizer, {"model": model_state, "optim": optimizer}, full=True)
-        else:
-            model.load_state_dict(model_state)
-            self.optimizer.load_state_dict(state["optimizer"])
-
-    def _restore_rng(self, own: dict | None, saved_world: int) -> None:
-        if own is not None:
-            set_rng_state(own["rng"])
-        else:
-            seed_all(self.cfg.run.seed + 1_000_003 * self.world.rank + 7919 * self.progress.step)
-        if saved_world != self.world.world_size:
-            reseeded = list(range(saved_world, self.world.world_size))
-            self._say(
-                f"warning: checkpoint written by {saved_world} rank(s), resuming on {self.world.world_size}: "
-                f"data continues at sample {self.progress.epoch_samples} of epoch {self.progress.epoch}; "
-                + (
-                    f"ranks {reseeded} had no RNG state and were reseeded from (seed, rank, step)"
-                    if reseeded
-                    else f"the RNG state of ranks {list(range(self.world.world_size, saved_world))} was not used"
-                )
-                + "; results will not be bitwise equal to a run on the original world size"
-            )
 
     # ---- training ----
 
     def train(self) -> None:
         """Run until ``total_steps`` (or a SIGTERM), checkpointing on the way and at the end."""
         self.resume()
-        shown = self.world.is_main or self.cfg.run.log_all_ranks
-        self.display = ProgressDisplay(self.cfg.run.log_every, self.world.prefix(), shown)
         self.tick = (time.monotonic(), self.progress.step)
         try:
             while self.progress.step < self.total_steps and not self.stop_requested:
-                self._run_epoch()
+                epoch = self.progress.epoch
+                self.step(self.next_batches())
+                if self.progress.epoch != epoch:
+                    self.evaluate()
             self.sync_buffers()
             if self.checkpointer.last_saved != self.progress.step:
                 self.save_checkpoint()
             self.checkpointer.wait()
         finally:
             self.display.close()
+
+    def next_batches(self) -> list[Batch]:
+        """This rank's next ``--grad-accum`` micro-batches; each epoch starts a new pass over the loader."""
+        if self.batches is None or self.batches_epoch != self.progress.epoch:
+            p = self.progress
+            self.sampler.set_position(p.epoch, p.epoch_samples)
+            left = steps_per_epoch(len(self.train_set), self.global_batch, p.epoch_samples)
+            self.display.start_epoch(p.epoch, min(left, self.total_steps - p.step))
+            self.batches, self.batches_epoch = iter(self.loader), p.epoch
+        return [next(self.batches) for _ in range(self.cfg.optim.grad_accum)]
+
+    def step(self, micro: list[Batch]) -> torch.Tensor:
+        """One optimizer step over ``micro``, as ``train`` takes it, and what follows it.
+
+        Gradients sync on the last micro-batch only. Then the progress advances (to the
+        next epoch at its end, before any save, so that a resume starts that epoch), and
+        ``_after_step`` logs, lets the ranks agree on stopping, and checkpoints when due.
+        Returns this rank's loss.
+        """
+        loss = self._optimize(micro)
+        p = self.progress
+        p.step += 1
+        p.epoch_samples += self.global_batch
+        if steps_per_epoch(len(self.train_set), self.global_batch, p.epoch_samples) == 0:
+            p.epoch, p.epoch_samples = p.epoch + 1, 0
+        faults.at_step(self.world.rank, p.step)
+        self._after_step(loss)
+        return loss
 
     def sync_buffers(self) -> None:
         """Give every rank rank 0's buffers (BatchNorm statistics), as DDP does before each forward.
@@ -327,35 +276,13 @@ class Trainer:
         model, and so every reloaded copy, carries rank 0's.
         """
         for buffer in unwrap(self.wrapped).buffers():
-            dist.broadcast(buffer, src=0)
+            group.broadcast(buffer, src=0)
 
-    def _run_epoch(self) -> None:
-        p = self.progress
-        self.sampler.set_position(p.epoch, p.epoch_samples)
-        left = steps_per_epoch(len(self.train_set), self.global_batch, p.epoch_samples)
-        steps = min(left, self.total_steps - p.step)
-        self.display.start_epoch(p.epoch, steps)
-        batches = iter(self.loader)
-        for _ in range(steps):
-            micro = [next(batches) for _ in range(self.cfg.optim.grad_accum)]
-            loss = self._run_step(micro)
-            p.step += 1
-            p.epoch_samples += self.global_batch
-            epoch_done = steps_per_epoch(len(self.train_set), self.global_batch, p.epoch_samples) == 0
-            if epoch_done:  # advance before saving, so a resume starts the next epoch
-                p.epoch, p.epoch_samples = p.epoch + 1, 0
-            faults.at_step(self.world.rank, p.step)
-            self._after_step(loss)
-            if epoch_done:
-                self.evaluate()
-            if self.stop_requested:
-                return
-
-    def _run_step(self, micro: list) -> torch.Tensor:
-        """One optimizer step over ``grad_accum`` micro-batches; gradients sync on the last."""
+    def _optimize(self, micro: list[Batch]) -> torch.Tensor:
+        """Forward, backward and the optimizer's update over ``grad_accum`` micro-batches."""
         self.optimizer.zero_grad(set_to_none=True)
         k = len(micro)
-        dtype = AUTOCAST.get(self.cfg.optim.precision)
+        dtype = autocast_dtype(self.cfg.optim.precision)
         total = None
         for i, batch in enumerate(micro):
             batch = to_device(batch, self.device, self.dtype)
@@ -406,7 +333,7 @@ class Trainer:
         writing, failed = self.checkpointer.status()
         every_s = self.cfg.checkpoint.checkpoint_every_seconds
         time_due = self.world.is_main and every_s > 0 and time.monotonic() - self.last_save_time >= every_s
-        total, stop, due, writing, failed = dist.all_sum([loss.item(), self.signalled, time_due, writing, failed])
+        total, stop, due, writing, failed = group.all_sum([loss.item(), self.signalled, time_due, writing, failed])
         if failed:
             self.checkpointer.wait()  # raises on every rank, naming the rank and the error
         elif self.checkpointer.pending_step is not None and not writing:
@@ -449,7 +376,7 @@ class Trainer:
                 self.task.compute_metrics(model, to_device(spare, self.device, self.dtype))  # results unused
         model.train()
         total: dict[str, float] = {}
-        for part in dist.all_gather_objects(sums):  # every rank sums the same dicts, in rank order
+        for part in group.all_gather_objects(sums):  # every rank sums the same dicts, in rank order
             for key, value in part.items():
                 total[key] = total.get(key, 0.0) + value
         if not total.get("count"):
@@ -462,9 +389,10 @@ class Trainer:
 
 
 def export_and_verify(trainer: Trainer) -> VerifyReport:
-    """Rank 0 saves mlp.params; every rank reloads it into a fresh model; all must agree."""
+    """Rank 0 saves the task's weights file (``mlp.params``); every rank reloads it into a fresh model; all must
+    agree."""
     cfg, world, task = trainer.cfg, trainer.world, trainer.task
-    path = trainer.out / "mlp.params"
+    path = trainer.out / task.weights_file
     probe = probe_input(task, cfg)
     reference = outputs(unwrap(trainer.wrapped), probe, cfg.optim.precision)  # under FSDP, all ranks' forward
     whole = fsdp.full_model_state(trainer.model) if trainer.sharded else None
@@ -473,7 +401,7 @@ def export_and_verify(trainer: Trainer) -> VerifyReport:
     faults.perturb_reloaded(world.rank, fresh)
     atol = cfg.dist.atol if cfg.dist.atol is not None else DEFAULT_ATOL[cfg.optim.precision]
     report = verify_identical_outputs(fresh, probe, reference=reference, atol=atol, precision=cfg.optim.precision)
-    dist.log(world, summary(report, str(path), cfg.optim.precision), all_ranks=True)
+    group.log(world, summary(report, str(path), cfg.optim.precision), all_ranks=True)
     return report
 
 
@@ -490,8 +418,8 @@ def check_output_dir(out: Path) -> None:
 
 def check_settings(cfg: Config) -> None:
     """Usage errors that can be found before any process group starts."""
-    backend = dist.resolve_backend(cfg.dist.backend)
-    dist.check_devices(dist.world_from_env(backend, cfg.dist.device))
+    backend = group.resolve_backend(cfg.dist.backend)
+    group.check_devices(group.world_from_env(backend, cfg.dist.device))
     if cfg.run.sync_bn and backend != "nccl":
         raise ConfigError("--sync-bn needs CUDA GPUs and NCCL (PyTorch's SyncBatchNorm does not run on CPU)")
     if cfg.dist.static_graph and cfg.optim.grad_accum > 1:
@@ -522,10 +450,10 @@ def configure_determinism(cfg: Config) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-def run(cfg: Config, world: dist.World, task: Task | None = None) -> VerifyReport | None:
+def run(cfg: Config, world: group.World, task: Task | None = None) -> VerifyReport | None:
     """Train, export and verify on this rank; the verify report (None when stopped by SIGTERM)."""
-    dist.log(world, f"{world.backend} on {world.device}, {world.world_size} rank(s)", all_ranks=cfg.run.log_all_ranks)
-    dist.log(world, f"config: {json.dumps(cfg.to_dict())}")
+    group.log(world, f"{world.backend} on {world.device}, {world.world_size} rank(s)", all_ranks=cfg.run.log_all_ranks)
+    group.log(world, f"config: {json.dumps(cfg.to_dict())}")
     trainer = Trainer(cfg, world, task)
     # The handler only sets a flag: ranks agree on it after the step, then save and exit.
     previous = signal.signal(signal.SIGTERM, lambda *_: setattr(trainer, "signalled", True))
@@ -549,9 +477,9 @@ def fit(task: Task, **settings) -> VerifyReport | None:
     cfg = config_from_settings(settings, task)
     check_settings(cfg)
     configure_determinism(cfg)
-    with seeded(cfg.run.seed):
+    with rng.seeded(cfg.run.seed):
         task.probe_input()  # a task whose probe cannot be derived fails now, before any process group
-    with dist.process_group(cfg.dist) as world:
+    with group.process_group(cfg.dist) as world:
         return run(cfg, world, task)
 
 
@@ -570,19 +498,18 @@ def config_from_settings(settings: dict, task: Task) -> Config:
 def is_comm_failure(e: BaseException) -> bool:
     """True for errors of a collective whose peer died or hung (gloo raises plain RuntimeErrors)."""
     clues = ("Connection closed by peer", "Connection reset", "Timed out", "timed out", "NCCL", "gloo")
-    return isinstance(e, torch.distributed.DistError) or any(c in str(e) for c in clues)
+    return isinstance(e, dist.DistError) or any(c in str(e) for c in clues)
 
 
-def explain(world: dist.World, e: BaseException) -> int | None:
+def explain(world: group.World, e: BaseException) -> int | None:
     """Print a known failure as one line on stderr and give its exit code; None for a bug."""
     if isinstance(e, DDPError):
         return say(world.prefix(), e)
     if not (isinstance(e, RuntimeError) and is_comm_failure(e)):
         return None
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     print(
         f"{world.prefix()} error: a collective failed, another rank probably died or hung "
-        f"(see the launcher's report of the failing rank): {first}",
+        f"(see the launcher's report of the failing rank): {first_line(e)}",
         file=sys.stderr,
         flush=True,
     )
@@ -593,7 +520,7 @@ def explain(world: dist.World, e: BaseException) -> int | None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``torchrun -m ddp.train`` and ``ddp train``."""
     cfg = parse(argv)
-    world = dist.world_from_env()
+    world = group.world_from_env()
     try:
         check_settings(cfg)
         configure_determinism(cfg)
@@ -601,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         return say("ddp train:", e)
     try:
-        with dist.process_group(cfg.dist) as world:
+        with group.process_group(cfg.dist) as world:
             try:
                 run(cfg, world, task)
             except Exception as e:
@@ -620,4 +547,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    dist.exit_process(main())
+    group.exit_process(main())

@@ -8,7 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ddp import dist
+from ddp import group
+from ddp.device import autocast_dtype
 from ddp.errors import VerifyError
 from ddp.task import call, to_device
 
@@ -58,7 +59,7 @@ def outputs(model: nn.Module, x: Any, precision: str = "fp32") -> torch.Tensor:
     was_training = model.training
     model.eval()
     param = next(model.parameters())
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    dtype = autocast_dtype(precision)
     with torch.autocast(param.device.type, dtype=dtype, enabled=dtype is not None):
         out = flatten(call(model, to_device(x, param.device, param.dtype)))
     model.train(was_training)
@@ -89,7 +90,7 @@ def verify_identical_outputs(
     """
     out = outputs(model, x, precision)
     vs_ref = None if reference is None else (out - reference.double().cpu()).abs().max().item()
-    gathered = dist.all_gather_objects((out, vs_ref))
+    gathered = group.all_gather_objects((out, vs_ref))
     base = gathered[0][0]
     report = VerifyReport(
         world_size=len(gathered),

@@ -23,10 +23,11 @@ import torch
 from torch import nn
 
 from ddp import dcp
-from ddp.checkpoint import MANIFEST, MODEL_FILE, digest_of, read_model, validate
-from ddp.config import Config, TaskConfig, upgrade
+from ddp.checkpoint_files import MANIFEST, MODEL, MODEL_FILE, TRAIN, digest_of, read_model, validate
+from ddp.config import Config, TaskConfig
 from ddp.errors import CheckpointCorruptError, CheckpointFormatError, CheckpointNotFoundError, ConfigError
 from ddp.io import (
+    PREFIXES,
     check_architecture,
     detect_format,
     load,
@@ -52,8 +53,8 @@ WEIGHT_KEYS = (
 )
 # Subtrees with training state, not weights: never searched for a model's tensors.
 TRAINING_STATE = ("optim", "scheduler", "scaler", "lr_", "rng")
-# DDP, torch.compile, and LightningModule's attribute for the user's model.
-PREFIXES = ("module.", "_orig_mod.", "model.")
+# Other people's files also carry LightningModule's attribute for the user's model.
+FOREIGN_PREFIXES = (*PREFIXES, "model.")
 FORMATS = ("torch", "safetensors", "dcp")
 """What ``write`` writes (and ``ddp export --format`` takes)."""
 
@@ -123,15 +124,15 @@ def read(
 
 
 def _is_checkpoint(folder: Path) -> bool:
-    return (folder / MANIFEST).exists() or ((folder / "model.pt").exists() and (folder / "train.pt").exists())
+    return (folder / MANIFEST).exists() or ((folder / MODEL).exists() and (folder / TRAIN).exists())
 
 
 def _the_file_in(folder: Path) -> Path:
-    """The one weights file a folder holds: a run's mlp.params, or (Hugging Face's layout) an index or
-    a single safetensors file."""
+    """The one weights file a folder holds: a run's ``<task>.params`` (mlp.params), or (Hugging Face's layout)
+    an index or a single safetensors file."""
     if (folder / "mlp.params").is_file():
         return folder / "mlp.params"
-    for pattern in ("*.safetensors.index.json", "*.index.json", "*.safetensors"):
+    for pattern in ("*.params", "*.safetensors.index.json", "*.index.json", "*.safetensors"):
         found = sorted(folder.glob(pattern))
         if len(found) == 1:
             return found[0]
@@ -139,16 +140,17 @@ def _the_file_in(folder: Path) -> Path:
             names = ", ".join(p.name for p in found[:4])
             raise CheckpointFormatError(f"{folder} holds several weights files ({names}); name the one to read")
     raise CheckpointFormatError(
-        f"{folder} is a folder without a checkpoint: expected {MANIFEST} or mlp.params (this project), .metadata "
+        f"{folder} is a folder without a checkpoint: expected {MANIFEST} or a <task>.params (this project), .metadata "
         "(torch.distributed.checkpoint), a *.index.json (a sharded set) or one .safetensors file"
     )
 
 
 def _read_checkpoint(folder: Path, map_location: str | torch.device) -> Weights:
     manifest = validate(folder)
-    train_state = load(folder / "train.pt", "cpu", expect="torch")
+    train_state = load(folder / TRAIN, "cpu", expect="torch")
     state, found_at = read_model(folder, manifest, train_state.get("model_keys"), map_location)
-    cfg = Config.from_dict(upgrade(train_state["config"]))
+    stored = train_state.get("config")  # None from a Checkpointer that was given no config
+    cfg = None if stored is None else Config.from_dict(stored)
     info = {
         "step": manifest["step"],
         "epoch": train_state["epoch"],
@@ -157,8 +159,8 @@ def _read_checkpoint(folder: Path, map_location: str | torch.device) -> Weights:
         "integrity": f"ok: {len(manifest['files'])} files match the manifest (size, {digest_of(manifest)})",
     }
     state, stripped = strip_prefixes(state)  # this project's own files: wrapper prefixes only
-    metadata = {"manifest": manifest, "config": cfg.to_dict()}
-    others = [name for name in manifest["files"] if name != "model.pt" and not MODEL_FILE.match(name)]
+    metadata = {"manifest": manifest, "config": None if cfg is None else cfg.to_dict()}
+    others = [name for name in manifest["files"] if name != MODEL and not MODEL_FILE.match(name)]
     return Weights(folder, "torch", state, found_at, stripped, others, metadata, cfg, info)
 
 
@@ -234,7 +236,7 @@ def _weights(
     """Weights of found tensors: moved to ``map_location`` (kept where they are if None), prefixes stripped."""
     if map_location is not None:
         state = {k: v.to(map_location) for k, v in state.items()}
-    state, stripped = strip_prefixes(state, PREFIXES)
+    state, stripped = strip_prefixes(state, FOREIGN_PREFIXES)
     cfg = Config.from_dict(json.loads(metadata["config"])) if "config" in metadata else recognise(state)
     return Weights(path, fmt, state, found_at, stripped, others, metadata, cfg, info or {})
 
@@ -338,7 +340,7 @@ def _summary(obj: Any) -> str:
 def recognise(state: dict[str, torch.Tensor]) -> Config | None:
     """The config of a built-in model whose every name and shape ``state`` matches; else None."""
     found = builtin_from_state_dict(state)
-    return None if found is None else Config(task=TaskConfig(spec=found[0]), model=found[1])
+    return None if found is None else Config(task=TaskConfig(spec=found[0], args=found[1]))
 
 
 def fit_names(model: nn.Module, w: Weights) -> dict[str, torch.Tensor]:

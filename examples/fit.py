@@ -5,7 +5,7 @@
 
 ``fit`` runs the same trainer as ``ddp train``: DDP over the ranks, checkpoints every
 ``checkpoint_every`` steps, exact resume when relaunched with the same ``out``, then rank 0
-saves ``out/mlp.params`` and every rank reloads and verifies it.
+saves ``out/rings.params`` (the task's name) and every rank reloads and verifies it.
 """
 
 import argparse
@@ -43,7 +43,7 @@ def ring_loss(model: nn.Module, batch: dict) -> torch.Tensor:
 
 
 def rings_model() -> nn.Module:
-    """The model; ``ddp predict runs/fit/mlp.params --model examples/fit.py:rings_model --random 4`` runs it."""
+    """The model; ``ddp predict runs/fit/rings.params --model examples/fit.py:rings_model --random 4`` runs it."""
     return nn.Sequential(nn.Linear(2, 32), nn.ReLU(), nn.Linear(32, 2))
 
 
@@ -62,7 +62,7 @@ def main() -> None:
     )
     report = ddp.fit(task, steps=args.steps, batch_size=32, lr=0.1, checkpoint_every=20, out=args.out)
     if report is not None and os.environ.get("RANK", "0") == "0":
-        print(f"fit: {report.world_size} ranks verified {args.out}/mlp.params (max |Δ| = {report.max_diff:g})")
+        print(f"fit: {report.world_size} ranks verified {args.out}/{task.weights_file} (max |Δ| = {report.max_diff:g})")
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ fi
 
 if [[ "$NNODES" == *:* ]]; then
   # An elastic job (MIN:MAX nodes). The workers restart on torchrun's shared rendezvous store
-  # (ddp/dist.py), but torchrun's own agents do not: with it shared, a node that joins a running
+  # (ddp/group.py), but torchrun's own agents do not: with it shared, a node that joins a running
   # job leaves the next rendezvous round waiting on torchelastic/role_info keys until it times
   # out (torch 2.13). Unshared, rank 0 hosts each attempt's store at a fresh MASTER_PORT.
   export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}

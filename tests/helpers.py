@@ -1,4 +1,4 @@
-"""Launching real jobs for the tests: torchrun subprocesses and the elastic launcher."""
+"""Launching real jobs for the tests: torchrun subprocesses (in-process jobs: ``ddp.group.spawn``)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import signal
 import socket
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import torch
@@ -24,10 +23,10 @@ def env(**extra: str) -> dict[str, str]:
     return e
 
 
-def run(cmd: list[str], *, extra_env: dict | None = None, timeout: float = JOB_TIMEOUT, **kw):
+def run(cmd: list[str], *, extra_env: dict | None = None, timeout: float = JOB_TIMEOUT, cwd: Path = ROOT, **kw):
     """Run a command to completion; a child killed by a signal is never a success."""
     proc = subprocess.run(
-        cmd, cwd=ROOT, env=env(**(extra_env or {})), capture_output=True, text=True, timeout=timeout, **kw
+        cmd, cwd=cwd, env=env(**(extra_env or {})), capture_output=True, text=True, timeout=timeout, **kw
     )
     proc.output = proc.stdout + proc.stderr
     assert proc.returncode >= 0 or proc.returncode == -signal.SIGTERM, f"killed by signal:\n{proc.output}"
@@ -56,31 +55,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def elastic(fn, nproc: int, *args):
-    """Run ``fn(*args)`` on ``nproc`` gloo ranks with the public elastic launcher; per-rank results."""
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
-    config = LaunchConfig(
-        min_nodes=1,
-        max_nodes=1,
-        nproc_per_node=nproc,
-        rdzv_backend="c10d",
-        rdzv_endpoint="localhost:0",
-        run_id=str(uuid.uuid4()),
-        max_restarts=0,
-        monitor_interval=0.1,
-    )
-    os.environ["OMP_NUM_THREADS"] = "1"
-    return elastic_launch(config, fn)(*args)
-
-
 def model_state(run_dir: Path, step: int | None = None) -> tuple[dict, dict]:
     """(model state_dict, train state with the optimizer's whole state) of a run's newest (or given) checkpoint."""
-    from ddp.checkpoint import Checkpointer
+    from ddp.checkpoint_files import read_state
 
     folders = sorted((run_dir / "checkpoints").glob("step-*"))
     folder = folders[-1] if step is None else run_dir / "checkpoints" / f"step-{step:08d}"
-    state, _, _ = Checkpointer.load(folder)
+    state, _ = read_state(folder)
     return state.pop("model"), state
 
 

@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from ddp.config import Config
+from ddp.group import spawn
 from ddp.model import MLP
 
 from . import workers
-from .helpers import elastic, ok, torchrun
+from .helpers import ok, torchrun
 
 SMALL = ["--samples", "1024", "--batch-size", "32"]
 
@@ -30,7 +31,7 @@ def test_train_save_reload_verify_passes(tmp_path, nproc):
 
 def test_each_rank_draws_a_disjoint_shard(tmp_path):
     cfg = Config.from_dict({"data": {"samples": 1000, "batch_size": 16}, "run": {"out": str(tmp_path)}}).to_dict()
-    shards = elastic(workers.indices_per_rank, 3, cfg, 1)
+    shards = spawn(workers.indices_per_rank, 3, cfg, 1)
     seen = [set(shards[r]) for r in range(3)]
     assert all(len(s) == len(shards[r]) for r, s in enumerate(seen))  # no repeats within a rank
     assert not (seen[0] & seen[1] or seen[0] & seen[2] or seen[1] & seen[2])
@@ -39,7 +40,7 @@ def test_each_rank_draws_a_disjoint_shard(tmp_path):
 
 def test_all_ranks_hold_identical_parameters_after_training(tmp_path):
     cfg = {"run": {"steps": 8, "out": str(tmp_path)}, "data": {"samples": 512, "batch_size": 16}}
-    digests = elastic(workers.train_and_digest, 2, Config.from_dict(cfg).to_dict())
+    digests = spawn(workers.train_and_digest, 2, Config.from_dict(cfg).to_dict())
     assert digests[0] == digests[1]
 
 
@@ -77,11 +78,11 @@ def test_npz_without_labels_is_refused_naming_the_file(tmp_path):
 def test_lazy_modules_are_materialised_before_ddp_wraps_them(tmp_path):
     from torch import nn
 
-    from ddp import dist
+    from ddp import group
     from ddp.config import DistConfig
     from ddp.model import materialize
 
-    with dist.process_group(DistConfig(backend="gloo")):
+    with group.process_group(DistConfig(backend="gloo")):
         model = materialize(nn.Sequential(nn.LazyLinear(4), nn.ReLU(), nn.Linear(4, 2)), torch.zeros(2, 7))
         assert model[0].weight.shape == (4, 7)
         wrapped = nn.parallel.DistributedDataParallel(model)
@@ -113,7 +114,7 @@ def test_cnn_exports_weights_a_plain_model_loads_with_the_same_outputs(tmp_path)
     out = ok(torchrun(2, "--task", "cnn", "--width", "8", *SMALL, "--steps", "4", "--out", str(tmp_path)))
     assert "outputs identical (max |Δ| = 0" in out
     cfg = Config.from_dict({"task": {"spec": "cnn"}, "model": {"width": 8}})
-    state = torch.load(tmp_path / "mlp.params", weights_only=True)
+    state = torch.load(tmp_path / "cnn.params", weights_only=True)
     plain, fast = ConvNet(width=8), local_model(resolve(cfg), cfg, torch.device("cpu"))
     plain.load_state_dict(state), fast.load_state_dict(state)
     x = torch.randn(16, 1, 16, 16)

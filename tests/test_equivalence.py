@@ -7,10 +7,11 @@ import torch
 
 from ddp.config import Config
 from ddp.data import ResumableSampler, synthetic
+from ddp.group import spawn
 from ddp.model import MLP
 
 from . import workers
-from .helpers import elastic, max_diff, model_state, ok, torchrun
+from .helpers import max_diff, model_state, ok, torchrun
 
 # 900 training samples: not a multiple of 2*16, 3*16 or 2*2*16, so a tail is dropped each epoch.
 DATA = ["--samples", "1000", "--precision", "fp64", "--log-every", "1", "--epochs", "2"]
@@ -100,9 +101,9 @@ def test_grad_accum_allreduces_once_per_optimizer_step(tmp_path):
     cfg = Config.from_dict({"run": {"steps": 6}, "data": {"samples": 512, "batch_size": 8}}).to_dict()
     cfg["checkpoint"]["resume"] = "never"
     cfg["run"]["out"] = str(tmp_path)
-    one, steps = elastic(workers.count_allreduces, 2, cfg)[0]
+    one, steps = spawn(workers.count_allreduces, 2, cfg)[0]
     cfg["optim"]["grad_accum"] = 4
-    four, steps4 = elastic(workers.count_allreduces, 2, cfg)[0]
+    four, steps4 = spawn(workers.count_allreduces, 2, cfg)[0]
     assert steps == steps4 == 6
     assert four == one == 6  # the MLP's gradients fit one bucket: one all-reduce per step, K=4 or not
 
@@ -111,7 +112,7 @@ def test_fsdp_grad_accum_reduce_scatters_once_per_optimizer_step(tmp_path):
     cfg = Config.from_dict({"run": {"steps": 3}, "data": {"samples": 512, "batch_size": 8}}).to_dict()
     cfg.update(optim={**cfg["optim"], "grad_accum": 4}, dist={**cfg["dist"], "strategy": "fsdp"})
     cfg["checkpoint"]["resume"], cfg["run"]["out"] = "never", str(tmp_path)
-    backward, reduce, steps = elastic(workers.count_fsdp_reductions, 2, cfg)[0]
+    backward, reduce, steps = spawn(workers.count_fsdp_reductions, 2, cfg)[0]
     units = 2  # the MLP's two Linear layers; its root holds no parameters of its own
     assert steps == 3 and backward == 3 * 4 * units  # every micro-batch runs each unit's backward
     assert reduce == 3 * units  # and each unit reduce-scatters once per optimizer step

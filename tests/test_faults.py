@@ -15,8 +15,7 @@ import pytest
 import torch
 
 import ddp
-from ddp.checkpoint import validate
-from ddp.dist import World, check_devices
+from ddp.checkpoint_files import validate
 from ddp.errors import (
     ArchitectureMismatchError,
     CheckpointCorruptError,
@@ -24,6 +23,7 @@ from ddp.errors import (
     ConfigError,
     UnsafeCheckpointError,
 )
+from ddp.group import World, check_devices
 from ddp.model import MLP
 
 from .helpers import ROOT, env, free_port, model_state, ok, run, torchrun

@@ -19,9 +19,10 @@ import safetensors.torch
 import torch
 
 from ddp import cli, dcp, weights
+from ddp.group import spawn
 
 from . import user_models, user_task, workers
-from .helpers import ROOT, elastic, ok, run
+from .helpers import ROOT, ok, run
 
 MODELS = Path(user_models.__file__).relative_to(ROOT)
 FORMATS = ["torch", "safetensors", "dcp"]
@@ -62,7 +63,7 @@ def files(tmp_path_factory):
     index = {"metadata": {"total_size": sum(v.nbytes for v in tb.values())}, "weight_map": shard_of}
     (d / "sharded" / "model.safetensors.index.json").write_text(json.dumps(index))
     torch.save(sq, d / "state-for-dcp.pt")
-    elastic(workers.save_dcp, 2, str(d / "dcp"), str(d / "state-for-dcp.pt"))
+    spawn(workers.save_dcp, 2, str(d / "dcp"), str(d / "state-for-dcp.pt"))
     tb_model = f"{MODELS}:TextbookMLP"
     return {
         "textbook": (d / "mlp.params", tb0, {"format": "torch", "found_at": ""}, tb_model),
@@ -99,7 +100,7 @@ def test_inspect_lists_every_tensor_without_an_architecture(files, capsys, name)
     code, out = ddp(capsys, "inspect", path, "--json")
     assert code == 0, out
     info = json.loads(out)
-    assert info["schema"] == 1 and info["kind"] == "weights" and info["integrity"].startswith("ok")
+    assert info["schema"] == 2 and info["kind"] == "weights" and info["integrity"].startswith("ok")
     for key, value in says.items():
         assert info[key] == value, (key, info[key])
     assert sorted((t["name"], t["shape"], t["dtype"], t["bytes"]) for t in info["tensors"]) == sorted(

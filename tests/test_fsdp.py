@@ -53,7 +53,7 @@ def test_fsdp_trains_a_users_task_with_tied_weights_as_one_process_does(tmp_path
     ok(torchrun(2, *task, "--batch-size", "16", "--strategy", "fsdp", "--out", str(tmp_path / "fsdp")))
     (a, _), (b, _) = model_state(tmp_path / "fsdp"), model_state(tmp_path / "one")
     assert max_diff(a, b) < 1e-10
-    weights = torch.load(tmp_path / "fsdp" / "mlp.params", weights_only=True)
+    weights = torch.load(tmp_path / "fsdp" / "tied.params", weights_only=True)
     assert weights["head.weight"].data_ptr() == weights["embed.weight"].data_ptr()  # one tensor, as DDP saves it
     found = read(tmp_path / "fsdp" / "checkpoints" / "step-00000020")  # what inspect, verify and export read
     assert found.found_at == "sharded/model" and max_diff(found.state, weights) == 0

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import ddp
-from ddp import dist
+from ddp import group
 from ddp.checkpoint import Checkpointer
 from ddp.config import CheckpointConfig, DistConfig
 from ddp.io import atomic_write, strip_prefixes
@@ -56,9 +56,9 @@ def test_load_maps_onto_the_requested_device(tmp_path):
 
 @pytest.fixture
 def world_of_one():
-    world = dist.init(DistConfig(backend="gloo"))
+    world = group.init(DistConfig(backend="gloo"))
     yield world
-    dist.shutdown()
+    group.shutdown()
 
 
 def test_unwrap_strips_ddp_and_compile_wrappers(world_of_one):
@@ -99,10 +99,12 @@ def test_atomic_write_that_fails_midway_keeps_the_old_file(tmp_path):
 
 
 def test_keep_last_retires_old_checkpoints_at_once_and_deletes_them_in_the_background(world_of_one, tmp_path):
-    ckpt = Checkpointer(tmp_path, CheckpointConfig(keep_last=2, async_save=False), say=lambda m: None)
+    model = torch.nn.Linear(1000, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    ckpt = Checkpointer(tmp_path, CheckpointConfig(keep_last=2, async_save=False), model, optimizer, say=lambda m: None)
     ckpt.prepare()
     for step in (1, 2, 3):
-        ckpt.save(step, {"model.pt": {"w": torch.full((1000,), float(step))}}, {})
+        ckpt.save(step)
         names = sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".pruned-"))
         assert names == [f"step-{s:08d}" for s in range(max(1, step - 1), step + 1)]  # never more than 2 loadable
     assert ckpt.pruner is not None  # step 1's files go while training goes on
@@ -111,6 +113,6 @@ def test_keep_last_retires_old_checkpoints_at_once_and_deletes_them_in_the_backg
     (tmp_path / ".pruned-step-00000001").mkdir()  # a kill in the middle of deleting
     (tmp_path / ".pruned-step-00000001" / "model.pt").write_bytes(b"half")
     said = []
-    Checkpointer(tmp_path, CheckpointConfig(), say=said.append).prepare()
+    Checkpointer(tmp_path, CheckpointConfig(), model, optimizer, say=said.append).prepare()
     assert said == [f"removed leftover {tmp_path}/.pruned-step-00000001 of an interrupted deletion"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000002", "step-00000003"]

@@ -32,10 +32,10 @@ def reference(tmp_path_factory):
 def test_every_rank_reloads_the_users_model_and_prints_the_verify_line(reference):
     out, log = reference
     for r in (0, 1):
-        assert f"[rank {r}/2] verify: 2/2 ranks reloaded {out}/mlp.params; outputs identical (max |Δ| = 0" in log
+        assert f"[rank {r}/2] verify: 2/2 ranks reloaded {out}/user.params; outputs identical (max |Δ| = 0" in log
     evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
     assert evals and {"loss", "accuracy"} <= set(evals[-1])  # the task's own metrics
-    assert "scale" in torch.load(out / "mlp.params", weights_only=True)  # its buffer is saved
+    assert "scale" in torch.load(out / "user.params", weights_only=True)  # its buffer is saved
 
 
 def test_users_task_on_2_ranks_equals_one_process_on_the_global_batch(reference, tmp_path):
@@ -103,8 +103,8 @@ def test_charlm_keeps_its_tied_weights_one_tensor_through_save_load_and_resume(t
     assert "continuing at step 9" in out and "perplexity" in out
     resumed = model_state(tmp_path / "run", step=24)[0]
     assert resumed["head.weight"].data_ptr() == resumed["tok.weight"].data_ptr()  # after the resume as well
-    state = torch.load(tmp_path / "run" / "mlp.params", weights_only=True)
-    model = ddp.load_model(charlm.from_state_dict(state), tmp_path / "run" / "mlp.params")
+    state = torch.load(tmp_path / "run" / "charlm.params", weights_only=True)
+    model = ddp.load_model(charlm.from_state_dict(state), tmp_path / "run" / "charlm.params")
     assert model.head.weight is model.tok.weight  # one parameter after loading, not a diverging copy
     losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert losses[-1] < 0.8 * losses[0]
@@ -153,7 +153,10 @@ BAD_SPEC_IDS = ["missing-file", "missing-name", "import-error", "not-callable", 
         (["--task", "tests/user_task.py:not_a_task"], "is a int; expected a ddp.Task or a function returning one"),
         (["--task", "tests/user_task.py:returns_a_model"], "returned a Scorer, not a ddp.Task"),
         (["--task", "tests/user_task.py:unsized"], "train_data is a Unsized without __len__"),
-        (["--task", "tests/user_task.py:make", "--task-arg", "colour=red"], "takes no argument(s) ['colour']"),
+        (
+            ["--task", "tests/user_task.py:make", "--task-arg", "colour=red"],
+            "takes no setting colour (given as --task-arg colour=...)",
+        ),
         (["--task", "mlpp"], "--task 'mlpp': not a built-in task (mlp, cnn, npz, digits, charlm)"),
         (["--task", "charlm"], "task charlm needs a text file: --task-arg text=FILE"),
         (["--task", "npz"], "--task npz needs --data FILE.npz"),
@@ -184,7 +187,7 @@ def test_fit_runs_the_same_trainer_under_torchrun_and_alone(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script),
            "--out", str(tmp_path / "two")]  # fmt: skip
     out = ok(run(cmd))
-    assert "fit: 2 ranks verified" in out and (tmp_path / "two" / "mlp.params").exists()
+    assert "fit: 2 ranks verified" in out and (tmp_path / "two" / "rings.params").exists()
     out = ok(run([sys.executable, str(script), "--out", str(tmp_path / "one")]))
     assert "fit: 1 ranks verified" in out
     # a checkpoint of ddp.fit names no file to rebuild its model from: --model does

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 
-from ddp import dist
+from ddp import group
 from ddp.config import Config
 from ddp.io import unwrap
 from ddp.train import Trainer
@@ -17,13 +17,13 @@ from ddp.train import Trainer
 
 def _on_every_rank(cfg_dict: dict, body: Callable[[Trainer], object]):
     cfg = Config.from_dict(cfg_dict)
-    dist.init(cfg.dist)
+    group.init(cfg.dist)
     try:
-        result = body(Trainer(cfg, dist.world_from_env()))
-        dist.barrier()
+        result = body(Trainer(cfg, group.world_from_env()))
+        group.barrier()
         return result
     finally:
-        dist.shutdown()
+        group.shutdown()
 
 
 def indices_per_rank(cfg_dict: dict, epoch: int) -> list[int]:

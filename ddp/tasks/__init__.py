@@ -2,8 +2,10 @@
 
 SPEC is a built-in name (below), ``path/to/file.py:NAME`` or ``package.module:NAME``,
 where NAME is a Task or a function returning one; ``--task-arg KEY=VALUE`` (or the TOML
-``[task.args]`` table) become that function's keyword arguments. Every mistake is a
-usage error that names the SPEC, found before any process group starts.
+``[task.args]`` table) become that function's keyword arguments, the built-ins' included
+(``--hidden 64`` is ``--task-arg hidden=[64]``). Every mistake is a usage error that
+names the SPEC, found before any process group starts: a setting the task does not take
+too, never silently ignored.
 """
 
 from __future__ import annotations
@@ -20,21 +22,19 @@ from typing import Any
 
 from torch import nn
 
-from ddp.config import Config
-from ddp.data import seeded
+from ddp.config import TASK_OPTIONS, Config
 from ddp.errors import ConfigError
+from ddp.rng import seeded
 from ddp.task import Task
 from ddp.tasks import charlm, cnn, digits, mlp, npz
 
-BUILTIN: dict[str, Callable[[Config], Task]] = {
-    "mlp": mlp.from_config,
-    "cnn": cnn.from_config,
-    "npz": npz.from_config,
-    "digits": digits.from_config,
-    "charlm": charlm.from_config,
+BUILTIN: dict[str, Callable[..., Task]] = {
+    "mlp": mlp.task,
+    "cnn": cnn.task,
+    "npz": npz.task,
+    "digits": digits.task,
+    "charlm": charlm.task,
 }
-# These take their settings from the typed model and data options, not from --task-arg.
-TYPED = ("mlp", "cnn", "npz")
 
 
 def resolve(cfg: Config) -> Task:
@@ -44,10 +44,10 @@ def resolve(cfg: Config) -> Task:
     """
     spec, args = cfg.task.spec, cfg.task.args
     with seeded(cfg.run.seed), _naming(spec):
-        if spec in BUILTIN:
-            if spec in TYPED and args:
-                raise ConfigError(f"task {spec} takes no --task-arg ({sorted(args)}); use its options, e.g. --hidden")
-            task = BUILTIN[spec](cfg)
+        if spec in BUILTIN:  # a built-in that draws data at random takes --seed, unless told otherwise
+            fn = BUILTIN[spec]
+            seed = {"seed": cfg.run.seed} if "seed" in inspect.signature(fn).parameters else {}
+            task = build(fn, {**seed, **args}, spec)
         else:
             task = build(load_object(spec), args, spec)
         task.probe_input()  # a task whose probe cannot be derived fails now, not after training
@@ -72,7 +72,7 @@ def build(obj: Any, args: dict[str, Any], spec: str) -> Task:
         return obj
     if not callable(obj):
         raise ConfigError(f"--task {spec} is a {type(obj).__name__}; expected a ddp.Task or a function returning one")
-    _check_args(obj, args, spec)
+    check_args(obj, args, spec)
     try:
         task = obj(**args)
     except ConfigError:
@@ -84,7 +84,7 @@ def build(obj: Any, args: dict[str, Any], spec: str) -> Task:
     return task
 
 
-def _check_args(fn: Callable, args: dict[str, Any], spec: str, flag: str = "--task") -> None:
+def check_args(fn: Callable, args: dict[str, Any], spec: str, flag: str = "--task") -> None:
     try:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):
@@ -93,7 +93,14 @@ def _check_args(fn: Callable, args: dict[str, Any], spec: str, flag: str = "--ta
         return
     unknown = sorted(set(args) - set(params))
     if unknown:
-        raise ConfigError(f"{flag}-arg: {spec} takes no argument(s) {unknown}; it takes {sorted(params) or 'none'}")
+        given = ", ".join(
+            f"--{k.replace('_', '-')}" if flag == "--task" and k in TASK_OPTIONS else f"{flag}-arg {k}=..."
+            for k in unknown
+        )
+        raise ConfigError(
+            f"{flag} {spec} takes no setting {', '.join(unknown)} (given as {given}); "
+            f"it takes {', '.join(sorted(params)) or 'none'}"
+        )
     missing = [
         n for n, p in params.items() if p.default is p.empty and p.kind is not p.VAR_POSITIONAL and n not in args
     ]
@@ -152,7 +159,7 @@ def build_model(spec: str, args: dict[str, Any]) -> nn.Module:
         return obj
     if not callable(obj):
         raise ConfigError(f"--model {spec} is a {type(obj).__name__}; expected an nn.Module class or a function")
-    _check_args(obj, args, spec, "--model")
+    check_args(obj, args, spec, "--model")
     try:
         model = obj(**args)
     except Exception as e:

@@ -1,7 +1,7 @@
 """A small GPT-style character language model, trained on any UTF-8 text file.
 
     ddp train --task charlm --task-arg text=README.md --steps 600
-    ddp sample runs/default/mlp.params --prompt "The " --chars 200
+    ddp sample runs/default/charlm.params --prompt "The " --chars 200
 
 Token and position embeddings, pre-LayerNorm blocks of causal self-attention (through
 ``scaled_dot_product_attention``) and an MLP, dropout, and an output layer tied to the token
@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from ddp.config import Config
 from ddp.errors import ConfigError
 from ddp.task import Task
 
@@ -163,11 +162,6 @@ def task(
         blocks=lambda model: model.blocks,  # FSDP: one unit per transformer block; the tied embedding stays at the root
         name="charlm",
     )
-
-
-def from_config(cfg: Config) -> Task:
-    """``--task charlm --task-arg text=FILE [block= layers= heads= embd= dropout=]``."""
-    return task(**{"val_fraction": cfg.data.val_fraction, **cfg.task.args})
 
 
 def unigram_entropy(text: str) -> float:

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from ddp.config import Config
 from ddp.data import split, synthetic
 from ddp.model import ConvNet
-from ddp.task import Task
+from ddp.task import Task, check_setting
 
 SHAPE = (1, 16, 16)
 
@@ -21,6 +20,10 @@ def task(
     seed: int = 0,
 ) -> Task:
     """Two conv blocks and a linear head; trains channels_last under ``--memory-format auto``."""
+    check_setting(width > 0, "width", "must be positive")
+    check_setting(out_features > 1, "out_features", "needs at least 2 classes")
+    check_setting(samples > 0, "samples", "must be positive")
+    check_setting(0.0 <= val_fraction < 1.0, "val_fraction", "must be in [0, 1)")
     train, val = split(synthetic(samples, SHAPE, out_features, seed), val_fraction)
     return Task(
         model=lambda: ConvNet(out_features, width=width, batchnorm=batchnorm),
@@ -30,9 +33,3 @@ def task(
         blocks=lambda model: [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))],  # FSDP units
         name="cnn",
     )
-
-
-def from_config(cfg: Config) -> Task:
-    """The task as ``--width``, ``--samples`` and the other model and data options set it."""
-    m, d = cfg.model, cfg.data
-    return task(m.width, m.out_features, m.batchnorm, d.samples, d.val_fraction, cfg.run.seed)

@@ -9,7 +9,6 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from ddp.config import Config
 from ddp.data import split
 from ddp.errors import ConfigError
 from ddp.task import Task
@@ -61,8 +60,3 @@ def task(width: int = 32, dropout: float = 0.25, val_fraction: float = 0.2, seed
         channels_last=True,
         name="digits",
     )
-
-
-def from_config(cfg: Config) -> Task:
-    """``--task digits [--task-arg width=64 --task-arg dropout=0.1]``; 20 % held out."""
-    return task(**{"seed": cfg.run.seed, **cfg.task.args})

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from ddp.config import Config
 from ddp.data import load_npz
 from ddp.errors import ConfigError
-from ddp.task import Task
+from ddp.task import Task, check_setting
 from ddp.tasks import mlp
 
 
 def task(
-    data: str,
+    data: str | None = None,
     hidden: tuple[int, ...] = (256,),
     out_features: int = 10,
     batchnorm: bool = False,
@@ -18,12 +17,7 @@ def task(
     val_fraction: float = 0.1,
 ) -> Task:
     """The input size comes from X; labels must lie in [0, out_features)."""
-    return mlp.on(load_npz(data, out_features), val_fraction, hidden, out_features, batchnorm, dropout, name="npz")
-
-
-def from_config(cfg: Config) -> Task:
-    """The task as ``--data FILE.npz`` and the model options set it."""
-    m, d = cfg.model, cfg.data
-    if not d.data:
+    if not data:
         raise ConfigError("--task npz needs --data FILE.npz (arrays X and y)")
-    return task(d.data, m.hidden, m.out_features, m.batchnorm, m.dropout, d.val_fraction)
+    check_setting(str(data).endswith(".npz"), "data", f"{data} is not a .npz file")
+    return mlp.on(load_npz(data, out_features), val_fraction, hidden, out_features, batchnorm, dropout, name="npz")

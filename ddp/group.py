@@ -14,8 +14,9 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -23,7 +24,7 @@ import torch.distributed as dist
 from ddp import faults
 from ddp.config import DistConfig
 from ddp.device import local_device, num_gpus
-from ddp.errors import ConfigError, DistributedError
+from ddp.errors import ConfigError, DistributedError, first_line
 
 
 @dataclass(frozen=True)
@@ -183,15 +184,10 @@ def _connect(
         )
         raise DistributedError(
             f"rank {world.rank} could not join the process group: cannot {what} {host}:{port}: "
-            f"{_first_line(e)}. {hint[0].upper()}{hint[1:]}"
+            f"{first_line(e)}. {hint[0].upper()}{hint[1:]}"
         ) from e
     store.set_timeout(timeout)
     return store
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _device_id(world: World) -> torch.device | None:
@@ -303,3 +299,27 @@ def log(world: World, message: str, *, all_ranks: bool = False, file=None) -> No
         out = file or sys.stdout
         out.write(f"{world.prefix()} {message}\n")  # one write: lines of ranks sharing a pipe never interleave
         out.flush()
+
+
+def spawn(fn: Callable[..., Any], nproc: int, *args: Any) -> dict[int, Any]:
+    """Run ``fn(*args)`` on ``nproc`` local processes through torch's public elastic launcher; {rank: result}.
+
+    What torchrun does, from Python: a c10d rendezvous on a free port, one worker process
+    per rank with torchrun's environment (``fn`` joins the group itself, e.g. with
+    ``init``). ``fn`` must be importable by name (defined at a module's top level). The
+    tests and the benchmarks start their in-process jobs here.
+    """
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",
+        run_id=str(uuid.uuid4()),
+        max_restarts=0,
+        monitor_interval=0.1,
+    )
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # as torchrun sets it: one thread per rank unless told
+    return elastic_launch(config, fn)(*args)
