@@ -1,0 +1,136 @@
+"""Every command the README, docs/ and bench/README.md show: parsed here, and the README's own examples run.
+
+A command that a reader copies must work: a flag renamed, a task setting the task no
+longer takes, a script or make target gone, each fails this file, naming the page and
+the line. The README's quick examples (its Task file with the commands after it, and the
+``ddp`` command block) run as written in a fresh folder.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import sys
+from pathlib import Path
+
+import pytest
+from torch.distributed.run import get_args_parser as torchrun_parser
+
+from ddp import cli, config
+from ddp.tasks import BUILTIN, check_args
+
+from .helpers import ROOT, ok, run
+
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "bench" / "README.md"]
+SHELLS = ("sh", "bash")
+SKIPPED = {"pip", "git", "cd", "export", "cat", "ls", "srun", "scontrol"}  # not ours to check
+
+
+def blocks(page: Path, lang: tuple[str, ...] = SHELLS) -> list[str]:
+    """The fenced code blocks of ``page`` in one of ``lang``."""
+    return [
+        m.group(2) for m in re.finditer(r"^```(\w*)\n(.*?)^```", page.read_text(), re.M | re.S) if m.group(1) in lang
+    ]
+
+
+def commands(block: str) -> list[list[str]]:
+    """Each command of a shell block as words: continuation lines joined, comments and VAR=value prefixes dropped."""
+    found = []
+    for line in block.replace("\\\n", " ").splitlines():
+        words = shlex.split(line, comments=True)
+        while words and re.fullmatch(r"[A-Z_]+=\S*", words[0]):
+            words = words[1:]
+        if words:
+            found.append(words)
+    return found
+
+
+def shown() -> list[tuple[str, list[str]]]:
+    return [(f"{page.relative_to(ROOT)}: {shlex.join(words)}", words) for page in PAGES for block in blocks(page)
+            for words in commands(block)]  # fmt: skip
+
+
+def check_train(args: list[str]) -> None:
+    """``ddp train`` ARGS parse, and a built-in task takes every setting given to it."""
+    parsed = config.parser().parse_args(args)  # argparse exits (SystemExit) on a bad flag
+    cfg = config.from_namespace(parsed, None)
+    if cfg.task.spec in BUILTIN:  # its signature refuses a setting it does not take, without building any data
+        check_args(BUILTIN[cfg.task.spec], cfg.task.args, cfg.task.spec)
+
+
+def check(words: list[str]) -> None:
+    head, rest = words[0], words[1:]
+    if head in ("python", "python3") and rest[:2] == ["-m", "ddp.train"]:
+        return check_train(rest[2:])
+    if head in ("python", "python3") and rest[:2] == ["-m", "ddp"]:
+        return check(["ddp", *rest[2:]])
+    if head in ("python", "python3"):
+        assert (ROOT / rest[0]).is_file(), f"{rest[0]} does not exist"
+        return None
+    if head == "ddp":
+        return check_train(rest[1:]) if rest[0] == "train" else cli.build_parser().parse_args(rest)
+    if head == "torchrun":
+        ns = torchrun_parser().parse_args(rest)
+        if ns.module and ns.training_script == "ddp.train":
+            return check_train(ns.training_script_args)
+        assert ns.module or (ROOT / ns.training_script).is_file(), f"{ns.training_script} does not exist"
+        return None
+    if head == "make":
+        targets = re.findall(r"^([\w-]+):", (ROOT / "Makefile").read_text(), re.M)
+        for target in (w for w in rest if "=" not in w):
+            assert target in targets, f"make {target}: no such target"
+        return None
+    if head in ("bash", "sbatch"):
+        script = next(w for w in rest if w.startswith("launch/"))
+        assert (ROOT / script).is_file(), f"{script} does not exist"
+        after = rest[rest.index(script) + 1 :]
+        if script.endswith("multinode.sh") and "--" in after:  # its own flags, then the trainer's
+            after = after[after.index("--") + 1 :]
+        if not after or after[0] != "--head":  # multinode.sh's flags alone, or the trainer's
+            check_train(after)
+        return None
+    assert head in SKIPPED, f"no check for a command starting {head!r}: add one to tests/test_docs.py"
+    return None
+
+
+@pytest.mark.parametrize("where, words", shown(), ids=[w for w, _ in shown()])
+def test_every_command_shown_parses(where, words):
+    try:
+        check(words)
+    except SystemExit as e:
+        pytest.fail(f"{where}: argparse refused it (exit {e.code})")
+
+
+def test_the_pages_show_commands_at_all():
+    pages = {where.split(":")[0] for where, _ in shown()}
+    assert len(shown()) > 40 and {"README.md", "docs/launching.md", "docs/tasks.md", "bench/README.md"} <= pages
+
+
+def in_folder(words: list[str]) -> list[str]:
+    """A shown command, run with this interpreter."""
+    head, rest = words[0], words[1:]
+    if head == "ddp":
+        return [sys.executable, "-m", "ddp", *rest]
+    if head == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", *rest]
+    raise AssertionError(f"cannot run {words}")
+
+
+def readme_block(marker: str, lang: tuple[str, ...] = SHELLS) -> str:
+    found = [b for b in blocks(ROOT / "README.md", lang) if marker in b]
+    assert len(found) == 1, f"the README has {len(found)} blocks with {marker!r}"
+    return found[0]
+
+
+def test_the_readmes_task_example_trains_verifies_and_runs_under_torchrun(tmp_path):
+    (tmp_path / "mytask.py").write_text(readme_block("# mytask.py", ("python",)))
+    for words in commands(readme_block("--task mytask.py:make")):
+        ok(run(in_folder(words), cwd=tmp_path, timeout=240))
+    assert (tmp_path / "runs" / "mine" / "mytask.params").is_file()
+    assert (tmp_path / "runs" / "mine-2" / "mytask.params").is_file()
+
+
+def test_the_readmes_ddp_command_block_runs_as_written(tmp_path):
+    for words in commands(readme_block("ddp inspect runs/demo/mlp.params")):
+        ok(run(in_folder(words), cwd=tmp_path))
+    assert (tmp_path / "runs" / "demo" / "mlp.safetensors").is_file()
