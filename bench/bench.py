@@ -64,7 +64,7 @@ from common import (
     timed,
     trainer_step,
 )
-from strategies import print_table, strategies_table
+from strategies import ac_table, print_ac, print_table, strategies_table
 
 # c with one setting changed (section, field, value); "c again" is c itself, the noise floor
 C_VARIANTS = {
@@ -649,6 +649,8 @@ def main() -> None:
         ckpt = {} if args.no_checkpoints else checkpoint_table(args, tmp)
         print("DDP vs FSDP:", flush=True)
         strategies = strategies_table(q, tmp) if args.only in ("", "strategies") else []
+        print("activation checkpointing:", flush=True)
+        ac = ac_table(q, tmp) if args.only in ("", "ac") else {}
     results = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"Python {platform.python_version()}",
@@ -658,6 +660,7 @@ def main() -> None:
         "host_to_device": h2d,
         "checkpoints": ckpt,
         "strategies": strategies,
+        "activation_checkpointing": ac,
     }
     Path(args.output).write_text(json.dumps(results, indent=1))
     print_tables(results)
@@ -691,6 +694,8 @@ def print_tables(r: dict) -> None:
                   f"| {ratio_text(row['vs default'])} |")  # fmt: skip
     if r["strategies"]:
         print_table(r["strategies"])
+    if r["activation_checkpointing"]:
+        print_ac(r["activation_checkpointing"])
     if not r["checkpoints"]:
         return
     print(

@@ -1,4 +1,5 @@
-"""DDP vs FSDP: what each rank holds, its peak memory, and throughput, on 1, 2 and 3 ranks.
+"""DDP vs FSDP: what each rank holds, its peak memory, and throughput, on 1, 2 and 3 ranks; and what
+activation checkpointing (--ac full) saves in memory and costs in time.
 
     python bench/strategies.py                 # N = 1, 2, 3; an MLP of 4 x 2048 with AdamW
     python bench/strategies.py --quick         # N = 2, a small MLP (bench.py --quick runs this)
@@ -120,6 +121,71 @@ def strategies_table(quick: bool, out: Path) -> list[dict]:
 PEAKS = ("peak_growth", "peak_growth_mapped")
 
 
+# ---- activation checkpointing: memory for compute ---------------------------------------
+
+
+def peak_memory_worker(cfg_dict: dict, steps: int) -> dict:
+    """On each rank: peak memory growth over training steps, and seconds per step.
+
+    On a GPU the figure is CUDA's peak allocated bytes; on a CPU the peak resident set
+    (VmHWM) with every large block mapped on its own, so that freed activations leave.
+    """
+    torch.set_num_threads(1)
+    cfg = Config.from_dict(cfg_dict)
+    world = group.init(cfg.dist)
+    try:
+        trainer = quiet(Trainer(cfg, world))
+        step = trainer_step(trainer)
+        step()  # the optimizer state and the allocator's pools exist after the first step
+        cuda = trainer.device.type == "cuda"
+        before = torch.cuda.memory_allocated() if cuda else rss_bytes()
+        torch.cuda.reset_peak_memory_stats() if cuda else reset_peak_rss()
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        seconds = (time.perf_counter() - start) / steps
+        peak = torch.cuda.max_memory_allocated() if cuda else peak_rss_bytes()
+        return {"peak_growth": peak - before, "step_s": seconds, "device": str(trainer.device)}
+    finally:
+        group.shutdown()
+
+
+def ac_table(quick: bool, out: Path) -> dict:
+    """charlm with and without --ac full, alternating launches: peak memory and step time, medians."""
+    text = out / "text.txt"
+    text.write_text((ROOT / "README.md").read_text() * (2 if quick else 8))
+    block, layers, embd, steps, repeats = (64, 2, 32, 2, 1) if quick else (256, 4, 64, 5, 3)
+    args = {"text": str(text), "block": block, "layers": layers, "heads": 4, "embd": embd, "dropout": 0.0}
+    got: dict[str, list[dict]] = {"none": [], "full": []}
+    for rep in range(repeats):
+        for ac in ("none", "full") if rep % 2 == 0 else ("full", "none"):
+            cfg = {"task": {"spec": "charlm", "args": args}, "data": {"batch_size": 32},
+                   "optim": {"optimizer": "adamw", "lr": 0.001, "schedule": "constant"},
+                   "run": {"steps": 10**9, "out": str(out / f"ac-{ac}"), "ac": ac},
+                   "checkpoint": {"resume": "never"}}  # fmt: skip
+            with mmap_threshold(2**20):
+                got[ac].append(launch(peak_memory_worker, 1, cfg, steps))
+    med = {ac: {k: sorted(r[k] for r in rows)[len(rows) // 2] for k in ("peak_growth", "step_s")}
+           for ac, rows in got.items()}  # fmt: skip
+    model = f"charlm block {block}, {layers} layers, embd {embd}, batch 32"
+    result = {"model": model, "device": got["none"][0]["device"],
+              **{f"{k}_{ac}": v for ac, m in med.items() for k, v in m.items()},
+              "memory full / none": med["full"]["peak_growth"] / med["none"]["peak_growth"],
+              "step time full / none": med["full"]["step_s"] / med["none"]["step_s"]}  # fmt: skip
+    print(f"  --ac full vs none: peak memory {result['memory full / none']:.2f}x, step time "
+          f"{result['step time full / none']:.2f}x", flush=True)  # fmt: skip
+    return result
+
+
+def print_ac(r: dict) -> None:
+    mb = 2**20
+    print(f"\nactivation checkpointing, {r['model']} on {r['device']} (medians, alternating launches):")
+    print("| --ac | peak memory growth (MB) | s per step |\n|---|---:|---:|")
+    for ac in ("none", "full"):
+        print(f"| {ac} | {r[f'peak_growth_{ac}'] / mb:,.1f} | {r[f'step_s_{ac}']:.3f} |")
+    print(f"full / none: memory {r['memory full / none']:.2f}x, step time {r['step time full / none']:.2f}x")
+
+
 @contextlib.contextmanager
 def mmap_threshold(size: int):
     """Workers launched inside map every allocation of ``size`` bytes or more on its own (glibc)."""
@@ -151,6 +217,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(dir=ROOT / "bench") as tmp:
         print_table(strategies_table(args.quick, Path(tmp)))
+        print_ac(ac_table(args.quick, Path(tmp)))
 
 
 if __name__ == "__main__":

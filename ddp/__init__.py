@@ -24,6 +24,7 @@ from ddp.errors import (
     ConfigError,
     DDPError,
     DistributedError,
+    NonFiniteError,
     UnsafeCheckpointError,
     VerifyError,
 )
@@ -54,6 +55,7 @@ __all__ = [
     "ConfigError",
     "DDPError",
     "DistributedError",
+    "NonFiniteError",
     "Task",
     "UnsafeCheckpointError",
     "VerifyError",

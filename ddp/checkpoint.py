@@ -1,7 +1,7 @@
 """Full-state checkpoints: periodic, atomic, verified, and resumable on any world size.
 
 The Trainer hands a ``Checkpointer`` the stateful parts of training: the model, its
-optimizer, and named objects with ``state_dict()`` / ``load_state_dict()`` (scheduler,
+optimizer, and named objects with ``state_dict()`` / ``load_state_dict()`` (a scheduler,
 grad scaler, progress), as torchtitan's ``Stateful`` and accelerate's
 ``register_for_checkpointing`` take them. The Checkpointer owns the rest: what goes into
 which file (``ddp.checkpoint_files``: the whole model, each rank's share, or FSDP's shards),
@@ -183,7 +183,17 @@ class Checkpointer:
             fsdp.load_state(self.model, self.optimizer, {"model": model_state, "optim": optimizer}, full=True)
         else:
             self.model.load_state_dict(model_state)
-            self.optimizer.load_state_dict(state["optimizer"])
+            self._load_optimizer(state["optimizer"], folder)
+
+    def _load_optimizer(self, saved: dict, folder: Path) -> None:
+        groups, ours = len(saved["param_groups"]), len(self.optimizer.param_groups)
+        if groups != ours:  # e.g. saved before weight decay spared biases, norms and embeddings
+            raise CheckpointError(
+                f"{folder}: its optimizer state has {groups} parameter group(s), this run's optimizer {ours}; "
+                "a checkpoint of a run with weight decay from before the split into decayed and kept parameters "
+                "resumes with --weight-decay-all"
+            )
+        self.optimizer.load_state_dict(saved)
 
     def _restore_rng(self, own: dict | None, saved_world: int, step: int) -> None:
         world, rank = group.world_size(), group.rank()
@@ -259,6 +269,7 @@ class Checkpointer:
         """Write a checkpoint of the state now, as that of ``step``: in step, or staged and written on a
         thread under ``--async-save`` (committed by ``commit`` once every rank has written)."""
         self.wait()
+        self._refuse_nonfinite(step)
         replicated, own, sharded = self.state()
         shared, shares = spread(replicated, group.world_size())
         files = {rank_file(group.rank()): own}
@@ -277,6 +288,16 @@ class Checkpointer:
         self.result = {}
         self.thread = threading.Thread(target=self._write_into_result, args=(step, staged), daemon=True)
         self.thread.start()
+
+    def _refuse_nonfinite(self, step: int) -> None:
+        """No checkpoint ever holds a NaN or inf weight, so retention can never prune the last good one."""
+        bad = any(not torch.isfinite(_local(p)).all() for p in self.model.parameters() if p.is_floating_point())
+        ranks = [r for r, b in enumerate(group.all_gather_objects(bad)) if b]
+        if ranks:
+            raise CheckpointError(
+                f"checkpoint of step {step} refused: the weights hold NaN or inf values on rank(s) {ranks}; the "
+                f"newest checkpoint ({'none' if self.last_saved is None else f'step {self.last_saved}'}) is kept"
+            )
 
     def _write_into_result(self, step: int, files: dict[str, Any]) -> None:
         self.result = self._write(step, files)
@@ -370,3 +391,9 @@ class Checkpointer:
         if retired:
             self.pruner = threading.Thread(target=remove_all, args=(retired,), name="ddp-prune")
             self.pruner.start()
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a tensor: a DTensor's local shard, else the tensor."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if to_local is not None else t.detach()

@@ -4,7 +4,7 @@ Layout: ``<out>/checkpoints/step-00000120/`` holding
 
 - ``model.pt``: the unwrapped model state_dict, on 1 rank; on N ranks ``model-0000R.pt``,
   each rank's share of it (``spread``),
-- ``train.pt``: optimizer settings, scheduler, grad scaler, progress and config (rank 0),
+- ``train.pt``: optimizer settings, grad scaler, progress and config (rank 0),
 - ``optim-0000R.pt``: the optimizer's per-parameter state, shared out with the model's
   tensors by size so that each rank writes about as many bytes (on 1 rank, in ``train.pt``),
 - ``rank-00000.pt`` ...: each rank's RNG states (written by that rank),
@@ -45,7 +45,7 @@ MANIFEST = "manifest.json"
 MODEL = "model.pt"
 """The whole model's state_dict (a DDP checkpoint written by one rank)."""
 TRAIN = "train.pt"
-"""Progress, scheduler, scaler, config and the optimizer's settings: everything but tensors of the model."""
+"""Progress, grad scaler, config and the optimizer's settings: everything but tensors of the model."""
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 PRUNED = ".pruned-"  # a checkpoint beyond --keep-last, renamed before it is deleted in the background
 

@@ -13,6 +13,7 @@ import dataclasses
 import inspect
 import itertools
 import math
+import re
 import tomllib
 import types
 import typing
@@ -74,13 +75,24 @@ class OptimConfig:
     optimizer: str = "sgd"
     """sgd (with momentum) or adamw."""
     lr: float = 0.05
-    """Peak learning rate."""
+    """Peak learning rate (0 trains nothing: the weights stay as they start, e.g. as --init-from gives them)."""
+    min_lr: float = 0.0
+    """The rate cosine decays to at the last step."""
+    warmup_steps: int = 0
+    """Steps of linear warmup from 0 to --lr before the schedule; the rate is a function of the step."""
+    schedule: str = "cosine"
+    """After warmup: cosine (from --lr down to --min-lr at the last step) or constant."""
     momentum: float = 0.9
     """SGD momentum."""
     weight_decay: float = 0.0
-    """Weight decay."""
-    schedule: str = "cosine"
-    """Learning-rate schedule over all steps: cosine or constant."""
+    """Weight decay of matrices; biases, norms and embeddings never decay (unless --weight-decay-all)."""
+    weight_decay_all: bool = False
+    """Decay every parameter, biases, norms and embeddings too (one parameter group, as before this split)."""
+    max_grad_norm: float | None = None
+    """Clip the global gradient norm to this once per optimizer step (default: off; the norm is logged always)."""
+    skip_nonfinite: int = 0
+    """Skip up to N steps whose gradient norm is NaN or inf (a warning each); past that, or at 0, such a step
+    stops the run before its update. Not under fp16, whose GradScaler skips such steps itself."""
     grad_accum: int = 1
     """Micro-batches per optimizer step; gradients sync once per step (no_sync in between)."""
     precision: str = "fp32"
@@ -88,11 +100,12 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         _check(self.optimizer in ("sgd", "adamw"), "optimizer", "use sgd or adamw")
-        _check(
-            self.lr > 0 and math.isfinite(self.lr),
-            "lr",
-            f"must be positive, got {self.lr}",
-        )
+        _check(self.lr >= 0 and math.isfinite(self.lr), "lr", f"must be >= 0, got {self.lr}")
+        _check(0 <= self.min_lr <= self.lr, "min_lr", f"must be in [0, --lr], got {self.min_lr}")
+        _check(self.warmup_steps >= 0, "warmup_steps", "cannot be negative")
+        _check(self.weight_decay >= 0, "weight_decay", "cannot be negative")
+        _check(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm", "must be positive (omit it: off)")
+        _check(self.skip_nonfinite >= 0, "skip_nonfinite", "cannot be negative")
         _check(
             self.schedule in ("cosine", "constant"),
             "schedule",
@@ -118,9 +131,20 @@ class CheckpointConfig:
     """Snapshot to reused CPU buffers and write in a background thread (pays off when the CPU is idle)."""
     format: str = "torch"
     """Format of the exported weights <out>/<task>.params (mlp.params for mlp): torch or safetensors."""
+    init_from: str | None = None
+    """Start from the weights in this file or folder (any format ddp inspect reads): a fresh optimizer, step 0.
+    A checkpoint of this run in --out takes precedence: a restarted fine-tune resumes, it does not start over."""
+    init_skip: str | None = None
+    """A regular expression: tensors whose names match it keep their fresh initialisation (a new head)."""
 
     def __post_init__(self) -> None:
         _check(self.checkpoint_every >= 0, "checkpoint_every", "cannot be negative")
+        if self.init_skip is not None:
+            try:
+                re.compile(self.init_skip)
+            except re.error as e:
+                raise ConfigError(f"--init-skip: {self.init_skip!r} is not a regular expression: {e}") from None
+            _check(self.init_from is not None, "init_skip", "needs --init-from")
         _check(
             self.checkpoint_every_seconds >= 0,
             "checkpoint_every_seconds",
@@ -207,8 +231,12 @@ class RunConfig:
     """Convert BatchNorm layers to SyncBatchNorm (needs CUDA)."""
     memory_format: str = "auto"
     """Layout of conv weights and activations: auto (channels_last if the task asks, as the cnn does) or a layout."""
+    ac: str = "none"
+    """Activation checkpointing: none, or full (each of the task's blocks recomputes its forward in the backward,
+    keeping only its inputs: less memory for more compute)."""
 
     def __post_init__(self) -> None:
+        _check(self.ac in ("none", "full"), "ac", f"unknown {self.ac!r}; use none or full")
         _check(
             self.memory_format in MEMORY_FORMATS,
             "memory_format",
@@ -246,9 +274,13 @@ EXACTNESS = {
     "optim": (
         "optimizer",
         "lr",
+        "min_lr",
+        "warmup_steps",
         "momentum",
         "weight_decay",
+        "weight_decay_all",
         "schedule",
+        "max_grad_norm",
         "grad_accum",
         "precision",
     ),
@@ -350,14 +382,17 @@ def upgrade(old: dict, explicit: bool = False) -> dict:
 
 
 def config_changes(old: dict, new: Config) -> list[str]:
-    """Settings that differ from a checkpoint's config and break exact resumption."""
-    old = upgrade(old)
-    now = new.to_dict()
+    """Settings that differ from a checkpoint's config and break exact resumption.
+
+    A setting the checkpoint's version did not have yet counts as its default there.
+    """
+    old, now, default = upgrade(old), new.to_dict(), Config().to_dict()
+    before = {s: {k: old.get(s, {}).get(k, default[s][k]) for k in keys} for s, keys in EXACTNESS.items()}
     return [
-        f"{key} {old.get(section, {}).get(key)!r} -> {now[section][key]!r}"
+        f"{key} {before[section][key]!r} -> {now[section][key]!r}"
         for section, keys in EXACTNESS.items()
         for key in keys
-        if old.get(section, {}).get(key) != now[section][key]
+        if before[section][key] != now[section][key]
     ]
 
 

@@ -47,6 +47,10 @@ class DistributedError(DDPError):
     """A rank failed or disagreed with the others during a collective step."""
 
 
+class NonFiniteError(DDPError):
+    """A loss or gradient norm became NaN or infinite; training stopped before the update."""
+
+
 class VerifyError(DDPError):
     """Ranks gave different outputs after reloading the saved weights."""
 

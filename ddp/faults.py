@@ -1,7 +1,8 @@
 """Fault injection for the test suite: kill, crash or fill the disk at a chosen point.
 
 Tests set ``DDP_FAULT`` in a worker's environment, e.g. ``kill:rank=1:step=7`` or
-``enospc:rank=1:save=2`` (the second file rank 1 writes fails with ENOSPC), or
+``enospc:rank=1:save=2`` (the second file rank 1 writes fails with ENOSPC), ``nan:rank=1:step=12``
+(rank 1's loss in step 12 is NaN), or
 ``log-writes:file=/tmp/w.log`` (every rank appends the names of the files it writes).
 A fault fires in one attempt of an elastic job: the first (``TORCHELASTIC_RESTART_COUNT``
 0) unless it says ``attempt=N``. Several faults, one per attempt, are separated by ``;``:
@@ -96,3 +97,11 @@ def perturb_reloaded(rank: int, model) -> None:
 
     with torch.no_grad():
         next(model.parameters()).add_(float(spec.get("by", "1e-3")))
+
+
+def poison_loss(rank: int, step: int, loss):
+    """``nan:rank=R:step=S``: rank R's loss in optimizer step S becomes NaN, as a diverging run's does."""
+    spec = _spec()
+    if spec is None or spec["kind"] != "nan" or not _mine(spec, rank) or spec.get("step") != str(step):
+        return loss
+    return loss * float("nan")

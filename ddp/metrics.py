@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import sys
 import time
@@ -50,16 +51,21 @@ class ProgressDisplay:
         desc = f"{self.prefix} epoch {epoch}"
         self.bar = tqdm(total=steps, desc=desc, unit="step", ncols=size.columns, nrows=size.lines)
 
-    def update(self, step: int, epoch: int, loss: float, samples_per_s: float, lr: float) -> None:
+    def update(
+        self, step: int, epoch: int, loss: float, samples_per_s: float, lr: float, grad_norm: float = math.nan
+    ) -> None:
         """Advance by one optimizer step."""
         if not self.enabled:
             return
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{samples_per_s:,.0f}", refresh=False)
+            self.bar.set_postfix(
+                loss=f"{loss:.4f}", grad_norm=f"{grad_norm:.3g}", samples_s=f"{samples_per_s:,.0f}", refresh=False
+            )
             self.bar.update(1)
         elif step % self.log_every == 0:
             print(
-                f"{self.prefix} step {step} epoch {epoch} loss {loss:.4f} lr {lr:.4g} {samples_per_s:,.0f} samples/s",
+                f"{self.prefix} step {step} epoch {epoch} loss {loss:.4f} lr {lr:.4g} grad_norm {grad_norm:.4g} "
+                f"{samples_per_s:,.0f} samples/s",
                 flush=True,
             )
 

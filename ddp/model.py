@@ -1,11 +1,15 @@
-"""Models of the built-in tasks: the textbook's MLP (20 -> 256 -> ReLU -> 10) and a small convnet."""
+"""The built-in models (the textbook's MLP, a small convnet), and what is done to any model before training:
+lazy layers materialised, activation checkpointing."""
 
 from __future__ import annotations
 
+import functools
 import re
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from ddp.task import call
@@ -116,3 +120,26 @@ def _guess(state: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         "out_features": state["output.weight"].shape[0],
         "batchnorm": any(k.endswith("running_mean") for k in state),
     }
+
+
+def checkpoint_activations(model: nn.Module, blocks: Callable[[nn.Module], Iterable[nn.Module]] | None) -> list[str]:
+    """``--ac full``: each block (the task's ``blocks``, as FSDP shards them) keeps only its inputs for the
+    backward and runs its forward again there; the names of the blocks.
+
+    The block's own ``forward`` is wrapped in place, so its parameters keep their names (no
+    wrapper module, no prefix in any state_dict) and FSDP's hooks on the block still run. The
+    recomputation restores the RNG state first, so dropout draws the same mask again.
+    """
+    from ddp.fsdp import resolve_blocks
+
+    names = resolve_blocks(model, blocks)
+    for name in names:
+        block = model.get_submodule(name)
+        block.forward = functools.partial(_recomputed, block.forward)
+    return names
+
+
+def _recomputed(forward: Callable, *args: Any, **kwargs: Any) -> Any:
+    if not torch.is_grad_enabled():  # evaluation: nothing to save for a backward
+        return forward(*args, **kwargs)
+    return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)

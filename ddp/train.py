@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import signal
 import sys
@@ -40,15 +41,15 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import TensorDataset
 
-from ddp import faults, fsdp, group, rng
+from ddp import faults, fsdp, group, optim, rng
 from ddp.checkpoint import PROGRESS, Checkpointer
 from ddp.config import SECTIONS, Config, parse
 from ddp.data import ResumableSampler, eval_batch_count, eval_batches, make_loader, steps_per_epoch
 from ddp.device import autocast_dtype, weights_dtype
-from ddp.errors import ConfigError, DDPError, Reported, first_line, say
+from ddp.errors import ConfigError, DDPError, NonFiniteError, Reported, first_line, say
 from ddp.io import load_model, save_model, unwrap
 from ddp.metrics import MetricsWriter, ProgressDisplay
-from ddp.model import materialize
+from ddp.model import checkpoint_activations, materialize
 from ddp.task import Batch, Task, to_device
 from ddp.tasks import resolve
 from ddp.verify import DEFAULT_ATOL, VerifyReport, outputs, summary, verify_identical_outputs
@@ -64,15 +65,17 @@ class Progress:
     """Current epoch."""
     epoch_samples: int = 0
     """Samples of the current epoch already consumed, counted over all ranks."""
+    skipped: int = 0
+    """Steps skipped for a non-finite gradient norm (``--skip-nonfinite``)."""
 
     def state_dict(self) -> dict[str, int]:
-        """The three counters, by name."""
+        """The counters, by name."""
         return dataclasses.asdict(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Take the counters from ``state`` (which may hold other entries too)."""
+        """Take the counters from ``state`` (which may hold other entries too; one it lacks stays at its default)."""
         for f in dataclasses.fields(self):
-            setattr(self, f.name, int(state[f.name]))
+            setattr(self, f.name, int(state.get(f.name, f.default)))
 
 
 def local_model(task: Task, cfg: Config, device: torch.device, dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -113,7 +116,8 @@ class Trainer:
     """One rank's training: builds the model, data and optimizer, takes steps, evaluates, decides when to save.
 
     What a checkpoint holds, and how, is the Checkpointer's (``self.checkpointer``): the
-    Trainer hands it the model, the optimizer, the scheduler, the scaler and the progress.
+    Trainer hands it the model, the optimizer, the grad scaler and the progress. The learning
+    rate is a function of the step (``ddp.optim.lr_at``), so no scheduler state is saved.
     """
 
     def __init__(self, cfg: Config, world: group.World, task: Task | None = None) -> None:
@@ -126,6 +130,9 @@ class Trainer:
         # block's shards then move to the device as it is sharded, so no device ever holds the whole model.
         built_on = torch.device("cpu") if self.sharded else self.device
         self.model = local_model(self.task, cfg, built_on, self.dtype)
+        self.init_note = self._init_weights()  # before wrapping: under FSDP each rank then keeps its shards
+        if cfg.run.ac == "full":
+            checkpoint_activations(self.model, self.task.blocks)
         rng.seed_all(rng.rank_seed(cfg.run.seed, world.rank))  # dropout etc. differ per rank, reproducibly
         self.train_set = self.task.train_data
         self.sampler = ResumableSampler(self.train_set, world.world_size, world.rank, cfg.run.seed)
@@ -141,8 +148,7 @@ class Trainer:
             )
         self.total_steps = cfg.run.steps or cfg.run.epochs * self.steps_per_epoch
         self.wrapped = self._wrap(self.model)
-        self.optimizer = self._optimizer()
-        self.scheduler = self._scheduler()
+        self.optimizer = optim.build(self.model, cfg.optim)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.optim.precision == "fp16")
         self.progress = Progress()
         self.checkpointer = Checkpointer(
@@ -150,7 +156,7 @@ class Trainer:
             cfg.checkpoint,
             self.model,
             self.optimizer,
-            {"scheduler": self.scheduler, "scaler": self.scaler, PROGRESS: self.progress},
+            {"scaler": self.scaler, PROGRESS: self.progress},
             sharded=self.sharded,
             device=self.device,
             config=cfg,
@@ -161,6 +167,9 @@ class Trainer:
         self.signalled = False  # set by the SIGTERM handler only
         self.stop_requested = False  # set when any rank was signalled: all ranks agree
         self.last_loss = float("nan")  # mean over ranks, as of the last agreement
+        self.grad_norm = torch.zeros(())  # the last step's gradient norm, before clipping
+        self.last_grad_norm = float("nan")  # as of the last agreement
+        self.skipped = False  # whether the last step was skipped (--skip-nonfinite)
         self.last_save_time = time.monotonic()
         self.tick = (time.monotonic(), self.progress.step)  # (time, step) the samples/s figure counts from
         self.batches: Iterator[Batch] | None = None  # this epoch's pass over the loader
@@ -191,16 +200,14 @@ class Trainer:
             static_graph=d.static_graph,
         )
 
-    def _optimizer(self) -> torch.optim.Optimizer:
-        o = self.cfg.optim
-        if o.optimizer == "adamw":
-            return torch.optim.AdamW(self.model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
-        return torch.optim.SGD(self.model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    def _init_weights(self) -> str | None:
+        """``--init-from``: the weights of a file, loaded into the whole model before it is wrapped."""
+        path = self.cfg.checkpoint.init_from
+        if path is None:
+            return None
+        from ddp.weights import init_model  # it reads DCP folders too: torch.distributed.checkpoint, 0.6 s to import
 
-    def _scheduler(self) -> torch.optim.lr_scheduler.LRScheduler:
-        if self.cfg.optim.schedule == "cosine":
-            return torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=self.total_steps)
-        return torch.optim.lr_scheduler.ConstantLR(self.optimizer, factor=1.0, total_iters=0)
+        return init_model(self.model, path, self.cfg.checkpoint.init_skip)
 
     def _say(self, text: str) -> None:
         group.log(self.world, text)
@@ -216,7 +223,11 @@ class Trainer:
         """Called by every rank: restore the checkpoint ``--resume`` selects, if any."""
         folder = self.checkpointer.resume(self.cfg.checkpoint.resume)
         if folder is None:
+            if self.init_note is not None:
+                self._say(self.init_note)
             return
+        if self.init_note is not None:
+            self._say(f"--init-from {self.cfg.checkpoint.init_from} not used: this run's checkpoint takes precedence")
         if self.progress.step >= self.total_steps:
             self._say(f"resumed from {folder}: step {self.progress.step} already completes the run")
         else:
@@ -280,6 +291,8 @@ class Trainer:
 
     def _optimize(self, micro: list[Batch]) -> torch.Tensor:
         """Forward, backward and the optimizer's update over ``grad_accum`` micro-batches."""
+        o = self.cfg.optim
+        optim.set_lr(self.optimizer, optim.lr_at(self.progress.step, self.total_steps, o))
         self.optimizer.zero_grad(set_to_none=True)
         k = len(micro)
         dtype = autocast_dtype(self.cfg.optim.precision)
@@ -291,14 +304,48 @@ class Trainer:
             with sync:
                 with cast:
                     loss = self.task.compute_loss(self.wrapped, batch)
+                    loss = faults.poison_loss(self.world.rank, self.progress.step + 1, loss)
                     if k > 1:
                         loss = loss / k
                 self.scaler.scale(loss).backward()
             total = loss.detach() if total is None else total + loss.detach()
-        self.scaler.step(self.optimizer)
+        self.scaler.unscale_(self.optimizer)  # fp16: the true gradients, to measure and clip (else a no-op)
+        self.grad_norm = optim.clip_gradients(self.model, o.max_grad_norm)
+        self.skipped = not self.scaler.is_enabled() and not self._finite_or_skipped(total)  # fp16: the scaler's
+        if not self.skipped:
+            self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.scheduler.step()
         return total
+
+    def _finite_or_skipped(self, loss: torch.Tensor) -> bool:
+        """Whether this step's gradient norm is finite (one host sync a step: no update ever uses NaN).
+
+        The norm is the same on every rank (reduced gradients), so all ranks decide alike, with
+        no collective; a non-finite one is skipped while ``--skip-nonfinite`` allows, else it
+        stops the run on every rank before the update, naming the ranks whose loss went bad.
+        """
+        norm = self.grad_norm.item()
+        if math.isfinite(norm):
+            return True
+        step, p = self.progress.step + 1, self.progress
+        if p.skipped < self.cfg.optim.skip_nonfinite:
+            p.skipped += 1
+            left = self.cfg.optim.skip_nonfinite - p.skipped
+            self._say(f"warning: step {step} skipped: the gradient norm is {norm} ({left} more may be skipped)")
+            return False
+        raise NonFiniteError(self._nonfinite_message(f"the gradient norm is {norm}", loss, step))
+
+    def _nonfinite_message(self, what: str, loss: torch.Tensor, step: int) -> str:
+        """Called by every rank: which ranks' loss was not finite, and what to do."""
+        losses = group.all_gather_objects(float(loss))
+        bad = [f"rank {r} ({v})" for r, v in enumerate(losses) if not math.isfinite(v)]
+        saved = self.checkpointer.last_saved
+        newest = "no checkpoint was saved yet" if saved is None else f"the newest checkpoint, step {saved}, is good"
+        return (
+            f"step {step}: {what}; the loss was not finite on {', '.join(bad) or 'no rank'}. Training stopped "
+            f"before the update ({newest}). Lower --lr, add --warmup-steps or --max-grad-norm, or allow "
+            "--skip-nonfinite N"
+        )
 
     def _gradient_sync(self, last: bool) -> contextlib.AbstractContextManager:
         """Reduce gradients on the last micro-batch only: DDP's no_sync, FSDP's requires_gradient_sync."""
@@ -334,6 +381,9 @@ class Trainer:
         every_s = self.cfg.checkpoint.checkpoint_every_seconds
         time_due = self.world.is_main and every_s > 0 and time.monotonic() - self.last_save_time >= every_s
         total, stop, due, writing, failed = group.all_sum([loss.item(), self.signalled, time_due, writing, failed])
+        if not math.isfinite(total) and not self.scaler.is_enabled() and not self.skipped:
+            raise NonFiniteError(self._nonfinite_message(f"the mean loss is {total}", loss, self.progress.step))
+        self.last_grad_norm = self.grad_norm.item()
         if failed:
             self.checkpointer.wait()  # raises on every rank, naming the rank and the error
         elif self.checkpointer.pending_step is not None and not writing:
@@ -346,12 +396,18 @@ class Trainer:
         now = time.monotonic()
         t0, s0 = self.tick
         rate = (self.progress.step - s0) * self.global_batch / max(now - t0, 1e-9)
-        lr = self.scheduler.get_last_lr()[0]
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate of the step just taken
         step, epoch = self.progress.step, self.progress.epoch
-        self.display.update(step, epoch, self.last_loss, rate, lr)
+        self.display.update(step, epoch, self.last_loss, rate, lr, self.last_grad_norm)
         if log_step:
             self.metrics.write(
-                "train", step=step, epoch=epoch, loss=self.last_loss, lr=lr, samples_per_s=round(rate, 1)
+                "train",
+                step=step,
+                epoch=epoch,
+                loss=self.last_loss,
+                lr=lr,
+                grad_norm=self.last_grad_norm,
+                samples_per_s=round(rate, 1),
             )
             self.tick = (now, step)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,8 @@ class VerifyReport:
     vs_rank0: list[float]
     vs_reference: list[float | None]
     atol: float
+    nonfinite: list[int] = dataclasses.field(default_factory=list)
+    """Per rank: how many outputs are NaN or inf (none when empty)."""
 
     @property
     def max_diff(self) -> float:
@@ -35,12 +38,16 @@ class VerifyReport:
 
     @property
     def ok(self) -> bool:
-        """True when every difference is within ``atol``."""
-        return self.max_diff <= self.atol
+        """True when every output is finite and every difference is within ``atol``."""
+        return not any(self.nonfinite) and self.max_diff <= self.atol
 
     def failures(self) -> list[str]:
-        """One line per rank that disagrees."""
-        lines = []
+        """One line per rank that disagrees, or whose outputs are not finite."""
+        lines = [
+            f"rank {r} gives {n} non-finite output(s) (NaN or inf): the weights or the inputs hold NaN or inf"
+            for r, n in enumerate(self.nonfinite)
+            if n
+        ]
         for r, (d0, dref) in enumerate(zip(self.vs_rank0, self.vs_reference, strict=True)):
             if d0 > self.atol:
                 lines.append(f"rank {r} differs from rank 0 by max |Δ| = {d0:.3g}")
@@ -97,6 +104,7 @@ def verify_identical_outputs(
         vs_rank0=[(o - base).abs().max().item() if o.shape == base.shape else float("inf") for o, _ in gathered],
         vs_reference=[d for _, d in gathered],
         atol=atol,
+        nonfinite=[int((~torch.isfinite(o)).sum()) for o, _ in gathered],
     )
     if not report.ok:
         raise VerifyError(

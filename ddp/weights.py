@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,13 @@ from torch import nn
 from ddp import dcp
 from ddp.checkpoint_files import MANIFEST, MODEL, MODEL_FILE, TRAIN, digest_of, read_model, validate
 from ddp.config import Config, TaskConfig
-from ddp.errors import CheckpointCorruptError, CheckpointFormatError, CheckpointNotFoundError, ConfigError
+from ddp.errors import (
+    CheckpointCorruptError,
+    CheckpointError,
+    CheckpointFormatError,
+    CheckpointNotFoundError,
+    ConfigError,
+)
 from ddp.io import (
     PREFIXES,
     check_architecture,
@@ -378,3 +385,42 @@ def write(w: Weights, out: Path, fmt: str, keep_prefixes: bool = False) -> None:
         dcp.save(state, out)
     else:
         raise ConfigError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
+
+
+def init_model(model: nn.Module, path: str | os.PathLike, skip: str | None = None) -> str:
+    """``--init-from``: load the weights found in ``path`` (any format ``read`` takes) into ``model``; a line
+    for the log.
+
+    Strict: every tensor of the model must be in the file with its shape, and the file may
+    hold no other, except the tensors whose names match ``skip`` (a regular expression),
+    which keep their fresh initialisation. A mismatch is a usage error that names the tensors.
+    """
+    try:
+        w = read(path, "cpu")
+    except CheckpointError as e:
+        raise ConfigError(f"--init-from: {e}") from None
+    state = fit_names(model, w)
+    skipped = re.compile(skip).search if skip else (lambda _: None)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state and not skipped(k)]
+    unexpected = [k for k in state if k not in expected and not skipped(k)]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} in the file, {tuple(v.shape)} in the model"
+        for k, v in expected.items()
+        if k in state and not skipped(k) and state[k].shape != v.shape
+    ]
+    if missing or unexpected or shapes:
+        parts = [f"{what}: {', '.join(items[:4])}{' ...' if len(items) > 4 else ''}"
+                 for what, items in (("missing from the file", missing), ("not in the model", unexpected),
+                                     ("of another shape", shapes)) if items]  # fmt: skip
+        raise ConfigError(
+            f"--init-from {path} does not fit the model: {'; '.join(parts)}. Build the model the file was trained "
+            "with, or leave tensors fresh with --init-skip REGEX (e.g. '^output\\.' for a new head)"
+        )
+    taken = {k: v for k, v in state.items() if k in expected and not skipped(k)}
+    model.load_state_dict(taken, strict=False)
+    fresh = [k for k in expected if skipped(k)]
+    where = f" (found at {w.found_at!r})" if w.found_at else ""
+    return f"initialised from {path}{where}, {w.format}: {len(taken)} tensors" + (
+        f"; {len(fresh)} left fresh by --init-skip: {', '.join(fresh[:4])}" if fresh else ""
+    )

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from torch.distributed.run import get_args_parser as torchrun_parser
 
 from ddp import cli, config
@@ -134,3 +135,5 @@ def test_the_readmes_ddp_command_block_runs_as_written(tmp_path):
     for words in commands(readme_block("ddp inspect runs/demo/mlp.params")):
         ok(run(in_folder(words), cwd=tmp_path))
     assert (tmp_path / "runs" / "demo" / "mlp.safetensors").is_file()
+    tuned = torch.load(tmp_path / "runs" / "tuned" / "mlp.params", weights_only=True)
+    assert tuned["output.weight"].shape == (5, 256)

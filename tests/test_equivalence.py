@@ -16,8 +16,11 @@ from .helpers import max_diff, model_state, ok, torchrun
 # 900 training samples: not a multiple of 2*16, 3*16 or 2*2*16, so a tail is dropped each epoch.
 DATA = ["--samples", "1000", "--precision", "fp64", "--log-every", "1", "--epochs", "2"]
 # fp64 AdamW on a global batch of 48, with hidden and output sizes (7, 5) that 2 and 3 ranks do
-# not divide (FSDP pads the last shard): 18 steps per epoch, a tail dropped.
-MATHS = [*DATA, "--optimizer", "adamw", "--lr", "0.01", "--hidden", "7", "--out-features", "5"]
+# not divide (FSDP pads the last shard): 18 steps per epoch, a tail dropped. The gradient norm
+# is clipped at every step (it stays above 0.37 here), after 4 steps of warmup.
+CLIP = 0.3
+MATHS = [*DATA, "--optimizer", "adamw", "--lr", "0.01", "--hidden", "7", "--out-features", "5",
+         "--max-grad-norm", str(CLIP), "--warmup-steps", "4", "--weight-decay", "0.1"]  # fmt: skip
 STEPS = 2 * (900 // 48)
 
 
@@ -59,10 +62,19 @@ def test_n_ranks_equal_one_process_on_the_global_batch(runs, strategy, nproc):
     compiled = ["--compile"] if nproc == 1 else []
     run = runs(f"{strategy}{nproc}", nproc, "--batch-size", str(48 // nproc), "--strategy", strategy, *compiled)
     assert_same_training(run, one)
+    norms = [r["grad_norm"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+             if r["kind"] == "train"]  # fmt: skip
+    assert len(norms) == STEPS and min(norms) > CLIP  # clipped at every step compared
     if strategy == "fsdp":  # every rank wrote its own shards, and no whole model file
         checkpoint = sorted((run / "checkpoints").glob("step-*"))[-1]
         written = sorted(p.name for p in (checkpoint / "sharded").glob("__*.distcp"))
         assert written == [f"__{r}_0.distcp" for r in range(nproc)] and not (checkpoint / "model.pt").exists()
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_activation_checkpointing_changes_nothing_but_memory(runs, strategy):
+    one = runs("one", 1, "--batch-size", "48")
+    assert_same_training(runs(f"{strategy}-ac", 2, "--batch-size", "24", "--strategy", strategy, "--ac", "full"), one)
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])

@@ -1,0 +1,77 @@
+"""The optimizer's side of a step: which parameters decay, the learning rate at each step, the gradient norm.
+
+The learning rate is a function of the step (``lr_at``), as nanoGPT's ``get_lr`` is, not
+a scheduler's state: a run resumed with a new ``--steps``, ``--epochs`` or ``--lr``
+continues on the new curve from the step it saved, and one resumed unchanged takes
+exactly the rates an uninterrupted run takes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ddp.config import OptimConfig
+
+NO_DECAY = (nn.Embedding, nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)
+"""Modules whose weights never decay: embeddings and normalisation layers (as nanoGPT and torchtitan)."""
+
+
+def param_groups(model: nn.Module, weight_decay: float, decay_all: bool = False) -> list[dict]:
+    """The model's parameters in one group, or two when some decay and some do not.
+
+    Matrices decay; biases, norms' weights and embeddings do not, unless ``decay_all``. A
+    parameter shared by two modules (a tied embedding and output layer) is the embedding's,
+    and is listed once. Without weight decay there is one group, as before this split.
+    """
+    params = list(model.parameters())
+    if weight_decay == 0 or decay_all:
+        return [{"params": params, "weight_decay": weight_decay}]
+    exempt = {id(p) for m in model.modules() if isinstance(m, NO_DECAY) for p in m.parameters(recurse=False)}
+    decay = [p for p in params if p.dim() >= 2 and id(p) not in exempt]
+    keep = [p for p in params if p.dim() < 2 or id(p) in exempt]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0}]
+
+
+def build(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """The optimizer ``--optimizer`` names, over ``param_groups``."""
+    groups = param_groups(model, cfg.weight_decay, cfg.weight_decay_all)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+
+
+def lr_at(step: int, total_steps: int, cfg: OptimConfig) -> float:
+    """The learning rate of optimizer step ``step`` (0-based) of ``total_steps``.
+
+    Linear warmup from 0 over ``--warmup-steps`` (step i takes lr * (i + 1) / (warmup + 1)),
+    then ``--schedule``: cosine from ``--lr`` down to ``--min-lr`` at the last step, or constant.
+    """
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / (cfg.warmup_steps + 1)
+    if cfg.schedule == "constant":
+        return cfg.lr
+    progress = min((step - cfg.warmup_steps) / max(total_steps - cfg.warmup_steps, 1), 1.0)
+    return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Give every parameter group this learning rate."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def clip_gradients(model: nn.Module, max_norm: float | None) -> torch.Tensor:
+    """The global 2-norm of the model's gradients, before clipping; clip them to ``max_norm`` if set.
+
+    Called once per optimizer step, on the reduced gradients: after DDP's all-reduce, after
+    a GradScaler's ``unscale_``, on the sum of the accumulated micro-batches. Under FSDP the
+    gradients are DTensor shards and the norm is the whole model's (one all-reduce).
+    """
+    params = [p for p in model.parameters() if p.grad is not None]
+    limit = float("inf") if max_norm is None else max_norm  # inf: the norm alone (grads scaled by exactly 1)
+    norm = torch.nn.utils.clip_grad_norm_(params, limit)
+    full_tensor = getattr(norm, "full_tensor", None)  # a DTensor under FSDP
+    return (full_tensor() if full_tensor is not None else norm).detach()
