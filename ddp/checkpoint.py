@@ -101,6 +101,7 @@ class Checkpointer:
         self.pending_step: int | None = None
         self.last_saved: int | None = None
         self.pruner: threading.Thread | None = None
+        self.run_id: str | None = None  # the folder's run (ddp.run_folder): written in manifests, resumed alone
 
     # -- the state --
 
@@ -256,7 +257,7 @@ class Checkpointer:
         if resume == "never":
             return None
         if resume == "auto":
-            return newest_valid(self.root, self.say)
+            return newest_valid(self.root, self.say, self.run_id)
         folder = Path(resume)
         if folder.name == MANIFEST:
             folder = folder.parent
@@ -357,6 +358,7 @@ class Checkpointer:
     def _commit(self, step: int, files: dict, tmp: Path, final: Path) -> None:
         manifest = {
             "format_version": FORMAT_VERSION,
+            "run_id": self.run_id,
             "step": step,
             "world_size": group.world_size(),
             "torch_version": str(torch.__version__),

@@ -304,14 +304,22 @@ def complete_checkpoints(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
 
 
-def newest_valid(root: Path, say=print) -> Path | None:
-    """The newest checkpoint that passes validation; broken ones are skipped, one line each."""
+def newest_valid(root: Path, say=print, run_id: str | None = None) -> Path | None:
+    """The newest checkpoint of run ``run_id`` that passes validation; broken ones are skipped, one line each.
+
+    A checkpoint that names another run is never taken; one written before runs had ids
+    belongs to whichever run holds its folder.
+    """
     for p in root.iterdir() if root.is_dir() else []:
         if STEP_DIR.match(p.name) and not (p / MANIFEST).exists():
             say(f"skipping {p}: no {MANIFEST} (an unfinished save)")
     for folder in reversed(complete_checkpoints(root)):
         try:
-            validate(folder)
+            manifest = validate(folder)
+            owner = manifest.get("run_id")
+            if run_id is not None and owner not in (None, run_id):
+                say(f"skipping {folder}: a checkpoint of another run ({owner}), not of this folder's ({run_id})")
+                continue
             return folder
         except CheckpointError as e:
             say(f"skipping {folder}: {e}; falling back to the previous checkpoint")

@@ -1,14 +1,17 @@
 """The ``ddp`` command: train, verify, inspect, predict, export, sample, plot.
 
-ddp train --epochs 3 --out runs/demo          # also: torchrun ... -m ddp.train
-ddp verify runs/demo/mlp.params                 # under torchrun: every rank checks
-ddp inspect runs/demo/checkpoints/step-00000168 --json
+Each command below works on what the ones before it made (tests/test_docs.py runs them):
+
+ddp train --epochs 3 --out runs/demo             # also: torchrun ... -m ddp.train
+ddp verify runs/demo/mlp.params                  # under torchrun: every rank checks
+ddp inspect runs/demo/checkpoints/step-00000171 --json
 ddp predict runs/demo/mlp.params --random 4 --device cpu
 ddp export runs/demo/mlp.params --format safetensors
-ddp inspect lightning.ckpt                      # any file holding tensors: torch, safetensors, DCP folders
-ddp predict snapshot.pt --model my_model.py:MLP --input x.npz
-ddp plot runs/demo                              # writes runs/demo/loss.png
-ddp sample runs/lm/charlm.params --prompt "The "   # a trained charlm writes on
+ddp inspect runs/demo/mlp.safetensors            # any file holding tensors: torch, safetensors, DCP folders
+ddp predict runs/demo/mlp.safetensors --model ddp.model:MLP --random 2   # your class, for a file without a config
+ddp plot runs/demo                               # writes runs/demo/loss.png
+ddp train --task charlm --task-arg text=README.md --steps 30 --out runs/lm
+ddp sample runs/lm/charlm.params --prompt "The "  # a trained charlm writes on
 """
 
 from __future__ import annotations
@@ -64,37 +67,69 @@ def _config(w: Weights, args: argparse.Namespace) -> Config:
 
 
 def model_for(w: Weights, args: argparse.Namespace, device: torch.device) -> tuple[nn.Module, Any]:
-    """A fresh model of the weights' architecture with the weights loaded, and its probe input (None if unknown)."""
+    """A fresh model of the weights' architecture with the weights loaded, and its probe input (None if unknown).
+
+    The task is rebuilt without reading data it keeps lazy; the probe comes from the
+    weights' model card, or else from the task (which may read its data for it).
+    """
     dtype = next((v.dtype for v in w.state.values() if v.is_floating_point()), torch.float32)
     if args.model:
         with seeded(0):
             model = build_model(args.model, dict(args.model_arg)).to(device, dtype=dtype)
-        probe = None
-    else:
-        cfg = _config(w, args)
-        task = resolve(cfg)
-        model = train.local_model(task, cfg, device, dtype)
-        probe = train.probe_input(task, cfg)
+        return weights.load_into(model, w), None
+    cfg = _config(w, args)
+    task = resolve(cfg, check_probe=False)
+    model = train.local_model(task, cfg, device, dtype)
+    probe = w.probe if w.probe is not None and not args.task else train.probe_input(task, cfg)
     return weights.load_into(model, w), probe
 
 
-def sample_shape(model: nn.Module, probe: Any, what: str) -> tuple[int, ...]:
-    """The shape of one input sample: the probe's, or the first Linear layer's width."""
-    if probe is not None:
-        if not (isinstance(probe, torch.Tensor) and probe.is_floating_point()):
-            raise ConfigError(f"{what} takes float tensor inputs; this model takes {type(probe).__name__}")
-        return tuple(probe.shape[1:])
+def sample_shape(model: nn.Module, what: str) -> tuple[int, ...]:
+    """The shape of one input sample of a model given by ``--model``: its first Linear layer's width."""
     first = next((m for m in model.modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))), None)
     if not isinstance(first, nn.Linear):
         raise ConfigError(f"{what}: cannot tell this model's input shape; give --input FILE.npz with an array X")
     return (first.weight.shape[1],)  # not in_features: a lazy layer's stays 0 after loading
 
 
-def read_inputs(path: str) -> torch.Tensor:
+def random_like(probe: Any, n: int, generator: torch.Generator) -> Any:
+    """``n`` random inputs shaped like the probe, whatever its kind: floats from N(0, 1), integers (token ids)
+    from the range the probe's own span; a tuple or dict of them likewise."""
+    if isinstance(probe, torch.Tensor):
+        shape = (n, *probe.shape[1:])
+        if probe.is_floating_point():
+            return torch.randn(shape, generator=generator, dtype=probe.dtype)
+        low, high = int(probe.min()), int(probe.max()) + 1
+        return torch.randint(low, high, shape, generator=generator, dtype=probe.dtype)
+    if isinstance(probe, dict):
+        return {k: random_like(v, n, generator) for k, v in probe.items()}
+    if isinstance(probe, (tuple, list)):
+        return type(probe)(random_like(v, n, generator) for v in probe)
+    return probe
+
+
+def input_arrays(x: Any) -> dict[str, Any]:
+    """A model input as named arrays: X for a tensor, its keys for a dict, X0, X1, ... for a tuple."""
+    if isinstance(x, dict):
+        return dict(x)
+    if isinstance(x, (tuple, list)):
+        return {f"X{i}": v for i, v in enumerate(x)}
+    return {"X": x}
+
+
+def read_inputs(path: str, probe: Any = None) -> Any:
+    """Inputs from a .npz file, shaped as the probe is (see ``input_arrays``); X alone without a probe."""
+    names = list(input_arrays(probe)) if probe is not None else ["X"]
     with np.load(path, allow_pickle=False) as f:
-        if "X" not in f.files:
-            raise ConfigError(f"--input: {path} has no array X (it has {f.files})")
-        return torch.as_tensor(f["X"])
+        missing = [n for n in names if n not in f.files]
+        if missing:
+            raise ConfigError(f"--input: {path} has no array(s) {missing} (it has {f.files}); this model takes {names}")
+        arrays = {n: torch.as_tensor(f[n]) for n in names}
+    if isinstance(probe, dict):
+        return arrays
+    if isinstance(probe, (tuple, list)):
+        return type(probe)(arrays.values())
+    return arrays["X"]
 
 
 def run_model(model: nn.Module, x: Any) -> torch.Tensor:
@@ -119,9 +154,9 @@ def verify_file(args: argparse.Namespace, world: group.World) -> None:
     w = read_weights(args, world.device)
     model, probe = model_for(w, args, world.device)
     if args.input:
-        probe = read_inputs(args.input)
+        probe = read_inputs(args.input, probe)
     elif probe is None:
-        shape = sample_shape(model, None, "ddp verify")
+        shape = sample_shape(model, "ddp verify")
         probe = torch.randn(8, *shape, generator=torch.Generator().manual_seed(0))
     run_model(model, probe)
     report = verify_identical_outputs(model, probe, atol=args.atol)
@@ -217,22 +252,23 @@ def cmd_predict(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
     w = read_weights(args, device)
     model, probe = model_for(w, args, device)
+    generator = torch.Generator().manual_seed(args.seed)
     if args.input:
-        x = read_inputs(args.input)
-        if probe is not None and tuple(x.shape[1:]) != sample_shape(model, probe, "ddp predict"):
-            raise ConfigError(
-                f"--input: samples have shape {tuple(x.shape[1:])}, the model expects {tuple(probe.shape[1:])}"
-            )
+        x = read_inputs(args.input, probe)
+    elif probe is not None:
+        x = random_like(probe, args.random, generator)
     else:
-        shape = sample_shape(model, probe, "ddp predict")
-        x = torch.randn(args.random, *shape, generator=torch.Generator().manual_seed(args.seed))
+        x = torch.randn(args.random, *sample_shape(model, "ddp predict"), generator=generator)
+    n = len(next(iter(input_arrays(x).values())))
     logits = run_model(model, x)
-    pred = logits.argmax(1) if logits.dim() > 1 else logits
+    per_sample = logits.dim() >= 2 and len(logits) == n  # (N, classes) or (N, positions, vocabulary)
+    pred = logits.argmax(-1) if per_sample else logits
     if args.output:
-        np.savez(args.output, X=x.numpy(), logits=logits.numpy(), pred=pred.numpy())
-        print(f"wrote {len(x)} predictions to {args.output} (on {device})")
+        arrays = {k: v.numpy() for k, v in input_arrays(x).items() if isinstance(v, torch.Tensor)}
+        np.savez(args.output, **arrays, logits=logits.numpy(), pred=pred.numpy())
+        print(f"wrote {n} predictions to {args.output} (on {device})")
     else:
-        for i, p in enumerate(pred.tolist()):
+        for i, p in enumerate(pred.tolist() if per_sample else [pred.tolist()]):
             print(f"{i}\t{p}")
     return 0
 

@@ -223,6 +223,8 @@ class RunConfig:
     """Log a line (and a metrics.jsonl record) every N steps."""
     log_all_ranks: bool = False
     """Let every rank print, not only rank 0."""
+    overwrite: bool = False
+    """Start this run in --out even though it holds another run: the old contents move to <out>.old-<time>."""
     deterministic: bool = False
     """torch.use_deterministic_algorithms(True) and seeded workers: bitwise-repeatable runs."""
     compile: bool = False

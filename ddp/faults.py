@@ -48,8 +48,8 @@ def at_step(rank: int, step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     if spec["kind"] == "raise":
         raise RuntimeError(f"injected fault on rank {rank} at step {step}")
-    if spec["kind"] == "sigterm":
-        os.kill(os.getpid(), signal.SIGTERM)
+    if spec["kind"] in ("sigterm", "sigint"):
+        os.kill(os.getpid(), signal.SIGTERM if spec["kind"] == "sigterm" else signal.SIGINT)
 
 
 def before_join(rank: int) -> None:

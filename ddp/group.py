@@ -11,6 +11,7 @@ import contextlib
 import datetime
 import gc
 import os
+import socket
 import sys
 import time
 import uuid
@@ -147,6 +148,9 @@ def join_store(world: World, timeout: datetime.timedelta, join_timeout: float) -
         try:
             found_host, found_port, nonce = agent.get(PUBLISHED).decode().split()
             tried = f"{found_host}:{found_port}"
+            if not listening(found_host, int(found_port)):  # a dead attempt's store: skip it quietly
+                time.sleep(0.1)
+                continue
             probe = datetime.timedelta(seconds=2)
             store = _connect(world, found_host, int(found_port), probe, time.monotonic() + 2)
             if store.get("ddp/nonce").decode() == nonce:
@@ -161,6 +165,19 @@ def join_store(world: World, timeout: datetime.timedelta, join_timeout: float) -
         "Check that rank 0 started (its log, and torchrun's), that this node reaches rank 0's host on any "
         "port (firewalls), or raise --join-timeout if rank 0 starts slowly"
     )
+
+
+def listening(host: str, port: int) -> bool:
+    """Whether something accepts connections at host:port, asked with a plain socket.
+
+    A TCPStore client aimed at a dead address retries until its timeout and logs each
+    failure with a C++ stack trace (40 lines): a restart after a SIGKILL printed two.
+    """
+    try:
+        with socket.create_connection((host, port), timeout=2):
+            return True
+    except OSError:
+        return False
 
 
 def _connect(
@@ -245,7 +262,8 @@ def world_size() -> int:
     return dist.get_world_size() if active() else 1
 
 
-def _control_device() -> torch.device:
+def control_device() -> torch.device:
+    """Where small control tensors live: the current GPU under NCCL, else the CPU."""
     if active() and dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
@@ -259,7 +277,7 @@ def barrier() -> None:
 
 def all_sum(values: list[float]) -> list[float]:
     """Element-wise sum over ranks of a few numbers (losses, counters, flags), in float64."""
-    t = torch.tensor(values, dtype=torch.float64, device=_control_device())
+    t = torch.tensor(values, dtype=torch.float64, device=control_device())
     if world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.tolist()

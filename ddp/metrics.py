@@ -11,23 +11,45 @@ from pathlib import Path
 from typing import Any
 
 from ddp.errors import DDPError
+from ddp.io import atomic_write
 
 METRICS = "metrics.jsonl"
 
 
 class MetricsWriter:
-    """Appends one JSON object per line to ``<out>/metrics.jsonl`` (rank 0 only)."""
+    """Appends one JSON object per line to ``<out>/metrics.jsonl`` (rank 0 only): the log of one run.
+
+    After a restart the log reads as if the run had never stopped: records past the step
+    it resumes from (written after that checkpoint) are dropped, and ``time`` goes on from
+    the training time the checkpoint recorded.
+    """
 
     def __init__(self, out: Path, enabled: bool) -> None:
         self.path = out / METRICS
         self.enabled = enabled
         self.start = time.monotonic()
+        self.offset = 0.0  # training seconds before this attempt
+        self.run: str | None = None
+
+    def elapsed(self) -> float:
+        """Seconds of training, this attempt's and those before it."""
+        return self.offset + time.monotonic() - self.start
+
+    def resume(self, run: str, step: int, elapsed: float) -> None:
+        """Continue the log of ``run`` from ``step``: later records go, the clock goes on from ``elapsed``."""
+        self.run, self.offset, self.start = run, elapsed, time.monotonic()
+        if not self.enabled or not self.path.exists():
+            return
+        lines = self.path.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+        if len(kept) != len(lines):
+            atomic_write(self.path, lambda f: f.write("".join(kept).encode()))
 
     def write(self, kind: str, **values: Any) -> None:
-        """Record one event ('train' or 'eval') with its values and the wall time."""
+        """Record one event ('train' or 'eval') with its values and the training time."""
         if not self.enabled:
             return
-        record = {"kind": kind, **values, "time": round(time.monotonic() - self.start, 4)}
+        record = {"kind": kind, "run": self.run, **values, "time": round(self.elapsed(), 4)}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -93,8 +115,24 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def runs_of(records: list[dict]) -> list[list[dict]]:
+    """The records split into runs: by their ``run`` id, and, in a log from before ids, where the step goes back."""
+    runs: list[list[dict]] = []
+    for r in records:
+        current = runs[-1] if runs else None
+        same = current is not None and current[-1].get("run") == r.get("run")
+        if not same or (r.get("run") is None and r["kind"] == "train" and r["step"] <= _last_step(current)):
+            runs.append([])
+        runs[-1].append(r)
+    return runs
+
+
+def _last_step(records: list[dict]) -> int:
+    return max((r["step"] for r in records if r["kind"] == "train"), default=-1)
+
+
 def plot(run_dir: str | Path) -> Path:
-    """Write ``<run_dir>/loss.png``: training loss by step and evaluation loss by epoch."""
+    """Write ``<run_dir>/loss.png``: training loss by step and evaluation loss, one line each per run."""
     try:
         import matplotlib
 
@@ -102,15 +140,18 @@ def plot(run_dir: str | Path) -> Path:
         import matplotlib.pyplot as plt
     except ImportError:
         raise DDPError("ddp plot needs matplotlib: pip install -e '.[plot]' (or pip install matplotlib)") from None
-    records = read_metrics(run_dir)
-    train = [r for r in records if r["kind"] == "train"]
-    evals = [r for r in records if r["kind"] == "eval"]
+    runs = runs_of(read_metrics(run_dir))
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="training loss")
-    if evals:
-        ax.plot([r["step"] for r in evals], [r["loss"] for r in evals], "o-", label="evaluation loss")
+    for i, records in enumerate(runs):
+        name = "" if len(runs) == 1 else f" (run {records[0].get('run') or i + 1})"
+        train = [r for r in records if r["kind"] == "train"]
+        evals = [r for r in records if r["kind"] == "eval"]
+        line = ax.plot([r["step"] for r in train], [r["loss"] for r in train], label=f"training loss{name}")[0]
+        if evals:
+            ax.plot([r["step"] for r in evals], [r["loss"] for r in evals], "o--", color=line.get_color(),
+                    label=f"evaluation loss{name}")  # fmt: skip
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy loss")
+    ax.set_ylabel("loss")
     ax.set_title(f"{Path(run_dir).name}")
     ax.grid(alpha=0.3)
     ax.legend()

@@ -66,7 +66,7 @@ class ConvNet(nn.Module):
         return self.output(self.features(x).flatten(1))
 
 
-def materialize(model: nn.Module, example: Any) -> nn.Module:
+def materialize(model: nn.Module, example: Any | Callable[[], Any]) -> nn.Module:
     """Run one forward pass so lazy modules get their shapes before DDP wraps them.
 
     DDP registers gradient hooks on parameters at construction; an uninitialised lazy
@@ -76,7 +76,7 @@ def materialize(model: nn.Module, example: Any) -> nn.Module:
         with torch.no_grad():
             was_training = model.training
             model.eval()
-            call(model, example)
+            call(model, example() if callable(example) else example)
             model.train(was_training)
     return model
 

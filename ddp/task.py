@@ -15,6 +15,7 @@ export and verification. Built-in tasks live in ``ddp/tasks/``, one file each.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -37,10 +38,12 @@ class Task:
 
     model: Callable[[], nn.Module]
     """Builds a fresh model; the trainer seeds every RNG first, so every rank gets the same weights."""
-    train_data: Dataset
-    """A map-style Dataset (``__len__``, ``__getitem__`` of one sample); a TensorDataset takes a faster path."""
-    val_data: Dataset | None = None
-    """Held-out samples, evaluated after each epoch (optional)."""
+    train_data: Dataset | Callable[[], Dataset]
+    """A map-style Dataset (``__len__``, ``__getitem__`` of one sample; a TensorDataset takes a faster path), or a
+    function returning one: the data is then read only when training needs it, so that ``ddp verify`` and
+    ``ddp predict`` rebuild the model without it."""
+    val_data: Dataset | Callable[[], Dataset] | None = None
+    """Held-out samples, evaluated after each epoch (optional); a function returning them, like ``train_data``."""
     collate: Callable[[list], Batch] | None = None
     """Samples -> batch; default: torch's default_collate (tuples and dicts of tensors)."""
     loss: Callable[[nn.Module, Batch], torch.Tensor] | None = None
@@ -65,13 +68,19 @@ class Task:
     weights_file: str | None = None
     """The exported weights' file name in ``--out``; default ``<name>.params`` (``mlp.params`` for mlp, as the
     textbook names it)."""
+    model_args: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Task arguments, beyond those given, that rebuild the model without the data (a vocabulary found in
+    the text, an input width found in a file): the exported weights' config records them."""
 
     def __post_init__(self) -> None:
         if not callable(self.model):
             raise ConfigError(f"task {self.name!r}: model must be a callable that builds an nn.Module")
+        self._check_data()
+
+    def _check_data(self) -> None:
         for field_name in ("train_data", "val_data"):
             data = getattr(self, field_name)
-            if data is None and field_name == "val_data":
+            if (data is None and field_name == "val_data") or _lazy(data):
                 continue
             lacks = [m for m in ("__len__", "__getitem__") if not hasattr(data, m)]
             if lacks or isinstance(data, IterableDataset):
@@ -81,7 +90,7 @@ class Task:
                     + "; the trainer needs a map-style Dataset (__len__, and __getitem__ of one sample) "
                     "to shard it over the ranks and resume at the exact sample"
                 )
-        if len(self.train_data) == 0:
+        if not _lazy(self.train_data) and len(self.train_data) == 0:
             raise ConfigError(f"task {self.name!r}: train_data is empty")
         file = self.weights_file or f"{self.name}.params"
         if not file or "/" in file or file.startswith(".") or file in ("checkpoints", "metrics.jsonl"):
@@ -129,10 +138,27 @@ class Task:
         means = {k: v / count if count else math.nan for k, v in sums.items()}
         return self.summarize(means) if self.summarize else means
 
+    def load_data(self) -> Task:
+        """Read data given as functions (once), and check it as eager data is checked; the task."""
+        for field_name in ("train_data", "val_data"):
+            data = getattr(self, field_name)
+            if _lazy(data):
+                try:
+                    setattr(self, field_name, data())
+                except ConfigError:
+                    raise
+                except Exception as e:
+                    raise ConfigError(
+                        f"task {self.name!r}: reading {field_name} failed: {type(e).__name__}: {e}"
+                    ) from e
+        self._check_data()
+        return self
+
     def probe_input(self, n: int = 16) -> Any:
         """The verify input: ``probe``, or the inputs of the first (validation) batch of ``(x, y)`` data."""
         if self.probe is not None:
             return self.probe
+        self.load_data()
         data = self.val_data if self.val_data is not None and len(self.val_data) > 0 else self.train_data
         batch = self.batch_of(data, range(min(n, len(data))))
         if isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[0], torch.Tensor):
@@ -141,6 +167,11 @@ class Task:
             f"task {self.name!r}: cannot derive a probe from batches of type {type(batch).__name__} "
             "(only from (x, y) pairs); set Task.probe to a model input (a tensor, tuple or dict)"
         )
+
+
+def _lazy(data: Any) -> bool:
+    """Data given as a function that returns it (a Dataset is not called)."""
+    return callable(data) and not hasattr(data, "__getitem__")
 
 
 def check_setting(ok: bool, name: str, message: str) -> None:

@@ -41,7 +41,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import TensorDataset
 
-from ddp import faults, fsdp, group, optim, rng
+from ddp import faults, fsdp, group, model_card, optim, rng, run_folder
 from ddp.checkpoint import PROGRESS, Checkpointer
 from ddp.config import SECTIONS, Config, parse
 from ddp.data import ResumableSampler, eval_batch_count, eval_batches, make_loader, steps_per_epoch
@@ -67,6 +67,8 @@ class Progress:
     """Samples of the current epoch already consumed, counted over all ranks."""
     skipped: int = 0
     """Steps skipped for a non-finite gradient norm (``--skip-nonfinite``)."""
+    elapsed: float = 0.0
+    """Seconds of training up to the checkpoint, over every attempt: ``time`` in metrics.jsonl goes on from it."""
 
     def state_dict(self) -> dict[str, int]:
         """The counters, by name."""
@@ -75,7 +77,7 @@ class Progress:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Take the counters from ``state`` (which may hold other entries too; one it lacks stays at its default)."""
         for f in dataclasses.fields(self):
-            setattr(self, f.name, int(state.get(f.name, f.default)))
+            setattr(self, f.name, type(f.default)(state.get(f.name, f.default)))
 
 
 def local_model(task: Task, cfg: Config, device: torch.device, dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -86,7 +88,7 @@ def local_model(task: Task, cfg: Config, device: torch.device, dtype: torch.dtyp
         model = task.model()
         if not isinstance(model, nn.Module):
             raise ConfigError(f"task {task.name!r}: model() returned a {type(model).__name__}, not an nn.Module")
-        materialize(model, probe_input(task, cfg))  # lazy layers draw their weights here: seeded too
+        materialize(model, lambda: probe_input(task, cfg))  # lazy layers draw their weights here: seeded too
     if cfg.run.sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model.to(device, dtype=dtype, memory_format=memory_format(cfg, task))
@@ -122,7 +124,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, world: group.World, task: Task | None = None) -> None:
         self.cfg, self.world, self.device = cfg, world, world.device
-        self.task = task if task is not None else resolve(cfg)
+        self.task = (task if task is not None else resolve(cfg)).load_data()
         self.out = cfg.run.out_dir
         self.out.mkdir(parents=True, exist_ok=True)
         self.dtype = weights_dtype(cfg.optim.precision)
@@ -164,9 +166,14 @@ class Trainer:
         )
         self.metrics = MetricsWriter(self.out, world.is_main)
         self.display = ProgressDisplay(cfg.run.log_every, world.prefix(), world.is_main or cfg.run.log_all_ranks)
-        self.signalled = False  # set by the SIGTERM handler only
+        self.signalled = 0  # the signal number (SIGTERM, SIGINT) this rank received; set by the handler only
         self.stop_requested = False  # set when any rank was signalled: all ranks agree
-        self.last_loss = float("nan")  # mean over ranks, as of the last agreement
+        self.stop_signal = ""  # the name of the signal the ranks agreed to stop on
+        self.stop_vote: tuple[torch.Tensor, Any] | None = None  # the last step's non-blocking agreement
+        self.last_loss = float("nan")  # mean over ranks and the steps since the last log, as of the last agreement
+        self.loss_sum: torch.Tensor | None = None  # this rank's losses since the last logged step, on its device
+        self.loss_steps = 0
+        self.step_epoch = 0  # the epoch the last step belonged to (the progress may have moved on)
         self.grad_norm = torch.zeros(())  # the last step's gradient norm, before clipping
         self.last_grad_norm = float("nan")  # as of the last agreement
         self.skipped = False  # whether the last step was skipped (--skip-nonfinite)
@@ -216,12 +223,15 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         """Called by every rank: save the full state of the current step."""
+        self.progress.elapsed = self.metrics.elapsed()
         self.checkpointer.save(self.progress.step)
         self.last_save_time = time.monotonic()
 
     def resume(self) -> None:
-        """Called by every rank: restore the checkpoint ``--resume`` selects, if any."""
+        """Called by every rank: claim the run folder, and restore the checkpoint ``--resume`` selects, if any."""
+        self.checkpointer.run_id = self._claim_folder()
         folder = self.checkpointer.resume(self.cfg.checkpoint.resume)
+        self.metrics.resume(self.checkpointer.run_id, self.progress.step, self.progress.elapsed)
         if folder is None:
             if self.init_note is not None:
                 self._say(self.init_note)
@@ -232,6 +242,17 @@ class Trainer:
             self._say(f"resumed from {folder}: step {self.progress.step} already completes the run")
         else:
             self._say(f"resumed from {folder}: continuing at step {self.progress.step + 1}")
+
+    def _claim_folder(self) -> str:
+        """Rank 0 records this run in ``--out`` (moving another aside under ``--overwrite``); its id, on every rank."""
+        run_id, error = None, None
+        if self.world.is_main:
+            try:
+                run_id = run_folder.claim(self.cfg, self.cfg.run.overwrite, self._say)
+            except (OSError, DDPError) as e:
+                error = e
+        group.raise_if_any_failed(error, f"claiming {self.out}")
+        return group.all_gather_objects(run_id)[0]
 
     # ---- training ----
 
@@ -245,6 +266,7 @@ class Trainer:
                 self.step(self.next_batches())
                 if self.progress.epoch != epoch:
                     self.evaluate()
+            self.finish_agreement()
             self.sync_buffers()
             if self.checkpointer.last_saved != self.progress.step:
                 self.save_checkpoint()
@@ -271,14 +293,47 @@ class Trainer:
         Returns this rank's loss.
         """
         loss = self._optimize(micro)
+        if not self.skipped:  # summed where it is: no host sync a step
+            self.loss_sum = loss.detach().double() + (0 if self.loss_sum is None else self.loss_sum)
+            self.loss_steps += 1
         p = self.progress
+        self.step_epoch = p.epoch
         p.step += 1
         p.epoch_samples += self.global_batch
         if steps_per_epoch(len(self.train_set), self.global_batch, p.epoch_samples) == 0:
             p.epoch, p.epoch_samples = p.epoch + 1, 0
         faults.at_step(self.world.rank, p.step)
-        self._after_step(loss)
+        self._agree_on_stop()
+        self._after_step()
         return loss
+
+    def _agree_on_stop(self) -> None:
+        """Whether any rank was signalled: the answer of the non-blocking all-reduce the last step started.
+
+        Each step starts one (the maximum of the ranks' signal numbers) and reads the
+        previous one's, long finished by then: every rank learns of a SIGTERM or SIGINT on
+        any rank at the same step, at most one step after it came, whatever --log-every is,
+        and no step waits for it.
+        """
+        if self.world.world_size == 1:
+            self._stop_on(self.signalled)
+            return
+        if self.stop_vote is not None:
+            flag, work = self.stop_vote
+            work.wait()
+            self._stop_on(int(flag.item()))
+        flag = torch.tensor([self.signalled], dtype=torch.int32, device=group.control_device())
+        self.stop_vote = (flag, dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True))
+
+    def _stop_on(self, signum: int) -> None:
+        if signum and not self.stop_requested:
+            self.stop_requested, self.stop_signal = True, signal.Signals(signum).name
+
+    def finish_agreement(self) -> None:
+        """Wait for the agreement still in flight (before leaving the loop, so no collective is left open)."""
+        if self.stop_vote is not None:
+            self.stop_vote[1].wait()
+            self.stop_vote = None
 
     def sync_buffers(self) -> None:
         """Give every rank rank 0's buffers (BatchNorm statistics), as DDP does before each forward.
@@ -354,18 +409,18 @@ class Trainer:
             return contextlib.nullcontext()
         return contextlib.nullcontext() if last else self.wrapped.no_sync()
 
-    def _after_step(self, loss: torch.Tensor) -> None:
-        """Log, agree on stopping, and checkpoint when due.
+    def _after_step(self) -> None:
+        """Log, and checkpoint when due (or when the ranks agreed to stop).
 
-        Ranks agree through one small all-reduce (mean loss, SIGTERM, save timer,
-        async-save status) at each logging step, and at every step while an async save
-        is in flight; in between a step costs no extra communication.
+        Ranks agree through one small all-reduce (mean loss, save timer, async-save
+        status) at each logging step, and at every step while an async save is in
+        flight; in between a step adds only the non-blocking stop agreement.
         """
         step = self.progress.step
         log_step = step % self.cfg.run.log_every == 0 or step == self.total_steps
         due = False
         if log_step or self.checkpointer.pending_step is not None:
-            due = self._agree(loss)
+            due = self._agree()
         self._log_step(log_step)
         every = self.cfg.checkpoint.checkpoint_every
         periodic = every > 0 and step % every == 0
@@ -373,23 +428,25 @@ class Trainer:
             self.save_checkpoint()
             if self.stop_requested:
                 self.checkpointer.wait()
-                self._say(f"stopping on SIGTERM after step {step}: checkpoint saved, relaunch to resume")
+                self._say(f"stopping on {self.stop_signal} after step {step}: checkpoint saved, relaunch to resume")
 
-    def _agree(self, loss: torch.Tensor) -> bool:
+    def _agree(self) -> bool:
         """The all-reduce every rank calls at the same step; True when a timed save is due."""
         writing, failed = self.checkpointer.status()
         every_s = self.cfg.checkpoint.checkpoint_every_seconds
         time_due = self.world.is_main and every_s > 0 and time.monotonic() - self.last_save_time >= every_s
-        total, stop, due, writing, failed = group.all_sum([loss.item(), self.signalled, time_due, writing, failed])
-        if not math.isfinite(total) and not self.scaler.is_enabled() and not self.skipped:
-            raise NonFiniteError(self._nonfinite_message(f"the mean loss is {total}", loss, self.progress.step))
+        mine = 0.0 if self.loss_sum is None else self.loss_sum.item()
+        total, due, writing, failed = group.all_sum([mine, time_due, writing, failed])
+        if not math.isfinite(total) and not self.scaler.is_enabled():
+            raise NonFiniteError(
+                self._nonfinite_message("the mean loss is not finite", torch.tensor(mine), self.progress.step)
+            )
         self.last_grad_norm = self.grad_norm.item()
         if failed:
             self.checkpointer.wait()  # raises on every rank, naming the rank and the error
         elif self.checkpointer.pending_step is not None and not writing:
             self.checkpointer.commit()
-        self.stop_requested = stop > 0
-        self.last_loss = total / self.world.world_size
+        self.last_loss = total / (self.world.world_size * self.loss_steps) if self.loss_steps else math.nan
         return due > 0
 
     def _log_step(self, log_step: bool) -> None:
@@ -397,7 +454,7 @@ class Trainer:
         t0, s0 = self.tick
         rate = (self.progress.step - s0) * self.global_batch / max(now - t0, 1e-9)
         lr = self.optimizer.param_groups[0]["lr"]  # the rate of the step just taken
-        step, epoch = self.progress.step, self.progress.epoch
+        step, epoch = self.progress.step, self.step_epoch
         self.display.update(step, epoch, self.last_loss, rate, lr, self.last_grad_norm)
         if log_step:
             self.metrics.write(
@@ -410,6 +467,7 @@ class Trainer:
                 samples_per_s=round(rate, 1),
             )
             self.tick = (now, step)
+            self.loss_sum, self.loss_steps = None, 0  # the next record averages the steps after this one
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -453,12 +511,28 @@ def export_and_verify(trainer: Trainer) -> VerifyReport:
     reference = outputs(unwrap(trainer.wrapped), probe, cfg.optim.precision)  # under FSDP, all ranks' forward
     whole = fsdp.full_model_state(trainer.model) if trainer.sharded else None
     save_model(trainer.wrapped, path, format=cfg.checkpoint.format, state=whole)
+    write_model_card(path, cfg, task, probe)
     fresh = load_model(local_model(task, cfg, trainer.device, trainer.dtype), path)
     faults.perturb_reloaded(world.rank, fresh)
     atol = cfg.dist.atol if cfg.dist.atol is not None else DEFAULT_ATOL[cfg.optim.precision]
     report = verify_identical_outputs(fresh, probe, reference=reference, atol=atol, precision=cfg.optim.precision)
     group.log(world, summary(report, str(path), cfg.optim.precision), all_ranks=True)
     return report
+
+
+def write_model_card(path: Path, cfg: Config, task: Task, probe: Any) -> None:
+    """Called by every rank: rank 0 writes, beside the exported weights, what rebuilds and runs the model
+    without the training data: ``<weights>.json`` (the config, the task's model_args among its arguments)
+    and ``<weights>.probe.pt`` (the verify input)."""
+    error = None
+    if group.rank() == 0:
+        try:
+            settings = cfg.to_dict()
+            settings["task"]["args"] = {**settings["task"]["args"], **task.model_args}
+            model_card.write(path, settings, to_device(probe, torch.device("cpu")))
+        except DDPError as e:
+            error = e
+    group.raise_if_any_failed(error, f"writing the model card of {path}")
 
 
 def check_output_dir(out: Path) -> None:
@@ -483,6 +557,7 @@ def check_settings(cfg: Config) -> None:
     if cfg.dist.strategy == "fsdp":
         check_fsdp_settings(cfg)
     check_output_dir(cfg.run.out_dir)
+    run_folder.check(cfg, cfg.run.overwrite)
 
 
 def check_fsdp_settings(cfg: Config) -> None:
@@ -511,15 +586,34 @@ def run(cfg: Config, world: group.World, task: Task | None = None) -> VerifyRepo
     group.log(world, f"{world.backend} on {world.device}, {world.world_size} rank(s)", all_ranks=cfg.run.log_all_ranks)
     group.log(world, f"config: {json.dumps(cfg.to_dict())}")
     trainer = Trainer(cfg, world, task)
-    # The handler only sets a flag: ranks agree on it after the step, then save and exit.
-    previous = signal.signal(signal.SIGTERM, lambda *_: setattr(trainer, "signalled", True))
-    try:
+    with stop_signals(trainer):
         trainer.train()
-        return None if trainer.stop_requested else export_and_verify(trainer)
+    return None if trainer.stop_requested else export_and_verify(trainer)
+
+
+@contextlib.contextmanager
+def stop_signals(trainer: Trainer) -> Iterator[None]:
+    """SIGTERM and SIGINT (Ctrl-C) stop training after a step, with a checkpoint; a second SIGINT exits at once.
+
+    The handler only sets a flag: the ranks agree on it at a step (``Trainer.step``), save
+    and exit 0. Under torchrun a Ctrl-C reaches the launcher, which forwards one SIGINT to
+    every worker and waits 30 s before it kills them.
+    """
+
+    def handle(signum: int, frame) -> None:
+        if signum == signal.SIGINT and trainer.signalled:
+            print(f"{trainer.world.prefix()} second SIGINT: exiting now, without a checkpoint", file=sys.stderr)
+            os._exit(130)
+        trainer.signalled = signum
+
+    previous = {s: signal.signal(s, handle) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
     finally:
         # Drop the handler's reference, so the trainer (and DDP's hold on the process
         # group) is freed before interpreter shutdown, where freeing gloo threads aborts.
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def fit(task: Task, **settings) -> VerifyReport | None:
@@ -595,6 +689,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except Reported as r:
         return r.code
+    except KeyboardInterrupt:  # a Ctrl-C outside training (starting, verifying): one line, no traceback
+        print(f"{world.prefix()} interrupted (SIGINT)", file=sys.stderr, flush=True)
+        return 130
     except Exception as e:  # joining or leaving the group
         code = explain(world, e)
         if code is None:

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ddp import dcp
+from ddp import dcp, model_card
 from ddp.checkpoint_files import MANIFEST, MODEL, MODEL_FILE, TRAIN, digest_of, read_model, validate
 from ddp.config import Config, TaskConfig
 from ddp.errors import (
@@ -88,6 +88,8 @@ class Weights:
     """The training config: a checkpoint's own, or recognised from a built-in model's shapes."""
     info: dict[str, Any] = dataclasses.field(default_factory=dict)
     """What else a checkpoint of this project says: step, epoch, world_size, integrity."""
+    probe: Any = None
+    """The input the weights were verified with, from their model card (None without one)."""
 
     def named(self, keep_prefixes: bool = False) -> dict[str, torch.Tensor]:
         """The tensors, under their names in the file when ``keep_prefixes``."""
@@ -126,8 +128,17 @@ def read(
     fmt = detect_format(path)
     if fmt == "safetensors":
         state, metadata = load_safetensors(path, map_location)
-        return _found(path, fmt, state, key, map_location, metadata)
-    return _found(path, fmt, load(path, map_location, mmap=mmap), key, map_location, {})
+        return _with_card(_found(path, fmt, state, key, map_location, metadata))
+    return _with_card(_found(path, fmt, load(path, map_location, mmap=mmap), key, map_location, {}))
+
+
+def _with_card(w: Weights) -> Weights:
+    """``w`` with the config and probe of the model card beside it, where there is one (``ddp.model_card``)."""
+    card = model_card.read(w.path)
+    if card is not None:
+        w.cfg, w.probe = Config.from_dict(card[0]), card[1]
+        w.metadata = {**w.metadata, "model_card": model_card.card_path(w.path).name}
+    return w
 
 
 def _is_checkpoint(folder: Path) -> bool:

@@ -137,3 +137,42 @@ def test_the_readmes_ddp_command_block_runs_as_written(tmp_path):
     assert (tmp_path / "runs" / "demo" / "mlp.safetensors").is_file()
     tuned = torch.load(tmp_path / "runs" / "tuned" / "mlp.params", weights_only=True)
     assert tuned["output.weight"].shape == (5, 256)
+
+
+def test_the_help_epilog_runs_as_written(tmp_path):
+    """``ddp --help``: every example works on what the examples before it made, in a fresh folder."""
+    (tmp_path / "README.md").write_text((ROOT / "README.md").read_text())  # the charlm example's text
+    lines = [line for line in cli.__doc__.splitlines() if line.startswith("ddp ")]
+    assert len(lines) >= 8
+    for words in commands("\n".join(lines)):
+        ok(run(in_folder(words), cwd=tmp_path))
+    assert (tmp_path / "runs" / "demo" / "loss.png").is_file() and (
+        tmp_path / "runs" / "lm" / "charlm.params"
+    ).is_file()
+
+
+def train_outs() -> list[tuple[str, str]]:
+    """(where, --out) of every training command the pages show; runs/default where none is given."""
+    found = []
+    for where, words in shown():
+        head = words[0]
+        trains = (
+            (head == "ddp" and words[1] == "train")
+            or "ddp.train" in words
+            or (head in ("bash", "make") and any(w.endswith("train_ddp.sh") or w == "train-ddp" for w in words))
+        )
+        if not trains:
+            continue
+        joined = " ".join(words)
+        out = re.search(r"--out[ =](\S+)", joined)
+        found.append((where, out.group(1).strip("\"'") if out else "runs/default"))
+    return found
+
+
+def test_no_two_training_commands_shown_share_a_run_folder():
+    """Two commands a reader copies must not write one folder: the second would continue or be refused."""
+    seen: dict[str, str] = {}
+    for where, out in train_outs():
+        command = where.split(": ", 1)[1]  # the same command shown on two pages is one run
+        assert seen.get(out, command) == command, f"{where} and {seen[out]!r} both train into {out}"
+        seen[out] = command

@@ -71,7 +71,7 @@ def test_users_task_resumes_from_2_ranks_on_1_with_a_warning(tmp_path):
     assert "verify: 1/1 ranks" in out and model_state(tmp_path)[1]["step"] == 20
 
 
-def test_task_options_from_a_toml_table_are_saved_and_a_change_of_them_or_lr_warns_on_resume(tmp_path):
+def test_task_options_from_a_toml_table_are_saved_a_change_of_lr_warns_and_of_them_is_another_run(tmp_path):
     (tmp_path / "run.toml").write_text(
         '[task]\nspec = "tests/user_task.py:make"\n[task.args]\nnoise = 0.2\nsamples = 256\n'
         "[run]\nsteps = 6\n[checkpoint]\ncheckpoint_every = 3\nasync_save = false\n"
@@ -80,10 +80,11 @@ def test_task_options_from_a_toml_table_are_saved_and_a_change_of_them_or_lr_war
     torchrun(1, *base, extra_env={"DDP_FAULT": "raise:step=4"})
     saved = model_state(tmp_path / "run")[1]["config"]["task"]
     assert saved == {"spec": "tests/user_task.py:make", "args": {"noise": 0.2, "samples": 256}}
-    out = ok(torchrun(1, *base, "--task-arg", "noise=0.3", "--lr", "0.2"))
+    other = torchrun(1, *base, "--task-arg", "noise=0.3")  # other task settings: another run, refused
+    assert other.returncode != 0 and "would start a different run there (args {'noise': 0.2" in other.output
+    out = ok(torchrun(1, *base, "--lr", "0.2"))
     warning = next(line for line in out.splitlines() if "warning: settings changed since the checkpoint" in line)
     assert "the run will not match an uninterrupted one: " in warning and "lr 0.05 -> 0.2" in warning
-    assert "'noise': 0.2" in warning and "'noise': 0.3" in warning
 
 
 # ---- built-in tasks ---------------------------------------------------------------------

@@ -37,10 +37,12 @@ BUILTIN: dict[str, Callable[..., Task]] = {
 }
 
 
-def resolve(cfg: Config) -> Task:
+def resolve(cfg: Config, check_probe: bool = True) -> Task:
     """The Task that ``cfg.task`` names, built with every RNG seeded from ``--seed``.
 
     Seeding first makes a task that draws random data build the same data on every rank.
+    ``check_probe``: derive the probe now (reading data a task keeps lazy), so that a task
+    whose probe cannot be derived fails before training, not after.
     """
     spec, args = cfg.task.spec, cfg.task.args
     with seeded(cfg.run.seed), _naming(spec):
@@ -50,7 +52,8 @@ def resolve(cfg: Config) -> Task:
             task = build(fn, {**seed, **args}, spec)
         else:
             task = build(load_object(spec), args, spec)
-        task.probe_input()  # a task whose probe cannot be derived fails now, not after training
+        if check_probe:
+            task.probe_input()  # a task whose probe cannot be derived fails now, not after training
     return task
 
 

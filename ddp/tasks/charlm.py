@@ -11,6 +11,7 @@ as buffers, so a weights file alone can be sampled from.
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
@@ -138,30 +139,48 @@ def task(
     embd: int = 64,
     dropout: float = 0.1,
     val_fraction: float = 0.1,
+    vocab: str | None = None,
 ) -> Task:
-    """Train on the first 90 % of ``text`` (windows every block/2 characters, jittered), hold out the rest."""
-    if text is None:
-        raise ConfigError("task charlm needs a text file: --task-arg text=FILE (any UTF-8 text, e.g. README.md)")
-    chars = read_text(text)
-    vocab = sorted(set(chars))
-    index = {c: i for i, c in enumerate(vocab)}
-    ids = torch.tensor([index[c] for c in chars], dtype=torch.int64)
-    cut = int(len(ids) * (1 - val_fraction))
-    train = CharWindows(ids[:cut], block, max(block // 2, 1), jitter=True)
-    val = CharWindows(ids[cut:], block, block, jitter=False)
-    if len(train) == 0 or len(val) == 0:
-        raise ConfigError(f"--task-arg text={text}: {len(chars)} characters are too few for windows of {block + 1}")
+    """Train on the first 90 % of ``text`` (windows every block/2 characters, jittered), hold out the rest.
+
+    The model's alphabet is ``vocab``, or the text's characters (read now); with ``vocab``
+    given, the text is read only when training needs it, so exported weights rebuild alone.
+    """
+    read = functools.cache(lambda: read_text(_needs(text)))
+    vocab = vocab if vocab is not None else "".join(sorted(set(read())))
+
+    @functools.cache
+    def windows() -> tuple[CharWindows, CharWindows]:
+        chars, index = read(), {c: i for i, c in enumerate(vocab)}
+        unknown = sorted(set(chars) - set(index))
+        if unknown:
+            raise ConfigError(f"--task-arg text={text}: characters outside the model's vocabulary: {unknown[:10]}")
+        ids = torch.tensor([index[c] for c in chars], dtype=torch.int64)
+        cut = int(len(ids) * (1 - val_fraction))
+        train = CharWindows(ids[:cut], block, max(block // 2, 1), jitter=True)
+        val = CharWindows(ids[cut:], block, block, jitter=False)
+        if len(train) == 0 or len(val) == 0:
+            raise ConfigError(f"--task-arg text={text}: {len(chars)} characters are too few for windows of {block + 1}")
+        return train, val
+
     codes = torch.tensor([ord(c) for c in vocab])
     return Task(
         model=lambda: CharLM(codes, block, layers, heads, embd, dropout),
-        train_data=train,
-        val_data=val,
+        train_data=lambda: windows()[0],
+        val_data=lambda: windows()[1],
         loss=loss,
         metrics=metrics,
         summarize=with_perplexity,
         blocks=lambda model: model.blocks,  # FSDP: one unit per transformer block; the tied embedding stays at the root
         name="charlm",
+        model_args={"vocab": vocab},
     )
+
+
+def _needs(text: str | None) -> str:
+    if text is None:
+        raise ConfigError("task charlm needs a text file: --task-arg text=FILE (any UTF-8 text, e.g. README.md)")
+    return text
 
 
 def unigram_entropy(text: str) -> float:

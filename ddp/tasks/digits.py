@@ -5,6 +5,8 @@ Needs the optional extra: ``pip install -e '.[digits]'`` (``make install`` insta
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
@@ -48,15 +50,19 @@ def load(seed: int = 0) -> TensorDataset:
 
 
 def task(width: int = 32, dropout: float = 0.25, val_fraction: float = 0.2, seed: int = 0) -> Task:
-    """A small convnet; the last ``val_fraction`` of the shuffled images held out."""
-    train, val = split(load(seed), val_fraction)
-    # standardise each pixel with the training split's statistics (constant border pixels stay 0)
-    mean, std = train.tensors[0].mean(0), train.tensors[0].std(0).clamp_min(1e-3)
-    train, val = (TensorDataset((d.tensors[0] - mean) / std, d.tensors[1]) for d in (train, val))
+    """A small convnet; the last ``val_fraction`` of the shuffled images held out (read when training needs them)."""
+
+    @functools.cache
+    def splits() -> tuple[TensorDataset, TensorDataset]:
+        train, val = split(load(seed), val_fraction)
+        # standardise each pixel with the training split's statistics (constant border pixels stay 0)
+        mean, std = train.tensors[0].mean(0), train.tensors[0].std(0).clamp_min(1e-3)
+        return tuple(TensorDataset((d.tensors[0] - mean) / std, d.tensors[1]) for d in (train, val))
+
     return Task(
         model=lambda: DigitsNet(width, dropout),
-        train_data=train,
-        val_data=val,
+        train_data=lambda: splits()[0],
+        val_data=lambda: splits()[1],
         channels_last=True,
         name="digits",
     )

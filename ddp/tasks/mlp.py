@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 
 from torch import nn
 from torch.utils.data import TensorDataset
@@ -30,25 +32,32 @@ def task(
 
 
 def on(
-    data: TensorDataset,
+    data: TensorDataset | Callable[[], TensorDataset],
     val_fraction: float,
     hidden: tuple[int, ...],
     out_features: int,
     batchnorm: bool,
     dropout: float,
     name: str,
+    in_features: int | None = None,
 ) -> Task:
-    """The MLP on (X, y) tensors, its input size taken from X; the last ``val_fraction`` held out."""
-    in_features = math.prod(data.tensors[0].shape[1:])
+    """The MLP on (X, y) tensors, the last ``val_fraction`` held out; its input size ``in_features``, or X's.
+
+    ``data`` may be a function returning the tensors: with ``in_features`` given it is read
+    only when training needs it, and the task records ``in_features`` among its model_args.
+    """
     hidden = widths(hidden)
     check_setting(out_features > 1, "out_features", "needs at least 2 classes")
     check_setting(0.0 <= dropout < 1.0, "dropout", "must be in [0, 1)")
     check_setting(0.0 <= val_fraction < 1.0, "val_fraction", "must be in [0, 1)")
-    train, val = split(data, val_fraction)
+    splits = functools.cache(lambda: split(data() if callable(data) else data, val_fraction))
+    if in_features is None:
+        in_features = math.prod(splits()[0].tensors[0].shape[1:])
     return Task(
         model=lambda: MLP(in_features, hidden, out_features, batchnorm, dropout),
-        train_data=train,
-        val_data=val,
+        train_data=lambda: splits()[0],
+        val_data=lambda: splits()[1],
         blocks=lambda model: [m for m in model.modules() if isinstance(m, nn.Linear)],  # FSDP: a unit per layer
         name=name,
+        model_args={"in_features": in_features},
     )
