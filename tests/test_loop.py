@@ -217,3 +217,13 @@ def test_resume_after_sigkill_with_clipping_warmup_ac_and_accumulation_is_bitwis
     assert_tree_equal(train["optimizer"], ref_train["optimizer"])
     clipped = [r["grad_norm"] for r in records(tmp_path / "ref")]
     assert len(clipped) == 14 and max(clipped) > 0.5  # the clip was active
+
+
+def test_under_fp16_the_norm_is_measured_and_clipped_on_the_unscaled_gradients(tmp_path):
+    args = [*SMALL, "--steps", "8", "--precision", "fp16", "--max-grad-norm", "0.5"]
+    ok(torchrun(1, *args, "--out", str(tmp_path / "fp16")))
+    ok(torchrun(1, *args[:-4], "--precision", "fp32", *args[-2:], "--out", str(tmp_path / "fp32")))
+    half, full = (records(tmp_path / p) for p in ("fp16", "fp32"))
+    # the GradScaler multiplies the loss by 65536: a norm of the scaled gradients would be ~1e4 times larger
+    for a, b in zip(half, full, strict=True):
+        assert math.isfinite(a["grad_norm"]) and abs(a["grad_norm"] - b["grad_norm"]) < 0.05 * b["grad_norm"]
