@@ -48,6 +48,7 @@ from ddp.checkpoint_files import nbytes, read_state, stage, validate
 from ddp.config import CheckpointConfig, Config
 from ddp.data import make_loader
 from ddp.model import MLP
+from ddp.task import Task
 from ddp.train import Trainer, export_and_verify, local_model
 
 from common import (
@@ -64,7 +65,7 @@ from common import (
     timed,
     trainer_step,
 )
-from strategies import ac_table, print_ac, print_table, strategies_table
+from strategies import ac_table, peak_rss_bytes, print_ac, print_table, reset_peak_rss, rss_bytes, strategies_table
 
 # c with one setting changed (section, field, value); "c again" is c itself, the noise floor
 C_VARIANTS = {
@@ -310,6 +311,51 @@ def loader_table(args, out: Path) -> list[dict]:
             gc.collect()
     finally:
         group.shutdown()
+    return rows
+
+
+# ---- a corpus's size: what the sampler costs at 10^6, 10^8 and 10^10 samples -----------
+
+
+class Virtual(torch.utils.data.Dataset):
+    """``n`` samples with no storage behind them: sample i is drawn from a generator seeded with i."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        x = torch.randn(20, generator=torch.Generator().manual_seed(i))
+        return x, i % 10
+
+
+def scale_worker(n: int, out: str) -> dict:
+    """On each rank: seconds from building the trainer to the end of its first step, and the peak RSS growth."""
+    torch.set_num_threads(1)
+    cfg = Config.from_dict({"data": {"batch_size": 64}, "optim": {"schedule": "constant"},
+                            "run": {"steps": 10**9, "out": out}, "checkpoint": {"resume": "never"}})  # fmt: skip
+    world = group.init(cfg.dist)
+    try:
+        before = rss_bytes()
+        reset_peak_rss()
+        start = time.perf_counter()
+        trainer = quiet(Trainer(cfg, world, Task(model=lambda: MLP(), train_data=Virtual(n), name="virtual")))
+        trainer.step(trainer.next_batches())
+        return {"first_step_s": time.perf_counter() - start, "peak_growth": peak_rss_bytes() - before}
+    finally:
+        group.shutdown()
+
+
+def scale_table(args, out: Path) -> list[dict]:
+    """Time to the first step and peak memory against the dataset's length (2 ranks): it should be flat."""
+    rows = []
+    for n in (10**6, 10**10) if args.quick else (10**6, 10**8, 10**10):
+        got = launch(scale_worker, args.nproc, n, str(out / f"scale-{n}"))
+        rows.append({"samples": n, **got})
+        print(f"  {n:.0e} samples: first step after {got['first_step_s']:.2f} s, "
+              f"peak RSS growth {got['peak_growth'] / 2**20:.0f} MB", flush=True)  # fmt: skip
     return rows
 
 
@@ -645,6 +691,8 @@ def main() -> None:
         loader = loader_table(args, tmp) if args.only in ("", "loader") else []
         print("host-to-device copies (CUDA only):", flush=True)
         h2d = h2d_table(args)
+        print("dataset size (a dataset with no storage, 2 ranks):", flush=True)
+        scale = scale_table(args, tmp) if args.only in ("", "scale") else []
         print("checkpoints:", flush=True)
         ckpt = {} if args.no_checkpoints else checkpoint_table(args, tmp)
         print("DDP vs FSDP:", flush=True)
@@ -658,6 +706,7 @@ def main() -> None:
         "training": training,
         "loader": loader,
         "host_to_device": h2d,
+        "scale": scale,
         "checkpoints": ckpt,
         "strategies": strategies,
         "activation_checkpointing": ac,
@@ -694,6 +743,11 @@ def print_tables(r: dict) -> None:
                   f"| {ratio_text(row['vs default'])} |")  # fmt: skip
     if r["strategies"]:
         print_table(r["strategies"])
+    if r["scale"]:
+        print("\ndataset size: time to the first step and peak RSS growth of rank 0 (the sampler holds no index list):")
+        print("| samples | first step (s) | peak RSS growth (MB) |\n|---:|---:|---:|")
+        for row in r["scale"]:
+            print(f"| {row['samples']:.0e} | {row['first_step_s']:.2f} | {row['peak_growth'] / 2**20:.0f} |")
     if r["activation_checkpointing"]:
         print_ac(r["activation_checkpointing"])
     if not r["checkpoints"]:

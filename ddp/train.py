@@ -26,7 +26,6 @@ import dataclasses
 import json
 import math
 import os
-import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -44,12 +43,13 @@ from torch.utils.data import TensorDataset
 from ddp import faults, fsdp, group, model_card, optim, rng, run_folder
 from ddp.checkpoint import PROGRESS, Checkpointer
 from ddp.config import SECTIONS, Config, parse
-from ddp.data import ResumableSampler, eval_batch_count, eval_batches, make_loader, steps_per_epoch
+from ddp.data import ORDER, ResumableSampler, eval_batch_count, eval_batches, make_loader, steps_per_epoch
 from ddp.device import autocast_dtype, weights_dtype
 from ddp.errors import ConfigError, DDPError, NonFiniteError, Reported, first_line, say
 from ddp.io import load_model, save_model, unwrap
 from ddp.metrics import MetricsWriter, ProgressDisplay
 from ddp.model import checkpoint_activations, materialize
+from ddp.stopping import StopSignals
 from ddp.task import Batch, Task, to_device
 from ddp.tasks import resolve
 from ddp.verify import DEFAULT_ATOL, VerifyReport, outputs, summary, verify_identical_outputs
@@ -69,6 +69,8 @@ class Progress:
     """Steps skipped for a non-finite gradient norm (``--skip-nonfinite``)."""
     elapsed: float = 0.0
     """Seconds of training up to the checkpoint, over every attempt: ``time`` in metrics.jsonl goes on from it."""
+    order: int = ORDER
+    """The order the current epoch's samples are drawn in (``ddp.data.ORDERS``)."""
 
     def state_dict(self) -> dict[str, int]:
         """The counters, by name."""
@@ -77,7 +79,8 @@ class Progress:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Take the counters from ``state`` (which may hold other entries too; one it lacks stays at its default)."""
         for f in dataclasses.fields(self):
-            setattr(self, f.name, type(f.default)(state.get(f.name, f.default)))
+            default = 1 if f.name == "order" else f.default  # a checkpoint of before version 2: its order
+            setattr(self, f.name, type(f.default)(state.get(f.name, default)))
 
 
 def local_model(task: Task, cfg: Config, device: torch.device, dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -166,10 +169,7 @@ class Trainer:
         )
         self.metrics = MetricsWriter(self.out, world.is_main)
         self.display = ProgressDisplay(cfg.run.log_every, world.prefix(), world.is_main or cfg.run.log_all_ranks)
-        self.signalled = 0  # the signal number (SIGTERM, SIGINT) this rank received; set by the handler only
-        self.stop_requested = False  # set when any rank was signalled: all ranks agree
-        self.stop_signal = ""  # the name of the signal the ranks agreed to stop on
-        self.stop_vote: tuple[torch.Tensor, Any] | None = None  # the last step's non-blocking agreement
+        self.stop = StopSignals(world)  # SIGTERM, SIGINT: the ranks agree at a step, save and exit
         self.last_loss = float("nan")  # mean over ranks and the steps since the last log, as of the last agreement
         self.loss_sum: torch.Tensor | None = None  # this rank's losses since the last logged step, on its device
         self.loss_steps = 0
@@ -261,12 +261,12 @@ class Trainer:
         self.resume()
         self.tick = (time.monotonic(), self.progress.step)
         try:
-            while self.progress.step < self.total_steps and not self.stop_requested:
+            while self.progress.step < self.total_steps and not self.stop.requested:
                 epoch = self.progress.epoch
                 self.step(self.next_batches())
                 if self.progress.epoch != epoch:
                     self.evaluate()
-            self.finish_agreement()
+            self.stop.finish()
             self.sync_buffers()
             if self.checkpointer.last_saved != self.progress.step:
                 self.save_checkpoint()
@@ -278,7 +278,7 @@ class Trainer:
         """This rank's next ``--grad-accum`` micro-batches; each epoch starts a new pass over the loader."""
         if self.batches is None or self.batches_epoch != self.progress.epoch:
             p = self.progress
-            self.sampler.set_position(p.epoch, p.epoch_samples)
+            self.sampler.set_position(p.epoch, p.epoch_samples, p.order)
             left = steps_per_epoch(len(self.train_set), self.global_batch, p.epoch_samples)
             self.display.start_epoch(p.epoch, min(left, self.total_steps - p.step))
             self.batches, self.batches_epoch = iter(self.loader), p.epoch
@@ -301,39 +301,11 @@ class Trainer:
         p.step += 1
         p.epoch_samples += self.global_batch
         if steps_per_epoch(len(self.train_set), self.global_batch, p.epoch_samples) == 0:
-            p.epoch, p.epoch_samples = p.epoch + 1, 0
+            p.epoch, p.epoch_samples, p.order = p.epoch + 1, 0, ORDER
         faults.at_step(self.world.rank, p.step)
-        self._agree_on_stop()
+        self.stop.agree()
         self._after_step()
         return loss
-
-    def _agree_on_stop(self) -> None:
-        """Whether any rank was signalled: the answer of the non-blocking all-reduce the last step started.
-
-        Each step starts one (the maximum of the ranks' signal numbers) and reads the
-        previous one's, long finished by then: every rank learns of a SIGTERM or SIGINT on
-        any rank at the same step, at most one step after it came, whatever --log-every is,
-        and no step waits for it.
-        """
-        if self.world.world_size == 1:
-            self._stop_on(self.signalled)
-            return
-        if self.stop_vote is not None:
-            flag, work = self.stop_vote
-            work.wait()
-            self._stop_on(int(flag.item()))
-        flag = torch.tensor([self.signalled], dtype=torch.int32, device=group.control_device())
-        self.stop_vote = (flag, dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True))
-
-    def _stop_on(self, signum: int) -> None:
-        if signum and not self.stop_requested:
-            self.stop_requested, self.stop_signal = True, signal.Signals(signum).name
-
-    def finish_agreement(self) -> None:
-        """Wait for the agreement still in flight (before leaving the loop, so no collective is left open)."""
-        if self.stop_vote is not None:
-            self.stop_vote[1].wait()
-            self.stop_vote = None
 
     def sync_buffers(self) -> None:
         """Give every rank rank 0's buffers (BatchNorm statistics), as DDP does before each forward.
@@ -424,11 +396,11 @@ class Trainer:
         self._log_step(log_step)
         every = self.cfg.checkpoint.checkpoint_every
         periodic = every > 0 and step % every == 0
-        if (periodic or due or self.stop_requested) and step < self.total_steps:
+        if (periodic or due or self.stop.requested) and step < self.total_steps:
             self.save_checkpoint()
-            if self.stop_requested:
+            if self.stop.requested:
                 self.checkpointer.wait()
-                self._say(f"stopping on {self.stop_signal} after step {step}: checkpoint saved, relaunch to resume")
+                self._say(f"stopping on {self.stop.name} after step {step}: checkpoint saved, relaunch to resume")
 
     def _agree(self) -> bool:
         """The all-reduce every rank calls at the same step; True when a timed save is due."""
@@ -582,38 +554,13 @@ def configure_determinism(cfg: Config) -> None:
 
 
 def run(cfg: Config, world: group.World, task: Task | None = None) -> VerifyReport | None:
-    """Train, export and verify on this rank; the verify report (None when stopped by SIGTERM)."""
+    """Train, export and verify on this rank; the verify report (None when a signal stopped it)."""
     group.log(world, f"{world.backend} on {world.device}, {world.world_size} rank(s)", all_ranks=cfg.run.log_all_ranks)
     group.log(world, f"config: {json.dumps(cfg.to_dict())}")
     trainer = Trainer(cfg, world, task)
-    with stop_signals(trainer):
+    with trainer.stop.installed():
         trainer.train()
-    return None if trainer.stop_requested else export_and_verify(trainer)
-
-
-@contextlib.contextmanager
-def stop_signals(trainer: Trainer) -> Iterator[None]:
-    """SIGTERM and SIGINT (Ctrl-C) stop training after a step, with a checkpoint; a second SIGINT exits at once.
-
-    The handler only sets a flag: the ranks agree on it at a step (``Trainer.step``), save
-    and exit 0. Under torchrun a Ctrl-C reaches the launcher, which forwards one SIGINT to
-    every worker and waits 30 s before it kills them.
-    """
-
-    def handle(signum: int, frame) -> None:
-        if signum == signal.SIGINT and trainer.signalled:
-            print(f"{trainer.world.prefix()} second SIGINT: exiting now, without a checkpoint", file=sys.stderr)
-            os._exit(130)
-        trainer.signalled = signum
-
-    previous = {s: signal.signal(s, handle) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        # Drop the handler's reference, so the trainer (and DDP's hold on the process
-        # group) is freed before interpreter shutdown, where freeing gloo threads aborts.
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+    return None if trainer.stop.requested else export_and_verify(trainer)
 
 
 def fit(task: Task, **settings) -> VerifyReport | None:

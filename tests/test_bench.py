@@ -24,6 +24,7 @@ def test_bench_quick_runs_and_writes_results(tmp_path):
     assert 0.5 <= fsdp["optimizer / ddp"] < 0.51  # AdamW's step counts are not sharded
     assert "| strategy | ranks |" in out
     assert results["activation_checkpointing"]["step_s_full"] > 0 and "| --ac |" in out
+    assert [row["samples"] for row in results["scale"]] == [10**6, 10**10] and "| samples |" in out
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU case")

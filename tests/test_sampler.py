@@ -1,0 +1,84 @@
+"""The sampler at the scale of a real corpus: a permutation computed index by index, whatever the dataset's size."""
+
+from __future__ import annotations
+
+import tracemalloc
+
+import numpy as np
+import pytest
+import torch
+
+from ddp.data import Permutation, ResumableSampler
+from ddp.train import Progress
+
+
+class Sized(torch.utils.data.Dataset):
+    """A dataset of ``n`` samples with no storage behind it: the sampler only asks its length."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 16, 17, 1000, 4097, 65_537])
+def test_every_index_exactly_once_per_epoch(n):
+    order = Permutation(n, seed=11)(np.arange(n, dtype=np.uint64)).tolist()
+    assert sorted(order) == list(range(n))
+
+
+def test_epochs_and_seeds_give_other_orders():
+    n = 10_000
+    first = list(ResumableSampler(Sized(n), 1, 0, seed=0))
+    sampler = ResumableSampler(Sized(n), 1, 0, seed=0)
+    sampler.set_position(1, 0)
+    assert list(sampler) != first and sorted(sampler) == sorted(first) == list(range(n))
+    assert list(ResumableSampler(Sized(n), 1, 0, seed=1)) != first
+    moved = sum(a != b for a, b in zip(first, range(n), strict=True))
+    assert moved > 0.99 * n  # shuffled, not nearly the identity
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 3, 7])
+def test_ranks_split_one_global_stream_from_any_position(ranks):
+    n, start = 5_003, 1_234
+    stream = Permutation(n, 5 + 1_000_003 * 2)(np.arange(n, dtype=np.uint64)).tolist()
+    shards = []
+    for r in range(ranks):
+        sampler = ResumableSampler(Sized(n), ranks, r, seed=5)
+        sampler.set_position(2, start)
+        shards.append(list(sampler))
+    per_rank = (n - start) // ranks
+    assert all(len(s) == per_rank == len(ResumableSampler(Sized(n), ranks, 0, 5)) - start // ranks for s in shards)
+    interleaved = [shards[i % ranks][i // ranks] for i in range(per_rank * ranks)]
+    assert interleaved == stream[start : start + per_rank * ranks]  # global batch j: the same samples for any N
+
+
+@pytest.mark.parametrize("n", [10**10, 2**40 + 12_345])
+def test_a_corpus_of_ten_billion_samples_costs_no_memory_and_resumes_anywhere(n):
+    sampler = ResumableSampler(Sized(n), 4, 3, seed=0)
+    sampler.set_position(7, n // 2)  # resume at the middle of an epoch: no index before it is computed
+    tracemalloc.start()
+    try:
+        it = iter(sampler)
+        first = [next(it) for _ in range(10_000)]
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * 2**20  # a chunk of positions, never a list of the epoch
+    assert len(set(first)) == len(first) and all(0 <= i < n for i in first)
+    assert len(sampler) == (n - n // 2) // 4
+
+
+def test_an_epoch_begun_by_an_earlier_version_resumes_in_its_order():
+    n, start = 1_000, 300
+    sampler = ResumableSampler(Sized(n), 2, 1, seed=4)
+    sampler.set_position(3, start, order=1)  # what a checkpoint without an order resumes with
+    legacy = torch.randperm(n, generator=torch.Generator().manual_seed(4 + 3)).tolist()
+    assert list(sampler) == legacy[start + 1 : n - (n - start) % 2 : 2]
+    progress = Progress()
+    progress.load_state_dict({"step": 9, "epoch": 3, "epoch_samples": start})  # saved before version 2
+    assert progress.order == 1 and Progress().order == 2
