@@ -233,12 +233,17 @@ class RunConfig:
     """Convert BatchNorm layers to SyncBatchNorm (needs CUDA)."""
     memory_format: str = "auto"
     """Layout of conv weights and activations: auto (channels_last if the task asks, as the cnn does) or a layout."""
+    eval_every: int = 0
+    """Evaluate every N optimizer steps too (0: at the end of each epoch only); always once at the end of training."""
+    eval_samples: int = 0
+    """Evaluate on this many held-out samples, the same ones every time (0: all of them)."""
     ac: str = "none"
     """Activation checkpointing: none, or full (each of the task's blocks recomputes its forward in the backward,
     keeping only its inputs: less memory for more compute)."""
 
     def __post_init__(self) -> None:
         _check(self.ac in ("none", "full"), "ac", f"unknown {self.ac!r}; use none or full")
+        _check(self.eval_every >= 0 and self.eval_samples >= 0, "eval_every", "and --eval-samples cannot be negative")
         _check(
             self.memory_format in MEMORY_FORMATS,
             "memory_format",

@@ -241,12 +241,19 @@ def make_loader(
     )
 
 
-def eval_batches(task: Task, rank: int, world_size: int, batch_size: int, seed: int) -> Iterator:
-    """This rank's share of the validation set (every N-th sample), in batches, without workers."""
+def eval_indices(samples: int, limit: int, seed: int) -> range | list[int]:
+    """The held-out samples an evaluation reads: all, or ``limit`` of them, the same ones every time."""
+    if not limit or limit >= samples:
+        return range(samples)
+    return sorted(Permutation(samples, seed)(np.arange(limit, dtype=np.uint64)).tolist())
+
+
+def eval_batches(task: Task, rank: int, world_size: int, batch_size: int, seed: int, limit: int = 0) -> Iterator:
+    """This rank's share of the validation set (every N-th of its evaluated samples), in batches, without workers."""
     data = task.val_data
     if data is None:
         return
-    mine = range(rank, len(data), world_size)
+    mine = eval_indices(len(data), limit, seed)[rank::world_size]
     if not (isinstance(data, TensorDataset) and task.collate is None):
         data = SeededSamples(data, seed)
         mine = [(EVAL_EPOCH, i) for i in mine]
@@ -254,6 +261,7 @@ def eval_batches(task: Task, rank: int, world_size: int, batch_size: int, seed: 
         yield task.batch_of(data, mine[i : i + batch_size])
 
 
-def eval_batch_count(samples: int, rank: int, world_size: int, batch_size: int) -> int:
+def eval_batch_count(samples: int, rank: int, world_size: int, batch_size: int, limit: int = 0) -> int:
     """How many batches ``eval_batches`` gives ``rank``."""
-    return math.ceil(len(range(rank, samples, world_size)) / batch_size)
+    evaluated = min(samples, limit) if limit else samples
+    return math.ceil(len(range(rank, evaluated, world_size)) / batch_size)

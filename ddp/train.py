@@ -261,11 +261,16 @@ class Trainer:
         self.resume()
         self.tick = (time.monotonic(), self.progress.step)
         try:
+            evaluated = -1
             while self.progress.step < self.total_steps and not self.stop.requested:
                 epoch = self.progress.epoch
                 self.step(self.next_batches())
-                if self.progress.epoch != epoch:
+                every = self.cfg.run.eval_every
+                if self.progress.epoch != epoch or (every and self.progress.step % every == 0):
                     self.evaluate()
+                    evaluated = self.progress.step
+            if evaluated != self.progress.step and not self.stop.requested:
+                self.evaluate()  # always once at the end: a run that never ends an epoch still reports
             self.stop.finish()
             self.sync_buffers()
             if self.checkpointer.last_saved != self.progress.step:
@@ -450,15 +455,15 @@ class Trainer:
         model.eval()
         sums: dict[str, float] = {}
         size = max(self.cfg.data.batch_size, 1024 if isinstance(self.task.val_data, TensorDataset) else 0)
-        world, seed = self.world, self.cfg.run.seed
+        world, seed, limit = self.world, self.cfg.run.seed, self.cfg.run.eval_samples
         done = 0
-        for batch in eval_batches(self.task, world.rank, world.world_size, size, seed):
+        for batch in eval_batches(self.task, world.rank, world.world_size, size, seed, limit):
             for key, value in self.task.compute_metrics(model, to_device(batch, self.device, self.dtype)).items():
                 sums[key] = sums.get(key, 0.0) + float(value)
             done += 1
         if self.sharded:  # FSDP's forward is a collective: run as many as rank 0, which has the most batches
-            spare = next(eval_batches(self.task, 0, world.world_size, size, seed), None)
-            for _ in range(eval_batch_count(len(self.task.val_data), 0, world.world_size, size) - done):
+            spare = next(eval_batches(self.task, 0, world.world_size, size, seed, limit), None)
+            for _ in range(eval_batch_count(len(self.task.val_data), 0, world.world_size, size, limit) - done):
                 self.task.compute_metrics(model, to_device(spare, self.device, self.dtype))  # results unused
         model.train()
         total: dict[str, float] = {}
@@ -467,10 +472,11 @@ class Trainer:
                 total[key] = total.get(key, 0.0) + value
         if not total.get("count"):
             return {}  # an empty held-out split: nothing to report
+        samples = int(total["count"]) if "count" in total else None
         means = self.task.finish_metrics(total)
         shown = " ".join(f"{k} {v:.4f}" for k, v in means.items())
-        self.display.message(f"eval epoch {self.progress.epoch - 1}: {shown}")
-        self.metrics.write("eval", step=self.progress.step, epoch=self.progress.epoch - 1, **means)
+        self.display.message(f"eval at step {self.progress.step} (epoch {self.step_epoch}): {shown}")
+        self.metrics.write("eval", step=self.progress.step, epoch=self.step_epoch, **means, count=samples)
         return means
 
 

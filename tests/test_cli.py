@@ -164,7 +164,7 @@ def test_metrics_jsonl_has_training_and_evaluation_records(trained):
 def test_plain_log_lines_when_not_a_terminal_and_only_rank_0(trained):
     _, log = trained
     assert "[rank 0/2] step 5 epoch 0 loss" in log and "samples/s" in log
-    assert "[rank 0/2] eval epoch 1: loss" in log
+    assert "[rank 0/2] eval at step 28 (epoch 1): loss" in log
     # rank 1's only line: its own verify result, which every rank reports
     assert [line for line in log.splitlines() if "[rank 1/2]" in line] == [
         line for line in log.splitlines() if line.startswith("[rank 1/2] verify: 2/2 ranks reloaded")

@@ -1,15 +1,19 @@
-"""The sampler at the scale of a real corpus: a permutation computed index by index, whatever the dataset's size."""
+"""Data at the scale of a real corpus: a permutation computed index by index, and evaluation for runs that never
+finish an epoch."""
 
 from __future__ import annotations
 
+import json
 import tracemalloc
 
 import numpy as np
 import pytest
 import torch
 
-from ddp.data import Permutation, ResumableSampler
+from ddp.data import Permutation, ResumableSampler, eval_indices
 from ddp.train import Progress
+
+from .helpers import ok, torchrun
 
 
 class Sized(torch.utils.data.Dataset):
@@ -82,3 +86,14 @@ def test_an_epoch_begun_by_an_earlier_version_resumes_in_its_order():
     progress = Progress()
     progress.load_state_dict({"step": 9, "epoch": 3, "epoch_samples": start})  # saved before version 2
     assert progress.order == 1 and Progress().order == 2
+
+
+def test_a_run_that_never_ends_an_epoch_evaluates_every_n_steps_on_a_fixed_subset_and_at_the_end(tmp_path):
+    # 3687 training samples, global batch 64: 57 steps an epoch; the run stops at 12
+    args = ["--steps", "12", "--eval-every", "5", "--eval-samples", "100", "--out", str(tmp_path)]
+    ok(torchrun(2, "--batch-size", "32", *args))
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    evals = [r for r in map(json.loads, lines) if r["kind"] == "eval"]
+    assert [(r["step"], r["epoch"], r["count"]) for r in evals] == [(5, 0, 100), (10, 0, 100), (12, 0, 100)]
+    subset = eval_indices(409, 100, 0)
+    assert len(subset) == 100 == len(set(subset)) and subset == eval_indices(409, 100, 0) != list(range(100))
