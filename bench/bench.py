@@ -36,6 +36,7 @@ import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import xxhash
@@ -49,6 +50,7 @@ from ddp.config import CheckpointConfig, Config
 from ddp.data import make_loader
 from ddp.model import MLP
 from ddp.task import Task
+from ddp.tasks.charlm import CharLM
 from ddp.train import Trainer, export_and_verify, local_model
 
 from common import (
@@ -357,6 +359,54 @@ def scale_table(args, out: Path) -> list[dict]:
         print(f"  {n:.0e} samples: first step after {got['first_step_s']:.2f} s, "
               f"peak RSS growth {got['peak_growth'] / 2**20:.0f} MB", flush=True)  # fmt: skip
     return rows
+
+
+# ---- token files: this project's loader against nanoGPT's get_batch ---------------------
+
+
+def tokens_worker(path: str, out: str, block_s: float, repeats: int) -> dict:
+    """One process: samples/s of Trainer.step on --task tokens (the real loader) and of nanoGPT's loop, alternating."""
+    torch.set_num_threads(1)
+    block, batch = 64, 32
+    settings = {"train": path, "vocab": 256, "block": block, "layers": 2, "heads": 4, "embd": 64, "dropout": 0.0}
+    cfg = Config.from_dict({"task": {"spec": "tokens", "args": settings}, "data": {"batch_size": batch},
+                            "optim": {"optimizer": "adamw", "lr": 1e-3, "schedule": "constant"},
+                            "run": {"steps": 10**9, "out": out}, "checkpoint": {"resume": "never"}})  # fmt: skip
+    world = group.init(cfg.dist)
+    try:
+        ours = trainer_step(quiet(Trainer(cfg, world)))
+        data = np.memmap(path, dtype=np.uint16, mode="r")
+        model = CharLM(torch.arange(256), block, 2, 4, 64, 0.0)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+        def theirs() -> None:  # nanoGPT's get_batch: random offsets into the memmap, stacked
+            ix = torch.randint(len(data) - block, (batch,))
+            x = torch.stack([torch.from_numpy(data[i : i + block].astype(np.int64)) for i in ix])
+            y = torch.stack([torch.from_numpy(data[i + 1 : i + 1 + block].astype(np.int64)) for i in ix])
+            loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        steps = max(3, round(block_s / (timed(theirs, 3, warmup=2) / 3)))
+        t: dict[str, list[float]] = {"ours": [], "nanogpt": []}
+        for rep in range(repeats):
+            for name in ("ours", "nanogpt") if rep % 2 == 0 else ("nanogpt", "ours"):
+                t[name].append(steps * batch / timed(ours if name == "ours" else theirs, steps, warmup=1))
+        return {"ours_samples_per_s": median(t["ours"]), "nanogpt_samples_per_s": median(t["nanogpt"]),
+                "ours / nanogpt": paired(t, "ours", "nanogpt"), "steps_per_block": steps}  # fmt: skip
+    finally:
+        group.shutdown()
+
+
+def tokens_table(args, out: Path) -> dict:
+    """--task tokens on a file of 2M random byte tokens, against nanoGPT's loop on the same model."""
+    path = out / "tokens.bin"
+    np.random.default_rng(0).integers(0, 256, 2_000_000).astype("<u2").tofile(path)
+    result = launch(tokens_worker, 1, str(path), str(out / "tokens"), args.block_s * 2, args.side_repeats)
+    print(f"  --task tokens {result['ours_samples_per_s']:,.0f} samples/s, nanoGPT's get_batch "
+          f"{result['nanogpt_samples_per_s']:,.0f}: {ratio_text(result['ours / nanogpt'])}", flush=True)  # fmt: skip
+    return result
 
 
 def h2d_table(args) -> dict:
@@ -691,6 +741,8 @@ def main() -> None:
         loader = loader_table(args, tmp) if args.only in ("", "loader") else []
         print("host-to-device copies (CUDA only):", flush=True)
         h2d = h2d_table(args)
+        print("token files (one process):", flush=True)
+        tok = tokens_table(args, tmp) if args.only in ("", "tokens") else {}
         print("dataset size (a dataset with no storage, 2 ranks):", flush=True)
         scale = scale_table(args, tmp) if args.only in ("", "scale") else []
         print("checkpoints:", flush=True)
@@ -707,6 +759,7 @@ def main() -> None:
         "loader": loader,
         "host_to_device": h2d,
         "scale": scale,
+        "tokens": tok,
         "checkpoints": ckpt,
         "strategies": strategies,
         "activation_checkpointing": ac,
@@ -743,6 +796,11 @@ def print_tables(r: dict) -> None:
                   f"| {ratio_text(row['vs default'])} |")  # fmt: skip
     if r["strategies"]:
         print_table(r["strategies"])
+    if r["tokens"]:
+        t = r["tokens"]
+        ours, theirs = t["ours_samples_per_s"], t["nanogpt_samples_per_s"]
+        print(f"\ntoken files: --task tokens {ours:,.0f} samples/s, nanoGPT's get_batch {theirs:,.0f} "
+              f"(same model, one process): {ratio_text(t['ours / nanogpt'])}")  # fmt: skip
     if r["scale"]:
         print("\ndataset size: time to the first step and peak RSS growth of rank 0 (the sampler holds no index list):")
         print("| samples | first step (s) | peak RSS growth (MB) |\n|---:|---:|---:|")

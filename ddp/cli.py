@@ -1,4 +1,4 @@
-"""The ``ddp`` command: train, verify, inspect, predict, export, sample, plot.
+"""The ``ddp`` command: train, verify, inspect, predict, export, sample, tokens, plot.
 
 Each command below works on what the ones before it made (tests/test_docs.py runs them):
 
@@ -12,6 +12,8 @@ ddp predict runs/demo/mlp.safetensors --model ddp.model:MLP --random 2   # your 
 ddp plot runs/demo                               # writes runs/demo/loss.png
 ddp train --task charlm --task-arg text=README.md --steps 30 --out runs/lm
 ddp sample runs/lm/charlm.params --prompt "The "  # a trained charlm writes on
+ddp tokens README.md --output runs/bytes         # text to token files; then --task tokens trains on them
+ddp train --task tokens --task-arg train=runs/bytes/train.bin val=runs/bytes/val.bin --steps 30 --out runs/gpt
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from ddp.errors import CheckpointError, ConfigError, DDPError, Reported, first_l
 from ddp.io import split_aliases
 from ddp.metrics import plot
 from ddp.rng import seeded
-from ddp.tasks import build_model, charlm, resolve
+from ddp.tasks import build_model, charlm, resolve, tokens
 from ddp.verify import outputs, summary, verify_identical_outputs
 from ddp.weights import Weights
 
@@ -303,6 +305,16 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tokens(args: argparse.Namespace) -> int:
+    if not 0 <= args.val_fraction < 1:
+        raise ConfigError(f"--val-fraction: must be in [0, 1), got {args.val_fraction}")
+    meta = tokens.write_byte_tokens([Path(f) for f in args.files], Path(args.output), args.val_fraction)
+    print(f"wrote {meta['train_tokens']:,} training and {meta['val_tokens']:,} held-out byte tokens (vocab 256) to "
+          f"{args.output}/train.bin and val.bin; train with: ddp train --task tokens --task-arg "
+          f"train={args.output}/train.bin val={args.output}/val.bin")  # fmt: skip
+    return 0
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     print(f"wrote {plot(args.run_dir)}")
     return 0
@@ -366,6 +378,12 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--seed", type=int, default=0, help="(default: 0)")
     sm.add_argument("--device", default="auto", choices=["cpu", "cuda", "auto"], help="(default: auto)")
     sm.set_defaults(func=cmd_sample)
+
+    tk = sub.add_parser("tokens", help="text files to nanoGPT-format token files (byte-level) for --task tokens")
+    tk.add_argument("files", nargs="+", help="text (or any) files, read in order as bytes")
+    tk.add_argument("--output", required=True, metavar="DIR", help="writes DIR/train.bin, val.bin and meta.json")
+    tk.add_argument("--val-fraction", type=float, default=0.1, help="the held-out end of the bytes (default: 0.1)")
+    tk.set_defaults(func=cmd_tokens)
 
     pl = sub.add_parser("plot", help="write RUN_DIR/loss.png from metrics.jsonl (needs matplotlib)")
     pl.add_argument("run_dir")

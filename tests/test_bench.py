@@ -25,6 +25,7 @@ def test_bench_quick_runs_and_writes_results(tmp_path):
     assert "| strategy | ranks |" in out
     assert results["activation_checkpointing"]["step_s_full"] > 0 and "| --ac |" in out
     assert [row["samples"] for row in results["scale"]] == [10**6, 10**10] and "| samples |" in out
+    assert results["tokens"]["ours_samples_per_s"] > 0 and "nanoGPT's get_batch" in out
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU case")

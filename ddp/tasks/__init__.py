@@ -26,7 +26,7 @@ from ddp.config import TASK_OPTIONS, Config
 from ddp.errors import ConfigError
 from ddp.rng import seeded
 from ddp.task import Task
-from ddp.tasks import charlm, cnn, digits, mlp, npz
+from ddp.tasks import charlm, cnn, digits, mlp, npz, tokens
 
 BUILTIN: dict[str, Callable[..., Task]] = {
     "mlp": mlp.task,
@@ -34,6 +34,7 @@ BUILTIN: dict[str, Callable[..., Task]] = {
     "npz": npz.task,
     "digits": digits.task,
     "charlm": charlm.task,
+    "tokens": tokens.task,
 }
 
 
