@@ -85,8 +85,10 @@ def test_a_signal_on_one_rank_stops_every_rank_within_a_step_whatever_log_every_
 
 
 def test_ctrl_c_to_torchrun_stops_every_rank_with_a_checkpoint(tmp_path):
+    # steps of ~0.1 s: the signal reaches the workers well within one step of the line that triggers it
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "ddp.train",
-           *SMALL, "--steps", "100000", "--log-every", "1", "--out", str(tmp_path)]  # fmt: skip
+           "--hidden", "2048", "2048", "--batch-size", "128", "--steps", "100000", "--log-every", "1",
+           "--out", str(tmp_path)]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seen = []
     for line in proc.stdout:
