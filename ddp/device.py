@@ -53,6 +53,20 @@ def local_device(backend: str = "gloo", kind: str = "auto") -> torch.device:
     return cpu()
 
 
+def peak_memory_mb(device: torch.device) -> float:
+    """This process's peak memory in MiB: CUDA's max allocated on a GPU, the resident high-water mark (VmHWM) on
+    a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):  # not Linux: the OS's own figure
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16, "fp16": torch.float16}
 """The dtype each ``--precision`` computes in."""
 

@@ -68,6 +68,8 @@ class Task:
     weights_file: str | None = None
     """The exported weights' file name in ``--out``; default ``<name>.params`` (``mlp.params`` for mlp, as the
     textbook names it)."""
+    tokens_per_sample: int | None = None
+    """Tokens a sample holds (a language model's block): the log then reports tokens_per_s too."""
     model_args: dict[str, Any] = dataclasses.field(default_factory=dict)
     """Task arguments, beyond those given, that rebuild the model without the data (a vocabulary found in
     the text, an input width found in a file): the exported weights' config records them."""

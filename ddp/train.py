@@ -44,7 +44,7 @@ from ddp import faults, fsdp, group, model_card, optim, rng, run_folder
 from ddp.checkpoint import PROGRESS, Checkpointer
 from ddp.config import SECTIONS, Config, parse
 from ddp.data import ORDER, ResumableSampler, eval_batch_count, eval_batches, make_loader, steps_per_epoch
-from ddp.device import autocast_dtype, weights_dtype
+from ddp.device import autocast_dtype, peak_memory_mb, weights_dtype
 from ddp.errors import ConfigError, DDPError, NonFiniteError, Reported, first_line, say
 from ddp.io import load_model, save_model, unwrap
 from ddp.metrics import MetricsWriter, ProgressDisplay
@@ -180,6 +180,8 @@ class Trainer:
         self.last_save_time = time.monotonic()
         self.tick = (time.monotonic(), self.progress.step)  # (time, step) the samples/s figure counts from
         self.batches: Iterator[Batch] | None = None  # this epoch's pass over the loader
+        self.timing = {"step": 0.0, "data": 0.0, "steps": 0}  # this rank's seconds since the last logged step
+        self.step_end = time.perf_counter()  # when the last step's bookkeeping ended: the next step starts there
         self.batches_epoch = -1  # the epoch that pass belongs to
 
     # ---- construction ----
@@ -260,6 +262,7 @@ class Trainer:
         """Run until ``total_steps`` (or a SIGTERM), checkpointing on the way and at the end."""
         self.resume()
         self.tick = (time.monotonic(), self.progress.step)
+        self.step_end = time.perf_counter()
         try:
             evaluated = -1
             while self.progress.step < self.total_steps and not self.stop.requested:
@@ -287,7 +290,10 @@ class Trainer:
             left = steps_per_epoch(len(self.train_set), self.global_batch, p.epoch_samples)
             self.display.start_epoch(p.epoch, min(left, self.total_steps - p.step))
             self.batches, self.batches_epoch = iter(self.loader), p.epoch
-        return [next(self.batches) for _ in range(self.cfg.optim.grad_accum)]
+        start = time.perf_counter()
+        micro = [next(self.batches) for _ in range(self.cfg.optim.grad_accum)]
+        self.timing["data"] += time.perf_counter() - start
+        return micro
 
     def step(self, micro: list[Batch]) -> torch.Tensor:
         """One optimizer step over ``micro``, as ``train`` takes it, and what follows it.
@@ -307,9 +313,12 @@ class Trainer:
         p.epoch_samples += self.global_batch
         if steps_per_epoch(len(self.train_set), self.global_batch, p.epoch_samples) == 0:
             p.epoch, p.epoch_samples, p.order = p.epoch + 1, 0, ORDER
+        self.timing["step"] += time.perf_counter() - self.step_end  # its data and compute, not the logging
+        self.timing["steps"] += 1
         faults.at_step(self.world.rank, p.step)
         self.stop.agree()
         self._after_step()
+        self.step_end = time.perf_counter()
         return loss
 
     def sync_buffers(self) -> None:
@@ -434,6 +443,7 @@ class Trainer:
         step, epoch = self.progress.step, self.step_epoch
         self.display.update(step, epoch, self.last_loss, rate, lr, self.last_grad_norm)
         if log_step:
+            tokens = self.task.tokens_per_sample
             self.metrics.write(
                 "train",
                 step=step,
@@ -442,9 +452,28 @@ class Trainer:
                 lr=lr,
                 grad_norm=self.last_grad_norm,
                 samples_per_s=round(rate, 1),
+                **({"tokens_per_s": round(rate * tokens, 1)} if tokens else {}),
+                **self._step_figures(),
             )
             self.tick = (now, step)
             self.loss_sum, self.loss_steps = None, 0  # the next record averages the steps after this one
+
+    def _step_figures(self) -> dict[str, float | int]:
+        """Called by every rank at a logged step: the ranks' step times (mean, slowest and whose), the share
+        of them spent waiting for data, and the peak memory of rank 0."""
+        t = self.timing
+        mine = (t["step"] / max(t["steps"], 1), t["data"], t["step"], peak_memory_mb(self.device))
+        ranks = group.all_gather_objects(mine)
+        self.timing = {"step": 0.0, "data": 0.0, "steps": 0}
+        means = [r[0] for r in ranks]
+        slowest = max(range(len(ranks)), key=lambda r: means[r])
+        return {
+            "step_time": round(sum(means) / len(means), 6),
+            "step_time_max": round(means[slowest], 6),
+            "slowest_rank": slowest,
+            "data_time": round(sum(r[1] for r in ranks) / max(sum(r[2] for r in ranks), 1e-12), 4),
+            "mem_peak_mb": round(ranks[0][3], 1),
+        }
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:

@@ -155,8 +155,11 @@ def test_metrics_jsonl_has_training_and_evaluation_records(trained):
     train = [r for r in records if r["kind"] == "train"]
     evals = [r for r in records if r["kind"] == "eval"]
     assert [r["step"] for r in train] == [5, 10, 15, 20, 25, 28]
-    assert set(train[0]) == {"kind", "run", "step", "epoch", "loss", "lr", "grad_norm", "samples_per_s", "time"}
-    assert all(r["grad_norm"] > 0 for r in train)
+    assert set(train[0]) == {"kind", "run", "step", "epoch", "loss", "lr", "grad_norm", "samples_per_s", "time",
+                             "step_time", "step_time_max", "slowest_rank", "data_time", "mem_peak_mb"}  # fmt: skip
+    for r in train:
+        assert r["grad_norm"] > 0 and 0 < r["step_time"] <= r["step_time_max"] and r["slowest_rank"] in (0, 1)
+        assert 0 <= r["data_time"] <= 1 and r["mem_peak_mb"] > 50  # a process with torch loaded
     assert [r["epoch"] for r in evals] == [0, 1] and all(0 <= r["accuracy"] <= 1 for r in evals)
     assert evals[-1]["loss"] < evals[0]["loss"] + 0.5  # it learns (loosely: two epochs)
 

@@ -39,6 +39,9 @@ def test_a_gpt_trains_on_the_token_files_with_workers_and_stands_alone_without_t
     out = ok(torchrun(2, "--task", "tokens", "--task-arg", *files, "--workers", "2", "--batch-size", "16",
                       "--steps", "12", "--out", str(tmp_path / "run")))  # fmt: skip
     assert "verify: 2/2 ranks reloaded" in out and "perplexity" in out
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rates = [(r["tokens_per_s"], r["samples_per_s"]) for r in logged if r["kind"] == "train"]
+    assert rates and all(abs(tokens - 32 * samples) <= 2 for tokens, samples in rates)  # block 32 tokens a sample
     (d / "bytes" / "train.bin").rename(d / "train.bin.away")
     try:
         assert cli.main(["verify", str(tmp_path / "run" / "tokens.params")]) == 0  # vocab is in the model card

@@ -173,6 +173,7 @@ def task(
         summarize=with_perplexity,
         blocks=lambda model: model.blocks,  # FSDP: one unit per transformer block; the tied embedding stays at the root
         name="charlm",
+        tokens_per_sample=block,
         model_args={"vocab": vocab},
     )
 

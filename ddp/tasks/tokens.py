@@ -109,6 +109,7 @@ def task(
         summarize=with_perplexity,
         blocks=lambda model: model.blocks,
         name="tokens",
+        tokens_per_sample=block,
         model_args={"vocab": vocab},
     )
 
