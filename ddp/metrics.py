@@ -10,6 +10,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from ddp import group
+from ddp.device import peak_memory_mb
 from ddp.errors import DDPError
 from ddp.io import atomic_write
 
@@ -52,6 +56,25 @@ class MetricsWriter:
         record = {"kind": kind, "run": self.run, **values, "time": round(self.elapsed(), 4)}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+def step_figures(timing: dict, device: torch.device) -> dict[str, float | int]:
+    """Called by every rank at a logged step: the ranks' step times since the last record (the mean, the
+    slowest and whose), the share of them spent waiting for data, and rank 0's peak memory.
+
+    ``timing``: this rank's seconds of steps and of data loading, and the steps counted.
+    """
+    mine = (timing["step"] / max(timing["steps"], 1), timing["data"], timing["step"], peak_memory_mb(device))
+    ranks = group.all_gather_objects(mine)
+    means = [r[0] for r in ranks]
+    slowest = max(range(len(ranks)), key=lambda r: means[r])
+    return {
+        "step_time": round(sum(means) / len(means), 6),
+        "step_time_max": round(means[slowest], 6),
+        "slowest_rank": slowest,
+        "data_time": round(sum(r[1] for r in ranks) / max(sum(r[2] for r in ranks), 1e-12), 4),
+        "mem_peak_mb": round(ranks[0][3], 1),
+    }
 
 
 class ProgressDisplay:

@@ -13,7 +13,9 @@ import math
 import torch
 from torch import nn
 
+from ddp import group
 from ddp.config import OptimConfig
+from ddp.errors import NonFiniteError
 
 NO_DECAY = (nn.Embedding, nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)
 """Modules whose weights never decay: embeddings and normalisation layers (as nanoGPT and torchtitan)."""
@@ -59,8 +61,8 @@ def lr_at(step: int, total_steps: int, cfg: OptimConfig) -> float:
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """Give every parameter group this learning rate."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+    for param_group in optimizer.param_groups:
+        param_group["lr"] = lr
 
 
 def clip_gradients(model: nn.Module, max_norm: float | None) -> torch.Tensor:
@@ -75,3 +77,17 @@ def clip_gradients(model: nn.Module, max_norm: float | None) -> torch.Tensor:
     norm = torch.nn.utils.clip_grad_norm_(params, limit)
     full_tensor = getattr(norm, "full_tensor", None)  # a DTensor under FSDP
     return (full_tensor() if full_tensor is not None else norm).detach()
+
+
+def nonfinite_error(what: str, loss: torch.Tensor, step: int, last_saved: int | None) -> NonFiniteError:
+    """Called by every rank at a non-finite step: the error, naming the ranks whose loss was not finite."""
+    losses = group.all_gather_objects(float(loss))
+    bad = [f"rank {r} ({v})" for r, v in enumerate(losses) if not math.isfinite(v)]
+    newest = (
+        "no checkpoint was saved yet" if last_saved is None else f"the newest checkpoint, step {last_saved}, is good"
+    )
+    return NonFiniteError(
+        f"step {step}: {what}; the loss was not finite on {', '.join(bad) or 'no rank'}. Training stopped "
+        f"before the update ({newest}). Lower --lr, add --warmup-steps or --max-grad-norm, or allow "
+        "--skip-nonfinite N"
+    )

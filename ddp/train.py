@@ -44,10 +44,10 @@ from ddp import faults, fsdp, group, model_card, optim, rng, run_folder
 from ddp.checkpoint import PROGRESS, Checkpointer
 from ddp.config import SECTIONS, Config, parse
 from ddp.data import ORDER, ResumableSampler, eval_batch_count, eval_batches, make_loader, steps_per_epoch
-from ddp.device import autocast_dtype, peak_memory_mb, weights_dtype
-from ddp.errors import ConfigError, DDPError, NonFiniteError, Reported, first_line, say
+from ddp.device import autocast_dtype, weights_dtype
+from ddp.errors import ConfigError, DDPError, Reported, first_line, say
 from ddp.io import load_model, save_model, unwrap
-from ddp.metrics import MetricsWriter, ProgressDisplay
+from ddp.metrics import MetricsWriter, ProgressDisplay, step_figures
 from ddp.model import checkpoint_activations, materialize
 from ddp.stopping import StopSignals
 from ddp.task import Batch, Task, to_device
@@ -374,19 +374,7 @@ class Trainer:
             left = self.cfg.optim.skip_nonfinite - p.skipped
             self._say(f"warning: step {step} skipped: the gradient norm is {norm} ({left} more may be skipped)")
             return False
-        raise NonFiniteError(self._nonfinite_message(f"the gradient norm is {norm}", loss, step))
-
-    def _nonfinite_message(self, what: str, loss: torch.Tensor, step: int) -> str:
-        """Called by every rank: which ranks' loss was not finite, and what to do."""
-        losses = group.all_gather_objects(float(loss))
-        bad = [f"rank {r} ({v})" for r, v in enumerate(losses) if not math.isfinite(v)]
-        saved = self.checkpointer.last_saved
-        newest = "no checkpoint was saved yet" if saved is None else f"the newest checkpoint, step {saved}, is good"
-        return (
-            f"step {step}: {what}; the loss was not finite on {', '.join(bad) or 'no rank'}. Training stopped "
-            f"before the update ({newest}). Lower --lr, add --warmup-steps or --max-grad-norm, or allow "
-            "--skip-nonfinite N"
-        )
+        raise optim.nonfinite_error(f"the gradient norm is {norm}", loss, step, self.checkpointer.last_saved)
 
     def _gradient_sync(self, last: bool) -> contextlib.AbstractContextManager:
         """Reduce gradients on the last micro-batch only: DDP's no_sync, FSDP's requires_gradient_sync."""
@@ -424,8 +412,8 @@ class Trainer:
         mine = 0.0 if self.loss_sum is None else self.loss_sum.item()
         total, due, writing, failed = group.all_sum([mine, time_due, writing, failed])
         if not math.isfinite(total) and not self.scaler.is_enabled():
-            raise NonFiniteError(
-                self._nonfinite_message("the mean loss is not finite", torch.tensor(mine), self.progress.step)
+            raise optim.nonfinite_error(
+                "the mean loss is not finite", torch.tensor(mine), self.progress.step, self.checkpointer.last_saved
             )
         self.last_grad_norm = self.grad_norm.item()
         if failed:
@@ -453,27 +441,11 @@ class Trainer:
                 grad_norm=self.last_grad_norm,
                 samples_per_s=round(rate, 1),
                 **({"tokens_per_s": round(rate * tokens, 1)} if tokens else {}),
-                **self._step_figures(),
+                **step_figures(self.timing, self.device),
             )
+            self.timing = {"step": 0.0, "data": 0.0, "steps": 0}
             self.tick = (now, step)
             self.loss_sum, self.loss_steps = None, 0  # the next record averages the steps after this one
-
-    def _step_figures(self) -> dict[str, float | int]:
-        """Called by every rank at a logged step: the ranks' step times (mean, slowest and whose), the share
-        of them spent waiting for data, and the peak memory of rank 0."""
-        t = self.timing
-        mine = (t["step"] / max(t["steps"], 1), t["data"], t["step"], peak_memory_mb(self.device))
-        ranks = group.all_gather_objects(mine)
-        self.timing = {"step": 0.0, "data": 0.0, "steps": 0}
-        means = [r[0] for r in ranks]
-        slowest = max(range(len(ranks)), key=lambda r: means[r])
-        return {
-            "step_time": round(sum(means) / len(means), 6),
-            "step_time_max": round(means[slowest], 6),
-            "slowest_rank": slowest,
-            "data_time": round(sum(r[1] for r in ranks) / max(sum(r[2] for r in ranks), 1e-12), 4),
-            "mem_peak_mb": round(ranks[0][3], 1),
-        }
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
