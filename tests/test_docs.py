@@ -176,3 +176,19 @@ def test_no_two_training_commands_shown_share_a_run_folder():
         command = where.split(": ", 1)[1]  # the same command shown on two pages is one run
         assert seen.get(out, command) == command, f"{where} and {seen[out]!r} both train into {out}"
         seen[out] = command
+
+
+def test_every_run_folder_a_readme_command_reads_is_made_by_a_command_before_it():
+    """A command that reads runs/X/... follows the one that writes runs/X (--out, --output) in its block."""
+    sequences = [commands(b) for b in blocks(ROOT / "README.md")]
+    sequences.append(commands("\n".join(line for line in cli.__doc__.splitlines() if line.startswith("ddp "))))
+    for sequence in sequences:
+        made: set[str] = set()
+        for words in sequence:
+            outs = {words[i + 1] for i, w in enumerate(words[:-1]) if w in ("--out", "--output")}
+            for word in words:
+                value = word.split("=", 1)[-1]
+                if value.startswith("runs/") and value not in outs:
+                    folder = "/".join(value.split("/")[:2])
+                    assert folder in made, f"{shlex.join(words)} reads {value}, which no command before it writes"
+            made |= {"/".join(o.split("/")[:2]) for o in outs}
