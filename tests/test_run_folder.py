@@ -158,8 +158,8 @@ def test_exported_weights_verify_and_predict_without_the_training_data(tmp_path,
     (data / "tabular.py").write_text(TABULAR.replace("{data}", str(data)))
     args, weights = TASKS[name]
     out = tmp_path / "run"
-    assert train.main([*(a.replace("{data}", str(data)) for a in args), "--batch-size", "16", "--steps", "3",
-                       "--out", str(out)]) == 0  # fmt: skip
+    ok(torchrun(1, *(a.replace("{data}", str(data)) for a in args), "--batch-size", "16", "--steps", "3",
+                "--out", str(out)))  # fmt: skip
     for f in ("arrays.npz", "text.txt", "rows.csv"):
         (data / f).unlink()  # the training data is gone
     capsys.readouterr()
