@@ -104,6 +104,20 @@ class _SafeReader(FileSystemReader):
         return metadata
 
 
+class _CountingReader(_SafeReader):
+    """Counts the bytes this rank reads (the saved chunks its plan asks for, each read whole) of those stored
+    for every entry asked for."""
+
+    bytes_read = bytes_stored = 0
+
+    def read_data(self, plan: Any, planner: Any) -> Any:
+        chunks = {item.storage_index for item in plan.items}
+        self.bytes_read += sum(self.storage_data[c].length for c in chunks)
+        wanted = planner.state_dict  # flattened: the saved keys
+        self.bytes_stored += sum(v.length for k, v in self.storage_data.items() if k.fqn in wanted)
+        return super().read_data(plan, planner)
+
+
 class _WeightsOnlyBytes:
     """Non-tensor entries through the weights-only loader (DCP's own planners unpickle anything)."""
 
@@ -177,14 +191,19 @@ def outline(folder: str | os.PathLike) -> tuple[dict[str, Any], Metadata]:
     return state, metadata
 
 
-def load_into(state: dict[str, Any], folder: str | os.PathLike) -> None:
-    """Called by every rank: fill ``state`` in place from a DCP folder, each DTensor with its own shard.
+def load_into(state: dict[str, Any], folder: str | os.PathLike) -> tuple[int, int]:
+    """Called by every rank: fill ``state`` in place from a DCP folder, each DTensor with its own shard;
+    (the bytes this rank read, the bytes stored for every entry of ``state``).
 
-    The folder may have been written by any number of ranks: DCP reshards on load.
+    The folder may have been written by any number of ranks: DCP reshards on load. A rank
+    reads only the saved chunks that overlap its shards (each chunk whole), so a folder
+    written by N ranks costs each of N ranks about 1/N of it.
     """
     folder = Path(folder)
+    reader = _CountingReader(folder)
     with _read_errors(folder):
-        dcp.load(state, storage_reader=_SafeReader(folder), planner=_SafeLoadPlanner())
+        dcp.load(state, storage_reader=reader, planner=_SafeLoadPlanner())
+    return reader.bytes_read, reader.bytes_stored
 
 
 def save_sharded(state: dict[str, Any], folder: str | os.PathLike) -> None:

@@ -135,7 +135,9 @@ class Trainer:
         # block's shards then move to the device as it is sharded, so no device ever holds the whole model.
         built_on = torch.device("cpu") if self.sharded else self.device
         self.model = local_model(self.task, cfg, built_on, self.dtype)
-        self.init_note = self._init_weights()  # before wrapping: under FSDP each rank then keeps its shards
+        self.init_note = self._init_weights(
+            wrapped=False
+        )  # before wrapping: under FSDP each rank then keeps its shards
         if cfg.run.ac == "full":
             checkpoint_activations(self.model, self.task.blocks)
         rng.seed_all(rng.rank_seed(cfg.run.seed, world.rank))  # dropout etc. differ per rank, reproducibly
@@ -153,6 +155,7 @@ class Trainer:
             )
         self.total_steps = cfg.run.steps or cfg.run.epochs * self.steps_per_epoch
         self.wrapped = self._wrap(self.model)
+        self.init_note = self.init_note or self._init_weights(wrapped=True)
         self.optimizer = optim.build(self.model, cfg.optim)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.optim.precision == "fp16")
         self.progress = Progress()
@@ -209,14 +212,17 @@ class Trainer:
             static_graph=d.static_graph,
         )
 
-    def _init_weights(self) -> str | None:
-        """``--init-from``: the weights of a file, loaded into the whole model before it is wrapped."""
+    def _init_weights(self, wrapped: bool) -> str | None:
+        """``--init-from``: the weights of a file, loaded into the whole model before it is wrapped; or, under
+        FSDP from a DCP folder, into the sharded model after, each rank reading only its shards."""
         path = self.cfg.checkpoint.init_from
         if path is None:
             return None
-        from ddp.weights import init_model  # it reads DCP folders too: torch.distributed.checkpoint, 0.6 s to import
+        from ddp import weights  # it reads DCP folders too: torch.distributed.checkpoint, 0.6 s to import
 
-        return init_model(self.model, path, self.cfg.checkpoint.init_skip)
+        if self.sharded and weights.sharded_source(path) is not None:
+            return weights.init_sharded(self.model, path, self.cfg.checkpoint.init_skip) if wrapped else None
+        return None if wrapped else weights.init_model(self.model, path, self.cfg.checkpoint.init_skip)
 
     def _say(self, text: str) -> None:
         group.log(self.world, text)

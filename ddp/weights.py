@@ -24,7 +24,17 @@ import torch
 from torch import nn
 
 from ddp import dcp, model_card
-from ddp.checkpoint_files import MANIFEST, MODEL, MODEL_FILE, TRAIN, digest_of, read_model, validate
+from ddp.checkpoint_files import (
+    MANIFEST,
+    MODEL,
+    MODEL_FILE,
+    SHARDED,
+    TRAIN,
+    digest_of,
+    is_sharded,
+    read_model,
+    validate,
+)
 from ddp.config import Config, TaskConfig
 from ddp.errors import (
     CheckpointCorruptError,
@@ -411,8 +421,67 @@ def init_model(model: nn.Module, path: str | os.PathLike, skip: str | None = Non
     except CheckpointError as e:
         raise ConfigError(f"--init-from: {e}") from None
     state = fit_names(model, w)
-    skipped = re.compile(skip).search if skip else (lambda _: None)
     expected = model.state_dict()
+    taken = _check_fit(expected, state, path, skip)
+    model.load_state_dict({k: state[k] for k in taken}, strict=False)
+    return _init_note(path, w, len(taken), [k for k in expected if k not in taken])
+
+
+def sharded_source(path: str | os.PathLike) -> tuple[Path, str | None] | None:
+    """(DCP folder, key of the weights in it) where ``path`` is one each rank can read only its shards of: a DCP
+    folder, or a checkpoint of a ``--strategy fsdp`` run; None for every other format (read whole)."""
+    path = Path(path)
+    folder = path.parent if path.name == MANIFEST else path
+    if folder.is_dir() and (folder / MANIFEST).is_file():
+        try:  # sizes only: hashing would read every rank's shards on every rank
+            return (folder / SHARDED, "model") if is_sharded(validate(folder, hashes=False)) else None
+        except CheckpointError as e:
+            raise ConfigError(f"--init-from: {e}") from None
+    return (path, None) if dcp.is_dcp(path) else None
+
+
+def init_sharded(model: nn.Module, path: str | os.PathLike, skip: str | None = None) -> str:
+    """Called by every rank: ``--init-from`` into a sharded (FSDP) model from a DCP source (``sharded_source``).
+
+    Each rank reads only the saved chunks that overlap its own shards, so no rank ever
+    holds, or reads, the whole model; the check is ``init_model``'s, made from the metadata
+    before a byte of a tensor is read.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+
+    from ddp import group
+
+    found = sharded_source(path)
+    assert found is not None, f"{path} is not a DCP source"
+    folder, key = found
+    try:
+        outline_, _ = dcp.outline(folder)
+        found_at, tensors, others = find_tensors(outline_, key, folder)
+    except CheckpointError as e:
+        raise ConfigError(f"--init-from: {e}") from None
+    stripped_state, stripped = strip_prefixes(tensors, FOREIGN_PREFIXES)
+    w = Weights(folder, "dcp", stripped_state, found_at, stripped, others)
+    names = fit_names(model, w)  # the model's name -> the (meta) tensor
+    in_file = dict(zip(names, tensors, strict=True))  # the model's name -> the name in the file
+    expected = get_model_state_dict(model)  # this rank's shards, DTensors of the whole shapes
+    taken = _check_fit(expected, names, path, skip)
+    request: dict[str, Any] = {in_file[k]: expected[k] for k in taken}
+    for part in reversed(found_at.split("/") if found_at else []):
+        request = {part: request}  # nested as saved: DCP flattens both sides the same way
+    read_bytes, stored = dcp.load_into(request, folder)
+    set_model_state_dict(model, {k: expected[k] for k in taken}, options=StateDictOptions(strict=False))
+    each = ", ".join(_size(b) for b in group.all_gather_objects(read_bytes))
+    note = _init_note(path, w, len(taken), [k for k in expected if k not in taken])
+    return f"{note}; each rank read only its shards' chunks: {each} of {_size(stored)}"
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MB" if n >= 2**20 else f"{n / 2**10:.1f} KB" if n >= 2**10 else f"{n} B"
+
+
+def _check_fit(expected: dict[str, Any], state: dict[str, Any], path: Any, skip: str | None) -> list[str]:
+    """The model's names to take from ``state``; a usage error naming the tensors when it does not fit."""
+    skipped = re.compile(skip).search if skip else (lambda _: None)
     missing = [k for k in expected if k not in state and not skipped(k)]
     unexpected = [k for k in state if k not in expected and not skipped(k)]
     shapes = [
@@ -428,10 +497,11 @@ def init_model(model: nn.Module, path: str | os.PathLike, skip: str | None = Non
             f"--init-from {path} does not fit the model: {'; '.join(parts)}. Build the model the file was trained "
             "with, or leave tensors fresh with --init-skip REGEX (e.g. '^output\\.' for a new head)"
         )
-    taken = {k: v for k, v in state.items() if k in expected and not skipped(k)}
-    model.load_state_dict(taken, strict=False)
-    fresh = [k for k in expected if skipped(k)]
+    return [k for k in expected if k in state and not skipped(k)]
+
+
+def _init_note(path: Any, w: Weights, taken: int, fresh: list[str]) -> str:
     where = f" (found at {w.found_at!r})" if w.found_at else ""
-    return f"initialised from {path}{where}, {w.format}: {len(taken)} tensors" + (
+    return f"initialised from {path}{where}, {w.format}: {taken} tensors" + (
         f"; {len(fresh)} left fresh by --init-skip: {', '.join(fresh[:4])}" if fresh else ""
     )

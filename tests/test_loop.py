@@ -5,15 +5,16 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import re
 
 import pytest
 import safetensors.torch
 import torch
 
-from ddp import dcp, group
+from ddp import dcp, fsdp, group, weights
 from ddp.checkpoint import Checkpointer
 from ddp.config import CheckpointConfig, DistConfig, OptimConfig
-from ddp.errors import CheckpointError, VerifyError
+from ddp.errors import CheckpointError, ConfigError, VerifyError
 from ddp.model import MLP
 from ddp.optim import lr_at, param_groups
 from ddp.tasks.charlm import CharLM
@@ -195,11 +196,43 @@ def test_a_checkpoint_in_out_takes_precedence_over_init_from(source, tmp_path, c
     assert "continuing at step 4" in out
 
 
-def test_init_from_under_fsdp_gives_each_rank_its_shards_of_the_source(source, tmp_path):
+@pytest.fixture(scope="module")
+def fsdp_source(tmp_path_factory):
+    """A checkpoint of an FSDP run on 2 ranks: a DCP folder with each rank's shards in its own file."""
+    d = tmp_path_factory.mktemp("fsdp_source")
+    ok(torchrun(2, *SMALL, "--steps", "2", "--hidden", "16", "--strategy", "fsdp", "--out", str(d)))
+    return d / "checkpoints" / "step-00000002", torch.load(d / "mlp.params", weights_only=True)
+
+
+def test_init_from_under_fsdp_gives_each_rank_its_shards_of_a_whole_file(source, tmp_path):
     d, state = source
     ok(torchrun(2, *SMALL, "--steps", "2", "--hidden", "16", "--lr", "0", "--strategy", "fsdp",
                 "--init-from", str(d / "model.safetensors"), "--out", str(tmp_path)))  # fmt: skip
     assert_tree_equal(torch.load(tmp_path / "mlp.params", weights_only=True), state)
+
+
+def test_init_from_a_sharded_checkpoint_under_fsdp_reads_only_each_ranks_shards(fsdp_source, tmp_path):
+    folder, state = fsdp_source
+    out = ok(torchrun(2, *SMALL, "--steps", "2", "--hidden", "16", "--lr", "0", "--strategy", "fsdp",
+                      "--init-from", str(folder), "--out", str(tmp_path)))  # fmt: skip
+    assert_tree_equal(torch.load(tmp_path / "mlp.params", weights_only=True), state)
+    found = re.search(r"each rank read only its shards' chunks: ([\d.]+) KB, ([\d.]+) KB of ([\d.]+) KB", out)
+    assert found, out
+    rank0, rank1, whole = map(float, found.groups())
+    assert rank0 < 0.6 * whole and rank1 < 0.6 * whole and rank0 + rank1 == pytest.approx(whole, rel=0.02)
+
+
+def test_init_from_dcp_into_a_sharded_model_checks_the_fit_from_the_metadata(source, world_of_one):
+    d, state = source
+    wide = fsdp.shard(MLP(20, (32,), 2), 1, torch.device("cpu"))
+    with pytest.raises(ConfigError, match=r"does not fit the model: of another shape: hidden.0.weight \(16, 20\)"):
+        weights.init_sharded(wide, d / "dcp")
+    head = fsdp.shard(MLP(20, (16,), 5), 1, torch.device("cpu"))
+    note = weights.init_sharded(head, d / "dcp", r"^output\.")
+    assert "found at 'model'" in note and "2 left fresh by --init-skip: output.weight, output.bias" in note
+    loaded = fsdp.full_model_state(head)
+    assert_tree_equal({k: v for k, v in loaded.items() if k.startswith("hidden")},
+                      {k: v for k, v in state.items() if k.startswith("hidden")})  # fmt: skip
 
 
 # ---- all of it together, killed and restarted -----------------------------------------
