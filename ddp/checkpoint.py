@@ -78,6 +78,7 @@ class Checkpointer:
         optimizer: torch.optim.Optimizer,
         stateful: dict[str, Stateful] | None = None,
         *,
+        own_stateful: dict[str, Stateful] | None = None,
         sharded: bool = False,
         device: torch.device | str = "cpu",
         config: Config | None = None,
@@ -88,12 +89,16 @@ class Checkpointer:
             model: the unwrapped model (under FSDP, the sharded module itself).
             stateful: named objects saved in ``train.pt`` under their names; ``progress``'s
                 entries go to its top level.
+            own_stateful: named objects whose state is each rank's own (a stream that splits
+                itself), saved in each rank's file; on a rank without one they load None.
             sharded: the model is sharded (``--strategy fsdp``): its and the optimizer's
                 state are saved as each rank's shards.
             config: the run's config, stored with the state and compared on resume.
         """
         self.root, self.cfg, self.say = Path(root), cfg, say
         self.model, self.optimizer, self.stateful = model, optimizer, dict(stateful or {})
+        self.own_stateful = dict(own_stateful or {})
+        self.saved_world_size: int | None = None  # of the checkpoint restored, if any
         self.sharded, self.device, self.config = sharded, device, config
         self.buffers: dict[str, torch.Tensor] = {}  # async staging, reused from save to save
         self.thread: threading.Thread | None = None
@@ -119,6 +124,7 @@ class Checkpointer:
             torch_version=str(torch.__version__),
         )
         own = {"rank": group.rank(), "world_size": group.world_size(), "rng": rng.state()}
+        own.update({name: obj.state_dict() for name, obj in self.own_stateful.items()})
         if self.sharded:
             shards = fsdp.sharded_state(self.model, self.optimizer)
             self._rank0_buffers(shards["model"])
@@ -152,8 +158,10 @@ class Checkpointer:
             train, own = read_state(folder, self.device if not self.sharded else "cpu")
             self._load_whole(train, folder)
         for name, obj in self.stateful.items():
-            obj.load_state_dict(train if name == PROGRESS else train[name])
-        self.last_saved = train["step"]
+            obj.load_state_dict(train if name == PROGRESS else train.get(name))
+        for name, obj in self.own_stateful.items():
+            obj.load_state_dict(None if own is None else own.get(name))
+        self.last_saved, self.saved_world_size = train["step"], train["world_size"]
         self._restore_rng(own, train["world_size"], train["step"])
         if self.config is not None and train.get("config") is not None:
             changes = config_changes(train["config"], self.config)

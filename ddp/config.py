@@ -58,6 +58,9 @@ class DataConfig:
     """Samples per rank per micro-batch; the global batch is this x ranks x --grad-accum."""
     workers: int = 0
     """DataLoader worker processes per rank (0 loads in the training process)."""
+    stream_replay: bool = False
+    """Resume a stream by reading past the samples already trained on, even where its state was saved (a stream
+    that splits itself, resumed on another world size)."""
 
     def __post_init__(self) -> None:
         _check(

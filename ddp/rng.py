@@ -70,8 +70,8 @@ def seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
-def state() -> dict:
-    """Python, numpy, torch CPU and every CUDA device's generator state."""
+def state(cuda: bool = True) -> dict:
+    """Python, numpy, torch CPU and (with ``cuda``) every CUDA device's generator state."""
     version, pystate, gauss = random.getstate()
     _, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
     captured = {
@@ -83,9 +83,14 @@ def state() -> dict:
         "numpy_gauss": (int(np_has_gauss), float(np_gauss)),
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
+    if cuda and torch.cuda.is_available():
         captured["cuda"] = torch.cuda.get_rng_state_all()
     return captured
+
+
+def cpu_state() -> dict:
+    """Python's, numpy's and torch's CPU generator state (a DataLoader worker has no CUDA to ask)."""
+    return state(cuda=False)
 
 
 def restore(saved: dict) -> None:

@@ -16,6 +16,7 @@ export and verification. Built-in tasks live in ``ddp/tasks/``, one file each.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -39,8 +40,9 @@ class Task:
     model: Callable[[], nn.Module]
     """Builds a fresh model; the trainer seeds every RNG first, so every rank gets the same weights."""
     train_data: Dataset | Callable[[], Dataset]
-    """A map-style Dataset (``__len__``, ``__getitem__`` of one sample; a TensorDataset takes a faster path), or a
-    function returning one: the data is then read only when training needs it, so that ``ddp verify`` and
+    """A map-style Dataset (``__len__``, ``__getitem__`` of one sample; a TensorDataset takes a faster path), an
+    IterableDataset (a stream: ``ddp.stream`` says how it is split and resumed), or a function returning one:
+    the data is then read only when training needs it, so that ``ddp verify`` and
     ``ddp predict`` rebuild the model without it."""
     val_data: Dataset | Callable[[], Dataset] | None = None
     """Held-out samples, evaluated after each epoch (optional); a function returning them, like ``train_data``."""
@@ -84,15 +86,26 @@ class Task:
             data = getattr(self, field_name)
             if (data is None and field_name == "val_data") or _lazy(data):
                 continue
+            if isinstance(data, IterableDataset):
+                if field_name == "val_data":
+                    raise ConfigError(
+                        f"task {self.name!r}: val_data is a {type(data).__name__}, an IterableDataset; held-out "
+                        "samples are evaluated as a map-style Dataset (__len__, __getitem__), the same ones every "
+                        "time: take a fixed number of the stream's into a list or TensorDataset"
+                    )
+                continue  # a stream (ddp.stream): split over the ranks as it is read
             lacks = [m for m in ("__len__", "__getitem__") if not hasattr(data, m)]
-            if lacks or isinstance(data, IterableDataset):
+            if lacks:
                 raise ConfigError(
-                    f"task {self.name!r}: {field_name} is a {type(data).__name__}"
-                    + (f" without {' and '.join(lacks)}" if lacks else ", an IterableDataset")
-                    + "; the trainer needs a map-style Dataset (__len__, and __getitem__ of one sample) "
-                    "to shard it over the ranks and resume at the exact sample"
+                    f"task {self.name!r}: {field_name} is a {type(data).__name__} without {' and '.join(lacks)}; "
+                    "the trainer takes a map-style Dataset (__len__, and __getitem__ of one sample) or an "
+                    "IterableDataset (a stream)"
                 )
-        if not _lazy(self.train_data) and len(self.train_data) == 0:
+        if (
+            not _lazy(self.train_data)
+            and not isinstance(self.train_data, IterableDataset)
+            and len(self.train_data) == 0
+        ):
             raise ConfigError(f"task {self.name!r}: train_data is empty")
         file = self.weights_file or f"{self.name}.params"
         if not file or "/" in file or file.startswith(".") or file in ("checkpoints", "metrics.jsonl"):
@@ -162,7 +175,10 @@ class Task:
             return self.probe
         self.load_data()
         data = self.val_data if self.val_data is not None and len(self.val_data) > 0 else self.train_data
-        batch = self.batch_of(data, range(min(n, len(data))))
+        if isinstance(data, IterableDataset):  # the stream's first samples (the caller seeds the RNGs)
+            batch = (self.collate or default_collate)(list(itertools.islice(data, n)))
+        else:
+            batch = self.batch_of(data, range(min(n, len(data))))
         if isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[0], torch.Tensor):
             return batch[0]
         raise ConfigError(

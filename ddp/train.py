@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -38,9 +39,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.elastic.multiprocessing.errors import record
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import TensorDataset
+from torch.utils.data import DataLoader, TensorDataset, default_collate
 
-from ddp import faults, fsdp, group, model_card, optim, rng, run_folder
+from ddp import faults, fsdp, group, model_card, optim, rng, run_folder, stream
 from ddp.checkpoint import PROGRESS, Checkpointer
 from ddp.config import SECTIONS, Config, parse
 from ddp.data import ORDER, ResumableSampler, eval_batch_count, eval_batches, make_loader, steps_per_epoch
@@ -50,6 +51,7 @@ from ddp.io import load_model, save_model, unwrap
 from ddp.metrics import MetricsWriter, ProgressDisplay, step_figures
 from ddp.model import checkpoint_activations, materialize
 from ddp.stopping import StopSignals
+from ddp.stream import SPLIT, RankStream, StreamBatch, StreamEnd, StreamPosition, has_state, is_stream, splits_itself
 from ddp.task import Batch, Task, to_device
 from ddp.tasks import resolve
 from ddp.verify import DEFAULT_ATOL, VerifyReport, outputs, summary, verify_identical_outputs
@@ -135,36 +137,32 @@ class Trainer:
         # block's shards then move to the device as it is sharded, so no device ever holds the whole model.
         built_on = torch.device("cpu") if self.sharded else self.device
         self.model = local_model(self.task, cfg, built_on, self.dtype)
-        self.init_note = self._init_weights(
-            wrapped=False
-        )  # before wrapping: under FSDP each rank then keeps its shards
+        self.init_note = self._init_weights(wrapped=False)  # before wrapping: under FSDP each rank keeps its shards
         if cfg.run.ac == "full":
             checkpoint_activations(self.model, self.task.blocks)
         rng.seed_all(rng.rank_seed(cfg.run.seed, world.rank))  # dropout etc. differ per rank, reproducibly
         self.train_set = self.task.train_data
-        self.sampler = ResumableSampler(self.train_set, world.world_size, world.rank, cfg.run.seed)
-        self.loader = make_loader(
-            self.task, self.sampler, cfg.data.batch_size, cfg.data.workers, self.device.type == "cuda", cfg.run.seed
-        )
+        self.streaming = is_stream(self.train_set)
         self.global_batch = cfg.data.batch_size * world.world_size * cfg.optim.grad_accum
-        self.steps_per_epoch = steps_per_epoch(len(self.train_set), self.global_batch)
-        if self.steps_per_epoch == 0:
-            raise ConfigError(
-                f"--batch-size: the global batch ({self.global_batch} = {cfg.data.batch_size} x {world.world_size} "
-                f"ranks x {cfg.optim.grad_accum} accumulation) exceeds the {len(self.train_set)} training samples"
-            )
-        self.total_steps = cfg.run.steps or cfg.run.epochs * self.steps_per_epoch
+        self.loader = self._loader()
+        self.total_steps = self._total_steps()
         self.wrapped = self._wrap(self.model)
         self.init_note = self.init_note or self._init_weights(wrapped=True)
         self.optimizer = optim.build(self.model, cfg.optim)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.optim.precision == "fp16")
         self.progress = Progress()
+        self.stream_position = StreamPosition()  # a stream's state as of the last step (streams only)
+        statefuls = {"scaler": self.scaler, PROGRESS: self.progress}
+        own: dict[str, Any] = {}
+        if self.streaming:  # a stream that splits itself has a state per rank; else every rank's is the same
+            (own if splits_itself(self.train_set) else statefuls)["stream"] = self.stream_position
         self.checkpointer = Checkpointer(
             self.out / "checkpoints",
             cfg.checkpoint,
             self.model,
             self.optimizer,
-            {"scaler": self.scaler, PROGRESS: self.progress},
+            statefuls,
+            own_stateful=own,
             sharded=self.sharded,
             device=self.device,
             config=cfg,
@@ -212,6 +210,46 @@ class Trainer:
             static_graph=d.static_graph,
         )
 
+    def _loader(self) -> DataLoader:
+        """This rank's training batches: a stream's share (``ddp.stream``), or the sampler's of a map-style set."""
+        cfg, world = self.cfg, self.world
+        if self.streaming:
+            self.sampler = None
+            collate = self.task.collate or default_collate
+            self.stream = RankStream(
+                self.train_set, world.rank, world.world_size, cfg.data.batch_size, collate, cfg.run.seed
+            )
+            # its own generator: each pass over a loader draws a seed, which must not come from training's RNG
+            generator = torch.Generator().manual_seed(cfg.run.seed)
+            return DataLoader(
+                self.stream, batch_size=None, num_workers=cfg.data.workers, collate_fn=stream.as_is, generator=generator
+            )
+        self.sampler = ResumableSampler(self.train_set, world.world_size, world.rank, cfg.run.seed)
+        pin = self.device.type == "cuda"
+        return make_loader(self.task, self.sampler, cfg.data.batch_size, cfg.data.workers, pin, cfg.run.seed)
+
+    def _total_steps(self) -> int:
+        """``--steps``, or ``--epochs`` of the training set's length (a stream must say its length to take it)."""
+        cfg = self.cfg
+        self.steps_per_epoch: int | None = None  # unknown for a stream without a length
+        if self.streaming and not hasattr(type(self.train_set), "__len__"):
+            if cfg.run.steps is None:
+                raise ConfigError(
+                    f"--steps: task {self.task.name!r} trains on a stream ({type(self.train_set).__name__}, an "
+                    "IterableDataset without __len__), which may never end; give the run's length in optimizer "
+                    "steps with --steps N (a finite stream starts a new epoch each time it runs dry)"
+                )
+            return cfg.run.steps
+        per_epoch = steps_per_epoch(len(self.train_set), self.global_batch)
+        if per_epoch == 0:
+            raise ConfigError(
+                f"--batch-size: the global batch ({self.global_batch} = {cfg.data.batch_size} x "
+                f"{self.world.world_size} ranks x {cfg.optim.grad_accum} accumulation) exceeds the "
+                f"{len(self.train_set)} training samples"
+            )
+        self.steps_per_epoch = per_epoch
+        return cfg.run.steps or cfg.run.epochs * per_epoch
+
     def _init_weights(self, wrapped: bool) -> str | None:
         """``--init-from``: the weights of a file, loaded into the whole model before it is wrapped; or, under
         FSDP from a DCP folder, into the sharded model after, each rank reading only its shards."""
@@ -240,6 +278,8 @@ class Trainer:
         self.checkpointer.run_id = self._claim_folder()
         folder = self.checkpointer.resume(self.cfg.checkpoint.resume)
         self.metrics.resume(self.checkpointer.run_id, self.progress.step, self.progress.elapsed)
+        if folder is not None and self.streaming:
+            self._check_stream_resume(folder)
         if folder is None:
             if self.init_note is not None:
                 self._say(self.init_note)
@@ -250,6 +290,21 @@ class Trainer:
             self._say(f"resumed from {folder}: step {self.progress.step} already completes the run")
         else:
             self._say(f"resumed from {folder}: continuing at step {self.progress.step + 1}")
+
+    def _check_stream_resume(self, folder: Path) -> None:
+        """A stream that splits itself saved each rank's state: on another world size there is none to use."""
+        saved, now = self.checkpointer.saved_world_size, self.world.world_size
+        if saved == now or not (splits_itself(self.train_set) and has_state(self.train_set)):
+            return
+        if self.cfg.data.stream_replay:
+            self.stream_position.resume = None
+            return
+        raise ConfigError(
+            f"{folder} was written by {saved} rank(s) and this run has {now}: task {self.task.name!r}'s stream splits "
+            f"itself over the ranks ({SPLIT}) and saved each rank's position in its own share, which {now} ranks do "
+            f"not have. Resume on {saved} rank(s); or, if the stream yields the same samples each time it is read "
+            "from its start, add --stream-replay to resume by reading past the samples already trained on"
+        )
 
     def _claim_folder(self) -> str:
         """Rank 0 records this run in ``--out`` (moving another aside under ``--overwrite``); its id, on every rank."""
@@ -273,7 +328,12 @@ class Trainer:
             evaluated = -1
             while self.progress.step < self.total_steps and not self.stop.requested:
                 epoch = self.progress.epoch
-                self.step(self.next_batches())
+                micro = self.next_batches()
+                if self.progress.epoch != epoch and evaluated != self.progress.step:  # a stream's epoch ended
+                    self.evaluate()
+                    evaluated = self.progress.step
+                epoch = self.progress.epoch
+                self.step(micro)
                 every = self.cfg.run.eval_every
                 if self.progress.epoch != epoch or (every and self.progress.step % every == 0):
                     self.evaluate()
@@ -290,6 +350,8 @@ class Trainer:
 
     def next_batches(self) -> list[Batch]:
         """This rank's next ``--grad-accum`` micro-batches; each epoch starts a new pass over the loader."""
+        if self.streaming:
+            return self._next_stream_batches()
         if self.batches is None or self.batches_epoch != self.progress.epoch:
             p = self.progress
             self.sampler.set_position(p.epoch, p.epoch_samples, p.order)
@@ -300,6 +362,60 @@ class Trainer:
         micro = [next(self.batches) for _ in range(self.cfg.optim.grad_accum)]
         self.timing["data"] += time.perf_counter() - start
         return micro
+
+    def _next_stream_batches(self) -> list[Batch]:
+        """A stream's next micro-batches on every rank, or, where any rank's ran dry, the next epoch's.
+
+        Every rank says at every step whether it has a whole step's batches (one small
+        all-reduce): all then train, or all end the epoch there, dropping the incomplete step.
+        """
+        start, p = time.perf_counter(), self.progress
+        for fresh in itertools.count():
+            if self.batches is None or self.batches_epoch != p.epoch:
+                self._start_stream_epoch()
+            micro: list[StreamBatch] = []
+            end = None
+            while end is None and len(micro) < self.cfg.optim.grad_accum:
+                item = next(self.batches, StreamEnd(0))  # a loader that stopped: ran dry too
+                end = item if isinstance(item, StreamEnd) else micro.append(item)
+            n = self.world.world_size
+            mine = [0.0] * n + [0.0]
+            if end is not None:
+                mine[self.world.rank], mine[n] = 1.0, end.leftover + len(micro) * self.cfg.data.batch_size
+            *dry, dropped = group.all_sum(mine)
+            if not any(dry):
+                self.stream_position.state = micro[-1].state
+                self.timing["data"] += time.perf_counter() - start
+                return [m.batch for m in micro]
+            ranks = [r for r, d in enumerate(dry) if d]
+            if fresh:
+                raise ConfigError(
+                    f"task {self.task.name!r}: epoch {p.epoch} of the stream gave rank(s) {ranks} less than one "
+                    f"step's batches ({self.cfg.optim.grad_accum} x {self.cfg.data.batch_size} samples); the stream "
+                    "is too short for this world size and batch size"
+                )
+            self._say(
+                f"epoch {p.epoch} of the stream ended after step {p.step}: rank(s) {ranks} ran dry; the "
+                f"{int(dropped)} sample(s) read for the incomplete step were dropped"
+            )
+            p.epoch, p.epoch_samples = p.epoch + 1, 0
+            self.stream_position.state = self.stream_position.resume = None
+        raise AssertionError("unreachable")
+
+    def _start_stream_epoch(self) -> None:
+        p, saved = self.progress, self.stream_position.resume
+        if p.epoch_samples:
+            how = (
+                "from its saved state_dict"
+                if saved is not None
+                else f"by replay: reading past the {p.epoch_samples:,} samples already trained on "
+                "(it has no state_dict to continue from)"
+            )
+            self._say(f"resuming epoch {p.epoch} of the stream at sample {p.epoch_samples:,} {how}")
+        self.stream.set_position(p.epoch, p.epoch_samples, saved)
+        self.stream_position.state, self.stream_position.resume = saved, None
+        self.display.start_epoch(p.epoch, self.total_steps - p.step)
+        self.batches, self.batches_epoch = iter(self.loader), p.epoch
 
     def step(self, micro: list[Batch]) -> torch.Tensor:
         """One optimizer step over ``micro``, as ``train`` takes it, and what follows it.
@@ -317,7 +433,7 @@ class Trainer:
         self.step_epoch = p.epoch
         p.step += 1
         p.epoch_samples += self.global_batch
-        if steps_per_epoch(len(self.train_set), self.global_batch, p.epoch_samples) == 0:
+        if not self.streaming and steps_per_epoch(len(self.train_set), self.global_batch, p.epoch_samples) == 0:
             p.epoch, p.epoch_samples, p.order = p.epoch + 1, 0, ORDER
         self.timing["step"] += time.perf_counter() - self.step_end  # its data and compute, not the logging
         self.timing["steps"] += 1

@@ -141,7 +141,7 @@ def test_digits_trains_under_ddp_and_verifies(tmp_path):
 # ---- bad --task specs: usage errors before any process group ------------------------------
 
 
-BAD_SPEC_IDS = ["missing-file", "missing-name", "import-error", "not-callable", "wrong-return", "no-len",
+BAD_SPEC_IDS = ["missing-file", "missing-name", "import-error", "not-callable", "wrong-return", "no-len", "endless-stream",
                 "bad-arg", "unknown-builtin", "charlm-without-text", "npz-without-data", "no-probe"]  # fmt: skip
 
 
@@ -153,7 +153,8 @@ BAD_SPEC_IDS = ["missing-file", "missing-name", "import-error", "not-callable", 
         (["--task", "no_such_package.tasks:make"], "--task: cannot import module 'no_such_package.tasks'"),
         (["--task", "tests/user_task.py:not_a_task"], "is a int; expected a ddp.Task or a function returning one"),
         (["--task", "tests/user_task.py:returns_a_model"], "returned a Scorer, not a ddp.Task"),
-        (["--task", "tests/user_task.py:unsized"], "train_data is a Unsized without __len__"),
+        (["--task", "tests/user_task.py:unsized"], "train_data is a Unsized without __len__ and __getitem__"),
+        (["--task", "tests/user_task.py:endless"], "--steps: task 'task' trains on a stream (Endless, an Iterable"),
         (
             ["--task", "tests/user_task.py:make", "--task-arg", "colour=red"],
             "takes no setting colour (given as --task-arg colour=...)",

@@ -90,13 +90,26 @@ def returns_a_model():
     return Scorer(4)
 
 
-class Unsized(torch.utils.data.IterableDataset):
+class Unsized:
+    """Iterable, but neither a Dataset nor an IterableDataset."""
+
     def __iter__(self):
         yield from range(3)
 
 
 def unsized():
     return ddp.Task(model=lambda: Scorer(4), train_data=Unsized())
+
+
+class Endless(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        while True:
+            yield torch.zeros(4), torch.tensor(0)
+
+
+def endless():
+    """A stream without a length: it needs --steps."""
+    return ddp.Task(model=lambda: Scorer(4), train_data=Endless(), probe=torch.zeros(2, 4))
 
 
 def no_probe():
