@@ -379,9 +379,8 @@ class Trainer:
                 item = next(self.batches, StreamEnd(0))  # a loader that stopped: ran dry too
                 end = item if isinstance(item, StreamEnd) else micro.append(item)
             n = self.world.world_size
-            mine = [0.0] * n + [0.0]
-            if end is not None:
-                mine[self.world.rank], mine[n] = 1.0, end.leftover + len(micro) * self.cfg.data.batch_size
+            mine = [0.0] * n + [len(micro) * self.cfg.data.batch_size + (end.leftover if end else 0)]
+            mine[self.world.rank] = float(end is not None)
             *dry, dropped = group.all_sum(mine)
             if not any(dry):
                 self.stream_position.state = micro[-1].state

@@ -141,8 +141,9 @@ def test_digits_trains_under_ddp_and_verifies(tmp_path):
 # ---- bad --task specs: usage errors before any process group ------------------------------
 
 
-BAD_SPEC_IDS = ["missing-file", "missing-name", "import-error", "not-callable", "wrong-return", "no-len", "endless-stream",
-                "bad-arg", "unknown-builtin", "charlm-without-text", "npz-without-data", "no-probe"]  # fmt: skip
+BAD_SPEC_IDS = ["missing-file", "missing-name", "import-error", "not-callable", "wrong-return", "no-len",
+                "endless-stream", "bad-arg", "unknown-builtin", "charlm-without-text", "npz-without-data",
+                "no-probe"]  # fmt: skip
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,138 @@
+"""Streams (an IterableDataset as training data): the split, the end of an epoch, and exact resume.
+
+The user's stream is ``tests/stream_task.py``: 1000 records on 2 ranks in batches of 16,
+so an epoch is 31 steps (each rank's last 4 records are dropped) and a 40-step run
+crosses into epoch 1.
+"""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+
+import pytest
+import torch
+from torch.utils.data import IterableDataset, default_collate
+
+from ddp.stream import RankStream, StreamBatch, StreamEnd
+from ddp.train import main
+
+from .helpers import assert_tree_equal, model_state, ok, torchrun
+
+RUN = ["--task", "tests/stream_task.py:make", "--steps", "40", "--batch-size", "16", "--checkpoint-every", "5",
+       "--log-every", "10"]  # fmt: skip
+
+
+class Numbers(IterableDataset):
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __iter__(self):
+        yield from map(torch.tensor, range(self.n))
+
+
+def rank_batches(n: int, ranks: int, rank: int, workers: int, batch: int, start: int = 0) -> list:
+    """A rank's items in the order its DataLoader gives them: worker w's k-th batch is the rank's (kW + w)-th."""
+    per_worker = []
+    for w in range(workers):
+        stream = RankStream(Numbers(n), rank, ranks, batch, default_collate, seed=0)
+        stream.set_position(0, start)
+        per_worker.append(list(stream._batches(w, workers)))
+    merged = []
+    for k in itertools.count():
+        items = per_worker[k % workers]
+        if k // workers >= len(items):
+            return merged
+        merged.append(items[k // workers])
+        if isinstance(merged[-1], StreamEnd):
+            return merged
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 3])
+@pytest.mark.parametrize("start", [0, 24, 25])
+def test_every_sample_goes_to_one_rank_and_micro_batch_k_is_block_k_with_any_workers(ranks, start):
+    n, b = 103, 4
+    by_rank = [rank_batches(n, ranks, r, 1, b, start) for r in range(ranks)]
+    for r in range(ranks):
+        assert [x.batch.tolist() if isinstance(x, StreamBatch) else x for x in rank_batches(n, ranks, r, 2, b, start)] \
+            == [x.batch.tolist() if isinstance(x, StreamBatch) else x for x in by_rank[r]]  # fmt: skip
+    whole = [[x for x in batches if isinstance(x, StreamBatch)] for batches in by_rank]
+    steps = min(map(len, whole))  # the epoch ends when the first rank runs dry
+    for k in range(steps):
+        block = sorted(v for r in range(ranks) for v in whole[r][k].batch.tolist())
+        assert block == list(range(start + k * ranks * b, start + (k + 1) * ranks * b))
+    seen = [v for batches in whole for x in batches for v in x.batch.tolist()]
+    left = [x.leftover for batches in by_rank for x in batches if isinstance(x, StreamEnd)]
+    assert len(left) == ranks and len(seen) == len(set(seen)) and len(seen) + sum(left) == n - start
+    assert min(seen) == start
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted run: a stream without state, read in the training process."""
+    out = tmp_path_factory.mktemp("stream") / "ref"
+    log = ok(torchrun(2, *RUN, "--out", str(out)))
+    return out, log
+
+
+def test_a_finite_stream_ends_the_epoch_on_every_rank_at_the_same_step(reference):
+    _, log = reference
+    assert "epoch 0 of the stream ended after step 31: rank(s) [0, 1] ran dry; the 8 sample(s) read" in log
+    assert "eval at step 31 (epoch 0)" in log and "step 40 epoch 1" in log
+
+
+def test_the_first_rank_to_run_dry_ends_the_epoch_and_the_dropped_samples_are_counted(tmp_path):
+    # 1023 records: rank 0 has 512 (32 batches), rank 1 511 (31 batches and 15)
+    out = ok(torchrun(2, *RUN[:2], "--task-arg", "n=1023", "--steps", "33", "--batch-size", "16",
+                      "--out", str(tmp_path)))  # fmt: skip
+    assert "epoch 0 of the stream ended after step 31: rank(s) [1] ran dry; the 31 sample(s) read" in out
+
+
+@pytest.mark.parametrize(
+    ("kind", "workers", "kill_at", "said"),
+    [
+        ("replay", 0, 36, "at sample 128 by replay: reading past the 128 samples already trained on"),
+        ("replay", 2, 12, "at sample 320 by replay"),
+        ("state", 0, 12, "at sample 320 from its saved state_dict"),
+        ("state", 2, 36, "at sample 128 from its saved state_dict"),
+    ],
+)
+def test_a_stream_killed_and_restarted_by_plain_torchrun_ends_bitwise_equal(
+    reference, tmp_path, kind, workers, kill_at, said
+):
+    ref, _ = reference
+    out = ok(torchrun(2, *RUN, "--task-arg", f"kind={kind}", "--workers", str(workers), "--out", str(tmp_path),
+                      restarts=1, extra_env={"DDP_FAULT": f"kill:rank=1:step={kill_at}"}))  # fmt: skip
+    assert f"continuing at step {kill_at // 5 * 5 + 1}" in out and said in out  # from the checkpoint before it
+    (model, train), (ref_model, ref_train) = model_state(tmp_path), model_state(ref)
+    assert_tree_equal(model, ref_model)  # with --workers 2 too: the batches do not depend on the workers
+    assert_tree_equal(train["optimizer"], ref_train["optimizer"])
+
+
+def test_a_stream_that_splits_itself_resumes_exactly_and_refuses_another_world_size(tmp_path, capsys):
+    args = [*RUN, "--task-arg", "kind=split", "--workers", "2"]
+    ok(torchrun(2, *args, "--out", str(tmp_path / "ref")))
+    out = ok(torchrun(2, *args, "--out", str(tmp_path / "run"), restarts=1,
+                      extra_env={"DDP_FAULT": "kill:rank=0:step=22"}))  # fmt: skip
+    assert "at sample 640 from its saved state_dict" in out
+    (model, train), (ref_model, ref_train) = model_state(tmp_path / "run"), model_state(tmp_path / "ref")
+    assert_tree_equal(model, ref_model)
+    assert_tree_equal(train["optimizer"], ref_train["optimizer"])
+    one = [*args[:2], "--task-arg", "kind=split", "--steps", "45", "--batch-size", "16", "--out", str(tmp_path / "ref")]
+    assert main(one) == 2  # one rank has no share of the two saved
+    assert "written by 2 rank(s) and this run has 1" in capsys.readouterr().err
+    assert main([*one, "--stream-replay"]) == 0
+
+
+def test_a_plain_stream_resumes_on_another_world_size_where_the_two_left_off(reference, tmp_path, capsys):
+    ref, _ = reference
+    shutil.copytree(ref, tmp_path / "run")
+    assert main([*RUN[:2], "--steps", "45", "--batch-size", "16", "--out", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert "resuming epoch 1 of the stream at sample 288 by replay" in out and "checkpoint written by 2 rank(s)" in out
+
+
+def test_an_endless_stream_trains_for_its_steps(tmp_path):
+    assert (
+        main(["--task", "tests/user_task.py:endless", "--steps", "3", "--batch-size", "4", "--out", str(tmp_path)]) == 0
+    )
