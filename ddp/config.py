@@ -179,7 +179,11 @@ class DistConfig:
     backend: str = "auto"
     """auto (nccl when CUDA is available, else gloo), nccl or gloo."""
     timeout: float = 300.0
-    """Seconds a collective waits for a missing rank before the job fails (PyTorch: 30 min)."""
+    """Seconds a training collective waits for a missing rank, from the first step's end, before every other rank
+    names it and the job fails (PyTorch: 10 min on NCCL, 30 on gloo)."""
+    startup_timeout: float = 600.0
+    """Seconds a collective waits before the first step's end and after the last (joining, compiling, resuming,
+    the export and verify: slow, but no hang)."""
     join_timeout: float = 60.0
     """Seconds a rank waits to reach the process group's store at start (or after a restart) before failing."""
     device: str = "auto"
@@ -203,6 +207,7 @@ class DistConfig:
             f"unknown {self.backend!r}; use auto, nccl or gloo",
         )
         _check(self.timeout > 0, "timeout", "must be positive")
+        _check(self.startup_timeout > 0, "startup_timeout", "must be positive")
         _check(self.join_timeout > 0, "join_timeout", "must be positive")
         _check(self.device in ("auto", "cpu", "cuda"), "device", f"unknown {self.device!r}; use auto, cpu or cuda")
         _check(self.atol is None or self.atol >= 0, "atol", "cannot be negative")

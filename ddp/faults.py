@@ -2,7 +2,8 @@
 
 Tests set ``DDP_FAULT`` in a worker's environment, e.g. ``kill:rank=1:step=7`` or
 ``enospc:rank=1:save=2`` (the second file rank 1 writes fails with ENOSPC), ``nan:rank=1:step=12``
-(rank 1's loss in step 12 is NaN), or
+(rank 1's loss in step 12 is NaN), ``stop:rank=1:step=5`` (rank 1 SIGSTOPs itself: a stalled rank),
+``sleep:rank=1:step=1:seconds=5`` (a slow step), or
 ``log-writes:file=/tmp/w.log`` (every rank appends the names of the files it writes).
 A fault fires in one attempt of an elastic job: the first (``TORCHELASTIC_RESTART_COUNT``
 0) unless it says ``attempt=N``. Several faults, one per attempt, are separated by ``;``:
@@ -48,6 +49,10 @@ def at_step(rank: int, step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     if spec["kind"] == "raise":
         raise RuntimeError(f"injected fault on rank {rank} at step {step}")
+    if spec["kind"] == "sleep":  # a slow step (a first step that compiles, loads, ...)
+        time.sleep(float(spec.get("seconds", "5")))
+    if spec["kind"] == "stop":  # a stalled rank: alive, holding its sockets open, answering nothing
+        os.kill(os.getpid(), signal.SIGSTOP)
     if spec["kind"] in ("sigterm", "sigint"):
         os.kill(os.getpid(), signal.SIGTERM if spec["kind"] == "sigterm" else signal.SIGINT)
 

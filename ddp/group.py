@@ -8,6 +8,7 @@ same code path, so that a script works unchanged under ``python`` and ``torchrun
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import gc
 import os
@@ -17,6 +18,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -39,6 +41,8 @@ class World:
     backend: str = "gloo"
     device_kind: str = "auto"
     """--device: auto, cpu or cuda."""
+    roll_call: tuple[Any, str] | None = dataclasses.field(default=None, compare=False, repr=False)
+    """(a store that outlives any one rank where there is one, this attempt's key) for ``roll_call``."""
 
     @property
     def is_main(self) -> bool:
@@ -91,16 +95,22 @@ def check_devices(world: World) -> None:
         )
 
 
-def init(cfg: DistConfig) -> World:
-    """Join the process group (or make a world of one) with an explicit timeout."""
+def init(cfg: DistConfig, dumps: Path | None = None) -> World:
+    """Join the process group (or make a world of one) with an explicit timeout.
+
+    ``dumps``: where the flight recorder's dumps go (``enable_flight_recorder``); off when None.
+    """
     world = world_from_env(resolve_backend(cfg.backend), cfg.device)
     check_devices(world)
+    if dumps is not None:
+        enable_flight_recorder(dumps, world.backend)
     if world.device.type == "cuda":
         torch.cuda.set_device(world.device)  # before init, so NCCL binds this rank's GPU
-    timeout = datetime.timedelta(seconds=cfg.timeout)
+    timeout = datetime.timedelta(seconds=max(cfg.startup_timeout, cfg.timeout))  # --timeout from the first step
     if "MASTER_ADDR" in os.environ and "WORLD_SIZE" in os.environ:
         faults.before_join(world.rank)
-        store = join_store(world, timeout, cfg.join_timeout)
+        store, roll_call = join_store(world, timeout, cfg.join_timeout)
+        world = dataclasses.replace(world, roll_call=roll_call)
         dist.init_process_group(
             world.backend,
             store=store,
@@ -118,8 +128,9 @@ def init(cfg: DistConfig) -> World:
 PUBLISHED = "ddp/process-group-store"
 
 
-def join_store(world: World, timeout: datetime.timedelta, join_timeout: float) -> dist.Store:
-    """A store that only this attempt of the job has ever written to.
+def join_store(world: World, timeout: datetime.timedelta, join_timeout: float) -> tuple[dist.Store, tuple]:
+    """A store that only this attempt of the job has ever written to; and where to hold a roll call (torchrun's
+    store, which outlives every rank, under this attempt's nonce; else the same store).
 
     torchrun (c10d rendezvous) hands its workers its own TCPStore, which outlives the
     workers: after a restart it still holds the previous attempt's keys, and a
@@ -135,14 +146,15 @@ def join_store(world: World, timeout: datetime.timedelta, join_timeout: float) -
     agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
     deadline = time.monotonic() + join_timeout
     if not agent_store:
-        return _connect(world, host, port, timeout, deadline, is_master=world.rank == 0)
+        store = _connect(world, host, port, timeout, deadline, is_master=world.rank == 0)
+        return store, (store, "")
     agent = _connect(world, host, port, datetime.timedelta(seconds=join_timeout), deadline)
     if world.rank == 0:
         own = _connect(world, host, 0, timeout, deadline, is_master=True)
         nonce = uuid.uuid4().hex
         own.set("ddp/nonce", nonce)
         agent.set(PUBLISHED, f"{host} {own.port} {nonce}")
-        return own
+        return own, (agent, nonce)
     tried = "nothing published yet"
     while time.monotonic() < deadline:
         try:
@@ -155,7 +167,7 @@ def join_store(world: World, timeout: datetime.timedelta, join_timeout: float) -
             store = _connect(world, found_host, int(found_port), probe, time.monotonic() + 2)
             if store.get("ddp/nonce").decode() == nonce:
                 store.set_timeout(timeout)
-                return store
+                return store, (agent, nonce)
         except (DistributedError, RuntimeError, ValueError):
             pass  # a previous attempt's entry: its rank 0 is gone; wait for this attempt's
         time.sleep(0.1)
@@ -236,15 +248,93 @@ def shutdown() -> None:
 
 
 @contextlib.contextmanager
-def process_group(cfg: DistConfig) -> Iterator[World]:
+def process_group(cfg: DistConfig, dumps: Path | None = None) -> Iterator[World]:
     """Join for the duration of a block; leave on every exit path, errors included."""
-    world = init(cfg)
+    world = init(cfg, dumps)
     try:
         yield world
         barrier()  # gloo aborts a rank whose peer tears down mid-exchange: leave together
     finally:
         faults.before_leave(world.rank)
         shutdown()
+
+
+FLIGHT_RECORDER = "flight-recorder"
+"""The folder of ``--out`` the flight recorder dumps into."""
+FR_PREFIX = "rank_"
+"""The flight recorder's dump of rank r is ``<dumps>/rank_<r>``, as ``torchfrtrace <dumps> -p rank_`` reads them."""
+
+
+def enable_flight_recorder(folder: Path, backend: str) -> None:
+    """Record each rank's last 2000 collectives, and dump them into ``folder`` on a timeout; the user's own
+    settings of these variables win.
+
+    NCCL's watchdog dumps by itself on a timeout (PyTorch's default error handling, 3, lets
+    it; 1 would not). Gloo has no watchdog: ``dump_flight_recorder`` writes its record when
+    a collective fails.
+    """
+    for name in ("TORCH_FR_BUFFER_SIZE", "TORCH_NCCL_TRACE_BUFFER_SIZE"):
+        os.environ.setdefault(name, "2000")
+    os.environ.setdefault("TORCH_NCCL_DUMP_ON_TIMEOUT", "1")
+    os.environ.setdefault("TORCH_FR_DUMP_TEMP_FILE", str(folder / FR_PREFIX))
+    if backend == "nccl":  # the watchdog writes into it, and creates no folder
+        Path(os.environ["TORCH_FR_DUMP_TEMP_FILE"]).parent.mkdir(parents=True, exist_ok=True)
+
+
+def dump_flight_recorder(world: World) -> Path | None:
+    """This rank's record of its collectives, written where ``torchfrtrace`` reads it; the file, or None (no
+    recorder, or the dump failed)."""
+    prefix = os.environ.get("TORCH_FR_DUMP_TEMP_FILE")
+    if not prefix or int(os.environ.get("TORCH_FR_BUFFER_SIZE", "0")) <= 0 or world.backend == "nccl":
+        return None  # NCCL's watchdog dumps its own
+    path = Path(f"{prefix}{world.rank}")
+    try:
+        from torch._C._distributed_c10d import _dump_fr_trace
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(_dump_fr_trace())
+        return path
+    except (ImportError, RuntimeError, OSError):
+        return None
+
+
+def set_timeout(seconds: float) -> None:
+    """The process group's collectives wait ``seconds`` for a missing rank from now on."""
+    if world_size() > 1:
+        dist.distributed_c10d._set_pg_timeout(datetime.timedelta(seconds=seconds))  # torchtitan's way, no public one
+
+
+COMM_FAILURES = ("Connection closed by peer", "Connection reset", "Timed out", "timed out", "timeout", "NCCL", "gloo")
+
+
+def is_comm_failure(e: BaseException) -> bool:
+    """True for errors of a collective whose peer died or hung (gloo raises plain RuntimeErrors)."""
+    return isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and any(c in str(e) for c in COMM_FAILURES))
+
+
+def roll_call(world: World, step: int, wait: float = 10.0) -> dict[int, int] | None:
+    """Called by every rank still running after a collective failed: {rank: its step} of the ranks that answer
+    within ``wait`` seconds, through the store; None where the store does not answer either.
+
+    A stalled rank (stopped, deadlocked in user code, on a host that vanished with its
+    sockets open) never answers; the others all do, since they all wait in the collective
+    it did not join, and their timeouts end within moments of each other.
+    """
+    if world.roll_call is None or world.world_size == 1:
+        return None
+    store, scope = world.roll_call
+    key = f"ddp/roll-call/{scope}/"
+    try:
+        store.set_timeout(datetime.timedelta(seconds=wait))
+        store.set(f"{key}{world.rank}", str(step))
+        deadline = time.monotonic() + wait
+        while True:
+            answered = [r for r in range(world.world_size) if store.check([f"{key}{r}"])]
+            if len(answered) == world.world_size or time.monotonic() > deadline:
+                return {r: int(store.get(f"{key}{r}")) for r in answered}
+            time.sleep(0.2)
+    except (RuntimeError, dist.DistError):
+        return None
 
 
 def active() -> bool:

@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.elastic.multiprocessing.errors import record
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -46,7 +45,8 @@ from ddp.checkpoint import PROGRESS, Checkpointer
 from ddp.config import SECTIONS, Config, parse
 from ddp.data import ORDER, ResumableSampler, eval_batch_count, eval_batches, make_loader, steps_per_epoch
 from ddp.device import autocast_dtype, weights_dtype
-from ddp.errors import ConfigError, DDPError, Reported, first_line, say
+from ddp.errors import ConfigError, DDPError, DistributedError, Reported, first_line, say
+from ddp.group import FLIGHT_RECORDER
 from ddp.io import load_model, save_model, unwrap
 from ddp.metrics import MetricsWriter, ProgressDisplay, step_figures
 from ddp.model import checkpoint_activations, materialize
@@ -325,7 +325,20 @@ class Trainer:
         self.tick = (time.monotonic(), self.progress.step)
         self.step_end = time.perf_counter()
         try:
-            evaluated = -1
+            self._steps()
+            group.set_timeout(max(self.cfg.dist.startup_timeout, self.cfg.dist.timeout))  # the export may be slow
+            self.stop.finish()
+            self.sync_buffers()
+            if self.checkpointer.last_saved != self.progress.step:
+                self.save_checkpoint()
+            self.checkpointer.wait()
+        finally:
+            self.display.close()
+
+    def _steps(self) -> None:
+        """The training loop: steps, evaluations; a rank that stops answering is named by every other."""
+        evaluated, first = -1, self.progress.step + 1
+        try:
             while self.progress.step < self.total_steps and not self.stop.requested:
                 epoch = self.progress.epoch
                 micro = self.next_batches()
@@ -334,19 +347,41 @@ class Trainer:
                     evaluated = self.progress.step
                 epoch = self.progress.epoch
                 self.step(micro)
+                if self.progress.step == first:  # every rank started up: from now on a long wait is a stalled rank
+                    group.barrier()
+                    group.set_timeout(self.cfg.dist.timeout)
                 every = self.cfg.run.eval_every
                 if self.progress.epoch != epoch or (every and self.progress.step % every == 0):
                     self.evaluate()
                     evaluated = self.progress.step
             if evaluated != self.progress.step and not self.stop.requested:
                 self.evaluate()  # always once at the end: a run that never ends an epoch still reports
-            self.stop.finish()
-            self.sync_buffers()
-            if self.checkpointer.last_saved != self.progress.step:
-                self.save_checkpoint()
-            self.checkpointer.wait()
-        finally:
-            self.display.close()
+        except RuntimeError as e:
+            if not group.is_comm_failure(e):
+                raise
+            raise self._stalled(e) from e
+
+    def _stalled(self, e: RuntimeError) -> Exception:
+        """The error of a failed collective, naming the ranks that did not arrive (``group.roll_call``)."""
+        step, n, timeout = self.progress.step, self.world.world_size, self.cfg.dist.timeout
+        answered = group.roll_call(self.world, step, wait=min(10.0, max(2.0, timeout / 2)))
+        if answered is not None and len(answered) == n:
+            return e  # every rank is here: not a stalled one
+        last = self.checkpointer.last_saved
+        then = f"a relaunch (or --max-restarts) resumes from step {last}" if last else "no checkpoint was saved yet"
+        if answered is None:
+            return DistributedError(
+                f"after step {step} a collective failed ({first_line(e)}) and the store did not answer a roll "
+                f"call either: the rank hosting it (rank 0, or torchrun's agent) is probably gone; {then}"
+            )
+        missing = [r for r in range(n) if r not in answered]
+        dump = group.dump_flight_recorder(self.world)
+        record = f"; this rank's flight recorder: {dump} (docs/troubleshooting.md: torchfrtrace)" if dump else ""
+        return DistributedError(
+            f"after step {step}: rank(s) {missing} did not arrive at a collective within --timeout {timeout:g} s: "
+            f"stalled (stopped, deadlocked, or on a host gone with its connections open); rank(s) "
+            f"{sorted(answered)} answered and stop here; {then}{record}"
+        )
 
     def next_batches(self) -> list[Batch]:
         """This rank's next ``--grad-accum`` micro-batches; each epoch starts a new pass over the loader."""
@@ -704,7 +739,7 @@ def fit(task: Task, **settings) -> VerifyReport | None:
     configure_determinism(cfg)
     with rng.seeded(cfg.run.seed):
         task.probe_input()  # a task whose probe cannot be derived fails now, before any process group
-    with group.process_group(cfg.dist) as world:
+    with group.process_group(cfg.dist, cfg.run.out_dir / FLIGHT_RECORDER) as world:
         return run(cfg, world, task)
 
 
@@ -720,17 +755,11 @@ def config_from_settings(settings: dict, task: Task) -> Config:
     return Config.from_dict(values)
 
 
-def is_comm_failure(e: BaseException) -> bool:
-    """True for errors of a collective whose peer died or hung (gloo raises plain RuntimeErrors)."""
-    clues = ("Connection closed by peer", "Connection reset", "Timed out", "timed out", "NCCL", "gloo")
-    return isinstance(e, dist.DistError) or any(c in str(e) for c in clues)
-
-
 def explain(world: group.World, e: BaseException) -> int | None:
     """Print a known failure as one line on stderr and give its exit code; None for a bug."""
     if isinstance(e, DDPError):
         return say(world.prefix(), e)
-    if not (isinstance(e, RuntimeError) and is_comm_failure(e)):
+    if not group.is_comm_failure(e):
         return None
     print(
         f"{world.prefix()} error: a collective failed, another rank probably died or hung "
@@ -753,7 +782,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         return say("ddp train:", e)
     try:
-        with group.process_group(cfg.dist) as world:
+        with group.process_group(cfg.dist, cfg.run.out_dir / FLIGHT_RECORDER) as world:
             try:
                 run(cfg, world, task)
             except Exception as e:

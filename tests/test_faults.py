@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import pickle
 import re
 import shutil
 import subprocess
@@ -328,6 +329,33 @@ def test_a_rank_that_dies_during_training_fails_the_job_fast_naming_it(tmp_path,
         assert "injected fault on rank 1 at step 5" in proc.output
     else:
         assert "exitcode  : -9" in proc.output
+
+
+def test_a_stalled_rank_is_named_by_the_others_within_the_timeout_with_a_flight_recorder_dump(tmp_path):
+    # SIGSTOP: rank 1 is alive, its sockets open, and answers nothing (as a deadlock or a frozen host)
+    start = time.monotonic()
+    proc = torchrun(2, *ARGS, "--steps", "50", "--timeout", "3", "--checkpoint-every", "2", "--out", str(tmp_path),
+                    extra_env={"DDP_FAULT": "stop:rank=1:step=5"})  # fmt: skip
+    assert proc.returncode != 0, proc.output  # torchrun ends the stopped rank 30 s after rank 0 fails
+    assert (
+        "[rank 0/2] error: after step 5: rank(s) [1] did not arrive at a collective within --timeout 3 s"
+        in (proc.output)
+        and "a relaunch (or --max-restarts) resumes from step 4" in proc.output
+    )
+    told = proc.output.index("did not arrive")
+    assert time.monotonic() - start < 75 and told > 0
+    dump = tmp_path / "flight-recorder" / "rank_0"
+    assert f"this rank's flight recorder: {dump}" in proc.output
+    frtrace = run([sys.executable, "-m", "torch.distributed.flight_recorder.fr_trace", str(dump.parent), "-p", "rank_"])
+    assert "Missing dump files from ranks {1}" in frtrace.output  # torch's own reader: rank 1 never answered
+    status = next(iter(pickle.loads(dump.read_bytes())["pg_status"].values()))  # our own file: trusted
+    assert status["last_enqueued_collective"] == status["last_completed_collective"] + 1  # the one it waits in
+
+
+def test_the_first_step_may_take_longer_than_timeout(tmp_path):
+    # compiling, loading, resuming: the start-up timeout covers them; --timeout starts after the first step
+    ok(torchrun(2, *ARGS, "--steps", "3", "--timeout", "2", "--out", str(tmp_path),
+                extra_env={"DDP_FAULT": "sleep:rank=1:step=1:seconds=5"}))  # fmt: skip
 
 
 def test_two_jobs_on_one_host_both_run(tmp_path):
