@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ddp import trackers
 from ddp.device import cpu, gpu, num_gpus, try_all_gpus, try_gpu
 from ddp.errors import (
     ArchitectureMismatchError,
@@ -33,16 +34,16 @@ from ddp.task import Task
 from ddp.verify import VerifyReport, verify_identical_outputs
 
 
-def fit(task: Task, **settings: Any) -> VerifyReport | None:
+def fit(task: Task, trackers: list | None = None, **settings: Any) -> VerifyReport | None:
     """Train ``task`` with DDP (under torchrun, or alone), save, reload on every rank and verify.
 
     ``settings`` are ``ddp train``'s options by field name (``steps=200, batch_size=32,
-    out="runs/mine"``). Returns the verify report; None if a SIGTERM stopped the run
-    after a checkpoint. See ``ddp.train.fit``.
+    out="runs/mine"``); ``trackers`` receive the logged figures (``ddp.trackers``). Returns
+    the verify report; None if a SIGTERM stopped the run after a checkpoint. See ``ddp.train.fit``.
     """
     from ddp.train import fit as _fit  # imported here: `python -m ddp.train` must not find it loaded
 
-    return _fit(task, **settings)
+    return _fit(task, trackers, **settings)
 
 
 __all__ = [
@@ -68,6 +69,7 @@ __all__ = [
     "num_gpus",
     "save",
     "save_model",
+    "trackers",
     "try_all_gpus",
     "try_gpu",
     "unwrap",

@@ -385,7 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
     tk.add_argument("--val-fraction", type=float, default=0.1, help="the held-out end of the bytes (default: 0.1)")
     tk.set_defaults(func=cmd_tokens)
 
-    pl = sub.add_parser("plot", help="write RUN_DIR/loss.png from metrics.jsonl (needs matplotlib)")
+    pl = sub.add_parser(
+        "plot", help="write RUN_DIR/loss.png: loss, throughput, grad norm and memory by step (needs matplotlib)"
+    )
     pl.add_argument("run_dir")
     pl.set_defaults(func=cmd_plot)
     return p

@@ -248,6 +248,12 @@ class RunConfig:
     ac: str = "none"
     """Activation checkpointing: none, or full (each of the task's blocks recomputes its forward in the backward,
     keeping only its inputs: less memory for more compute)."""
+    peak_tflops: float | None = None
+    """The device's dense peak TFLOP/s in the run's precision, for mfu (default: known for current NVIDIA GPUs)."""
+    tensorboard: bool = False
+    """Write the logged figures as TensorBoard events under <out>/tensorboard (rank 0)."""
+    wandb: bool = False
+    """Send the logged figures to Weights & Biases (pip install 'ddp[wandb]'; offline unless WANDB_MODE says)."""
 
     def __post_init__(self) -> None:
         _check(self.ac in ("none", "full"), "ac", f"unknown {self.ac!r}; use none or full")
@@ -264,6 +270,7 @@ class RunConfig:
             f"must be positive, got {self.steps}",
         )
         _check(self.log_every > 0, "log_every", "must be positive")
+        _check(self.peak_tflops is None or self.peak_tflops > 0, "peak_tflops", "must be positive")
 
     @property
     def out_dir(self) -> Path:

@@ -67,6 +67,36 @@ def peak_memory_mb(device: torch.device) -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+# Dense peak TFLOP/s by GPU (matched in torch.cuda.get_device_name, first match wins) and dtype, from NVIDIA's
+# data sheets; "tf32" is fp32 matmuls where TF32 is allowed, "fp32" without it. fp64 is not listed.
+PEAK_TFLOPS = {
+    "H200": {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9},
+    "H100 PCIe": {"bf16": 756.0, "fp16": 756.0, "tf32": 378.0, "fp32": 51.2},
+    "H100": {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9},
+    "A100": {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5},
+    "L40S": {"bf16": 362.1, "fp16": 362.1, "tf32": 183.0, "fp32": 91.6},
+    "L4": {"bf16": 121.0, "fp16": 121.0, "tf32": 60.0, "fp32": 30.3},
+    "V100": {"fp16": 125.0, "fp32": 15.7},
+}
+
+
+def peak_tflops(device: torch.device, precision: str, override: float | None = None) -> float | None:
+    """The device's dense peak TFLOP/s for ``precision`` (``PEAK_TFLOPS``), ``override`` if given; None when
+    unknown (a CPU, an unlisted GPU, fp64)."""
+    if override is not None:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    kind = precision
+    if precision == "fp32" and torch.backends.cuda.matmul.allow_tf32:
+        kind = "tf32"
+    for gpu_name, peaks in PEAK_TFLOPS.items():
+        if gpu_name in name:
+            return peaks.get(kind)
+    return None
+
+
 DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16, "fp16": torch.float16}
 """The dtype each ``--precision`` computes in."""
 

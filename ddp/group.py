@@ -312,6 +312,12 @@ def is_comm_failure(e: BaseException) -> bool:
     return isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and any(c in str(e) for c in COMM_FAILURES))
 
 
+def is_timeout(e: BaseException) -> bool:
+    """True for a collective that timed out waiting for a rank (as opposed to one whose peer closed the
+    connection by dying)."""
+    return is_comm_failure(e) and any(c in str(e) for c in ("timeout", "Timed out", "timed out"))
+
+
 def roll_call(world: World, step: int, wait: float = 10.0) -> dict[int, int] | None:
     """Called by every rank still running after a collective failed: {rank: its step} of the ranks that answer
     within ``wait`` seconds, through the store; None where the store does not answer either.

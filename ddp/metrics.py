@@ -34,6 +34,7 @@ class MetricsWriter:
         self.start = time.monotonic()
         self.offset = 0.0  # training seconds before this attempt
         self.run: str | None = None
+        self.trackers: list = []  # ddp.trackers: each gets every record too
 
     def elapsed(self) -> float:
         """Seconds of training, this attempt's and those before it."""
@@ -56,25 +57,48 @@ class MetricsWriter:
         record = {"kind": kind, "run": self.run, **values, "time": round(self.elapsed(), 4)}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        for tracker in self.trackers:
+            tracker.log(kind, values["step"], {k: v for k, v in record.items() if k not in ("kind", "run")})
+
+    def add(self, tracker: Any) -> None:
+        """Send every record to ``tracker`` too (``ddp.trackers.Tracker``), on rank 0."""
+        if self.enabled:
+            self.trackers.append(tracker)
+
+    def close(self) -> None:
+        """Close every tracker."""
+        for tracker in self.trackers:
+            tracker.close()
+        self.trackers = []
 
 
-def step_figures(timing: dict, device: torch.device) -> dict[str, float | int]:
+def step_figures(
+    timing: dict, device: torch.device, step_flops: float | None = None, peak: float | None = None
+) -> dict[str, float | int]:
     """Called by every rank at a logged step: the ranks' step times since the last record (the mean, the
-    slowest and whose), the share of them spent waiting for data, and rank 0's peak memory.
+    slowest and whose), the share of them spent waiting for data, rank 0's peak memory, and the TFLOP/s each
+    rank achieved (with ``mfu``, its share of the device's ``peak``).
 
-    ``timing``: this rank's seconds of steps and of data loading, and the steps counted.
+    ``timing``: this rank's seconds of steps and of data loading, and the steps counted;
+    ``step_flops``: the FLOPs of one step on one rank (``FlopCounterMode``: recomputation included).
     """
     mine = (timing["step"] / max(timing["steps"], 1), timing["data"], timing["step"], peak_memory_mb(device))
     ranks = group.all_gather_objects(mine)
     means = [r[0] for r in ranks]
     slowest = max(range(len(ranks)), key=lambda r: means[r])
-    return {
+    figures = {
         "step_time": round(sum(means) / len(means), 6),
         "step_time_max": round(means[slowest], 6),
         "slowest_rank": slowest,
         "data_time": round(sum(r[1] for r in ranks) / max(sum(r[2] for r in ranks), 1e-12), 4),
         "mem_peak_mb": round(ranks[0][3], 1),
     }
+    if step_flops and figures["step_time"] > 0:
+        tflops = step_flops / figures["step_time"] / 1e12
+        figures["tflops"] = round(tflops, 4)
+        if peak:
+            figures["mfu"] = round(tflops / peak, 4)
+    return figures
 
 
 class ProgressDisplay:
@@ -154,8 +178,17 @@ def _last_step(records: list[dict]) -> int:
     return max((r["step"] for r in records if r["kind"] == "train"), default=-1)
 
 
+PANELS = (
+    ("loss", "loss"),
+    ("throughput", "samples_per_s"),  # tokens_per_s where the task counts tokens
+    ("gradient norm (before clipping)", "grad_norm"),
+    ("peak memory (MiB)", "mem_peak_mb"),
+)
+
+
 def plot(run_dir: str | Path) -> Path:
-    """Write ``<run_dir>/loss.png``: training loss by step and evaluation loss, one line each per run."""
+    """Write ``<run_dir>/loss.png``: the loss (training, and evaluation), throughput, gradient norm and peak
+    memory by step, one line each per run."""
     try:
         import matplotlib
 
@@ -163,22 +196,37 @@ def plot(run_dir: str | Path) -> Path:
         import matplotlib.pyplot as plt
     except ImportError:
         raise DDPError("ddp plot needs matplotlib: pip install -e '.[plot]' (or pip install matplotlib)") from None
-    runs = runs_of(read_metrics(run_dir))
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for i, records in enumerate(runs):
-        name = "" if len(runs) == 1 else f" (run {records[0].get('run') or i + 1})"
-        train = [r for r in records if r["kind"] == "train"]
-        evals = [r for r in records if r["kind"] == "eval"]
-        line = ax.plot([r["step"] for r in train], [r["loss"] for r in train], label=f"training loss{name}")[0]
-        if evals:
-            ax.plot([r["step"] for r in evals], [r["loss"] for r in evals], "o--", color=line.get_color(),
-                    label=f"evaluation loss{name}")  # fmt: skip
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss")
-    ax.set_title(f"{Path(run_dir).name}")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    fig = draw(runs_of(read_metrics(run_dir)), Path(run_dir).name)
     out = Path(run_dir) / "loss.png"
-    fig.savefig(out, dpi=120, bbox_inches="tight")
+    fig.savefig(out, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return out
+
+
+def draw(runs: list[list[dict]], title: str):
+    """The figure of ``plot``: one panel per entry of ``PANELS``; a figure a log lacks says so in its panel."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
+    for ax, (label, key) in zip(axes.flat, PANELS, strict=True):
+        for i, records in enumerate(runs):
+            name = "" if len(runs) == 1 else f" (run {records[0].get('run') or i + 1})"
+            train = [r for r in records if r["kind"] == "train"]
+            if key == "samples_per_s" and train and "tokens_per_s" in train[-1]:
+                key, label = "tokens_per_s", "throughput (tokens/s)"
+            shown = [r for r in train if isinstance(r.get(key), (int, float))]
+            line = ax.plot([r["step"] for r in shown], [r[key] for r in shown], label=f"training{name}")[0]
+            evals = [r for r in records if r["kind"] == "eval" and key in r]
+            if evals:
+                ax.plot([r["step"] for r in evals], [r[key] for r in evals], "o--", color=line.get_color(),
+                        label=f"evaluation{name}")  # fmt: skip
+        if not ax.lines or not any(len(line.get_xdata()) for line in ax.lines):
+            ax.text(0.5, 0.5, f"{key}: not in this log", ha="center", va="center", transform=ax.transAxes)
+        ax.set_title(label if key != "samples_per_s" else "throughput (samples/s)")
+        ax.grid(alpha=0.3)
+        if key == "loss" and ax.lines:
+            ax.legend()
+    for ax in axes[1]:
+        ax.set_xlabel("optimizer step")
+    fig.suptitle(title)
+    return fig

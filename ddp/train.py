@@ -39,12 +39,13 @@ from torch import nn
 from torch.distributed.elastic.multiprocessing.errors import record
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, TensorDataset, default_collate
+from torch.utils.flop_counter import FlopCounterMode
 
-from ddp import faults, fsdp, group, model_card, optim, rng, run_folder, stream
+from ddp import faults, fsdp, group, model_card, optim, rng, run_folder, stream, trackers
 from ddp.checkpoint import PROGRESS, Checkpointer
 from ddp.config import SECTIONS, Config, parse
 from ddp.data import ORDER, ResumableSampler, eval_batch_count, eval_batches, make_loader, steps_per_epoch
-from ddp.device import autocast_dtype, weights_dtype
+from ddp.device import autocast_dtype, peak_tflops, weights_dtype
 from ddp.errors import ConfigError, DDPError, DistributedError, Reported, first_line, say
 from ddp.group import FLIGHT_RECORDER
 from ddp.io import load_model, save_model, unwrap
@@ -127,8 +128,9 @@ class Trainer:
     rate is a function of the step (``ddp.optim.lr_at``), so no scheduler state is saved.
     """
 
-    def __init__(self, cfg: Config, world: group.World, task: Task | None = None) -> None:
+    def __init__(self, cfg: Config, world: group.World, task: Task | None = None, trackers: list | None = None) -> None:
         self.cfg, self.world, self.device = cfg, world, world.device
+        self.extra_trackers = list(trackers or [])  # the caller's own (ddp.trackers), beside --tensorboard, --wandb
         self.task = (task if task is not None else resolve(cfg)).load_data()
         self.out = cfg.run.out_dir
         self.out.mkdir(parents=True, exist_ok=True)
@@ -176,6 +178,8 @@ class Trainer:
         self.loss_steps = 0
         self.step_epoch = 0  # the epoch the last step belonged to (the progress may have moved on)
         self.grad_norm = torch.zeros(())  # the last step's gradient norm, before clipping
+        self.step_flops: float | None = None  # FLOPs of one optimizer step on this rank, counted at the first
+        self.peak = peak_tflops(self.device, cfg.optim.precision, cfg.run.peak_tflops)
         self.last_grad_norm = float("nan")  # as of the last agreement
         self.skipped = False  # whether the last step was skipped (--skip-nonfinite)
         self.last_save_time = time.monotonic()
@@ -278,6 +282,7 @@ class Trainer:
         self.checkpointer.run_id = self._claim_folder()
         folder = self.checkpointer.resume(self.cfg.checkpoint.resume)
         self.metrics.resume(self.checkpointer.run_id, self.progress.step, self.progress.elapsed)
+        self._open_trackers()
         if folder is not None and self.streaming:
             self._check_stream_resume(folder)
         if folder is None:
@@ -290,6 +295,18 @@ class Trainer:
             self._say(f"resumed from {folder}: step {self.progress.step} already completes the run")
         else:
             self._say(f"resumed from {folder}: continuing at step {self.progress.step + 1}")
+
+    def _open_trackers(self) -> None:
+        """Rank 0 sends the logged figures to --tensorboard, --wandb and the caller's trackers too."""
+        if not self.world.is_main:
+            return
+        run, step = self.cfg.run, self.progress.step
+        if run.tensorboard:
+            self.metrics.add(trackers.TensorBoard(self.out, step))
+        if run.wandb:
+            self.metrics.add(trackers.WandB(self.out, run.name, self.checkpointer.run_id, self.cfg.to_dict(), step))
+        for tracker in self.extra_trackers:
+            self.metrics.add(tracker)
 
     def _check_stream_resume(self, folder: Path) -> None:
         """A stream that splits itself saved each rank's state: on another world size there is none to use."""
@@ -334,6 +351,7 @@ class Trainer:
             self.checkpointer.wait()
         finally:
             self.display.close()
+            self.metrics.close()
 
     def _steps(self) -> None:
         """The training loop: steps, evaluations; a rank that stops answering is named by every other."""
@@ -357,7 +375,7 @@ class Trainer:
             if evaluated != self.progress.step and not self.stop.requested:
                 self.evaluate()  # always once at the end: a run that never ends an epoch still reports
         except RuntimeError as e:
-            if not group.is_comm_failure(e):
+            if not group.is_timeout(e):  # a rank that died closes its connections: torchrun names it
                 raise
             raise self._stalled(e) from e
 
@@ -498,13 +516,17 @@ class Trainer:
             batch = to_device(batch, self.device, self.dtype)
             sync = self._gradient_sync(i == k - 1)
             cast = torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
-            with sync:
+            counting = self.step_flops is None and i == 0
+            counter = FlopCounterMode(display=False) if counting else contextlib.nullcontext()
+            with sync, counter:
                 with cast:
                     loss = self.task.compute_loss(self.wrapped, batch)
                     loss = faults.poison_loss(self.world.rank, self.progress.step + 1, loss)
                     if k > 1:
                         loss = loss / k
                 self.scaler.scale(loss).backward()
+            if counting:  # once: a step is the same work every time (the first micro-batch's, k times)
+                self.step_flops = float(counter.get_total_flops() * k)
             total = loss.detach() if total is None else total + loss.detach()
         self.scaler.unscale_(self.optimizer)  # fp16: the true gradients, to measure and clip (else a no-op)
         self.grad_norm = optim.clip_gradients(self.model, o.max_grad_norm)
@@ -597,7 +619,7 @@ class Trainer:
                 grad_norm=self.last_grad_norm,
                 samples_per_s=round(rate, 1),
                 **({"tokens_per_s": round(rate * tokens, 1)} if tokens else {}),
-                **step_figures(self.timing, self.device),
+                **step_figures(self.timing, self.device, self.step_flops, self.peak),
             )
             self.timing = {"step": 0.0, "data": 0.0, "steps": 0}
             self.tick = (now, step)
@@ -691,6 +713,7 @@ def check_settings(cfg: Config) -> None:
         raise ConfigError("--static-graph cannot be combined with --grad-accum > 1 (DDP fails an internal assert)")
     if cfg.dist.strategy == "fsdp":
         check_fsdp_settings(cfg)
+    trackers.check_available(cfg.run.tensorboard, cfg.run.wandb)
     check_output_dir(cfg.run.out_dir)
     run_folder.check(cfg, cfg.run.overwrite)
 
@@ -716,23 +739,24 @@ def configure_determinism(cfg: Config) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-def run(cfg: Config, world: group.World, task: Task | None = None) -> VerifyReport | None:
+def run(cfg: Config, world: group.World, task: Task | None = None, trackers: list | None = None) -> VerifyReport | None:
     """Train, export and verify on this rank; the verify report (None when a signal stopped it)."""
     group.log(world, f"{world.backend} on {world.device}, {world.world_size} rank(s)", all_ranks=cfg.run.log_all_ranks)
     group.log(world, f"config: {json.dumps(cfg.to_dict())}")
-    trainer = Trainer(cfg, world, task)
+    trainer = Trainer(cfg, world, task, trackers)
     with trainer.stop.installed():
         trainer.train()
     return None if trainer.stop.requested else export_and_verify(trainer)
 
 
-def fit(task: Task, **settings) -> VerifyReport | None:
+def fit(task: Task, trackers: list | None = None, **settings) -> VerifyReport | None:
     """Train ``task`` with DDP, save its weights, reload them on every rank and verify.
 
     The same trainer as ``ddp train``: run it under ``torchrun`` (every rank calls ``fit``)
     or alone (a world of one). ``settings`` are the options of ``ddp train --help`` by
-    field name, e.g. ``fit(task, steps=200, batch_size=32, out="runs/mine")``. Returns the
-    verify report (None if a SIGTERM stopped the run after a checkpoint).
+    field name, e.g. ``fit(task, steps=200, batch_size=32, out="runs/mine")``; ``trackers``
+    receive the logged figures on rank 0 (``ddp.trackers``). Returns the verify report
+    (None if a SIGTERM stopped the run after a checkpoint).
     """
     cfg = config_from_settings(settings, task)
     check_settings(cfg)
@@ -740,7 +764,7 @@ def fit(task: Task, **settings) -> VerifyReport | None:
     with rng.seeded(cfg.run.seed):
         task.probe_input()  # a task whose probe cannot be derived fails now, before any process group
     with group.process_group(cfg.dist, cfg.run.out_dir / FLIGHT_RECORDER) as world:
-        return run(cfg, world, task)
+        return run(cfg, world, task, trackers)
 
 
 def config_from_settings(settings: dict, task: Task) -> Config:

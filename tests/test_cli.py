@@ -137,11 +137,20 @@ def test_verify_under_torchrun_of_a_missing_file_fails_on_every_rank_naming_it(t
         assert f"[rank {r}/2] ddp verify: error: {missing} does not exist; check the path" in proc.output
 
 
-def test_plot_writes_a_png(trained):
+def test_plot_writes_a_png_of_loss_throughput_grad_norm_and_memory(trained):
     pytest.importorskip("matplotlib")
     out_dir, _ = trained
     ok(run([*DDP, "plot", str(out_dir)]))
     assert (out_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from ddp.metrics import draw, read_metrics, runs_of
+
+    records = read_metrics(out_dir)
+    train = [r for r in records if r["kind"] == "train"]
+    axes = draw(runs_of(records), "demo").axes
+    assert [ax.get_title() for ax in axes] == ["loss", "throughput (samples/s)", "gradient norm (before clipping)",
+                                               "peak memory (MiB)"]  # fmt: skip
+    for ax, key in zip(axes, ("loss", "samples_per_s", "grad_norm", "mem_peak_mb"), strict=True):
+        assert list(ax.lines[0].get_ydata()) == [r[key] for r in train]
 
 
 def test_plot_without_matplotlib_says_how_to_install_it(trained):
@@ -156,7 +165,8 @@ def test_metrics_jsonl_has_training_and_evaluation_records(trained):
     evals = [r for r in records if r["kind"] == "eval"]
     assert [r["step"] for r in train] == [5, 10, 15, 20, 25, 28]
     assert set(train[0]) == {"kind", "run", "step", "epoch", "loss", "lr", "grad_norm", "samples_per_s", "time",
-                             "step_time", "step_time_max", "slowest_rank", "data_time", "mem_peak_mb"}  # fmt: skip
+                             "step_time", "step_time_max", "slowest_rank", "data_time", "mem_peak_mb",
+                             "tflops"}  # fmt: skip
     for r in train:
         assert r["grad_norm"] > 0 and 0 < r["step_time"] <= r["step_time_max"] and r["slowest_rank"] in (0, 1)
         assert 0 <= r["data_time"] <= 1 and r["mem_peak_mb"] > 50  # a process with torch loaded
