@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet '$(TORCH_SPEC)'
-	$(PY) -m pip install --quiet -e '.[dev,plot,digits,tensorboard]'
+	$(PY) -m pip install --quiet -e '.[dev,plot,digits,tensorboard,wandb]'
 	touch $@
 
 install: $(VENV)/.installed  ## create .venv and install torch, the package and dev tools

@@ -81,3 +81,39 @@ def test_a_tracker_of_ones_own_gets_every_record_under_train_and_eval(tmp_path):
     assert [(kind, step) for kind, step, _ in mine.calls] == [("train", 2), ("train", 4), ("eval", 4)]
     assert mine.calls[0][2]["train/loss"] == records(tmp_path)[0]["loss"] and "eval/accuracy" in mine.calls[2][2]
     assert mine.closed
+
+
+def wandb_history(run_dir) -> list[dict]:
+    """The history rows of an offline W&B run, read from its ``.wandb`` file (LevelDB's log format after a
+    7-byte header) with W&B's own protobuf classes."""
+    from wandb.proto import wandb_internal_pb2
+
+    (path,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
+    data, pos, pending, rows = path.read_bytes(), 7, b"", []
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        if (left := 32768 - pos % 32768) < 7:  # a block's tail too short for a header is padding
+            pos += left
+            continue
+        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+        pending += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # a whole record, or the last piece of one
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            if record.WhichOneof("record_type") == "history":
+                items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
+                rows.append(items)
+            pending = b""
+    return rows
+
+
+def test_wandb_offline_gets_the_same_scalars(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    fit(mlp(), steps=4, log_every=2, wandb=True, out=str(tmp_path))
+    rows = wandb_history(tmp_path)
+    logged = records(tmp_path)
+    assert [row["_step"] for row in rows] == [2, 4]
+    for row, r in zip(rows, logged, strict=True):
+        assert row["train/loss"] == pytest.approx(r["loss"]) and row["train/grad_norm"] == pytest.approx(r["grad_norm"])
+    assert "eval/accuracy" in rows[-1]
