@@ -75,6 +75,10 @@ C_VARIANTS = {
     "c bucket 1 MiB": ("dist", "bucket_cap_mb", 1.0),
     "c grads copied": ("dist", "gradient_as_bucket_view", False),
     "c contiguous": ("run", "memory_format", "contiguous"),
+    # the per-step figures (step times over ranks, memory, tflops: one all-gather and a metrics.jsonl line) and
+    # the loss agreement at every step, against never: what watching a run costs at most
+    "c figures every step": ("run", "log_every", 1),
+    "c no figures": ("run", "log_every", 10**9),
     "c again": None,
 }
 MODELS = {  # the built-in task and its settings (--task-arg)
@@ -236,6 +240,8 @@ def training_table(args, out: Path) -> list[dict]:
         for v in C_VARIANTS:
             if v in s:
                 row[f"{v} / c"] = paired(raw, v, "c")
+        if "c no figures" in s:
+            row["figures every step / none"] = paired(raw, "c figures every step", "c no figures")
         rows.append(row)
         print(f"  {name}: " + ", ".join(f"{k}={short(v)}" for k, v in row.items() if k != "case"), flush=True)
     return rows
@@ -786,6 +792,10 @@ def print_tables(r: dict) -> None:
     for v in C_VARIANTS:
         cells = [ratio_text(row[f"{v} / c"]) if f"{v} / c" in row else "-" for row in r["training"] if "c/d" in row]
         print(f"| {v} | " + " | ".join(cells) + " |")
+    cells = [
+        ratio_text(row["figures every step / none"]) for row in r["training"] if "figures every step / none" in row
+    ]
+    print("| figures every step / none (throughput) | " + " | ".join(cells) + " |")
     if r["loader"]:
         print(f"\ninput pipeline on {r['loader'][0]['device']} (a world of one; default: workers 0, pinned on CUDA):")
         print("| case | loader | pin_memory | samples/s | vs default |\n|---|---|---|---:|---:|")

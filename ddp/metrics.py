@@ -83,13 +83,13 @@ def step_figures(
     ``step_flops``: the FLOPs of one step on one rank (``FlopCounterMode``: recomputation included).
     """
     mine = (timing["step"] / max(timing["steps"], 1), timing["data"], timing["step"], peak_memory_mb(device))
-    ranks = group.all_gather_objects(mine)
+    ranks = group.all_gather_floats(list(mine))
     means = [r[0] for r in ranks]
     slowest = max(range(len(ranks)), key=lambda r: means[r])
     figures = {
         "step_time": round(sum(means) / len(means), 6),
         "step_time_max": round(means[slowest], 6),
-        "slowest_rank": slowest,
+        "slowest_rank": int(slowest),
         "data_time": round(sum(r[1] for r in ranks) / max(sum(r[2] for r in ranks), 1e-12), 4),
         "mem_peak_mb": round(ranks[0][3], 1),
     }
