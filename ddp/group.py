@@ -273,10 +273,15 @@ def enable_flight_recorder(folder: Path, backend: str) -> None:
     it; 1 would not). Gloo has no watchdog: ``dump_flight_recorder`` writes its record when
     a collective fails.
     """
-    for name in ("TORCH_FR_BUFFER_SIZE", "TORCH_NCCL_TRACE_BUFFER_SIZE"):
-        os.environ.setdefault(name, "2000")
-    os.environ.setdefault("TORCH_NCCL_DUMP_ON_TIMEOUT", "1")
-    os.environ.setdefault("TORCH_FR_DUMP_TEMP_FILE", str(folder / FR_PREFIX))
+    # torch 2.7 renamed the NCCL-only variables for every backend; an old name set on a newer torch only warns
+    renamed = hasattr(torch._C._distributed_c10d, "_dump_fr_trace")
+    buffer, dump = ("TORCH_FR_BUFFER_SIZE", "TORCH_FR_DUMP_TEMP_FILE") if renamed else (
+        "TORCH_NCCL_TRACE_BUFFER_SIZE", "TORCH_NCCL_DEBUG_INFO_TEMP_FILE")  # fmt: skip
+    os.environ.setdefault(buffer, "2000")
+    os.environ.setdefault(dump, str(folder / FR_PREFIX))
+    os.environ.setdefault("TORCH_FR_DUMP_TEMP_FILE", os.environ[dump])  # where dump_flight_recorder writes
+    if backend == "nccl":
+        os.environ.setdefault("TORCH_NCCL_DUMP_ON_TIMEOUT", "1")
     if backend == "nccl":  # the watchdog writes into it, and creates no folder
         Path(os.environ["TORCH_FR_DUMP_TEMP_FILE"]).parent.mkdir(parents=True, exist_ok=True)
 

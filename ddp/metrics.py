@@ -12,7 +12,6 @@ from typing import Any
 
 import torch
 
-from ddp import group
 from ddp.device import peak_memory_mb
 from ddp.errors import DDPError
 from ddp.io import atomic_write
@@ -72,32 +71,35 @@ class MetricsWriter:
         self.trackers = []
 
 
-def step_figures(
-    timing: dict, device: torch.device, step_flops: float | None = None, peak: float | None = None
-) -> dict[str, float | int]:
-    """Called by every rank at a logged step: the ranks' step times since the last record (the mean, the
-    slowest and whose), the share of them spent waiting for data, rank 0's peak memory, and the TFLOP/s each
-    rank achieved (with ``mfu``, its share of the device's ``peak``).
+def step_timing(timing: dict, device: torch.device) -> list[float]:
+    """This rank's figures for ``step_figures``: its mean step, seconds of data and of steps, peak memory.
 
-    ``timing``: this rank's seconds of steps and of data loading, and the steps counted;
+    ``timing``: this rank's seconds of steps and of data loading since the last record, and the steps counted.
+    """
+    return [timing["step"] / max(timing["steps"], 1), timing["data"], timing["step"], peak_memory_mb(device)]
+
+
+def step_figures(ranks: list[list[float]], step_flops: float | None = None, peak: float | None = None) -> dict:
+    """A logged step's figures from every rank's ``step_timing`` (gathered by the trainer's agreement): the mean
+    step time, the slowest and whose, the share of it spent waiting for data, rank 0's peak memory, and the
+    TFLOP/s each rank achieved (with ``mfu``, its share of the device's ``peak``).
+
     ``step_flops``: the FLOPs of one step on one rank (``FlopCounterMode``: recomputation included).
     """
-    mine = (timing["step"] / max(timing["steps"], 1), timing["data"], timing["step"], peak_memory_mb(device))
-    ranks = group.all_gather_floats(list(mine))
     means = [r[0] for r in ranks]
     slowest = max(range(len(ranks)), key=lambda r: means[r])
     figures = {
         "step_time": round(sum(means) / len(means), 6),
         "step_time_max": round(means[slowest], 6),
-        "slowest_rank": int(slowest),
+        "slowest_rank": slowest,
         "data_time": round(sum(r[1] for r in ranks) / max(sum(r[2] for r in ranks), 1e-12), 4),
         "mem_peak_mb": round(ranks[0][3], 1),
     }
     if step_flops and figures["step_time"] > 0:
         tflops = step_flops / figures["step_time"] / 1e12
-        figures["tflops"] = round(tflops, 4)
+        figures["tflops"] = float(f"{tflops:.4g}")
         if peak:
-            figures["mfu"] = round(tflops / peak, 4)
+            figures["mfu"] = float(f"{tflops / peak:.4g}")
     return figures
 
 

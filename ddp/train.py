@@ -49,7 +49,7 @@ from ddp.device import autocast_dtype, peak_tflops, weights_dtype
 from ddp.errors import ConfigError, DDPError, DistributedError, Reported, first_line, say
 from ddp.group import FLIGHT_RECORDER
 from ddp.io import load_model, save_model, unwrap
-from ddp.metrics import MetricsWriter, ProgressDisplay, step_figures
+from ddp.metrics import MetricsWriter, ProgressDisplay, step_figures, step_timing
 from ddp.model import checkpoint_activations, materialize
 from ddp.stopping import StopSignals
 from ddp.stream import SPLIT, RankStream, StreamBatch, StreamEnd, StreamPosition, has_state, is_stream, splits_itself
@@ -178,6 +178,7 @@ class Trainer:
         self.loss_steps = 0
         self.step_epoch = 0  # the epoch the last step belonged to (the progress may have moved on)
         self.grad_norm = torch.zeros(())  # the last step's gradient norm, before clipping
+        self.rank_timing: list[list[float]] = []  # every rank's step_timing, as of the last agreement
         self.step_flops: float | None = None  # FLOPs of one optimizer step on this rank, counted at the first
         self.peak = peak_tflops(self.device, cfg.optim.precision, cfg.run.peak_tflops)
         self.last_grad_norm = float("nan")  # as of the last agreement
@@ -588,7 +589,10 @@ class Trainer:
         every_s = self.cfg.checkpoint.checkpoint_every_seconds
         time_due = self.world.is_main and every_s > 0 and time.monotonic() - self.last_save_time >= every_s
         mine = 0.0 if self.loss_sum is None else self.loss_sum.item()
-        total, due, writing, failed = group.all_sum([mine, time_due, writing, failed])
+        # one collective carries the agreement and each rank's step times for the figures of a logged step
+        rows = group.all_gather_floats([mine, time_due, writing, failed, *step_timing(self.timing, self.device)])
+        total, due, writing, failed = (math.fsum(row[i] for row in rows) for i in range(4))
+        self.rank_timing = [row[4:] for row in rows]
         if not math.isfinite(total) and not self.scaler.is_enabled():
             raise optim.nonfinite_error(
                 "the mean loss is not finite", torch.tensor(mine), self.progress.step, self.checkpointer.last_saved
@@ -619,7 +623,7 @@ class Trainer:
                 grad_norm=self.last_grad_norm,
                 samples_per_s=round(rate, 1),
                 **({"tokens_per_s": round(rate * tokens, 1)} if tokens else {}),
-                **step_figures(self.timing, self.device, self.step_flops, self.peak),
+                **step_figures(self.rank_timing, self.step_flops, self.peak),
             )
             self.timing = {"step": 0.0, "data": 0.0, "steps": 0}
             self.tick = (now, step)
