@@ -131,6 +131,13 @@ def test_the_readmes_task_example_trains_verifies_and_runs_under_torchrun(tmp_pa
     assert (tmp_path / "runs" / "mine-2" / "mytask.params").is_file()
 
 
+def test_the_readmes_tracker_example_gets_the_figures(tmp_path):
+    (tmp_path / "mytask.py").write_text(readme_block("# mytask.py", ("python",)))
+    (tmp_path / "tracker.py").write_text(readme_block("# tracker.py", ("python",)))
+    out = ok(run([sys.executable, "tracker.py"], cwd=tmp_path, extra_env={"PYTHONPATH": str(ROOT)}))
+    assert "10 {'train/epoch': 0.0, 'train/loss':" in out and "'eval/loss':" in out
+
+
 def test_the_readmes_ddp_command_block_runs_as_written(tmp_path):
     for words in commands(readme_block("ddp inspect runs/demo/mlp.params")):
         ok(run(in_folder(words), cwd=tmp_path))
