@@ -44,7 +44,15 @@ from torch.utils.flop_counter import FlopCounterMode
 from ddp import faults, fsdp, group, model_card, optim, rng, run_folder, stream, trackers
 from ddp.checkpoint import PROGRESS, Checkpointer
 from ddp.config import SECTIONS, Config, parse
-from ddp.data import ORDER, ResumableSampler, eval_batch_count, eval_batches, make_loader, steps_per_epoch
+from ddp.data import (
+    ORDER,
+    ResumableSampler,
+    eval_batch_count,
+    eval_batches,
+    make_loader,
+    release_workers,
+    steps_per_epoch,
+)
 from ddp.device import autocast_dtype, peak_tflops, weights_dtype
 from ddp.errors import ConfigError, DDPError, DistributedError, Reported, first_line, say
 from ddp.group import FLIGHT_RECORDER
@@ -353,6 +361,8 @@ class Trainer:
         finally:
             self.display.close()
             self.metrics.close()
+            self.batches = None  # the loader's workers leave now: left to interpreter exit, each took 5 s
+            release_workers(self.loader)
 
     def _steps(self) -> None:
         """The training loop: steps, evaluations; a rank that stops answering is named by every other."""

@@ -110,7 +110,7 @@ def test_a_stream_killed_and_restarted_by_plain_torchrun_ends_bitwise_equal(
 
 
 def test_a_stream_that_splits_itself_resumes_exactly_and_refuses_another_world_size(tmp_path, capsys):
-    args = [*RUN, "--task-arg", "kind=split", "--workers", "2"]
+    args = [*RUN, "--task-arg", "kind=split"]  # workers: the other tests
     ok(torchrun(2, *args, "--out", str(tmp_path / "ref")))
     out = ok(torchrun(2, *args, "--out", str(tmp_path / "run"), restarts=1,
                       extra_env={"DDP_FAULT": "kill:rank=0:step=22"}))  # fmt: skip
