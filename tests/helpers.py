@@ -65,6 +65,13 @@ def model_state(run_dir: Path, step: int | None = None) -> tuple[dict, dict]:
     return state.pop("model"), state
 
 
+def assert_same_training(run_dir: Path, ref_dir: Path) -> None:
+    """Two runs' newest checkpoints hold bitwise the same model and optimizer state."""
+    (model, train), (ref_model, ref_train) = model_state(run_dir), model_state(ref_dir)
+    assert_tree_equal(model, ref_model)
+    assert_tree_equal(train["optimizer"], ref_train["optimizer"])
+
+
 def max_diff(a, b) -> float:
     """Largest |a - b| over nested dicts and lists of tensors (plain values must be equal)."""
     if isinstance(a, torch.Tensor):

@@ -17,7 +17,7 @@ from torch.utils.data import IterableDataset, default_collate
 from ddp.stream import RankStream, StreamBatch, StreamEnd
 from ddp.train import main
 
-from .helpers import assert_tree_equal, model_state, ok, torchrun
+from .helpers import assert_same_training, ok, torchrun
 
 RUN = ["--task", "tests/stream_task.py:make", "--steps", "40", "--batch-size", "16", "--checkpoint-every", "5",
        "--log-every", "10"]  # fmt: skip
@@ -104,9 +104,7 @@ def test_a_stream_killed_and_restarted_by_plain_torchrun_ends_bitwise_equal(
     out = ok(torchrun(2, *RUN, "--task-arg", f"kind={kind}", "--workers", str(workers), "--out", str(tmp_path),
                       restarts=1, extra_env={"DDP_FAULT": f"kill:rank=1:step={kill_at}"}))  # fmt: skip
     assert f"continuing at step {kill_at // 5 * 5 + 1}" in out and said in out  # from the checkpoint before it
-    (model, train), (ref_model, ref_train) = model_state(tmp_path), model_state(ref)
-    assert_tree_equal(model, ref_model)  # with --workers 2 too: the batches do not depend on the workers
-    assert_tree_equal(train["optimizer"], ref_train["optimizer"])
+    assert_same_training(tmp_path, ref)  # with --workers 2 too: the batches do not depend on the workers
 
 
 def test_a_stream_that_splits_itself_resumes_exactly_and_refuses_another_world_size(tmp_path, capsys):
@@ -115,9 +113,7 @@ def test_a_stream_that_splits_itself_resumes_exactly_and_refuses_another_world_s
     out = ok(torchrun(2, *args, "--out", str(tmp_path / "run"), restarts=1,
                       extra_env={"DDP_FAULT": "kill:rank=0:step=22"}))  # fmt: skip
     assert "at sample 640 from its saved state_dict" in out
-    (model, train), (ref_model, ref_train) = model_state(tmp_path / "run"), model_state(tmp_path / "ref")
-    assert_tree_equal(model, ref_model)
-    assert_tree_equal(train["optimizer"], ref_train["optimizer"])
+    assert_same_training(tmp_path / "run", tmp_path / "ref")
     one = [*args[:2], "--task-arg", "kind=split", "--steps", "45", "--batch-size", "16", "--out", str(tmp_path / "ref")]
     assert main(one) == 2  # one rank has no share of the two saved
     assert "written by 2 rank(s) and this run has 1" in capsys.readouterr().err
