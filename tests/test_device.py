@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import ddp
-from ddp.device import local_device
+from ddp.device import local_device, peak_tflops
 
 from .helpers import run
 
@@ -63,3 +63,26 @@ def test_local_device_puts_ranks_on_gpus_only_when_asked():
     assert local_device("gloo") == local_device("gloo", "cpu") == local_device("nccl", "cpu") == ddp.cpu()
     assert local_device("nccl") == ddp.gpu(0)  # LOCAL_RANK unset: 0
     assert local_device("gloo", "cuda") == ddp.gpu(0)  # gloo ranks share the visible GPUs
+
+
+@pytest.mark.parametrize(
+    ("name", "precision", "tf32", "peak"),
+    [
+        ("NVIDIA H100 PCIe", "bf16", False, 756.0),  # not the SXM part's figure, though "H100" matches both
+        ("NVIDIA H100 80GB HBM3", "bf16", False, 989.4),
+        ("NVIDIA H200", "fp32", True, 494.7),  # fp32 matmuls on tensor cores where TF32 is allowed
+        ("NVIDIA A100-SXM4-80GB", "fp32", False, 19.5),
+        ("Tesla V100-SXM2-16GB", "bf16", False, None),  # no bf16 there: no guess
+        ("NVIDIA GeForce RTX 4090", "bf16", False, None),  # not in the table
+    ],
+)
+def test_the_peak_for_mfu_is_the_gpus_own_in_the_runs_precision(monkeypatch, name, precision, tf32, peak):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    before = torch.backends.cuda.matmul.allow_tf32  # a property of torch's own: monkeypatch cannot undo it
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    try:
+        assert peak_tflops(torch.device("cuda", 0), precision) == peak
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+    assert peak_tflops(torch.device("cuda", 0), precision, override=123.0) == 123.0
+    assert peak_tflops(torch.device("cpu"), precision) is None
