@@ -123,9 +123,16 @@ class ProgressDisplay:
         self.bar = tqdm(total=steps, desc=desc, unit="step", ncols=size.columns, nrows=size.lines)
 
     def update(
-        self, step: int, epoch: int, loss: float, samples_per_s: float, lr: float, grad_norm: float = math.nan
+        self,
+        step: int,
+        epoch: int,
+        loss: float,
+        samples_per_s: float,
+        lr: float,
+        grad_norm: float = math.nan,
+        figures: dict | None = None,
     ) -> None:
-        """Advance by one optimizer step."""
+        """Advance by one optimizer step; ``figures`` (``step_figures``) at a logged step end its line."""
         if not self.enabled:
             return
         if self.bar is not None:
@@ -136,7 +143,7 @@ class ProgressDisplay:
         elif step % self.log_every == 0:
             print(
                 f"{self.prefix} step {step} epoch {epoch} loss {loss:.4f} lr {lr:.4g} grad_norm {grad_norm:.4g} "
-                f"{samples_per_s:,.0f} samples/s",
+                f"{samples_per_s:,.0f} samples/s{_figures_text(figures or {})}",
                 flush=True,
             )
 
@@ -154,6 +161,17 @@ class ProgressDisplay:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+def _figures_text(f: dict) -> str:
+    """``step_figures`` as the end of a log line: step time (and the slowest rank's), memory, MFU."""
+    if "step_time" not in f:
+        return ""
+    text = f" | {1000 * f['step_time']:.1f} ms/step"
+    if f["step_time_max"] > 1.1 * f["step_time"]:  # a straggler: name it
+        text += f" (rank {f['slowest_rank']}: {1000 * f['step_time_max']:.1f})"
+    text += f", {f['mem_peak_mb']:,.0f} MiB"
+    return text + (f", mfu {100 * f['mfu']:.1f}%" if "mfu" in f else "")
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

@@ -621,7 +621,8 @@ class Trainer:
         rate = (self.progress.step - s0) * self.global_batch / max(now - t0, 1e-9)
         lr = self.optimizer.param_groups[0]["lr"]  # the rate of the step just taken
         step, epoch = self.progress.step, self.step_epoch
-        self.display.update(step, epoch, self.last_loss, rate, lr, self.last_grad_norm)
+        figures = step_figures(self.rank_timing, self.step_flops, self.peak) if log_step else {}
+        self.display.update(step, epoch, self.last_loss, rate, lr, self.last_grad_norm, figures)
         if log_step:
             tokens = self.task.tokens_per_sample
             self.metrics.write(
@@ -633,7 +634,7 @@ class Trainer:
                 grad_norm=self.last_grad_norm,
                 samples_per_s=round(rate, 1),
                 **({"tokens_per_s": round(rate * tokens, 1)} if tokens else {}),
-                **step_figures(self.rank_timing, self.step_flops, self.peak),
+                **figures,
             )
             self.timing = {"step": 0.0, "data": 0.0, "steps": 0}
             self.tick = (now, step)
