@@ -282,8 +282,7 @@ def enable_flight_recorder(folder: Path, backend: str) -> None:
     os.environ.setdefault("TORCH_FR_DUMP_TEMP_FILE", os.environ[dump])  # where dump_flight_recorder writes
     if backend == "nccl":
         os.environ.setdefault("TORCH_NCCL_DUMP_ON_TIMEOUT", "1")
-    if backend == "nccl":  # the watchdog writes into it, and creates no folder
-        Path(os.environ["TORCH_FR_DUMP_TEMP_FILE"]).parent.mkdir(parents=True, exist_ok=True)
+        Path(os.environ[dump]).parent.mkdir(parents=True, exist_ok=True)  # the watchdog creates no folder
 
 
 def dump_flight_recorder(world: World) -> Path | None:

@@ -70,7 +70,7 @@ class TensorBoard:
 class WandB:
     """A Weights & Biases run, offline by default (``WANDB_MODE=online`` syncs as it goes; ``wandb sync`` later)."""
 
-    def __init__(self, out: Path, name: str, run_id: str, config: dict, resume_step: int) -> None:
+    def __init__(self, out: Path, name: str, run_id: str, config: dict) -> None:
         import wandb
 
         mode = os.environ.get("WANDB_MODE", "offline")
@@ -83,7 +83,6 @@ class WandB:
             config=config,
             mode=mode,
         )
-        self.resume_step = resume_step
 
     def log(self, kind: str, step: int, values: dict[str, float]) -> None:
         """The record's figures at ``step``."""

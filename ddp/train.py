@@ -313,7 +313,7 @@ class Trainer:
         if run.tensorboard:
             self.metrics.add(trackers.TensorBoard(self.out, step))
         if run.wandb:
-            self.metrics.add(trackers.WandB(self.out, run.name, self.checkpointer.run_id, self.cfg.to_dict(), step))
+            self.metrics.add(trackers.WandB(self.out, run.name, self.checkpointer.run_id, self.cfg.to_dict()))
         for tracker in self.extra_trackers:
             self.metrics.add(tracker)
 
@@ -438,10 +438,13 @@ class Trainer:
             if self.batches is None or self.batches_epoch != p.epoch:
                 self._start_stream_epoch()
             micro: list[StreamBatch] = []
-            end = None
+            end: StreamEnd | None = None
             while end is None and len(micro) < self.cfg.optim.grad_accum:
                 item = next(self.batches, StreamEnd(0))  # a loader that stopped: ran dry too
-                end = item if isinstance(item, StreamEnd) else micro.append(item)
+                if isinstance(item, StreamEnd):
+                    end = item
+                else:
+                    micro.append(item)
             n = self.world.world_size
             mine = [0.0] * n + [len(micro) * self.cfg.data.batch_size + (end.leftover if end else 0)]
             mine[self.world.rank] = float(end is not None)

@@ -452,7 +452,8 @@ def init_sharded(model: nn.Module, path: str | os.PathLike, skip: str | None = N
     from ddp import group
 
     found = sharded_source(path)
-    assert found is not None, f"{path} is not a DCP source"
+    if found is None:
+        raise ConfigError(f"--init-from {path}: not a DCP folder or an FSDP checkpoint; it loads before sharding")
     folder, key = found
     try:
         outline_, _ = dcp.outline(folder)
