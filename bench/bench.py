@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import gc
 import json
 import mmap
@@ -33,6 +34,7 @@ import platform
 import shutil
 import tempfile
 import time
+import uuid
 import warnings
 from pathlib import Path
 
@@ -45,13 +47,15 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from ddp import group
 from ddp.checkpoint import Checkpointer
-from ddp.checkpoint_files import nbytes, read_state, stage, validate
+from ddp.checkpoint_files import MODEL, TRAIN, nbytes, read_state, stage, validate
 from ddp.config import CheckpointConfig, Config
 from ddp.data import make_loader
 from ddp.model import MLP
+from ddp.parallel import local_model
 from ddp.task import Task
 from ddp.tasks.charlm import CharLM
-from ddp.train import Trainer, export_and_verify, local_model
+from ddp.train import export_and_verify
+from ddp.trainer import Trainer
 
 from common import (
     ROOT,
@@ -74,11 +78,13 @@ C_VARIANTS = {
     "c static_graph": ("dist", "static_graph", True),
     "c bucket 1 MiB": ("dist", "bucket_cap_mb", 1.0),
     "c grads copied": ("dist", "gradient_as_bucket_view", False),
-    "c contiguous": ("run", "memory_format", "contiguous"),
+    "c contiguous": ("compute", "memory_format", "contiguous"),
     # the per-step figures (step times over ranks, memory, tflops: one all-gather and a metrics.jsonl line) and
     # the loss agreement at every step, against never: what watching a run costs at most
-    "c figures every step": ("run", "log_every", 1),
-    "c no figures": ("run", "log_every", 10**9),
+    "c figures every step": ("log", "log_every", 1),
+    "c no figures": ("log", "log_every", 10**9),
+    # a snapshot of the whole training state into host memory after every step (c takes none: it is never resumed)
+    "c snapshot every step": ("checkpoint", "snapshot_every", "1"),
     "c again": None,
 }
 MODELS = {  # the built-in task and its settings (--task-arg)
@@ -120,10 +126,10 @@ def step_functions(cfg: Config, cfg_dict: dict, world, variants: list[str]) -> t
     solo = local_model(trainer.task, cfg, torch.device("cpu"))
     solo.load_state_dict(trainer.model.state_dict())
     solo_opt = torch.optim.SGD(solo.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum)
-    shard = [iter(trainer.loader), trainer.loader]
+    shard = [iter(trainer.data.loader), trainer.data.loader]
     # d: the tutorial, as written there: per-sample DataLoader, DDP and the model as they come
-    theirs_loader = DataLoader(trainer.train_set, batch_size=cfg.data.batch_size,
-                               sampler=DistributedSampler(trainer.train_set, shuffle=True, seed=0))  # fmt: skip
+    theirs_loader = DataLoader(trainer.task.train_data, batch_size=cfg.data.batch_size,
+                               sampler=DistributedSampler(trainer.task.train_data, shuffle=True, seed=0))  # fmt: skip
     theirs = [iter(theirs_loader), theirs_loader]
     tutorial = DDP(trainer.task.model())
     tutorial_opt = torch.optim.SGD(tutorial.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum)
@@ -144,7 +150,11 @@ def step_functions(cfg: Config, cfg_dict: dict, world, variants: list[str]) -> t
     fns = {"b": step_b, "c": trainer_step(trainer), "d": step_d}
     for v in variants:
         if v in C_VARIANTS:  # the same trainer with one setting changed
-            fns[v] = trainer_step(quiet(Trainer(variant_config(cfg_dict, v), world)))
+            changed = quiet(Trainer(variant_config(cfg_dict, v), world))
+            if changed.cfg.checkpoint.snapshot_every == "1":  # a trainer never resumed has opened no snapshots
+                changed.checkpointer.snapshots.open(f"bench-{uuid.uuid4().hex[:8]}", clean=False)
+                fns[f"{v} (close)"] = functools.partial(changed.checkpointer.snapshots.close, remove=True)
+            fns[v] = trainer_step(changed)
     return fns, trainer
 
 
@@ -162,6 +172,9 @@ def _measure(cfg: Config, cfg_dict: dict, world, block_s: float, repeats: int, v
             seconds = timed(fns[v], steps, warmup=3)
             slowest = max(group.all_gather_objects(seconds))  # a step is as slow as the slowest rank
             results[v].append(steps * global_batch / slowest)
+    for name, close in fns.items():
+        if name.endswith("(close)"):
+            close()
     return {"samples_per_s": {v: median(r) for v, r in results.items()}, "raw": results, "steps_per_block": steps,
             **where_time_goes(trainer, fns["c"])}  # fmt: skip
 
@@ -173,7 +186,7 @@ def where_time_goes(trainer: Trainer, step_c) -> dict:
     single = sorted(timed(lambda: torch.distributed.all_reduce(grads), 1, 0) for _ in range(100))
     group.barrier()
     t0 = time.perf_counter()
-    for _ in range(trainer.steps_per_epoch):
+    for _ in range(trainer.data.steps_per_epoch):
         step_c()
     epoch_s = max(group.all_gather_objects(time.perf_counter() - t0))
     t0 = time.perf_counter()
@@ -293,13 +306,16 @@ def loader_table(args, out: Path) -> list[dict]:
             steps = {}
             for workers, pin in settings:
                 t = quiet(Trainer(cfg, world))
+                data, train_set = t.data, t.task.train_data
                 if (workers, pin) == TUTORIAL_LOADER:  # d's loader: one sample at a time, then collate
-                    t.loader = DataLoader(t.train_set, batch_size=args.batch, sampler=DistributedSampler(t.train_set))
+                    data.loader = DataLoader(train_set, batch_size=args.batch, sampler=DistributedSampler(train_set))
                 elif (workers, pin) in PER_SAMPLE:
-                    task = dataclasses.replace(t.task, train_data=Samples(t.train_set))
-                    t.loader = make_loader(task, t.sampler, args.batch, int(workers.split()[1]), pin, cfg.run.seed)
+                    task = dataclasses.replace(t.task, train_data=Samples(train_set))
+                    data.loader = make_loader(
+                        task, data.sampler, args.batch, int(workers.split()[1]), pin, cfg.run.seed
+                    )
                 else:
-                    t.loader = make_loader(t.task, t.sampler, args.batch, workers, pin, cfg.run.seed)
+                    data.loader = make_loader(t.task, data.sampler, args.batch, workers, pin, cfg.run.seed)
                 steps[(workers, pin)] = trainer_step(t)
             per_step = timed(steps[default], 5, warmup=3) / 5
             n = max(5, round(args.block_s / per_step))
@@ -633,11 +649,52 @@ def checkpoint_table(args, out: Path) -> dict:
             del model, opt, state, buf, buffers
             gc.collect()
         results["lost_per_checkpoint"] = lost_per_checkpoint(args, out)
+        results["snapshots"] = snapshot_table(args, out)
     finally:
         group.shutdown()
     if not args.quick:  # two launches of fresh processes: most of a quick run's time for no figure worth reading
         results["spread_save"] = spread_save_table(args, out)
     return results
+
+
+def snapshot_table(args, out: Path) -> dict:
+    """A snapshot in host memory against a synchronous save and a memory-copy floor; restoring from memory against
+    restoring from a cold disk. The snapshot's copy is measured whole here (take, then wait at once): in training
+    it overlaps the next forward and backward."""
+    mb = args.sizes[0]
+    model, opt = big_state(mb)
+    cfg = CheckpointConfig(keep_last=2, snapshot_every="1", checkpoint_every_seconds=0)
+    ckpt = Checkpointer(out / "snap", cfg, model, opt, say=lambda _: None)
+    snaps = ckpt.snapshots
+    if snaps is None:
+        return {}
+    snaps.open("bench", clean=False)
+    floor_buf = [torch.empty_like(t) for t in tensors(ckpt.state()[0])]
+    t: dict[str, list[float]] = {k: [] for k in ("floor", "snapshot", "save", "from_memory", "from_disk")}
+    for rep in range(-1, args.ckpt_repeats):  # round -1 warms the slots and the disk's blocks
+        step = rep + 3
+        copy = timed(lambda: [b.copy_(x) for b, x in zip(floor_buf, tensors(ckpt.state()[0]), strict=True)], 1, 0)
+        snap = timed(lambda s=step: (snaps.take(s, ckpt.state(), set()), snaps.wait()), 1, 0)
+        save = timed(lambda s=step: ckpt.save(s), 1, 0)
+        folder = out / "snap" / f"step-{step:08d}"
+        drop_cache(folder)
+        disk = resume_load(folder, model, opt)
+        start = time.perf_counter()
+        files, _, _ = snaps.load(step)
+        model.load_state_dict(files[MODEL])
+        opt.load_state_dict(files[TRAIN]["optimizer"])
+        memory = time.perf_counter() - start
+        if rep >= 0:
+            add(t, tuple(t), (copy, snap, save, memory, disk))
+    snaps.close(remove=True)
+    result = {"state_mb": mb, "snapshot speed/floor": paired(t, "floor", "snapshot"),
+              "save/snapshot": paired(t, "save", "snapshot"),
+              "disk/memory restore": paired(t, "from_disk", "from_memory"),
+              **{f"{k}_s": median(v) for k, v in t.items()}}  # fmt: skip
+    print(f"  snapshot of {mb} MB: {result['snapshot_s']:.3f} s (copy floor {result['floor_s']:.3f} s, sync save "
+          f"{result['save_s']:.3f} s); restore from memory {result['from_memory_s']:.3f} s, from a cold disk "
+          f"{result['from_disk_s']:.3f} s ({ratio_text(result['disk/memory restore'])}x)", flush=True)  # fmt: skip
+    return result
 
 
 def spread_save_worker(megabytes: int, out: str, repeats: int) -> list[float]:
@@ -696,14 +753,14 @@ def lost_per_checkpoint(args, out: Path) -> dict:
             step = trainer_step(trainer)
             step()  # warm up
             for _ in range(3 if mode != "none" else 0):  # steady state: pruning under way, staging buffers made
-                trainer.save_checkpoint()
+                trainer.checkpointer.save(trainer.progress.step)
                 trainer.checkpointer.wait()
                 step()
             t0 = time.perf_counter()
             for i in range(1, args.window + 1):
                 step()
                 if mode != "none" and i % args.every == 0:
-                    trainer.save_checkpoint()
+                    trainer.checkpointer.save(trainer.progress.step)
             trainer.checkpointer.wait()
             times[mode].append(time.perf_counter() - t0)
             shutil.rmtree(c["run"]["out"], ignore_errors=True)
@@ -828,7 +885,7 @@ def print_tables(r: dict) -> None:
           "| load/floor | load/checksum pass (hot; cold) | async stall/copy |")  # fmt: skip
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, c in r["checkpoints"].items():
-        if name in ("lost_per_checkpoint", "spread_save"):
+        if name in ("lost_per_checkpoint", "spread_save", "snapshots"):
             continue
         cold = c["cold_cache_dropped"]
         cells = [f"{c['state_gb'] * 1000:.0f} MB", *(f"{c[f'{k}_gb_s']:.2f}" for k in ("write", "save")),
@@ -843,6 +900,12 @@ def print_tables(r: dict) -> None:
     print(f"\ntraining time lost per checkpoint ({lost['state_mb']:.0f} MB state, {lost['checkpoints']} checkpoints "
           f"in {lost['window_steps']} steps of {lost['step_s']:.3f} s): sync {lost['sync_lost_per_ckpt_s']:.3f} s, "
           f"async {lost['async_lost_per_ckpt_s']:.3f} s")  # fmt: skip
+    snap = r["checkpoints"].get("snapshots")
+    if snap:
+        print(f"snapshot in host memory of {snap['state_mb']} MB: {snap['snapshot_s']:.3f} s whole, "
+              f"{ratio_text(snap['snapshot speed/floor'])} of a plain copy's speed; a synchronous save takes "
+              f"{ratio_text(snap['save/snapshot'])}x as long; restoring from memory is "
+              f"{ratio_text(snap['disk/memory restore'])}x faster than from a cold disk")  # fmt: skip
     spread = r["checkpoints"].get("spread_save")
     if not spread:
         return

@@ -15,7 +15,7 @@ from typing import Any
 
 from ddp.group import spawn
 from ddp.metrics import ProgressDisplay
-from ddp.train import Trainer
+from ddp.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,14 +49,14 @@ def next_batch(holder: list):
 
 def quiet(trainer: Trainer) -> Trainer:
     """A trainer whose progress display prints nothing (its logging steps still agree and log metrics)."""
-    trainer.display = ProgressDisplay(trainer.cfg.run.log_every, trainer.world.prefix(), enabled=False)
+    trainer.metrics.display = ProgressDisplay(trainer.cfg.log.log_every, trainer.world.prefix(), enabled=False)
     return trainer
 
 
 def trainer_step(trainer: Trainer) -> Callable[[], None]:
     """One optimizer step exactly as ``ddp.train`` takes it (``Trainer.step``), on batches of
-    ``trainer.loader``, which a benchmark may replace; passes over it follow one another."""
-    holder = [iter(trainer.loader), trainer.loader]
+    ``trainer.data.loader``, which a benchmark may replace; passes over it follow one another."""
+    holder = [iter(trainer.data.loader), trainer.data.loader]
 
     def step() -> None:
         trainer.step([next_batch(holder) for _ in range(trainer.cfg.optim.grad_accum)])

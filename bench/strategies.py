@@ -33,7 +33,7 @@ import torch
 from ddp import group
 from ddp.checkpoint_files import nbytes
 from ddp.config import Config
-from ddp.train import Trainer
+from ddp.trainer import Trainer
 
 from common import ROOT, launch, quiet, trainer_step
 
@@ -161,7 +161,7 @@ def ac_table(quick: bool, out: Path) -> dict:
         for ac in ("none", "full") if rep % 2 == 0 else ("full", "none"):
             cfg = {"task": {"spec": "charlm", "args": args}, "data": {"batch_size": 32},
                    "optim": {"optimizer": "adamw", "lr": 0.001, "schedule": "constant"},
-                   "run": {"steps": 10**9, "out": str(out / f"ac-{ac}"), "ac": ac},
+                   "run": {"steps": 10**9, "out": str(out / f"ac-{ac}")}, "compute": {"ac": ac},
                    "checkpoint": {"resume": "never"}}  # fmt: skip
             with mmap_threshold(2**20):
                 got[ac].append(launch(peak_memory_worker, 1, cfg, steps))

@@ -17,13 +17,14 @@ import json
 import os
 import shutil
 import threading
+import time
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from ddp import fsdp, group, rng
+from ddp import fsdp, group, rng, snapshot
 from ddp.checkpoint_files import (
     FORMAT_VERSION,
     MANIFEST,
@@ -83,6 +84,7 @@ class Checkpointer:
         device: torch.device | str = "cpu",
         config: Config | None = None,
         say=print,
+        guarded: bool = False,
     ) -> None:
         """
         Args:
@@ -94,6 +96,8 @@ class Checkpointer:
             sharded: the model is sharded (``--strategy fsdp``): its and the optimizer's
                 state are saved as each rank's shards.
             config: the run's config, stored with the state and compared on resume.
+            guarded: no update is ever applied from a non-finite gradient (the trainer's ``NonFiniteGuard``,
+                or fp16's GradScaler), so weights found finite once stay finite: only the first save checks them.
         """
         self.root, self.cfg, self.say = Path(root), cfg, say
         self.model, self.optimizer, self.stateful = model, optimizer, dict(stateful or {})
@@ -107,6 +111,24 @@ class Checkpointer:
         self.last_saved: int | None = None
         self.pruner: threading.Thread | None = None
         self.run_id: str | None = None  # the folder's run (ddp.run_folder): written in manifests, resumed alone
+        self.last_save_time = time.monotonic()  # for --checkpoint-every-seconds
+        self.time_due = False  # the ranks agreed that --checkpoint-every-seconds has passed
+        self.snapshots = self._snapshots()  # the tier in host memory (ddp.snapshot), or None
+        self.guarded, self.proven_finite = guarded, False
+
+    def _snapshots(self) -> snapshot.Snapshots | None:
+        every = self.cfg.snapshot_every
+        if every == "0":
+            return None
+        if self.sharded:
+            self.say("note: snapshots in host memory are not taken under --strategy fsdp yet: disk checkpoints only")
+            return None
+        root = Path(self.cfg.snapshot_dir) if self.cfg.snapshot_dir else snapshot.default_dir()
+        if root is None:
+            self.say("warning: this system has no /dev/shm; give --snapshot-dir (in memory) or --snapshot-every 0")
+            return None
+        every_n = None if every == "auto" else int(every)
+        return snapshot.Snapshots(root, every_n, group.rank(), self.root.parent, self.say)
 
     # -- the state --
 
@@ -157,11 +179,17 @@ class Checkpointer:
         else:
             train, own = read_state(folder, self.device if not self.sharded else "cpu")
             self._load_whole(train, folder)
+        self._restore_rest(train, own)
+        self.last_saved = train["step"]
+        return train
+
+    def _restore_rest(self, train: dict[str, Any], own: dict[str, Any] | None) -> None:
+        """Everything but the model and the optimizer: the statefuls, the RNGs, and a warning for changed settings."""
         for name, obj in self.stateful.items():
             obj.load_state_dict(train if name == PROGRESS else train.get(name))
         for name, obj in self.own_stateful.items():
             obj.load_state_dict(None if own is None else own.get(name))
-        self.last_saved, self.saved_world_size = train["step"], train["world_size"]
+        self.saved_world_size = train["world_size"]
         self._restore_rng(own, train["world_size"], train["step"])
         if self.config is not None and train.get("config") is not None:
             changes = config_changes(train["config"], self.config)
@@ -170,7 +198,6 @@ class Checkpointer:
                     "warning: settings changed since the checkpoint, the run will not match an "
                     f"uninterrupted one: {', '.join(changes)}"
                 )
-        return train
 
     def _load_shards(self, folder: Path) -> None:
         """This rank's shards of a sharded checkpoint, written by any number of ranks (DCP reshards)."""
@@ -226,14 +253,37 @@ class Checkpointer:
 
     # -- finding and resuming --
 
-    def resume(self, resume: str) -> Path | None:
-        """Clean up after interrupted saves, then restore the checkpoint ``resume`` selects (auto, never, or a
-        folder); the folder restored, or None."""
+    def resume(self, resume: str) -> Path | str | None:
+        """Clean up after interrupted saves, then restore what ``resume`` selects (auto, never, or a folder); the
+        source restored (a checkpoint folder, or the snapshot in host memory), or None.
+
+        Under ``auto`` the ranks agree on the newest step every rank holds in memory; it serves when it is newer
+        than the newest checkpoint on disk, and then nothing is read from ``checkpoints/``.
+        """
         self.prepare()
         folder = self.find(resume)
+        if self.snapshots is not None and self.run_id is not None:  # a run's folder was claimed: snapshots are its
+            self.snapshots.open(self.run_id, clean=os.environ.get("LOCAL_RANK", "0") == "0")
+        step = self._memory_step(folder) if resume == "auto" else None
+        if step is not None:
+            files, own, _ = self.snapshots.load(step)
+            train = {**files[TRAIN], "model": files[MODEL]}
+            self._load_whole(train, self.snapshots.dir)
+            self._restore_rest(train, own)
+            self.last_saved = None if folder is None else read_manifest(folder)["step"]
+            return f"the snapshot in host memory ({self.snapshots.dir.parent}), step {step}"
         if folder is not None:
             self.restore(folder)
         return folder
+
+    def _memory_step(self, folder: Path | None) -> int | None:
+        """Called by every rank: the newest step every rank's snapshots hold, if newer than ``folder``'s."""
+        held = [] if self.snapshots is None else self.snapshots.held(group.world_size())
+        common = set.intersection(*(set(h) for h in group.all_gather_objects(held)))
+        if not common:
+            return None
+        newest = max(common)
+        return newest if folder is None or newest > read_manifest(folder)["step"] else None
 
     def prepare(self) -> None:
         """Rank 0 removes leftovers of interrupted saves and deletions."""
@@ -272,13 +322,75 @@ class Checkpointer:
         validate(folder)
         return folder
 
+    # -- when to save --
+
+    def save_if_due(self, step: int, last_step: bool = False) -> None:
+        """Called by every rank after each step: save when one is due. Every ``--checkpoint-every`` steps, when
+        the ranks agreed that ``--checkpoint-every-seconds`` passed, and at a run's ``last_step`` (its end, or a
+        stop); a snapshot in host memory every ``--snapshot-every`` steps."""
+        every = self.cfg.checkpoint_every
+        if last_step:
+            due = self.last_saved != step
+        else:
+            due = (every > 0 and step % every == 0) or self.time_due
+        if due:
+            self.save(step)
+        if self.snapshots is not None and not last_step and self.snapshots.due(step):
+            self.snapshots.take(step, self.state(), {b.data_ptr() for b in self.model.buffers()})
+
+    def resumable(self, run_id: str) -> bool:
+        """Whether ``--resume auto`` would find snapshots of run ``run_id`` in this host's memory."""
+        return self.snapshots is not None and self.cfg.resume == "auto" and self.snapshots.exists(run_id)
+
+    def before_update(self) -> None:
+        """Before the optimizer changes the state: the snapshot of the last step must be complete."""
+        if self.snapshots is not None:
+            self.snapshots.wait()
+
+    def finish(self) -> None:
+        """After the last save: wait for it, and remove this run's snapshots, which nothing will resume from."""
+        self.wait()
+        if self.snapshots is not None:
+            self.snapshots.close(remove=True)
+
+    @property
+    def in_flight(self) -> bool:
+        """Whether an async save is written or waits for its commit: the ranks then agree at every step."""
+        return self.pending_step is not None
+
+    def row(self) -> list[float]:
+        """This rank's part of the trainer's agreement: (a timed save is due, still writing, failed, the share of
+        time its snapshots cost).
+
+        Rank 0's clock alone decides the timed save, so that every rank saves at the same step; the slowest
+        rank's snapshot cost sets the interval of every rank's.
+        """
+        every_s = self.cfg.checkpoint_every_seconds
+        due = group.rank() == 0 and every_s > 0 and time.monotonic() - self.last_save_time >= every_s
+        cost = self.snapshots.share() if self.snapshots is not None else 0.0
+        return [float(due), *map(float, self.status()), cost]
+
+    def settle(self, rows: list[list[float]]) -> None:
+        """Every rank's ``row``: note a timed save; commit the async save once every rank wrote it, or raise its
+        error on every rank; tune the snapshots' interval."""
+        due, writing, failed = (sum(row[i] for row in rows) for i in range(3))
+        self.time_due = due > 0
+        if self.snapshots is not None:
+            self.snapshots.tune(max(row[3] for row in rows))
+        if failed:
+            self.wait()  # raises on every rank, naming the rank and the error
+        elif self.pending_step is not None and not writing:
+            self.commit()
+
     # -- saving --
 
     def save(self, step: int) -> None:
         """Write a checkpoint of the state now, as that of ``step``: in step, or staged and written on a
         thread under ``--async-save`` (committed by ``commit`` once every rank has written)."""
         self.wait()
-        self._refuse_nonfinite(step)
+        if not (self.guarded and self.proven_finite):
+            self._refuse_nonfinite(step)
+            self.proven_finite = True
         replicated, own, sharded = self.state()
         shared, shares = spread(replicated, group.world_size())
         files = {rank_file(group.rank()): own}
@@ -289,7 +401,12 @@ class Checkpointer:
         if sharded is not None or not self.cfg.async_save:
             self.result = self._write(step, files, sharded)
             self.commit()
-            return
+        else:
+            self._write_in_background(step, files)
+        self.last_save_time, self.time_due = time.monotonic(), False
+
+    def _write_in_background(self, step: int, files: dict[str, Any]) -> None:
+        """``--async-save``: stage into reused CPU buffers now, write them on a thread."""
         seen: dict = {}
         staged = {name: stage(obj, self.buffers, name, seen) for name, obj in files.items()}
         if torch.cuda.is_available():
@@ -299,7 +416,10 @@ class Checkpointer:
         self.thread.start()
 
     def _refuse_nonfinite(self, step: int) -> None:
-        """No checkpoint ever holds a NaN or inf weight, so retention can never prune the last good one."""
+        """No checkpoint ever holds a NaN or inf weight, so retention can never prune the last good one.
+
+        A pass over every weight: 0.08 s of a 0.6 s save of 256 MB. Under ``guarded`` it is made once.
+        """
         bad = any(not torch.isfinite(_local(p)).all() for p in self.model.parameters() if p.is_floating_point())
         ranks = [r for r, b in enumerate(group.all_gather_objects(bad)) if b]
         if ranks:

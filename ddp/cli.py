@@ -32,10 +32,12 @@ from torch import nn
 
 from ddp import group, train, weights
 from ddp.checkpoint_files import MANIFEST, read_manifest
-from ddp.config import Config, DistConfig, TaskConfig, parse_task_arg
+from ddp.config import Config, DistConfig, TaskConfig
 from ddp.errors import CheckpointError, ConfigError, DDPError, Reported, first_line, say
 from ddp.io import split_aliases
-from ddp.metrics import plot
+from ddp.options import parse_task_arg
+from ddp.parallel import local_model, probe_input
+from ddp.plot import plot
 from ddp.rng import seeded
 from ddp.tasks import build_model, charlm, resolve, tokens
 from ddp.verify import outputs, summary, verify_identical_outputs
@@ -81,8 +83,8 @@ def model_for(w: Weights, args: argparse.Namespace, device: torch.device) -> tup
         return weights.load_into(model, w), None
     cfg = _config(w, args)
     task = resolve(cfg, check_probe=False)
-    model = train.local_model(task, cfg, device, dtype)
-    probe = w.probe if w.probe is not None and not args.task else train.probe_input(task, cfg)
+    model = local_model(task, cfg, device, dtype)
+    probe = w.probe if w.probe is not None and not args.task else probe_input(task, cfg)
     return weights.load_into(model, w), probe
 
 

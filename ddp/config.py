@@ -1,22 +1,16 @@
 """Configuration: one dataclass per concern, each field documented and validated.
 
-The command line and ``--config run.toml`` are both built from these classes, so
-``--help`` shows every option with its default and the docstring under its field.
-Precedence: field defaults < TOML file < command line.
+The command line and ``--config run.toml`` are both built from these classes
+(``ddp.options``), so ``--help`` shows every option with its default and the docstring
+under its field. A config of an earlier version (a checkpoint's, a TOML file's) is brought
+to today's sections by ``upgrade``.
 """
 
 from __future__ import annotations
 
-import argparse
-import ast
 import dataclasses
-import inspect
-import itertools
 import math
 import re
-import tomllib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -120,20 +114,24 @@ class OptimConfig:
 
 @dataclass
 class CheckpointConfig:
-    """Periodic full-state checkpoints and the exported weights."""
+    """Periodic full-state checkpoints, and where a run starts from."""
 
     checkpoint_every: int = 0
-    """Save the full training state every N optimizer steps (0: only at the end)."""
-    checkpoint_every_seconds: float = 0.0
-    """Also save when this many seconds have passed since the last save, checked at logging steps (0: off)."""
+    """Also save the full training state to disk every N optimizer steps (0: by time and at the end only)."""
+    checkpoint_every_seconds: float = 600.0
+    """Save to disk when this many seconds of training have passed since the last save, checked at logging steps
+    (0: off; a power cut then loses everything since the last save)."""
+    snapshot_every: str = "auto"
+    """Copy the training state into host shared memory every N steps, for a restarted worker to resume from
+    (losing at most one step): auto (every step while a copy costs under 2 % of the time), N, or 0 (off)."""
+    snapshot_dir: str | None = None
+    """Where snapshots live (default /dev/shm): a folder in memory that outlives the process, not a disk."""
     keep_last: int = 3
     """Complete checkpoints to keep; older ones are deleted after a newer one commits."""
     resume: str = "auto"
     """auto (newest complete checkpoint in --out), never, or a checkpoint folder."""
     async_save: bool = False
     """Snapshot to reused CPU buffers and write in a background thread (pays off when the CPU is idle)."""
-    format: str = "torch"
-    """Format of the exported weights <out>/<task>.params (mlp.params for mlp): torch or safetensors."""
     init_from: str | None = None
     """Start from the weights in this file or folder (any format ddp inspect reads): a fresh optimizer, step 0.
     A checkpoint of this run in --out takes precedence: a restarted fine-tune resumes, it does not start over."""
@@ -142,6 +140,12 @@ class CheckpointConfig:
 
     def __post_init__(self) -> None:
         _check(self.checkpoint_every >= 0, "checkpoint_every", "cannot be negative")
+        self.snapshot_every = str(self.snapshot_every)  # a TOML file may give a number
+        _check(
+            self.snapshot_every == "auto" or self.snapshot_every.isdigit(),
+            "snapshot_every",
+            f"use auto, a number of steps, or 0 (off), got {self.snapshot_every!r}",
+        )
         if self.init_skip is not None:
             try:
                 re.compile(self.init_skip)
@@ -158,11 +162,6 @@ class CheckpointConfig:
             "keep_last",
             f"must be >= 2, got {self.keep_last}: the newest checkpoint may still be being "
             "written when a crash hits, so an older complete one must survive",
-        )
-        _check(
-            self.format in ("torch", "safetensors"),
-            "format",
-            "use torch or safetensors",
         )
 
 
@@ -189,8 +188,6 @@ class DistConfig:
     device: str = "auto"
     """auto (each rank's own GPU under nccl, the CPU under gloo), cpu, or cuda: GPU local_rank mod the
     visible GPUs, under gloo too, so that several ranks can share one GPU (a test setup, not for speed)."""
-    atol: float | None = None
-    """Verify tolerance; default 0 (bitwise) in fp32, looser for bf16/fp16 or mixed fleets."""
     bucket_cap_mb: float | None = None
     """DDP's gradient bucket size in MiB; unset: DDP's own (25, first bucket 1). Smaller ones sync earlier."""
     gradient_as_bucket_view: bool = True
@@ -210,12 +207,11 @@ class DistConfig:
         _check(self.startup_timeout > 0, "startup_timeout", "must be positive")
         _check(self.join_timeout > 0, "join_timeout", "must be positive")
         _check(self.device in ("auto", "cpu", "cuda"), "device", f"unknown {self.device!r}; use auto, cpu or cuda")
-        _check(self.atol is None or self.atol >= 0, "atol", "cannot be negative")
 
 
 @dataclass
 class RunConfig:
-    """The run as a whole: length, seed, output and logging."""
+    """The run as a whole: its length, its seed and its folder."""
 
     out: str | None = None
     """Output folder for checkpoints, weights and metrics (default runs/<name>)."""
@@ -227,12 +223,23 @@ class RunConfig:
     """Total optimizer steps; overrides --epochs."""
     seed: int = 0
     """Seed for the data, the model's initial weights and every RNG."""
-    log_every: int = 10
-    """Log a line (and a metrics.jsonl record) every N steps."""
-    log_all_ranks: bool = False
-    """Let every rank print, not only rank 0."""
     overwrite: bool = False
     """Start this run in --out even though it holds another run: the old contents move to <out>.old-<time>."""
+
+    def __post_init__(self) -> None:
+        _check(self.epochs > 0, "epochs", f"must be positive, got {self.epochs}")
+        _check(self.steps is None or self.steps > 0, "steps", f"must be positive, got {self.steps}")
+
+    @property
+    def out_dir(self) -> Path:
+        """The output folder."""
+        return Path(self.out) if self.out else Path("runs") / self.name
+
+
+@dataclass
+class ComputeConfig:
+    """How the model's arithmetic runs: kernels, layout, compilation, recomputation."""
+
     deterministic: bool = False
     """torch.use_deterministic_algorithms(True) and seeded workers: bitwise-repeatable runs."""
     compile: bool = False
@@ -241,13 +248,40 @@ class RunConfig:
     """Convert BatchNorm layers to SyncBatchNorm (needs CUDA)."""
     memory_format: str = "auto"
     """Layout of conv weights and activations: auto (channels_last if the task asks, as the cnn does) or a layout."""
+    ac: str = "none"
+    """Activation checkpointing: none, or full (each of the task's blocks recomputes its forward in the backward,
+    keeping only its inputs: less memory for more compute)."""
+
+    def __post_init__(self) -> None:
+        _check(self.ac in ("none", "full"), "ac", f"unknown {self.ac!r}; use none or full")
+        _check(
+            self.memory_format in MEMORY_FORMATS,
+            "memory_format",
+            f"unknown {self.memory_format!r}; use {', '.join(MEMORY_FORMATS)}",
+        )
+
+
+@dataclass
+class EvalConfig:
+    """When the held-out split is scored, and on how much of it."""
+
     eval_every: int = 0
     """Evaluate every N optimizer steps too (0: at the end of each epoch only); always once at the end of training."""
     eval_samples: int = 0
     """Evaluate on this many held-out samples, the same ones every time (0: all of them)."""
-    ac: str = "none"
-    """Activation checkpointing: none, or full (each of the task's blocks recomputes its forward in the backward,
-    keeping only its inputs: less memory for more compute)."""
+
+    def __post_init__(self) -> None:
+        _check(self.eval_every >= 0 and self.eval_samples >= 0, "eval_every", "and --eval-samples cannot be negative")
+
+
+@dataclass
+class LogConfig:
+    """What a run shows and records while it trains."""
+
+    log_every: int = 10
+    """Log a line (and a metrics.jsonl record) every N steps."""
+    log_all_ranks: bool = False
+    """Let every rank print, not only rank 0."""
     peak_tflops: float | None = None
     """The device's dense peak TFLOP/s in the run's precision, for mfu (default: known for current NVIDIA GPUs)."""
     tensorboard: bool = False
@@ -256,26 +290,22 @@ class RunConfig:
     """Send the logged figures to Weights & Biases (pip install 'ddp[wandb]'; offline unless WANDB_MODE says)."""
 
     def __post_init__(self) -> None:
-        _check(self.ac in ("none", "full"), "ac", f"unknown {self.ac!r}; use none or full")
-        _check(self.eval_every >= 0 and self.eval_samples >= 0, "eval_every", "and --eval-samples cannot be negative")
-        _check(
-            self.memory_format in MEMORY_FORMATS,
-            "memory_format",
-            f"unknown {self.memory_format!r}; use {', '.join(MEMORY_FORMATS)}",
-        )
-        _check(self.epochs > 0, "epochs", f"must be positive, got {self.epochs}")
-        _check(
-            self.steps is None or self.steps > 0,
-            "steps",
-            f"must be positive, got {self.steps}",
-        )
         _check(self.log_every > 0, "log_every", "must be positive")
         _check(self.peak_tflops is None or self.peak_tflops > 0, "peak_tflops", "must be positive")
 
-    @property
-    def out_dir(self) -> Path:
-        """The output folder."""
-        return Path(self.out) if self.out else Path("runs") / self.name
+
+@dataclass
+class ExportConfig:
+    """The trained weights written at the end, and how closely every rank's reload must agree."""
+
+    format: str = "torch"
+    """Format of the exported weights <out>/<task>.params (mlp.params for mlp): torch or safetensors."""
+    atol: float | None = None
+    """Verify tolerance; default 0 (bitwise) in fp32, looser for bf16/fp16 or mixed fleets."""
+
+    def __post_init__(self) -> None:
+        _check(self.format in ("torch", "safetensors"), "format", "use torch or safetensors")
+        _check(self.atol is None or self.atol >= 0, "atol", "cannot be negative")
 
 
 SECTIONS = {
@@ -283,14 +313,29 @@ SECTIONS = {
     "run": RunConfig,
     "data": DataConfig,
     "optim": OptimConfig,
+    "compute": ComputeConfig,
     "checkpoint": CheckpointConfig,
+    "eval": EvalConfig,
+    "log": LogConfig,
+    "export": ExportConfig,
     "dist": DistConfig,
+}
+
+# Fields that moved to a section of their own: (old section, field) -> its section now. Configs written before
+# (checkpoints', model cards', TOML files) are read through ``upgrade``, which moves them.
+MOVED = {
+    **{("run", k): "compute" for k in ("deterministic", "compile", "sync_bn", "memory_format", "ac")},
+    **{("run", k): "eval" for k in ("eval_every", "eval_samples")},
+    **{("run", k): "log" for k in ("log_every", "log_all_ranks", "peak_tflops", "tensorboard", "wandb")},
+    ("checkpoint", "format"): "export",
+    ("dist", "atol"): "export",
 }
 
 # Settings whose change on resume makes the result differ from an uninterrupted run.
 EXACTNESS = {
     "task": ("spec", "args"),
-    "run": ("seed", "steps", "epochs", "deterministic", "memory_format"),
+    "run": ("seed", "steps", "epochs"),
+    "compute": ("deterministic", "memory_format"),
     "data": ("batch_size",),
     "dist": ("strategy",),  # FSDP reduces gradients in another order: equal to ~1e-16, not bitwise
     "optim": (
@@ -317,7 +362,11 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     dist: DistConfig = field(default_factory=DistConfig)
 
     def __post_init__(self) -> None:
@@ -382,6 +431,7 @@ def upgrade(old: dict, explicit: bool = False) -> dict:
     checkpoint resumed with the same flags reports no change. From a file of the user's
     (``explicit``) every one moves, so that a setting the task does not take is refused.
     """
+    old = _move_fields(old)
     dist = old.get("dist", {})
     if "strategy" not in dist:
         old = {**old, "dist": {**dist, "strategy": "ddp"}}
@@ -403,6 +453,17 @@ def upgrade(old: dict, explicit: bool = False) -> dict:
     return {**rest, "data": {k: v for k, v in data.items() if k not in TASK_OPTIONS}, "task": {**task, "args": args}}
 
 
+def _move_fields(old: dict) -> dict:
+    """``old`` with every field of ``MOVED`` in its section of today (a value given in both places: today's)."""
+    if not any(key in old.get(section, {}) for section, key in MOVED):
+        return old
+    new = {name: dict(values) if isinstance(values, dict) else values for name, values in old.items()}
+    for (section, key), to in MOVED.items():
+        if key in new.get(section, {}):
+            new.setdefault(to, {}).setdefault(key, new[section].pop(key))
+    return new
+
+
 def config_changes(old: dict, new: Config) -> list[str]:
     """Settings that differ from a checkpoint's config and break exact resumption.
 
@@ -416,150 +477,3 @@ def config_changes(old: dict, new: Config) -> list[str]:
         for key in keys
         if before[section][key] != now[section][key]
     ]
-
-
-def field_docs(kind: type) -> dict[str, str]:
-    """The docstring written under each field of a dataclass."""
-    tree = ast.parse(inspect.getsource(kind))
-    body = tree.body[0].body
-    docs = {}
-    for node, nxt in itertools.pairwise(body):
-        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-            docs[node.target.id] = " ".join(str(nxt.value.value).split())
-    return docs
-
-
-def _arg_type(annotation) -> tuple[type, bool]:
-    """The scalar type of a field and whether it is a tuple of them."""
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
-    if typing.get_origin(annotation) is tuple:
-        return typing.get_args(annotation)[0], True
-    return annotation, False
-
-
-def parse_task_arg(text: str) -> tuple[str, Any]:
-    """``KEY=VALUE``; the value as a TOML literal (3, 0.5, true, [1, 2], "x") or else as a string."""
-    key, sep, raw = text.partition("=")
-    if not sep or not key.strip():
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    try:
-        value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw
-    return key.strip(), value
-
-
-def _add_task_arguments(parser: argparse.ArgumentParser) -> None:
-    docs = field_docs(TaskConfig)
-    group = parser.add_argument_group("task", TaskConfig.__doc__)
-    group.add_argument("--task", dest="task.spec", metavar="SPEC", default=argparse.SUPPRESS,
-                       help=f"{docs['spec']} (default: mlp)")  # fmt: skip
-    add_task_arg_option(group, "--task-arg", "task.args", docs["args"])
-    settings = parser.add_argument_group(
-        "settings of the built-in tasks",
-        "Each is the same as --task-arg NAME=VALUE; a task that does not take it "
-        "refuses it. Defaults are the task's own.",
-    )
-    for name, (default, helptext) in TASK_OPTIONS.items():
-        opts: dict[str, Any] = {"dest": f"task.args.{name}", "default": argparse.SUPPRESS}
-        if isinstance(default, bool):
-            opts["action"] = argparse.BooleanOptionalAction
-        else:
-            opts["metavar"] = name.upper()
-            opts["type"] = str if default is None else type(default[0] if isinstance(default, tuple) else default)
-            opts["nargs"] = "+" if isinstance(default, tuple) else None
-        shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
-        settings.add_argument(f"--{name.replace('_', '-')}", help=f"{helptext} (mlp's default: {shown})", **opts)
-
-
-def add_task_arg_option(group, flag: str, dest: str, helptext: str) -> None:
-    """``--task-arg KEY=VALUE [KEY=VALUE ...]``, repeatable: every pair of every use, in order."""
-    group.add_argument(flag, dest=dest, metavar="KEY=VALUE", nargs="+", action="extend", type=parse_task_arg,
-                       default=argparse.SUPPRESS, help=helptext)  # fmt: skip
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add one option per config field, grouped by section, defaults shown in help."""
-    _add_task_arguments(parser)
-    for section, kind in SECTIONS.items():
-        if kind is TaskConfig:
-            continue
-        group = parser.add_argument_group(section, kind.__doc__)
-        docs = field_docs(kind)
-        hints = typing.get_type_hints(kind)
-        for f in dataclasses.fields(kind):
-            scalar, many = _arg_type(hints[f.name])
-            default = f.default
-            helptext = f"{docs.get(f.name, '')} (default: {default if not many else ' '.join(map(str, default))})"
-            opts: dict = {
-                "dest": f"{section}.{f.name}",
-                "default": argparse.SUPPRESS,
-                "help": helptext,
-            }
-            if scalar is bool:
-                opts["action"] = argparse.BooleanOptionalAction
-            else:
-                opts["type"] = scalar
-                opts["metavar"] = f.name.upper()
-                if many:
-                    opts["nargs"] = "+"
-            group.add_argument(f"--{f.name.replace('_', '-')}", **opts)
-
-
-def from_namespace(ns: argparse.Namespace, toml_path: str | None = None) -> Config:
-    """Merge defaults, the TOML file (if any) and the options given on the command line."""
-    values: dict[str, dict] = {name: {} for name in SECTIONS}
-    if toml_path:
-        for section, settings in load_toml(toml_path).items():
-            values.setdefault(section, {}).update(settings)
-    for dest, value in vars(ns).items():
-        if dest == "task.args":  # KEY=VALUE pairs on top of the file's [task.args]
-            values["task"]["args"] = {**values["task"].get("args", {}), **dict(value)}
-        elif dest.startswith("task.args."):  # a built-in task's setting given by its own flag
-            values["task"].setdefault("args", {})[dest.removeprefix("task.args.")] = value
-        elif "." in dest:
-            section, key = dest.split(".", 1)
-            values[section][key] = value
-    return Config.from_dict(values)
-
-
-def load_toml(path: str) -> dict:
-    """Read a TOML config file; errors name the file."""
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"--config: {path} does not exist") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"--config: {path} is not valid TOML: {e}") from None
-    for section, settings in data.items():
-        if not isinstance(settings, dict):
-            raise ConfigError(f"--config: {path}: '{section}' must be a [section] table")
-    return upgrade(data, explicit=True)
-
-
-def parser(prog: str = "ddp train") -> argparse.ArgumentParser:
-    """The training command line."""
-    p = argparse.ArgumentParser(
-        prog=prog,
-        description="Train a model with DistributedDataParallel, save it, reload it and verify it.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument(
-        "--config",
-        metavar="FILE.toml",
-        help="TOML file with [run], [model], ... sections",
-    )
-    add_arguments(p)
-    return p
-
-
-def parse(argv: list[str] | None = None, prog: str = "ddp train") -> Config:
-    """Parse a training command line; a bad setting is a usage error (exit 2)."""
-    p = parser(prog)
-    ns = p.parse_args(argv)
-    try:
-        return from_namespace(ns, ns.config)
-    except ConfigError as e:
-        p.error(str(e))

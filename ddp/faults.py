@@ -1,8 +1,11 @@
 """Fault injection for the test suite: kill, crash or fill the disk at a chosen point.
 
 Tests set ``DDP_FAULT`` in a worker's environment, e.g. ``kill:rank=1:step=7`` or
-``enospc:rank=1:save=2`` (the second file rank 1 writes fails with ENOSPC), ``nan:rank=1:step=12``
-(rank 1's loss in step 12 is NaN), ``stop:rank=1:step=5`` (rank 1 SIGSTOPs itself: a stalled rank),
+``enospc:rank=1:save=2`` (the second file rank 1 writes fails with ENOSPC),
+``kill-in-snapshot:rank=1:step=7`` (rank 1 dies half-way through copying its snapshot of step 7),
+``sigint:rank=1:at=eval`` (rank 1 is sent SIGINT as an evaluation starts; ``at=export``: in the export),
+``nan:rank=1:step=12`` (rank 1's loss in step 12 is NaN),
+``stop:rank=1:step=5`` (rank 1 SIGSTOPs itself: a stalled rank),
 ``sleep:rank=1:step=1:seconds=5`` (a slow step), or
 ``log-writes:file=/tmp/w.log`` (every rank appends the names of the files it writes).
 A fault fires in one attempt of an elastic job: the first (``TORCHELASTIC_RESTART_COUNT``
@@ -55,6 +58,23 @@ def at_step(rank: int, step: int) -> None:
         os.kill(os.getpid(), signal.SIGSTOP)
     if spec["kind"] in ("sigterm", "sigint"):
         os.kill(os.getpid(), signal.SIGTERM if spec["kind"] == "sigterm" else signal.SIGINT)
+
+
+def at_phase(rank: int, phase: str) -> None:
+    """Called as an evaluation starts (``eval``) and after the export's weights are written (``export``):
+    ``sigterm:rank=1:at=eval`` signals rank 1 there."""
+    spec = _spec()
+    if spec is None or not _mine(spec, rank) or spec.get("at") != phase:
+        return
+    if spec["kind"] in ("sigterm", "sigint"):
+        os.kill(os.getpid(), signal.SIGTERM if spec["kind"] == "sigterm" else signal.SIGINT)
+
+
+def in_snapshot(rank: int, step: int) -> None:
+    """Called half-way through copying a snapshot: ``kill-in-snapshot`` SIGKILLs the rank there."""
+    spec = _spec()
+    if spec is not None and spec["kind"] == "kill-in-snapshot" and _mine(spec, rank) and spec.get("step") == str(step):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def before_join(rank: int) -> None:

@@ -18,7 +18,6 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -42,7 +41,7 @@ class World:
     device_kind: str = "auto"
     """--device: auto, cpu or cuda."""
     roll_call: tuple[Any, str] | None = dataclasses.field(default=None, compare=False, repr=False)
-    """(a store that outlives any one rank where there is one, this attempt's key) for ``roll_call``."""
+    """(a store that outlives any one rank where there is one, this attempt's key) for ``watchdog.roll_call``."""
 
     @property
     def is_main(self) -> bool:
@@ -95,15 +94,10 @@ def check_devices(world: World) -> None:
         )
 
 
-def init(cfg: DistConfig, dumps: Path | None = None) -> World:
-    """Join the process group (or make a world of one) with an explicit timeout.
-
-    ``dumps``: where the flight recorder's dumps go (``enable_flight_recorder``); off when None.
-    """
+def init(cfg: DistConfig) -> World:
+    """Join the process group (or make a world of one) with an explicit timeout."""
     world = world_from_env(resolve_backend(cfg.backend), cfg.device)
     check_devices(world)
-    if dumps is not None:
-        enable_flight_recorder(dumps, world.backend)
     if world.device.type == "cuda":
         torch.cuda.set_device(world.device)  # before init, so NCCL binds this rank's GPU
     timeout = datetime.timedelta(seconds=max(cfg.startup_timeout, cfg.timeout))  # --timeout from the first step
@@ -248,58 +242,15 @@ def shutdown() -> None:
 
 
 @contextlib.contextmanager
-def process_group(cfg: DistConfig, dumps: Path | None = None) -> Iterator[World]:
+def process_group(cfg: DistConfig) -> Iterator[World]:
     """Join for the duration of a block; leave on every exit path, errors included."""
-    world = init(cfg, dumps)
+    world = init(cfg)
     try:
         yield world
         barrier()  # gloo aborts a rank whose peer tears down mid-exchange: leave together
     finally:
         faults.before_leave(world.rank)
         shutdown()
-
-
-FLIGHT_RECORDER = "flight-recorder"
-"""The folder of ``--out`` the flight recorder dumps into."""
-FR_PREFIX = "rank_"
-"""The flight recorder's dump of rank r is ``<dumps>/rank_<r>``, as ``torchfrtrace <dumps> -p rank_`` reads them."""
-
-
-def enable_flight_recorder(folder: Path, backend: str) -> None:
-    """Record each rank's last 2000 collectives, and dump them into ``folder`` on a timeout; the user's own
-    settings of these variables win.
-
-    NCCL's watchdog dumps by itself on a timeout (PyTorch's default error handling, 3, lets
-    it; 1 would not). Gloo has no watchdog: ``dump_flight_recorder`` writes its record when
-    a collective fails.
-    """
-    # torch 2.7 renamed the NCCL-only variables for every backend; an old name set on a newer torch only warns
-    renamed = hasattr(torch._C._distributed_c10d, "_dump_fr_trace")
-    buffer, dump = ("TORCH_FR_BUFFER_SIZE", "TORCH_FR_DUMP_TEMP_FILE") if renamed else (
-        "TORCH_NCCL_TRACE_BUFFER_SIZE", "TORCH_NCCL_DEBUG_INFO_TEMP_FILE")  # fmt: skip
-    os.environ.setdefault(buffer, "2000")
-    os.environ.setdefault(dump, str(folder / FR_PREFIX))
-    os.environ.setdefault("TORCH_FR_DUMP_TEMP_FILE", os.environ[dump])  # where dump_flight_recorder writes
-    if backend == "nccl":
-        os.environ.setdefault("TORCH_NCCL_DUMP_ON_TIMEOUT", "1")
-        Path(os.environ[dump]).parent.mkdir(parents=True, exist_ok=True)  # the watchdog creates no folder
-
-
-def dump_flight_recorder(world: World) -> Path | None:
-    """This rank's record of its collectives, written where ``torchfrtrace`` reads it; the file, or None (no
-    recorder, or the dump failed)."""
-    prefix = os.environ.get("TORCH_FR_DUMP_TEMP_FILE")
-    if not prefix or int(os.environ.get("TORCH_FR_BUFFER_SIZE", "0")) <= 0 or world.backend == "nccl":
-        return None  # NCCL's watchdog dumps its own
-    path = Path(f"{prefix}{world.rank}")
-    try:
-        from torch._C._distributed_c10d import _dump_fr_trace
-
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(_dump_fr_trace())
-        return path
-    except (ImportError, RuntimeError, OSError):
-        return None
 
 
 def set_timeout(seconds: float) -> None:
@@ -320,31 +271,6 @@ def is_timeout(e: BaseException) -> bool:
     """True for a collective that timed out waiting for a rank (as opposed to one whose peer closed the
     connection by dying)."""
     return is_comm_failure(e) and any(c in str(e) for c in ("timeout", "Timed out", "timed out"))
-
-
-def roll_call(world: World, step: int, wait: float = 10.0) -> dict[int, int] | None:
-    """Called by every rank still running after a collective failed: {rank: its step} of the ranks that answer
-    within ``wait`` seconds, through the store; None where the store does not answer either.
-
-    A stalled rank (stopped, deadlocked in user code, on a host that vanished with its
-    sockets open) never answers; the others all do, since they all wait in the collective
-    it did not join, and their timeouts end within moments of each other.
-    """
-    if world.roll_call is None or world.world_size == 1:
-        return None
-    store, scope = world.roll_call
-    key = f"ddp/roll-call/{scope}/"
-    try:
-        store.set_timeout(datetime.timedelta(seconds=wait))
-        store.set(f"{key}{world.rank}", str(step))
-        deadline = time.monotonic() + wait
-        while True:
-            answered = [r for r in range(world.world_size) if store.check([f"{key}{r}"])]
-            if len(answered) == world.world_size or time.monotonic() > deadline:
-                return {r: int(store.get(f"{key}{r}")) for r in answered}
-            time.sleep(0.2)
-    except (RuntimeError, dist.DistError):
-        return None
 
 
 def active() -> bool:

@@ -1,18 +1,22 @@
-"""What a user watches: a progress bar or log lines, metrics.jsonl, and a loss plot."""
+"""What a user watches while a run trains: a progress bar or log lines, metrics.jsonl, the step figures, trackers."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
-from ddp.device import peak_memory_mb
+from ddp import trackers
+from ddp.device import peak_memory_mb, peak_tflops
 from ddp.errors import DDPError
 from ddp.io import atomic_write
 
@@ -182,71 +186,128 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def runs_of(records: list[dict]) -> list[list[dict]]:
-    """The records split into runs: by their ``run`` id, and, in a log from before ids, where the step goes back."""
-    runs: list[list[dict]] = []
-    for r in records:
-        current = runs[-1] if runs else None
-        same = current is not None and current[-1].get("run") == r.get("run")
-        if not same or (r.get("run") is None and r["kind"] == "train" and r["step"] <= _last_step(current)):
-            runs.append([])
-        runs[-1].append(r)
-    return runs
+class StepMetrics:
+    """The figures of training steps: the loss sums, the timings and FLOPs, the display, the log and the trackers.
+
+    It takes part in the one collective of a logged step: ``row`` is its part of this rank's
+    row (the loss sum since the last record, then ``step_timing``), ``settle`` reads every
+    rank's. Between logged steps it only adds on the device, with no host sync.
+    """
+
+    def __init__(self, cfg: Any, world: Any, global_batch: int, tokens_per_sample: int | None, trackers=None) -> None:
+        """``cfg``: the run's ``Config``; ``trackers``: the caller's own (``ddp.trackers``), beside the flags'."""
+        self.cfg, self.world, self.device = cfg, world, world.device
+        self.global_batch, self.tokens_per_sample = global_batch, tokens_per_sample
+        self.extra_trackers = list(trackers or [])
+        self.writer = MetricsWriter(cfg.run.out_dir, world.is_main)
+        self.display = ProgressDisplay(cfg.log.log_every, world.prefix(), world.is_main or cfg.log.log_all_ranks)
+        self.peak = peak_tflops(self.device, cfg.optim.precision, cfg.log.peak_tflops)
+        self.step_flops: float | None = None  # FLOPs of one optimizer step on this rank, counted at the first
+        self.loss_sum: torch.Tensor | None = None  # this rank's losses since the last record, on its device
+        self.loss_steps = 0
+        self.loss_total = math.nan  # the sum over ranks of their loss sums, as of the last agreement
+        self.last_loss = math.nan  # the mean over ranks and steps since the last record, as of the last agreement
+        self.grad_norm = torch.zeros(())  # the last step's gradient norm, before clipping
+        self.last_grad_norm = math.nan  # as of the last agreement
+        self.step_epoch = 0  # the epoch the last step belonged to (the progress may have moved on)
+        self.rank_timing: list[list[float]] = []  # every rank's step_timing, as of the last agreement
+        self.timing = {"step": 0.0, "data": 0.0, "steps": 0}  # this rank's seconds since the last record
+        self.tick = (time.monotonic(), 0)  # (time, step) the samples/s figure counts from
+        self.step_end = time.perf_counter()  # when the last step's bookkeeping ended: the next step starts there
+
+    def resume(self, run_id: str, step: int, elapsed: float) -> None:
+        """Continue ``run_id``'s log from ``step`` (``MetricsWriter.resume``) and open the trackers there."""
+        self.writer.resume(run_id, step, elapsed)
+        if self.world.is_main:
+            for tracker in trackers.open_all(self.cfg, self.cfg.run.out_dir, run_id, step, self.extra_trackers):
+                self.writer.add(tracker)
+        self.tick, self.step_end = (time.monotonic(), step), time.perf_counter()
+
+    def elapsed(self) -> float:
+        """Seconds of training, over every attempt."""
+        return self.writer.elapsed()
+
+    @contextlib.contextmanager
+    def timing_data(self) -> Iterator[None]:
+        """Around the wait for a step's batches: its share of the step time (``data_time``)."""
+        start = time.perf_counter()
+        yield
+        self.timing["data"] += time.perf_counter() - start
+
+    def counting_flops(self, micro: int, accum: int) -> contextlib.AbstractContextManager:
+        """Around the first micro-batch's forward and backward of the first step: the FLOPs of a step.
+
+        Once: a step is the same work every time, the first micro-batch's ``accum`` times.
+        """
+        if self.step_flops is not None or micro != 0:
+            return contextlib.nullcontext()
+        return _FlopCount(self, accum)
+
+    def stepped(self, loss: torch.Tensor, grad_norm: torch.Tensor, skipped: bool, epoch: int) -> None:
+        """A step of ``epoch`` was taken (or ``skipped``): sum its loss where it is, time it."""
+        if not skipped:  # summed on the device: no host sync a step
+            self.loss_sum = loss.detach().double() + (0 if self.loss_sum is None else self.loss_sum)
+            self.loss_steps += 1
+        self.grad_norm, self.step_epoch = grad_norm, epoch
+        self.timing["step"] += time.perf_counter() - self.step_end  # its data and compute, not the logging
+        self.timing["steps"] += 1
+
+    def due(self, step: int, last_step: int) -> bool:
+        """Whether ``step`` is a logged step: every ``--log-every``, and the last."""
+        return step % self.cfg.log.log_every == 0 or step == last_step
+
+    def row(self) -> list[float]:
+        """This rank's part of the agreement's row: its loss sum, then its ``step_timing``."""
+        mine = 0.0 if self.loss_sum is None else self.loss_sum.item()
+        return [mine, *step_timing(self.timing, self.device)]
+
+    def settle(self, rows: list[list[float]]) -> None:
+        """Every rank's ``row``, in rank order: the mean loss and the step figures of the next record."""
+        self.loss_total = math.fsum(row[0] for row in rows)
+        self.rank_timing = [row[1:] for row in rows]
+        self.last_grad_norm = self.grad_norm.item()
+        n = self.world.world_size * self.loss_steps
+        self.last_loss = self.loss_total / n if n else math.nan
+
+    def log(self, step: int, lr: float, logged: bool) -> None:
+        """After every step: the display; at a logged step, a ``train`` record too."""
+        now = time.monotonic()
+        t0, s0 = self.tick
+        rate = (step - s0) * self.global_batch / max(now - t0, 1e-9)
+        figures = step_figures(self.rank_timing, self.step_flops, self.peak) if logged else {}
+        self.display.update(step, self.step_epoch, self.last_loss, rate, lr, self.last_grad_norm, figures)
+        if not logged:
+            return
+        tokens = {"tokens_per_s": round(rate * self.tokens_per_sample, 1)} if self.tokens_per_sample else {}
+        self.writer.write("train", step=step, epoch=self.step_epoch, loss=self.last_loss, lr=lr,
+                          grad_norm=self.last_grad_norm, samples_per_s=round(rate, 1), **tokens, **figures)  # fmt: skip
+        self.timing = {"step": 0.0, "data": 0.0, "steps": 0}
+        self.tick = (now, step)
+        self.loss_sum, self.loss_steps = None, 0  # the next record averages the steps after this one
+
+    def ready(self) -> None:
+        """The step's bookkeeping (logging, saving) is over: the next step's time starts now."""
+        self.step_end = time.perf_counter()
+
+    def evaluated(self, step: int, means: dict[str, float], count: int | None) -> None:
+        """An evaluation at ``step``: its line and its ``eval`` record."""
+        shown = " ".join(f"{k} {v:.4f}" for k, v in means.items())
+        self.display.message(f"eval at step {step} (epoch {self.step_epoch}): {shown}")
+        self.writer.write("eval", step=step, epoch=self.step_epoch, **means, count=count)
+
+    def close(self) -> None:
+        """Finish the display and close every tracker."""
+        self.display.close()
+        self.writer.close()
 
 
-def _last_step(records: list[dict]) -> int:
-    return max((r["step"] for r in records if r["kind"] == "train"), default=-1)
+class _FlopCount(FlopCounterMode):
+    """``FlopCounterMode`` that hands the step's count to ``StepMetrics`` on exit."""
 
+    def __init__(self, metrics: StepMetrics, accum: int) -> None:
+        super().__init__(display=False)
+        self.metrics, self.accum = metrics, accum
 
-PANELS = (
-    ("loss", "loss"),
-    ("throughput", "samples_per_s"),  # tokens_per_s where the task counts tokens
-    ("gradient norm (before clipping)", "grad_norm"),
-    ("peak memory (MiB)", "mem_peak_mb"),
-)
-
-
-def plot(run_dir: str | Path) -> Path:
-    """Write ``<run_dir>/loss.png``: the loss (training, and evaluation), throughput, gradient norm and peak
-    memory by step, one line each per run."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise DDPError("ddp plot needs matplotlib: pip install -e '.[plot]' (or pip install matplotlib)") from None
-    fig = draw(runs_of(read_metrics(run_dir)), Path(run_dir).name)
-    out = Path(run_dir) / "loss.png"
-    fig.savefig(out, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return out
-
-
-def draw(runs: list[list[dict]], title: str):
-    """The figure of ``plot``: one panel per entry of ``PANELS``; a figure a log lacks says so in its panel."""
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
-    for ax, (label, key) in zip(axes.flat, PANELS, strict=True):
-        for i, records in enumerate(runs):
-            name = "" if len(runs) == 1 else f" (run {records[0].get('run') or i + 1})"
-            train = [r for r in records if r["kind"] == "train"]
-            if key == "samples_per_s" and train and "tokens_per_s" in train[-1]:
-                key, label = "tokens_per_s", "throughput (tokens/s)"
-            shown = [r for r in train if isinstance(r.get(key), (int, float))]
-            line = ax.plot([r["step"] for r in shown], [r[key] for r in shown], label=f"training{name}")[0]
-            evals = [r for r in records if r["kind"] == "eval" and key in r]
-            if evals:
-                ax.plot([r["step"] for r in evals], [r[key] for r in evals], "o--", color=line.get_color(),
-                        label=f"evaluation{name}")  # fmt: skip
-        if not ax.lines or not any(len(line.get_xdata()) for line in ax.lines):
-            ax.text(0.5, 0.5, f"{key}: not in this log", ha="center", va="center", transform=ax.transAxes)
-        ax.set_title(label if key != "samples_per_s" else "throughput (samples/s)")
-        ax.grid(alpha=0.3)
-        if key == "loss" and ax.lines:
-            ax.legend()
-    for ax in axes[1]:
-        ax.set_xlabel("optimizer step")
-    fig.suptitle(title)
-    return fig
+    def __exit__(self, *exc: Any) -> None:
+        super().__exit__(*exc)
+        self.metrics.step_flops = float(self.get_total_flops() * self.accum)

@@ -12,8 +12,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ddp.errors import CheckpointCorruptError
+import torch
+
+from ddp import group
+from ddp.errors import CheckpointCorruptError, DDPError
 from ddp.io import atomic_write, load, save
+from ddp.task import Task, to_device
 
 FORMAT = "ddp-model-card/1"
 
@@ -33,6 +37,19 @@ def write(weights: Path, config: dict, probe: Any) -> None:
     save(probe, probe_path(weights))
     card = {"format": FORMAT, "weights": weights.name, "config": config, "probe": probe_path(weights).name}
     atomic_write(card_path(weights), lambda f: f.write(json.dumps(card, indent=1).encode()))
+
+
+def write_for(weights: Path, config: dict, task: Task, probe: Any) -> None:
+    """Called by every rank: rank 0 writes the card of a run's exported ``weights``, its ``config``
+    (``Config.to_dict``) with the task's ``model_args`` among the task's arguments, and the probe."""
+    error = None
+    if group.rank() == 0:
+        try:
+            settings = {**config, "task": {**config["task"], "args": {**config["task"]["args"], **task.model_args}}}
+            write(weights, settings, to_device(probe, torch.device("cpu")))
+        except DDPError as e:
+            error = e
+    group.raise_if_any_failed(error, f"writing the model card of {weights}")
 
 
 def read(weights: Path) -> tuple[dict, Any] | None:

@@ -91,3 +91,38 @@ def nonfinite_error(what: str, loss: torch.Tensor, step: int, last_saved: int | 
         f"before the update ({newest}). Lower --lr, add --warmup-steps or --max-grad-norm, or allow "
         "--skip-nonfinite N"
     )
+
+
+class NonFiniteGuard:
+    """No update ever uses a NaN or inf gradient, and a run whose loss goes bad stops, naming the ranks.
+
+    Under fp16 the GradScaler skips such steps itself; the guard then only watches the mean loss.
+    """
+
+    def __init__(self, cfg: OptimConfig, scaler: torch.amp.GradScaler, say) -> None:
+        self.cfg, self.scaler, self.say = cfg, scaler, say
+
+    def skip(self, grad_norm: torch.Tensor, loss: torch.Tensor, progress, last_saved: int | None) -> bool:
+        """Whether to skip this step's update (one host sync a step: the norm's).
+
+        The norm is the same on every rank (reduced gradients), so all ranks decide alike, with
+        no collective; a non-finite one is skipped while ``--skip-nonfinite`` allows (counted
+        in ``progress.skipped``, which checkpoints keep), else every rank raises before the update.
+        """
+        if self.scaler.is_enabled():
+            return False
+        norm = grad_norm.item()
+        if math.isfinite(norm):
+            return False
+        step = progress.step + 1
+        if progress.skipped < self.cfg.skip_nonfinite:
+            progress.skipped += 1
+            left = self.cfg.skip_nonfinite - progress.skipped
+            self.say(f"warning: step {step} skipped: the gradient norm is {norm} ({left} more may be skipped)")
+            return True
+        raise nonfinite_error(f"the gradient norm is {norm}", loss, step, last_saved)
+
+    def check_mean_loss(self, total: float, mine: float, step: int, last_saved: int | None) -> None:
+        """Called by every rank with the same ``total`` (the loss summed over ranks): stop on a non-finite one."""
+        if not math.isfinite(total) and not self.scaler.is_enabled():
+            raise nonfinite_error("the mean loss is not finite", torch.tensor(mine), step, last_saved)

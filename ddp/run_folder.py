@@ -15,11 +15,13 @@ import datetime
 import json
 import os
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
+from ddp import group
 from ddp.checkpoint_files import complete_checkpoints, read_train
 from ddp.config import Config, upgrade
-from ddp.errors import CheckpointError, ConfigError
+from ddp.errors import CheckpointError, ConfigError, DDPError
 from ddp.io import atomic_write
 
 RUN_FILE = "run.json"
@@ -88,11 +90,12 @@ def _held(out: Path) -> tuple[str, dict, Path] | None:
     return "(unnamed: from before run.json)", train.get("config") or {}, checkpoints[-1]
 
 
-def claim(cfg: Config, overwrite: bool = False, say=print) -> str:
+def claim(cfg: Config, overwrite: bool = False, say=print, resumable: Callable[[str], bool] | None = None) -> str:
     """Rank 0: move an old run aside if ``--overwrite``, then record this folder's run; its id.
 
-    A folder whose run already has checkpoints keeps its id (this launch continues it); one
-    without becomes this run's. A folder of an earlier version is adopted as it is.
+    A folder whose run already has checkpoints, or snapshots in host memory (``resumable(id)``),
+    keeps its id (this launch continues it); one without becomes this run's. A folder of an
+    earlier version is adopted as it is.
     """
     out = cfg.run.out_dir
     if overwrite and out.exists() and any(out.iterdir()):
@@ -101,7 +104,7 @@ def claim(cfg: Config, overwrite: bool = False, say=print) -> str:
         out.mkdir(parents=True)
         say(f"--overwrite: moved the previous contents of {out} to {aside}")
     record = read(out)
-    if record is not None and _held(out) is not None:
+    if record is not None and (_held(out) is not None or (resumable is not None and resumable(record["id"]))):
         return record["id"]
     record = {
         "id": uuid.uuid4().hex[:12],
@@ -111,3 +114,15 @@ def claim(cfg: Config, overwrite: bool = False, say=print) -> str:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / RUN_FILE, lambda f: f.write(json.dumps(record, indent=1).encode()))
     return record["id"]
+
+
+def claim_on_rank0(cfg: Config, world: group.World, say=print, resumable: Callable[[str], bool] | None = None) -> str:
+    """Called by every rank: rank 0 claims ``--out`` for this run (``claim``); the run's id, on every rank."""
+    run_id, error = None, None
+    if world.is_main:
+        try:
+            run_id = claim(cfg, cfg.run.overwrite, say, resumable)
+        except (OSError, DDPError) as e:
+            error = e
+    group.raise_if_any_failed(error, f"claiming {cfg.run.out_dir}")
+    return group.all_gather_objects(run_id)[0]

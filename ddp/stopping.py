@@ -3,7 +3,9 @@
 The handler only records the signal. Every rank learns of a signal on any rank at the
 same step, through a non-blocking all-reduce that each step starts and the next reads
 (long finished by then, so no step waits for it): the ranks stop together within one
-step of the signal, whatever ``--log-every`` is, save a checkpoint and exit 0. A second
+step of the signal, whatever ``--log-every`` is, save a checkpoint and exit 0. Outside
+the steps (an evaluation, the final export and verify) the ranks agree between batches and
+between phases (``check``); the last step's checkpoint is durable before either begins. A second
 SIGINT exits at once. Under torchrun a Ctrl-C reaches the launcher, which forwards one
 SIGINT to every worker and kills them 30 s later.
 """
@@ -44,6 +46,18 @@ class StopSignals:
             self._stop_on(int(flag.item()))
         flag = torch.tensor([self.received], dtype=torch.int32, device=group.control_device())
         self.vote = (flag, dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True))
+        return self.requested
+
+    def check(self) -> bool:
+        """Called by every rank at the same point outside the step loop (between evaluation batches, between the
+        export's phases): whether any rank was signalled. One blocking all-reduce of one number."""
+        self.finish()
+        if self.world.world_size == 1:
+            self._stop_on(self.received)
+            return self.requested
+        flag = torch.tensor([self.received], dtype=torch.int32, device=group.control_device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        self._stop_on(int(flag.item()))
         return self.requested
 
     def _stop_on(self, signum: int) -> None:

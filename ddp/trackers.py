@@ -93,6 +93,16 @@ class WandB:
         self.run.finish()
 
 
+def open_all(cfg: Any, out: Path, run_id: str, step: int, extra: list | None = None) -> list[Tracker]:
+    """Rank 0's trackers of a run resumed at ``step``: --tensorboard, --wandb, then the caller's own (``extra``)."""
+    opened: list[Tracker] = []
+    if cfg.log.tensorboard:
+        opened.append(TensorBoard(out, step))
+    if cfg.log.wandb:
+        opened.append(WandB(out, cfg.run.name, run_id, cfg.to_dict()))
+    return [*opened, *(extra or [])]
+
+
 def check_available(tensorboard: bool, wandb: bool) -> None:
     """A usage error, before any process group, for a tracker whose package is not installed."""
     import importlib.util

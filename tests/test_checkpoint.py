@@ -10,7 +10,7 @@ from ddp import group
 from ddp.checkpoint import PROGRESS, Checkpointer
 from ddp.checkpoint_files import MODEL, TRAIN, model_file, nbytes, optim_file, read_model, spread
 from ddp.config import CheckpointConfig, DistConfig
-from ddp.train import Progress
+from ddp.trainer import Progress
 
 from .helpers import assert_tree_equal
 

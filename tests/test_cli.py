@@ -142,7 +142,8 @@ def test_plot_writes_a_png_of_loss_throughput_grad_norm_and_memory(trained):
     out_dir, _ = trained
     ok(run([*DDP, "plot", str(out_dir)]))
     assert (out_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    from ddp.metrics import draw, read_metrics, runs_of
+    from ddp.metrics import read_metrics
+    from ddp.plot import draw, runs_of
 
     records = read_metrics(out_dir)
     train = [r for r in records if r["kind"] == "train"]

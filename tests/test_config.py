@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from ddp.config import Config, config_changes, parse, upgrade
+from ddp.config import Config, config_changes, upgrade
 from ddp.errors import ConfigError
+from ddp.options import parse
 from ddp.tasks import resolve
 
 OLD_DEFAULT_MODEL = {"in_features": 20, "hidden": [256], "out_features": 10, "width": 32, "batchnorm": False,

@@ -91,8 +91,8 @@ def test_lazy_modules_are_materialised_before_ddp_wraps_them(tmp_path):
 
 
 def test_memory_format_auto_is_channels_last_for_the_cnn_only():
+    from ddp.parallel import local_model
     from ddp.tasks import resolve
-    from ddp.train import local_model
 
     def conv_weight(arch: str, fmt: str) -> torch.Tensor:  # the second conv's (the first has 1 input channel)
         cfg = Config.from_dict({"task": {"spec": arch}, "run": {"memory_format": fmt}})
@@ -108,8 +108,8 @@ def test_memory_format_auto_is_channels_last_for_the_cnn_only():
 
 def test_cnn_exports_weights_a_plain_model_loads_with_the_same_outputs(tmp_path):
     from ddp.model import ConvNet
+    from ddp.parallel import local_model
     from ddp.tasks import resolve
-    from ddp.train import local_model
 
     out = ok(torchrun(2, "--task", "cnn", "--width", "8", *SMALL, "--steps", "4", "--out", str(tmp_path)))
     assert "outputs identical (max |Δ| = 0" in out

@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch.distributed.run import get_args_parser as torchrun_parser
 
-from ddp import cli, config
+from ddp import cli, options
 from ddp.tasks import BUILTIN, check_args
 
 from .helpers import ROOT, ok, run
@@ -53,8 +53,8 @@ def shown() -> list[tuple[str, list[str]]]:
 
 def check_train(args: list[str]) -> None:
     """``ddp train`` ARGS parse, and a built-in task takes every setting given to it."""
-    parsed = config.parser().parse_args(args)  # argparse exits (SystemExit) on a bad flag
-    cfg = config.from_namespace(parsed, None)
+    parsed = options.parser().parse_args(args)  # argparse exits (SystemExit) on a bad flag
+    cfg = options.from_namespace(parsed, None)
     if cfg.task.spec in BUILTIN:  # its signature refuses a setting it does not take, without building any data
         check_args(BUILTIN[cfg.task.spec], cfg.task.args, cfg.task.spec)
 
@@ -199,3 +199,9 @@ def test_every_run_folder_a_readme_command_reads_is_made_by_a_command_before_it(
                     folder = "/".join(value.split("/")[:2])
                     assert folder in made, f"{shlex.join(words)} reads {value}, which no command before it writes"
             made |= {"/".join(o.split("/")[:2]) for o in outs}
+
+
+def test_the_readmes_package_table_names_every_module_once():
+    table = re.findall(r"^\| `(ddp/[\w/]+(?:\.py)?)` \|", (ROOT / "README.md").read_text(), re.M)
+    modules = {f"ddp/{p.name}" for p in (ROOT / "ddp").glob("*.py") if p.name != "__main__.py"} | {"ddp/tasks/"}
+    assert sorted(table) == sorted(modules), f"missing: {modules - set(table)}, stale: {set(table) - modules}"

@@ -176,8 +176,8 @@ def test_fp16_uses_a_grad_scaler_whose_state_resumes_exactly(tmp_path):
 def test_sync_bn_converts_every_batchnorm(tmp_path):
     from torch import nn
 
+    from ddp.parallel import local_model
     from ddp.tasks import resolve
-    from ddp.train import local_model
 
     cfg = Config.from_dict({"model": {"batchnorm": True, "hidden": [8, 8]}, "run": {"sync_bn": True}})
     kinds = [type(m) for m in local_model(resolve(cfg), cfg, torch.device("cpu")).modules()]

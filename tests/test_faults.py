@@ -306,7 +306,7 @@ def test_an_async_save_that_fails_mid_run_stops_every_rank_at_the_next_step(tmp_
     ids=["rank0-manifest", "rank1-optimizer-share"],
 )
 def test_kill_during_a_save_keeps_the_previous_checkpoint_and_cleans_up(tmp_path, rank, write):
-    args = [*ARGS, "--steps", "8", "--checkpoint-every", "4", "--out", str(tmp_path)]
+    args = [*ARGS, "--steps", "8", "--checkpoint-every", "4", "--snapshot-every", "0", "--out", str(tmp_path)]
     proc = torchrun(2, *args, extra_env={"DDP_FAULT": f"kill-in-save:rank={rank}:save={write}"})
     assert proc.returncode != 0
     assert f"rank      : {rank} (local_rank: {rank})" in proc.output and "exitcode  : -9" in proc.output

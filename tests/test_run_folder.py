@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from ddp import cli, train
-from ddp.metrics import runs_of
+from ddp.plot import runs_of
 
 from .helpers import ROOT, env, ok, torchrun
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ddp.data import Permutation, ResumableSampler, eval_indices
-from ddp.train import Progress
+from ddp.trainer import Progress
 
 from .helpers import ok, torchrun
 

@@ -95,7 +95,8 @@ def test_charlm_keeps_its_tied_weights_one_tensor_through_save_load_and_resume(t
     text.write_text((ROOT / "README.md").read_text()[:6000])
     args = ["--task", "charlm", "--task-arg", f"text={text}", "--task-arg", "block=32", "--task-arg", "embd=32",
             "--task-arg", "layers=1", "--optimizer", "adamw", "--lr", "0.01", "--batch-size", "16", "--steps", "24",
-            "--log-every", "1", "--checkpoint-every", "8", "--async-save", "--out", str(tmp_path / "run")]  # fmt: skip
+            "--log-every", "1", "--checkpoint-every", "8", "--async-save", "--snapshot-every", "0",
+            "--out", str(tmp_path / "run")]  # fmt: skip
     crashed = torchrun(2, *args, extra_env={"DDP_FAULT": "raise:rank=1:step=12"})
     assert crashed.returncode != 0
     checkpoint = model_state(tmp_path / "run", step=8)[0]  # every rank's share, merged

@@ -9,9 +9,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import ddp
 from ddp import group
-from ddp.config import Config, DistConfig, RunConfig
+from ddp.config import Config, DistConfig, LogConfig, RunConfig
 from ddp.tasks.mlp import task as mlp
-from ddp.train import Trainer, fit
+from ddp.train import fit
+from ddp.trainer import Trainer
 
 from .helpers import ok, torchrun
 
@@ -28,14 +29,14 @@ def world_of_one():
 
 
 def test_the_flops_of_a_step_are_counted_once_as_the_matmuls_add_up(world_of_one, tmp_path):
-    cfg = Config(run=RunConfig(out=str(tmp_path), peak_tflops=2.0))
+    cfg = Config(run=RunConfig(out=str(tmp_path)), log=LogConfig(peak_tflops=2.0))
     cfg.optim.grad_accum = 2
     trainer = Trainer(cfg, world_of_one)
     trainer.step(trainer.next_batches())
     b = cfg.data.batch_size  # the MLP 20 -> 256 -> 10: forward, the gradients of both weights, one input's
-    assert trainer.step_flops == 2 * 2 * b * (3 * 256 * 10 + 2 * 20 * 256)
+    assert trainer.metrics.step_flops == 2 * 2 * b * (3 * 256 * 10 + 2 * 20 * 256)
     trainer.step(trainer.next_batches())
-    assert trainer.step_flops == 2 * 2 * b * (3 * 256 * 10 + 2 * 20 * 256)  # counted once, kept
+    assert trainer.metrics.step_flops == 2 * 2 * b * (3 * 256 * 10 + 2 * 20 * 256)  # counted once, kept
 
 
 def test_tflops_and_mfu_are_logged_where_the_peak_is_known(tmp_path):

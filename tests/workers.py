@@ -12,7 +12,7 @@ from collections.abc import Callable
 from ddp import group
 from ddp.config import Config
 from ddp.io import unwrap
-from ddp.train import Trainer
+from ddp.trainer import Trainer
 
 
 def _on_every_rank(cfg_dict: dict, body: Callable[[Trainer], object]):
@@ -30,9 +30,10 @@ def indices_per_rank(cfg_dict: dict, epoch: int) -> list[int]:
     """The sample indices this rank's trainer draws in one epoch."""
 
     def body(trainer: Trainer) -> list[int]:
-        assert trainer.loader.batch_sampler is None and trainer.loader.sampler.sampler is trainer.sampler
-        trainer.sampler.set_position(epoch, 0)
-        return [i for batch in trainer.loader.sampler for i in batch]
+        data = trainer.data
+        assert data.loader.batch_sampler is None and data.loader.sampler.sampler is data.sampler
+        data.sampler.set_position(epoch, 0)
+        return [i for batch in data.loader.sampler for i in batch]
 
     return _on_every_rank(cfg_dict, body)
 

@@ -1,0 +1,76 @@
+"""Evaluation on the held-out split: when it is due, and the task's metrics over every rank's share."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from ddp import faults, group
+from ddp.config import Config
+from ddp.data import eval_batch_count, eval_batches
+from ddp.metrics import StepMetrics
+from ddp.stopping import StopSignals
+from ddp.task import Task, to_device
+
+
+class Evaluator:
+    """Scores the task's ``val_data``: at each epoch's end, every ``--eval-every`` steps, and once at the end."""
+
+    def __init__(self, task: Task, cfg: Config, world: group.World, dtype: torch.dtype, metrics: StepMetrics) -> None:
+        self.task, self.cfg, self.world, self.dtype, self.metrics = task, cfg, world, dtype, metrics
+        self.collective_forward = cfg.dist.strategy == "fsdp"  # FSDP's forward gathers shards: every rank runs it
+        self.evaluated = -1  # the step of the last evaluation
+
+    def due(self, step: int, epoch_ended: bool = False, last: bool = False) -> bool:
+        """Whether ``step`` is evaluated: an epoch ended there, it is a multiple of ``--eval-every``, or the last;
+        never twice."""
+        every = self.cfg.eval.eval_every
+        return step != self.evaluated and (epoch_ended or last or bool(every and step % every == 0))
+
+    @torch.no_grad()
+    def run(self, model: nn.Module, step: int, stop: StopSignals | None = None) -> dict[str, float]:
+        """The task's metrics on the held-out split, each rank taking every N-th sample; logged and recorded.
+
+        With ``stop``, the ranks agree between batches whether a stop signal came: if one did, the evaluation
+        ends there, unrecorded ({}).
+        """
+        self.evaluated = step
+        if self.task.val_data is None:
+            return {}
+        model.eval()
+        sums = self._sums(model, stop)
+        model.train()
+        if sums is None:
+            return {}
+        total: dict[str, float] = {}
+        for part in group.all_gather_objects(sums):  # every rank sums the same dicts, in rank order
+            for key, value in part.items():
+                total[key] = total.get(key, 0.0) + value
+        if not total.get("count"):
+            return {}  # an empty held-out split: nothing to report
+        count = int(total["count"]) if "count" in total else None  # before finish_metrics, which may take it
+        means = self.task.finish_metrics(total)
+        self.metrics.evaluated(step, means, count)
+        return means
+
+    def _sums(self, model: nn.Module, stop: StopSignals | None) -> dict[str, float] | None:
+        """This rank's sums of the task's metrics over its share; None when the ranks agreed to stop."""
+        task, world, device = self.task, self.world, self.world.device
+        size = max(self.cfg.data.batch_size, 1024 if isinstance(task.val_data, TensorDataset) else 0)
+        seed, limit, n = self.cfg.run.seed, self.cfg.eval.eval_samples, len(task.val_data)
+        every_rank = eval_batch_count(n, world.world_size - 1, world.world_size, size, limit)  # the last has fewest
+        sums: dict[str, float] = {}
+        done = 0
+        faults.at_phase(world.rank, "eval")
+        for batch in eval_batches(task, world.rank, world.world_size, size, seed, limit):
+            if stop is not None and done < every_rank and stop.check():  # at a batch every rank reaches
+                return None
+            for key, value in task.compute_metrics(model, to_device(batch, device, self.dtype)).items():
+                sums[key] = sums.get(key, 0.0) + float(value)
+            done += 1
+        if self.collective_forward:  # run as many forwards as rank 0, which has the most batches
+            spare = next(eval_batches(task, 0, world.world_size, size, seed, limit), None)
+            for _ in range(eval_batch_count(n, 0, world.world_size, size, limit) - done):
+                task.compute_metrics(model, to_device(spare, device, self.dtype))  # results unused
+        return sums

@@ -1,0 +1,140 @@
+"""The model as training runs it: built the same on every rank, then replicated (DDP) or sharded (FSDP).
+
+``Parallel`` builds the task's model from a seeded RNG, loads ``--init-from``, applies
+activation checkpointing, and wraps it: ``DistributedDataParallel`` (every rank holds the
+whole model), or FSDP2's ``fully_shard`` (each rank holds 1/N), compiled if asked. It
+hides which of the two it holds: the Trainer asks it for the model to step, the model to
+evaluate, gradient sync on or off, and rank 0's buffers on every rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from ddp import fsdp, group, rng
+from ddp.config import Config
+from ddp.device import autocast_dtype, weights_dtype
+from ddp.errors import ConfigError
+from ddp.io import unwrap
+from ddp.model import checkpoint_activations, materialize
+from ddp.task import Task
+
+
+def local_model(task: Task, cfg: Config, device: torch.device, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """This rank's model before DDP: built from a seeded RNG (the same weights on every rank),
+    lazy layers materialised, SyncBatchNorm if asked, in the memory format ``--memory-format``
+    resolves to."""
+    with rng.seeded(cfg.run.seed):
+        model = task.model()
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"task {task.name!r}: model() returned a {type(model).__name__}, not an nn.Module")
+        materialize(model, lambda: probe_input(task, cfg))  # lazy layers draw their weights here: seeded too
+    if cfg.compute.sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model.to(device, dtype=dtype, memory_format=memory_format(cfg, task))
+
+
+def probe_input(task: Task, cfg: Config):
+    """The verify input: the task's probe, derived under a fixed seed so that every rank draws the same."""
+    with rng.seeded(cfg.run.seed + 1234):
+        return task.probe_input()
+
+
+def memory_format(cfg: Config, task: Task) -> torch.memory_format:
+    """channels_last under ``auto`` for tasks that ask for it (the cnn).
+
+    A conv whose weight is channels_last runs channels_last (oneDNN on CPU, cuDNN on
+    GPU), inputs included, and carries the layout on to the next layer: the cnn's DDP
+    step is 1.1-1.25x faster on CPU (bench/bench.py, variant "c contiguous"). It changes
+    float rounding, not the weights' values, so it is an exactness setting.
+    """
+    fmt = cfg.compute.memory_format
+    if fmt == "auto":
+        fmt = "channels_last" if task.channels_last else "contiguous"
+    return torch.channels_last if fmt == "channels_last" else torch.contiguous_format
+
+
+class Parallel:
+    """This rank's model: ``model`` to save and load (unwrapped, or FSDP's sharded module), ``wrapped`` to step."""
+
+    def __init__(self, task: Task, cfg: Config, world: group.World) -> None:
+        self.task, self.cfg, self.device = task, cfg, world.device
+        self.sharded = cfg.dist.strategy == "fsdp"
+        self.dtype = weights_dtype(cfg.optim.precision)
+        # Under FSDP the whole model is built in host memory, with the seeded weights DDP would have; each
+        # block's shards then move to the device as it is sharded, so no device ever holds the whole model.
+        self.model = local_model(task, cfg, torch.device("cpu") if self.sharded else self.device, self.dtype)
+        note = self._init_weights(wrapped=False)  # before wrapping: under FSDP each rank keeps its shards
+        if cfg.compute.ac == "full":
+            checkpoint_activations(self.model, task.blocks)
+        self.wrapped = self._wrap(world.world_size)
+        self.init_note: str | None = note or self._init_weights(wrapped=True)
+        """What ``--init-from`` loaded, for the log (None without it)."""
+
+    def _wrap(self, world_size: int) -> nn.Module:
+        if self.sharded:  # in place: the model's parameters become this rank's shards (DTensors)
+            fsdp.shard(self.model, world_size, self.device, self.task.blocks, self.cfg.optim.precision)
+            if self.cfg.compute.compile:
+                self.model.compile()  # compiled in place: the module stays the FSDP module it is
+            return self.model
+        model = torch.compile(self.model) if self.cfg.compute.compile else self.model
+        d = self.cfg.dist
+        return DDP(
+            model,
+            device_ids=[self.device] if self.device.type == "cuda" else None,  # must be None on CPU
+            gradient_as_bucket_view=d.gradient_as_bucket_view,
+            bucket_cap_mb=d.bucket_cap_mb,
+            static_graph=d.static_graph,
+        )
+
+    def _init_weights(self, wrapped: bool) -> str | None:
+        """``--init-from``: the weights of a file, loaded into the whole model before it is wrapped; or, under
+        FSDP from a DCP folder, into the sharded model after, each rank reading only its shards."""
+        path = self.cfg.checkpoint.init_from
+        if path is None:
+            return None
+        from ddp import weights  # it reads DCP folders too: torch.distributed.checkpoint, 0.6 s to import
+
+        skip = self.cfg.checkpoint.init_skip
+        if self.sharded and weights.sharded_source(path) is not None:
+            return weights.init_sharded(self.model, path, skip) if wrapped else None
+        return None if wrapped else weights.init_model(self.model, path, skip)
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """The model to evaluate: compiled if it was, without DDP's forward hooks (FSDP's are its collectives)."""
+        return self.wrapped if self.sharded else self.wrapped.module
+
+    @property
+    def unwrapped(self) -> nn.Module:
+        """The model without DDP or ``torch.compile`` around it: its state_dict has no prefixes."""
+        return unwrap(self.wrapped)
+
+    def gradient_sync(self, last: bool) -> contextlib.AbstractContextManager:
+        """Reduce gradients on the last micro-batch only: DDP's no_sync, FSDP's requires_gradient_sync."""
+        if self.sharded:
+            self.model.set_requires_gradient_sync(last)  # unsharded gradients accumulate until then
+            return contextlib.nullcontext()
+        return contextlib.nullcontext() if last else self.wrapped.no_sync()
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """bf16 or fp16 autocast under ``--precision``; nothing in fp32 and fp64."""
+        dtype = autocast_dtype(self.cfg.optim.precision)
+        return torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+    def sync_buffers(self) -> None:
+        """Give every rank rank 0's buffers (BatchNorm statistics), as DDP does before each forward.
+
+        After the last step each rank holds statistics of its own last batch; the saved
+        model, and so every reloaded copy, carries rank 0's.
+        """
+        for buffer in self.unwrapped.buffers():
+            group.broadcast(buffer, src=0)
+
+    def whole_state(self) -> dict[str, torch.Tensor] | None:
+        """Under FSDP, the whole model's state gathered from every rank's shards (a collective); else None."""
+        return fsdp.full_model_state(self.model) if self.sharded else None

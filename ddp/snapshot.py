@@ -1,0 +1,303 @@
+"""Each rank's training state in host shared memory, every step: the tier a crashed process does not lose.
+
+A snapshot is what a checkpoint holds (``Checkpointer.state``: the model, the optimizer, the
+scaler, the progress and data position, this rank's RNG), copied into files under
+``/dev/shm`` (``--snapshot-dir``), which outlive the process. A restarted worker reads it
+back in a fraction of a second instead of rereading ``checkpoints/`` from disk, and loses at
+most the step it was in.
+
+Layout, per rank: ``<dir>/ddp-snapshots/<run id>/rank-<r>/`` holds two slots (``data-0``,
+``data-1``: every tensor, 64-byte aligned, back to back; ``meta-0.pt``, ``meta-1.pt``: the
+rest of the state, with each tensor's place) and ``head.json``, which names the step each
+slot holds. Slots alternate. Before a slot is overwritten, the head stops naming it; after
+its copy is complete, the head names it with its new step. The head is replaced atomically,
+so a kill at any moment leaves the other slot whole and named.
+
+The copy of the parameters and the optimizer's state runs on a thread, overlapping the next
+forward and backward, which do not change them; ``wait`` is called before the next
+optimizer step. Buffers (BatchNorm statistics, which the forward changes), the RNG states
+and the counters are copied at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import xxhash
+
+from ddp import faults, group
+
+ROOT = "ddp-snapshots"
+HEAD = "head.json"
+RUN = "run.json"
+ALIGN = 64  # every tensor starts at a multiple of this: any dtype can be viewed there
+TENSOR = "__ddp_snapshot_tensor__"  # a tensor's place in the meta structure: {TENSOR: its index}
+BUDGET = 0.02  # --snapshot-every auto: the share of a step a snapshot may cost
+
+
+def default_dir() -> Path | None:
+    """Host shared memory (``/dev/shm``) where this system has it; None elsewhere."""
+    shm = Path("/dev/shm")
+    return shm if shm.is_dir() and os.access(shm, os.W_OK) else None
+
+
+def _flatten(obj: Any, tensors: list[torch.Tensor], seen: dict | None = None) -> Any:
+    """``obj`` with each tensor replaced by its index in ``tensors`` (appended there); a tensor met twice (a tied
+    weight, under two names) is stored once, and restored as one."""
+    seen = {} if seen is None else seen
+    if isinstance(obj, torch.Tensor):
+        key = (obj.data_ptr(), obj.dtype, tuple(obj.shape), obj.stride()) if obj.numel() else None
+        if key not in seen or key is None:
+            tensors.append(obj.detach())
+            seen[key] = len(tensors) - 1
+        return {TENSOR: seen[key] if key is not None else len(tensors) - 1}
+    if isinstance(obj, dict):
+        return {k: _flatten(v, tensors, seen) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_flatten(v, tensors, seen) for v in obj)
+    return obj
+
+
+def _unflatten(obj: Any, tensors: list[torch.Tensor]) -> Any:
+    if isinstance(obj, dict):
+        if set(obj) == {TENSOR}:
+            return tensors[obj[TENSOR]]
+        return {k: _unflatten(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_unflatten(v, tensors) for v in obj)
+    return obj
+
+
+def _places(tensors: list[torch.Tensor]) -> tuple[list[tuple[int, str, list[int]]], int]:
+    """(offset, dtype, shape) of each tensor in a slot's data file, and the file's size."""
+    places, size = [], 0
+    for t in tensors:
+        places.append((size, str(t.dtype).removeprefix("torch."), list(t.shape)))
+        size += -(-t.numel() * t.element_size() // ALIGN) * ALIGN
+    return places, size
+
+
+def _view(data: torch.Tensor, place: tuple[int, str, list[int]]) -> torch.Tensor:
+    offset, dtype, shape = place
+    dt = getattr(torch, dtype)
+    n = int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dt).element_size()
+    return data[offset : offset + n].view(dt).view(shape)
+
+
+class Snapshots:
+    """This rank's snapshots: taken every ``every`` steps into two alternating slots, read back on a restart."""
+
+    def __init__(self, root: Path, every: int | None, rank: int, out: Path, say=print) -> None:
+        """``every``: steps between snapshots; None: ``auto`` (every step, fewer if a copy costs more than 2 %
+        of a step)."""
+        self.root, self.rank, self.out, self.say = Path(root) / ROOT, rank, Path(out).resolve(), say
+        self.every, self.auto = every or 1, every is None
+        self.dir: Path | None = None  # this rank's folder, once the run's id is known (open)
+        self.slots: dict[str, dict] = {}  # slot -> {"step", "meta"}: what the head names
+        self.maps: dict[int, tuple[np.memmap, torch.Tensor]] = {}  # slot -> its data file, mapped
+        self.thread: threading.Thread | None = None
+        self.pending: tuple[int, int, dict] | None = None  # (slot, step, meta) of the copy under way
+        self.error: BaseException | None = None
+        self.cost = {"blocked": 0.0, "taken": 0, "since": time.perf_counter()}  # since the last tune
+        self.disabled = False
+        self.announced = False  # whether the memory the snapshots take was said
+
+    # -- where --
+
+    def open(self, run_id: str, clean: bool) -> None:
+        """Use the folder of run ``run_id``; with ``clean`` (one rank per host), remove the folders of runs that
+        can no longer resume: another run now holds their ``--out``, or their ``--out`` is gone."""
+        run_dir = self.root / run_id
+        self.dir = run_dir / f"rank-{self.rank}"
+        if clean:
+            self._clean_stale(run_id)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / RUN).write_text(json.dumps({"run_id": run_id, "out": str(self.out)}))
+        except OSError as e:
+            self._disable(f"cannot write {self.dir} ({e.strerror})")
+            return
+        head = self.dir / HEAD
+        try:
+            self.slots = json.loads(head.read_text())["slots"] if head.is_file() else {}
+        except (OSError, ValueError, KeyError, TypeError):
+            self.slots = {}
+
+    def exists(self, run_id: str) -> bool:
+        """Whether any rank on this host holds a snapshot of run ``run_id``."""
+        return any((self.root / run_id).glob(f"rank-*/{HEAD}"))
+
+    def _clean_stale(self, run_id: str) -> None:
+        for run_file in self.root.glob(f"*/{RUN}"):
+            try:
+                record = json.loads(run_file.read_text())
+            except (OSError, ValueError):
+                continue
+            theirs = record.get("run_id")
+            if theirs == run_id:
+                continue
+            out = Path(record.get("out", ""))
+            if not out.exists() or out == self.out:
+                shutil.rmtree(run_file.parent, ignore_errors=True)
+                self.say(f"removed the snapshots of run {theirs} ({out}): that run can no longer resume")
+
+    def _disable(self, why: str) -> None:
+        if not self.disabled:
+            self.say(f"warning: snapshots in host memory are off: {why}; disk checkpoints only")
+        self.disabled = True
+
+    # -- taking --
+
+    def due(self, step: int) -> bool:
+        """Whether ``step`` is snapshotted."""
+        return not self.disabled and self.dir is not None and step % self.every == 0
+
+    def take(self, step: int, state: Any, live: set[int]) -> None:
+        """Start the snapshot of ``state`` (``Checkpointer.state``) as that of ``step``.
+
+        ``live``: the ``data_ptr`` of tensors the next forward may change (buffers): copied now; the
+        others on a thread until ``wait``.
+        """
+        start = time.perf_counter()
+        self.wait()
+        tensors: list[torch.Tensor] = []
+        meta = _flatten(state, tensors)
+        places, size = _places(tensors)
+        slot = 1 - int(max(self.slots.items(), key=lambda kv: kv[1]["step"])[0]) if self.slots else 0
+        if not self._room(slot, size):
+            return
+        self.slots.pop(str(slot), None)
+        self._write_head()  # first: a slot being overwritten is never named
+        data = self._map(slot, size)
+        later = []
+        for t, place in zip(tensors, places, strict=True):
+            if t.data_ptr() in live:
+                _view(data, place).copy_(t)
+            else:
+                later.append((t, place))
+        record = {"step": step, "size": size, "places": places, "meta": meta}
+        self.pending = (slot, step, record)
+        self.thread = threading.Thread(target=self._copy, args=(data, later, step), name="ddp-snapshot", daemon=True)
+        self.thread.start()
+        self.cost["blocked"] += time.perf_counter() - start
+
+    def _room(self, slot: int, size: int) -> bool:
+        """Whether a slot of ``size`` bytes fits in the folder's free space (the slot's old file counts as free)."""
+        path = self.dir / f"data-{slot}"
+        held = path.stat().st_size if path.exists() else 0
+        free = shutil.disk_usage(self.dir).free + held
+        if size + (1 << 20) <= free:
+            return True
+        self._disable(f"a snapshot needs {size / 2**20:,.1f} MiB in {self.dir}, {free / 2**20:,.1f} MiB are free")
+        return False
+
+    def _map(self, slot: int, size: int) -> torch.Tensor:
+        mapped = self.maps.get(slot)
+        if mapped is None or mapped[1].numel() < size:
+            mm = np.memmap(self.dir / f"data-{slot}", dtype=np.uint8, mode="w+", shape=(max(size, 1),))
+            mapped = self.maps[slot] = (mm, torch.from_numpy(mm))
+        return mapped[1]
+
+    def _copy(self, data: torch.Tensor, later: list, step: int) -> None:
+        try:
+            for i, (tensor, place) in enumerate(later):
+                if i == len(later) // 2:
+                    faults.in_snapshot(self.rank, step)  # a kill half-way through the copy, for the tests
+                _view(data, place).copy_(tensor)
+        except BaseException as e:  # reported by wait, on the training thread
+            self.error = e
+
+    def wait(self) -> None:
+        """Finish the copy under way and commit it: its meta file, then the head that names it."""
+        if self.thread is None:
+            return
+        start = time.perf_counter()
+        self.thread.join()
+        self.thread = None
+        slot, step, record = self.pending
+        self.pending = None
+        if self.error is not None:
+            error, self.error = self.error, None
+            self._disable(f"the copy of step {step} failed ({error})")
+            return
+        blob = io.BytesIO()
+        torch.save(record, blob)
+        (self.dir / f"meta-{slot}.pt").write_bytes(blob.getvalue())
+        digest = xxhash.xxh3_128_hexdigest(blob.getvalue())
+        self.slots[str(slot)] = {"step": step, "meta": digest, "world_size": group.world_size()}
+        self._write_head()
+        self.cost["blocked"] += time.perf_counter() - start
+        self.cost["taken"] += 1
+        if not self.announced:
+            self.announced = True
+            how = "every step, fewer if they cost over 2 %" if self.auto else f"every {self.every} step(s)"
+            self.say(f"snapshots in host memory: {2 * record['size'] / 2**20:,.1f} MiB per rank (two slots) in "
+                     f"{self.dir.parent}, {how}")  # fmt: skip
+
+    def _write_head(self) -> None:
+        tmp = self.dir / f".{HEAD}.tmp"
+        tmp.write_text(json.dumps({"rank": self.rank, "slots": self.slots}))
+        os.replace(tmp, self.dir / HEAD)
+
+    def share(self) -> float:
+        """The share of training time the snapshots blocked it since the last ``tune``; -1 before 8 of them."""
+        c = self.cost
+        if not self.auto or c["taken"] < 8:
+            return -1.0
+        return c["blocked"] / max(time.perf_counter() - c["since"], 1e-9)
+
+    def tune(self, share: float) -> None:
+        """``auto``, called by every rank with the same ``share`` (the most any rank's cost): take snapshots less
+        often while they cost more than 2 % of training time."""
+        if share < 0:
+            return
+        if share > BUDGET:
+            self.every *= 2
+            self.say(f"snapshots cost {100 * share:.1f}% of training time: one every {self.every} steps from now")
+        self.cost.update(blocked=0.0, taken=0, since=time.perf_counter())
+
+    # -- reading back --
+
+    def held(self, world_size: int) -> list[int]:
+        """The steps of this rank's committed snapshots of a world of ``world_size``, newest first."""
+        steps = (s["step"] for s in self.slots.values() if s.get("world_size") == world_size)
+        return sorted(steps, reverse=True)
+
+    def load(self, step: int) -> Any:
+        """The state of this rank's snapshot of ``step``, as ``take`` was given it (tensors on the CPU)."""
+        slot = next(k for k, s in self.slots.items() if s["step"] == step)
+        blob = (self.dir / f"meta-{slot}.pt").read_bytes()
+        if xxhash.xxh3_128_hexdigest(blob) != self.slots[slot]["meta"]:
+            raise OSError(f"{self.dir / f'meta-{slot}.pt'} does not match its checksum in {HEAD}")
+        stream = io.BytesIO(blob)
+        record = torch.load(stream, weights_only=True)
+        mm = np.memmap(self.dir / f"data-{slot}", dtype=np.uint8, mode="c")
+        if mm.shape[0] < record["size"]:
+            raise OSError(f"{self.dir / f'data-{slot}'} is shorter than its snapshot")
+        data = torch.from_numpy(mm)
+        tensors = [_view(data, place).clone() for place in record["places"]]
+        return _unflatten(record["meta"], tensors)
+
+    def nbytes(self) -> int:
+        """Host memory the two slots take."""
+        return sum(m[1].numel() for m in self.maps.values())
+
+    def close(self, remove: bool) -> None:
+        """Finish the copy under way; with ``remove``, delete this rank's snapshots (the run ended)."""
+        self.wait()
+        self.maps.clear()
+        if remove and self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            with contextlib.suppress(OSError):  # the last rank of the run on this host takes the run's folder too
+                if not any(p.name.startswith("rank-") for p in self.dir.parent.iterdir()):
+                    shutil.rmtree(self.dir.parent, ignore_errors=True)

@@ -1,0 +1,131 @@
+"""Snapshots in host memory: a killed worker loses at most one step, and a stop is honoured anywhere."""
+
+import random
+import re
+import shutil
+
+import pytest
+import torch
+
+from ddp import snapshot
+from ddp.snapshot import Snapshots
+
+from .helpers import assert_same_training, assert_tree_equal, model_state, ok, torchrun
+
+# 922 training samples, batch 32 on 2 ranks: 14 steps an epoch; the run crosses an epoch boundary.
+ARGS = ["--samples", "1024", "--batch-size", "32", "--steps", "20", "--log-every", "1", "--checkpoint-every", "6"]
+
+
+def resumed_from_memory(output: str) -> list[int]:
+    """The steps each restart resumed from host memory at, in order."""
+    return [int(s) for s in re.findall(r"resumed from the snapshot in host memory \(.*?\), step (\d+)", output)]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted 2-rank run, without snapshots."""
+    out = tmp_path_factory.mktemp("ref")
+    ok(torchrun(2, *ARGS, "--snapshot-every", "0", "--out", str(out)))
+    return out
+
+
+def test_a_snapshot_round_trips_bitwise_and_the_other_slot_survives_a_copy_never_committed(tmp_path):
+    snaps = Snapshots(tmp_path, 1, rank=0, out=tmp_path, say=lambda _: None)
+    snaps.open("run", clean=False)
+    states = [{"w": torch.randn(3, 5), "b": torch.arange(4, dtype=torch.bfloat16), "n": i, "s": [torch.ones(2)]}
+              for i in range(3)]  # fmt: skip
+    for step, state in enumerate(states[:2], start=1):
+        snaps.take(step, state, live=set())
+        snaps.wait()
+    assert snaps.held(1) == [2, 1]
+    assert_tree_equal(snaps.load(1), states[0])
+    snaps.take(3, states[2], live=set())  # overwrites step 1's slot; killed before wait commits it:
+    reopened = Snapshots(tmp_path, 1, rank=0, out=tmp_path)
+    reopened.open("run", clean=False)
+    assert reopened.held(1) == [2]  # the slot being written is never named
+    assert_tree_equal(reopened.load(2), states[1])
+    snaps.wait()
+    snaps.close(remove=True)
+    assert not (tmp_path / snapshot.ROOT / "run").exists()
+
+
+def test_a_tied_weight_is_stored_once_and_restored_as_one_tensor(tmp_path):
+    snaps = Snapshots(tmp_path, 1, rank=0, out=tmp_path)
+    snaps.open("run", clean=False)
+    tied = torch.randn(4)
+    snaps.take(1, {"embedding": tied, "head": tied}, live=set())
+    snaps.wait()
+    loaded = snaps.load(1)
+    assert torch.equal(loaded["head"], tied) and loaded["head"].data_ptr() == loaded["embedding"].data_ptr()
+    assert (tmp_path / snapshot.ROOT / "run" / "rank-0" / "data-0").stat().st_size == snapshot.ALIGN
+
+
+def test_too_little_shared_memory_warns_once_and_training_goes_on(tmp_path, monkeypatch):
+    said = []
+    snaps = Snapshots(tmp_path, 1, rank=0, out=tmp_path, say=said.append)
+    snaps.open("run", clean=False)
+    monkeypatch.setattr(snapshot.shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(1 << 30, 1 << 30, 1024))
+    for step in (1, 2):
+        if snaps.due(step):
+            snaps.take(step, {"w": torch.zeros(1 << 16)}, live=set())
+    assert len(said) == 1 and "snapshots in host memory are off: a snapshot needs 0.2 MiB" in said[0]
+    assert snaps.held(1) == [] and not snaps.due(3)
+
+
+def test_sigkilled_ranks_resume_from_memory_recomputing_one_step_each_and_end_bitwise_equal(tmp_path, reference):
+    seed = random.randrange(10**6)
+    rng = random.Random(seed)
+    steps = sorted(rng.sample(range(2, 20), 3))  # attempt i dies at steps[i], not just after a checkpoint
+    kills = ";".join(f"kill:attempt={i}:rank={rng.randrange(2)}:step={s}" for i, s in enumerate(steps))
+    shm = tmp_path / "shm"
+    args = [*ARGS, "--snapshot-every", "1", "--snapshot-dir", str(shm), "--workers", "2", "--out", str(tmp_path)]
+    out = ok(torchrun(2, *args, restarts=3, extra_env={"DDP_FAULT": kills}))
+    context = f"seed {seed}, DDP_FAULT={kills}"
+    # each restart continues at the step it was killed in: only that step is recomputed; from memory, unless the
+    # disk holds that step too (every 6 steps)
+    assert [int(n) for n in re.findall(r"continuing at step (\d+)", out)] == steps, context
+    assert resumed_from_memory(out) == [s - 1 for s in steps if (s - 1) % 6], context
+    assert_same_training(tmp_path, reference)
+    assert not any((shm / snapshot.ROOT).iterdir()), "a finished run leaves no snapshot behind"
+
+
+def test_a_kill_during_the_snapshot_copy_resumes_from_the_other_slot_bitwise(tmp_path, reference):
+    # no checkpoint on disk yet (the first is due after 10 minutes): the run's snapshots are all there is
+    args = [*ARGS, "--checkpoint-every", "0", "--snapshot-every", "1", "--snapshot-dir", str(tmp_path / "shm"),
+            "--out", str(tmp_path)]  # fmt: skip
+    out = ok(torchrun(2, *args, restarts=1, extra_env={"DDP_FAULT": "kill-in-snapshot:rank=1:step=9"}))
+    assert "MiB per rank (two slots)" in out
+    assert resumed_from_memory(out) == [8]  # rank 1's slot of step 9 was never named; step 8's is whole
+    assert_same_training(tmp_path, reference)
+
+
+def test_with_every_snapshot_gone_the_newest_checkpoint_serves(tmp_path, reference):
+    shm = tmp_path / "shm"
+    args = [*ARGS, "--snapshot-every", "1", "--snapshot-dir", str(shm), "--out", str(tmp_path)]
+    killed = torchrun(2, *args, extra_env={"DDP_FAULT": "kill:rank=0:step=10"})
+    assert killed.returncode != 0
+    shutil.rmtree(shm)  # a power cut: host memory is gone, the disk is not
+    out = ok(torchrun(2, *args))
+    assert f"resumed from {tmp_path}/checkpoints/step-00000006: continuing at step 7" in out
+    assert_same_training(tmp_path, reference)
+
+
+def test_a_stop_during_an_evaluation_exits_with_the_last_step_saved_and_resumes_bitwise(tmp_path, reference):
+    args = [*ARGS, "--eval-every", "8", "--out", str(tmp_path)]
+    out = ok(torchrun(2, *args, extra_env={"DDP_FAULT": "sigint:rank=1:at=eval"}))
+    assert "stopping on SIGINT after step 8: checkpoint saved, relaunch to resume" in out
+    assert "eval at step 8" not in out and not (tmp_path / "mlp.params").exists()
+    assert model_state(tmp_path)[1]["step"] == 8
+    out = ok(torchrun(2, *args))
+    assert "step-00000008: continuing at step 9" in out and "verify: 2/2 ranks reloaded" in out
+    assert_same_training(tmp_path, reference)
+
+
+def test_a_stop_during_the_export_keeps_the_last_step_and_a_relaunch_exports_it(tmp_path, reference):
+    args = [*ARGS, "--out", str(tmp_path)]
+    out = ok(torchrun(2, *args, extra_env={"DDP_FAULT": "sigterm:rank=0:at=export"}))
+    assert "stopping on SIGTERM during the export: the checkpoint of the last step is saved" in out
+    assert "verify:" not in out and model_state(tmp_path)[1]["step"] == 20
+    out = ok(torchrun(2, *args))
+    assert "step 20 already completes the run" in out and "verify: 2/2 ranks reloaded" in out
+    assert_same_training(tmp_path, reference)
