@@ -159,18 +159,32 @@ def config_from_settings(settings: dict, task: Task) -> Config:
 
 
 def explain(world: group.World, e: BaseException) -> int | None:
-    """Print a known failure as one line on stderr and give its exit code; None for a bug."""
-    if isinstance(e, DDPError):
-        return say(world.prefix(), e)
-    if not group.is_comm_failure(e):
-        return None
-    print(
-        f"{world.prefix()} error: a collective failed, another rank probably died or hung "
-        f"(see the launcher's report of the failing rank): {first_line(e)}",
-        file=sys.stderr,
-        flush=True,
-    )
-    return 1
+    """Print a known failure as one line on stderr and give its exit code; None for a bug.
+
+    The failure may sit under another exception: a collective fails because a rank died, and while it
+    is handled the launcher ends this rank's DataLoader workers, whose death the loader then raises.
+    """
+    for cause in _chain(e):
+        if isinstance(cause, DDPError):
+            return say(world.prefix(), cause)
+        if group.is_comm_failure(cause):
+            print(
+                f"{world.prefix()} error: a collective failed, another rank probably died or hung "
+                f"(see the launcher's report of the failing rank): {first_line(cause)}",
+                file=sys.stderr,
+                flush=True,
+            )
+            return 1
+    return None
+
+
+def _chain(e: BaseException | None) -> list[BaseException]:
+    """``e`` and the exceptions it was raised from or while handling, outermost first."""
+    found: list[BaseException] = []
+    while e is not None and e not in found:
+        found.append(e)
+        e = e.__cause__ or e.__context__
+    return found
 
 
 @record
