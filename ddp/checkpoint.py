@@ -264,26 +264,49 @@ class Checkpointer:
         folder = self.find(resume)
         if self.snapshots is not None and self.run_id is not None:  # a run's folder was claimed: snapshots are its
             self.snapshots.open(self.run_id, clean=os.environ.get("LOCAL_RANK", "0") == "0")
-        step = self._memory_step(folder) if resume == "auto" else None
-        if step is not None:
-            files, own, _ = self.snapshots.load(step)
-            train = {**files[TRAIN], "model": files[MODEL]}
-            self._load_whole(train, self.snapshots.dir)
-            self._restore_rest(train, own)
-            self.last_saved = None if folder is None else read_manifest(folder)["step"]
-            return f"the snapshot in host memory ({self.snapshots.dir.parent}), step {step}"
-        if folder is not None:
-            self.restore(folder)
-        return folder
+        choice = self._memory_choice(folder) if resume == "auto" else None
+        if choice is None:
+            if folder is not None:
+                self.restore(folder)
+            return folder
+        step, holders = choice
+        files, own = self._memory_state(step, holders)
+        train = {**files[TRAIN], "model": files[MODEL]}
+        self._load_whole(train, Path(f"the snapshot of step {step}"))
+        self._restore_rest(train, own)
+        self.last_saved = None if folder is None else read_manifest(folder)["step"]
+        return f"the snapshot in host memory ({self.snapshots.root / self.run_id}), step {step}"
 
-    def _memory_step(self, folder: Path | None) -> int | None:
-        """Called by every rank: the newest step every rank's snapshots hold, if newer than ``folder``'s."""
+    def _memory_choice(self, folder: Path | None) -> tuple[int, list[int]] | None:
+        """Called by every rank: (the step to restore from host memory, the ranks that hold it), or None where
+        the newest checkpoint on disk (``folder``) is as new.
+
+        Under FSDP every rank needs its own shards: the newest step every rank holds. Under DDP every rank
+        holds the same model and optimizer, so one rank's snapshot can serve a rank that lost its own.
+        """
         held = [] if self.snapshots is None else self.snapshots.held(group.world_size())
-        common = set.intersection(*(set(h) for h in group.all_gather_objects(held)))
-        if not common:
+        gathered = [set(h) for h in group.all_gather_objects(held)]
+        newest = max(set.intersection(*gathered) or {-1})
+        if not self.sharded:
+            newest = max(set.union(*gathered) or {-1})
+        if newest < 0 or (folder is not None and newest <= read_manifest(folder)["step"]):
             return None
-        newest = max(common)
-        return newest if folder is None or newest > read_manifest(folder)["step"] else None
+        return newest, [r for r, h in enumerate(gathered) if newest in h]
+
+    def _memory_state(self, step: int, holders: list[int]) -> tuple[dict, dict | None]:
+        """(the files of the snapshot of ``step``, this rank's own state or None): from this rank's memory, or,
+        for a rank without it, the replicated files sent by the first rank that holds it."""
+        mine = self.snapshots.load(step) if group.rank() in holders else None
+        if len(holders) == group.world_size():
+            return mine[0], mine[1]
+        lost = [r for r in range(group.world_size()) if r not in holders]
+        files = group.broadcast_object(None if mine is None else mine[0], src=holders[0])
+        self.say(
+            f"warning: rank(s) {lost} hold no snapshot of step {step} (a replaced node?): rank {holders[0]} sent "
+            "them the model and optimizer over the process group; their RNG is reseeded from (seed, rank, step), "
+            "so a model that draws random numbers in training (dropout) will not match an uninterrupted run"
+        )
+        return files, None if mine is None else mine[1]
 
     def prepare(self) -> None:
         """Rank 0 removes leftovers of interrupted saves and deletions."""

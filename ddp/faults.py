@@ -4,6 +4,7 @@ Tests set ``DDP_FAULT`` in a worker's environment, e.g. ``kill:rank=1:step=7`` o
 ``enospc:rank=1:save=2`` (the second file rank 1 writes fails with ENOSPC),
 ``kill-in-snapshot:rank=1:step=7`` (rank 1 dies half-way through copying its snapshot of step 7),
 ``sigint:rank=1:at=eval`` (rank 1 is sent SIGINT as an evaluation starts; ``at=export``: in the export),
+``lose-memory:rank=1:step=9:dir=D`` (rank 1 deletes folder D, its snapshots, and dies: a replaced node),
 ``nan:rank=1:step=12`` (rank 1's loss in step 12 is NaN),
 ``stop:rank=1:step=5`` (rank 1 SIGSTOPs itself: a stalled rank),
 ``sleep:rank=1:step=1:seconds=5`` (a slow step), or
@@ -21,6 +22,7 @@ from __future__ import annotations
 import errno
 import functools
 import os
+import shutil
 import signal
 import time
 
@@ -58,6 +60,9 @@ def at_step(rank: int, step: int) -> None:
         os.kill(os.getpid(), signal.SIGSTOP)
     if spec["kind"] in ("sigterm", "sigint"):
         os.kill(os.getpid(), signal.SIGTERM if spec["kind"] == "sigterm" else signal.SIGINT)
+    if spec["kind"] == "lose-memory":  # a node replaced: its host memory (the snapshot folder) gone with it
+        shutil.rmtree(spec["dir"], ignore_errors=True)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def at_phase(rank: int, phase: str) -> None:

@@ -335,6 +335,15 @@ def all_gather_objects(obj: object) -> list:
     return out
 
 
+def broadcast_object(obj: object, src: int) -> object:
+    """Rank ``src``'s ``obj`` on every rank (pickled: for a restore, not for every step)."""
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
 def raise_if_any_failed(error: BaseException | None, what: str) -> None:
     """Called by every rank after a step that may fail on some ranks only.
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from .helpers import ROOT, env, free_port, ok, run
+from .helpers import ROOT, assert_same_training, env, free_port, ok, run, torchrun
 
 SCRIPTS = sorted((ROOT / "launch").iterdir())
 ARGS = ["--samples", "512", "--batch-size", "16", "--steps", "6"]
@@ -83,22 +83,38 @@ def test_two_nodes_rendezvous_on_one_host_and_rank_0_writes_the_shared_files(tmp
     assert set().union(*shares.values()) == {"0", "1", "2", "3"}
 
 
-def test_a_rank_killed_on_one_of_two_nodes_restarts_both_and_resumes(tmp_path):
+def test_a_node_replaced_after_a_kill_gets_the_snapshot_from_the_other_node_and_ends_bitwise_equal(tmp_path):
     # Each node's agent counts its own restarts (the killed node's reaches 1, the other's may
     # stay 0), so a restart cannot be told apart by TORCHELASTIC_RESTART_COUNT: it must still join.
+    # Rank 1 dies with its node's host memory (its snapshots): under DDP rank 0's serves both.
     port = free_port()
     launcher = ["--head", "127.0.0.1", "--port", str(port), "--nnodes", "2", "--nproc", "1", "--rdzv-id", "kill",
                 "--max-restarts", "1"]  # fmt: skip
-    cmd = ["bash", "launch/multinode.sh", *launcher, "--", *ARGS, "--steps", "10", "--checkpoint-every", "3",
-           "--no-async-save", "--snapshot-every", "1", "--out", str(tmp_path)]  # fmt: skip
-    nodes = [start(cmd, tmp_path / f"node{i}.log", DDP_FAULT="kill:rank=1:step=5") for i in range(2)]
+    args = [*ARGS, "--steps", "10", "--checkpoint-every", "3", "--no-async-save", "--snapshot-every", "1"]
+    nodes = []
+    for i in range(2):
+        shm = tmp_path / f"shm{i}"  # each node's own memory
+        cmd = [
+            "bash",
+            "launch/multinode.sh",
+            *launcher,
+            "--",
+            *args,
+            "--snapshot-dir",
+            str(shm),
+            "--out",
+            str(tmp_path),
+        ]
+        nodes.append(start(cmd, tmp_path / f"node{i}.log", DDP_FAULT=f"lose-memory:rank=1:step=5:dir={shm}"))
     for node in nodes:
         node.wait(timeout=150)
     logs = "".join((tmp_path / f"node{i}.log").read_text() for i in range(2))
     assert all(node.returncode == 0 for node in nodes), logs[-4000:]
-    # each node's rank resumes from its own host memory: only the step the kill interrupted is recomputed
-    assert re.search(r"resumed from the snapshot in host memory \(.*\), step 4: continuing at step 5", logs), logs
+    assert re.search(r"warning: rank\(s\) \[1\] hold no snapshot of step [45] \(a replaced node\?\): rank 0 sent", logs)
+    assert re.search(r"resumed from the snapshot in host memory \(.*\), step [45]: continuing at step [56]", logs)
     assert "verify: 2/2 ranks reloaded" in logs
+    ok(torchrun(2, *args, "--out", str(tmp_path / "ref")))  # the same job, never killed
+    assert_same_training(tmp_path, tmp_path / "ref")
 
 
 def test_elastic_job_starts_with_the_nodes_it_has(tmp_path):
