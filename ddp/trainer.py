@@ -218,7 +218,7 @@ class Trainer:
         return total, grad_norm, skipped
 
     def _after_step(self) -> None:
-        """Log, and checkpoint when due (or when the ranks agreed to stop).
+        """Log, and checkpoint or snapshot when due (a stop's checkpoint comes after the loop, in ``train``).
 
         The ranks agree through one small collective at each logged step, and at every step
         while an async save is in flight; in between, a step adds only the stop agreement.

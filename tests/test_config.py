@@ -92,3 +92,21 @@ def test_config_changes_lists_what_breaks_exact_resumption_and_nothing_else():
     assert config_changes(old_checkpoint_config(), parse([])) == []  # an old checkpoint, resumed as it was
     assert config_changes(old_checkpoint_config(hidden=[64]), parse(["--hidden", "64"])) == []
     assert config_changes(old_checkpoint_config(), parse(["--samples", "100"])) == ["args {} -> {'samples': 100}"]
+
+
+def test_settings_written_under_their_old_sections_load_into_their_own(tmp_path):
+    old = {"run": {"steps": 3, "log_every": 7, "memory_format": "contiguous", "eval_every": 5, "compile": True},
+           "checkpoint": {"format": "safetensors"}, "dist": {"atol": 0.5}}  # fmt: skip
+    cfg = Config.from_dict(old)  # a checkpoint's config, or a model card's
+    assert (cfg.run.steps, cfg.log.log_every, cfg.eval.eval_every) == (3, 7, 5)
+    assert (cfg.compute.memory_format, cfg.compute.compile, cfg.export.format, cfg.export.atol) == (
+        "contiguous", True, "safetensors", 0.5)  # fmt: skip
+    (tmp_path / "old.toml").write_text('[run]\nlog_every = 4\n[checkpoint]\nformat = "safetensors"\n')
+    parsed = parse(["--config", str(tmp_path / "old.toml"), "--eval-every", "2"])
+    assert (parsed.log.log_every, parsed.export.format, parsed.eval.eval_every) == (4, "safetensors", 2)
+    # a resumed run compares like with like: an exactness setting that moved and did not change is no change
+    unchanged = Config.from_dict({"compute": {"memory_format": "contiguous"}})
+    assert config_changes({"run": {"memory_format": "contiguous"}}, unchanged) == []
+    assert config_changes({"run": {"memory_format": "channels_last"}}, unchanged) == [
+        "memory_format 'channels_last' -> 'contiguous'"
+    ]

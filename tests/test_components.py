@@ -1,0 +1,84 @@
+"""The Trainer's components, each on its own: the data's progress, evaluation's schedule, the step figures'
+agreement, and when the Checkpointer saves. In one process, no launcher: what each decides from what it is told."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ddp import batches, group
+from ddp.checkpoint import Checkpointer
+from ddp.config import CheckpointConfig, Config, DistConfig
+from ddp.evaluate import Evaluator
+from ddp.metrics import StepMetrics
+from ddp.tasks.mlp import task as mlp
+from ddp.trainer import Progress
+
+
+@pytest.fixture
+def world():
+    world = group.init(DistConfig(backend="gloo"))
+    yield world
+    group.shutdown()
+
+
+def config(tmp_path, **sections) -> Config:
+    return Config.from_dict({"run": {"out": str(tmp_path)}, **sections})
+
+
+def test_map_batches_move_to_the_next_epoch_at_its_end_and_count_the_run_in_steps(tmp_path, world):
+    cfg = config(tmp_path, data={"batch_size": 16}, run={"out": str(tmp_path), "epochs": 2})
+    task = mlp(samples=200, val_fraction=0.2).load_data()  # 160 training samples: 10 steps of 16 an epoch
+    started = []
+    data = batches.build(task, cfg, world, lambda epoch, steps: started.append((epoch, steps)), print)
+    assert isinstance(data, batches.MapBatches) and (data.steps_per_epoch, data.total_steps) == (10, 20)
+    p = Progress()
+    for _ in range(10):
+        [(x, y)] = data.next(p)
+        assert x.shape == (16, 20) and y.shape == (16,)
+        p.step += 1
+        data.advance(p)
+    assert (p.epoch, p.epoch_samples) == (1, 0) and started == [(0, 10)]
+    data.next(p)
+    assert started == [(0, 10), (1, 10)] and data.statefuls() == ({}, {})
+    data.close()
+
+
+def test_the_evaluator_is_due_at_epoch_ends_every_n_steps_and_at_the_last_never_twice(tmp_path, world):
+    cfg = config(tmp_path, eval={"eval_every": 4})
+    evaluator = Evaluator(mlp(samples=64).load_data(), cfg, world, torch.float32, metrics=None)
+    assert [s for s in range(1, 10) if evaluator.due(s)] == [4, 8]
+    assert evaluator.due(5, epoch_ended=True) and evaluator.due(9, last=True)
+    evaluator.evaluated = 9
+    assert not evaluator.due(9, last=True)  # the last step was evaluated already: not twice
+
+
+def test_step_metrics_log_the_mean_loss_of_the_steps_taken_and_every_ranks_times(tmp_path, world):
+    cfg = config(tmp_path)
+    metrics = StepMetrics(cfg, world, global_batch=64, tokens_per_sample=None)
+    for loss in (1.0, 3.0):
+        metrics.stepped(torch.tensor(loss), torch.tensor(0.5), skipped=False, epoch=0)
+    metrics.stepped(torch.tensor(math.nan), torch.tensor(math.nan), skipped=True, epoch=0)  # not in the mean
+    row = metrics.row()
+    assert row[0] == 4.0 and len(row) == 5  # the loss sum, then step_timing
+    metrics.settle([row])  # every rank's row: here, a world of one
+    assert metrics.last_loss == 4.0 / 2 and metrics.rank_timing == [row[1:]]
+    metrics.close()
+
+
+def test_the_checkpointer_saves_every_n_steps_when_the_ranks_agreed_time_passed_and_at_the_last(tmp_path, world):
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    cfg = CheckpointConfig(checkpoint_every=3, checkpoint_every_seconds=3600, snapshot_every="0")
+    ckpt = Checkpointer(tmp_path, cfg, model, optimizer, say=lambda _: None)
+    for step in range(1, 6):
+        ckpt.save_if_due(step)
+    assert ckpt.last_saved == 3
+    ckpt.settle([[1.0, 0.0, 0.0, -1.0]])  # rank 0's clock says an hour passed
+    ckpt.save_if_due(4)
+    assert ckpt.last_saved == 4 and not ckpt.time_due  # saved, and the clock starts again
+    ckpt.save_if_due(5, last_step=True)
+    ckpt.save_if_due(5, last_step=True)  # the last step is saved once
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000003", "step-00000004", "step-00000005"]
