@@ -78,9 +78,10 @@ def run_alone(args: list[str], fault: str) -> subprocess.CompletedProcess:
 
 def test_a_signal_on_one_rank_stops_every_rank_within_a_step_whatever_log_every_is(tmp_path):
     args = [*SMALL, "--steps", "100", "--log-every", "2500", "--out", str(tmp_path)]
-    out = ok(torchrun(2, *args, extra_env={"DDP_FAULT": "sigterm:rank=1:step=7"}))
-    assert "stopping on SIGTERM after step 8: checkpoint saved" in out  # agreed at the next step, no blocking
-    assert (tmp_path / "checkpoints" / "step-00000008").is_dir() and not (tmp_path / "mlp.params").exists()
+    # step 5, not 7: step 7 ends an epoch, whose evaluation agrees between its batches and stops at once
+    out = ok(torchrun(2, *args, extra_env={"DDP_FAULT": "sigterm:rank=1:step=5"}))
+    assert "stopping on SIGTERM after step 6: checkpoint saved" in out  # agreed at the next step, no blocking
+    assert (tmp_path / "checkpoints" / "step-00000006").is_dir() and not (tmp_path / "mlp.params").exists()
 
 
 def test_ctrl_c_to_torchrun_stops_every_rank_with_a_checkpoint(tmp_path):
