@@ -339,6 +339,7 @@ def _source_options(p: argparse.ArgumentParser, architecture: bool = True) -> No
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``ddp`` command line: one subcommand each (``train``'s own options are ``ddp.options``)."""
     p = argparse.ArgumentParser(prog="ddp", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("train", help="train with DDP (all options: ddp train --help)", add_help=False)
@@ -371,7 +372,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--output", help="destination (default: beside the input, new suffix; dcp: a folder)")
     e.add_argument("--keep-prefixes", action="store_true", help="keep module./model. prefixes (default: strip)")
     e.set_defaults(func=cmd_export)
+    _add_language_and_run_commands(sub)
+    return p
 
+
+def _add_language_and_run_commands(sub) -> None:
+    """``ddp sample``, ``ddp tokens`` and ``ddp plot``."""
     sm = sub.add_parser("sample", help="continue a prompt with a trained charlm")
     _source_options(sm, architecture=False)
     sm.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
@@ -392,7 +398,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pl.add_argument("run_dir")
     pl.set_defaults(func=cmd_plot)
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:
