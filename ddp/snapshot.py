@@ -51,6 +51,19 @@ def default_dir() -> Path | None:
     return shm if shm.is_dir() and os.access(shm, os.W_OK) else None
 
 
+def _available_memory() -> int:
+    """The host's available memory (``MemAvailable``): what a snapshot in tmpfs may take without making the
+    machine swap; unbounded where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62
+
+
 def _flatten(obj: Any, tensors: list[torch.Tensor], seen: dict | None = None) -> Any:
     """``obj`` with each tensor replaced by its index in ``tensors`` (appended there); a tensor met twice (a tied
     weight, under two names) is stored once, and restored as one."""
@@ -192,13 +205,15 @@ class Snapshots:
         self.cost["blocked"] += time.perf_counter() - start
 
     def _room(self, slot: int, size: int) -> bool:
-        """Whether a slot of ``size`` bytes fits in the folder's free space (the slot's old file counts as free)."""
+        """Whether a slot of ``size`` bytes fits in the folder's free space and in the host's available memory,
+        with room to spare for every rank on the host (the slot's old file counts as free)."""
         path = self.dir / f"data-{slot}"
         held = path.stat().st_size if path.exists() else 0
-        free = shutil.disk_usage(self.dir).free + held
-        if size + (1 << 20) <= free:
+        free = min(shutil.disk_usage(self.dir).free, _available_memory()) + held
+        if size * int(os.environ.get("LOCAL_WORLD_SIZE", "1")) + (64 << 20) <= free:
             return True
-        self._disable(f"a snapshot needs {size / 2**20:,.1f} MiB in {self.dir}, {free / 2**20:,.1f} MiB are free")
+        self._disable(f"a snapshot needs {size / 2**20:,.1f} MiB in {self.dir} for each rank on this host, "
+                      f"{free / 2**20:,.1f} MiB are free")  # fmt: skip
         return False
 
     def _map(self, slot: int, size: int) -> torch.Tensor:
