@@ -104,6 +104,7 @@ class Checkpointer:
         self.own_stateful = dict(own_stateful or {})
         self.saved_world_size: int | None = None  # of the checkpoint restored, if any
         self.sharded, self.device, self.config = sharded, device, config
+        self.config_dict = None if config is None else config.to_dict()  # saved with every state: built once
         self.buffers: dict[str, torch.Tensor] = {}  # async staging, reused from save to save
         self.thread: threading.Thread | None = None
         self.result: dict = {}
@@ -141,7 +142,7 @@ class Checkpointer:
             else:
                 train[name] = obj.state_dict()
         train.update(
-            config=None if self.config is None else self.config.to_dict(),
+            config=self.config_dict,
             world_size=group.world_size(),
             torch_version=str(torch.__version__),
         )
@@ -263,7 +264,7 @@ class Checkpointer:
         self.prepare()
         folder = self.find(resume)
         if self.snapshots is not None and self.run_id is not None:  # a run's folder was claimed: snapshots are its
-            self.snapshots.open(self.run_id, clean=os.environ.get("LOCAL_RANK", "0") == "0")
+            self.snapshots.open(self.run_id, os.environ.get("LOCAL_RANK", "0") == "0", self.config_dict)
         choice = self._memory_choice(folder) if resume == "auto" else None
         if choice is None:
             if folder is not None:
@@ -271,7 +272,7 @@ class Checkpointer:
             return folder
         step, holders = choice
         files, own = self._memory_state(step, holders)
-        train = {**files[TRAIN], "model": files[MODEL]}
+        train = {**files[TRAIN], "model": files[MODEL], "config": self.snapshots.saved_config}
         self._load_whole(train, Path(f"the snapshot of step {step}"))
         self._restore_rest(train, own)
         self.last_saved = None if folder is None else read_manifest(folder)["step"]
@@ -359,7 +360,9 @@ class Checkpointer:
         if due:
             self.save(step)
         if self.snapshots is not None and not last_step and self.snapshots.due(step):
-            self.snapshots.take(step, self.state(), {b.data_ptr() for b in self.model.buffers()})
+            files, own, shards = self.state()
+            files[TRAIN] = {k: v for k, v in files[TRAIN].items() if k != "config"}  # the run's, recorded once
+            self.snapshots.take(step, (files, own, shards), {b.data_ptr() for b in self.model.buffers()})
 
     def resumable(self, run_id: str) -> bool:
         """Whether ``--resume auto`` would find snapshots of run ``run_id`` in this host's memory."""

@@ -7,8 +7,8 @@ back in a fraction of a second instead of rereading ``checkpoints/`` from disk, 
 most the step it was in.
 
 Layout, per rank: ``<dir>/ddp-snapshots/<run id>/rank-<r>/`` holds two slots (``data-0``,
-``data-1``: every tensor, 64-byte aligned, back to back; ``meta-0.pt``, ``meta-1.pt``: the
-rest of the state, with each tensor's place) and ``head.json``, which names the step each
+``data-1``: every tensor, 64-byte aligned, back to back; ``meta-0``, ``meta-1``: the rest
+of the state, with each tensor's place, as JSON) and ``head.json``, which names the step each
 slot holds. Slots alternate. Before a slot is overwritten, the head stops naming it; after
 its copy is complete, the head names it with its new step. The head is replaced atomically,
 so a kill at any moment leaves the other slot whole and named.
@@ -25,6 +25,7 @@ import contextlib
 import io
 import json
 import os
+import queue
 import shutil
 import threading
 import time
@@ -91,6 +92,48 @@ def _unflatten(obj: Any, tensors: list[torch.Tensor]) -> Any:
     return obj
 
 
+def _encode(obj: Any) -> Any:
+    """``obj`` (dicts with any keys, tuples, lists, numbers, strings, None) as plain JSON: every dict as its list
+    of pairs, every tuple marked; anything else raises TypeError."""
+    if isinstance(obj, dict):
+        return {"pairs": [[_encode(k), _encode(v)] for k, v in obj.items()]}
+    if isinstance(obj, tuple):
+        return {"tuple": [_encode(v) for v in obj]}
+    if isinstance(obj, list):
+        return [_encode(v) for v in obj]
+    if obj is None or type(obj) in (bool, int, float, str):
+        return obj
+    raise TypeError(f"{type(obj).__name__} is not plain data")
+
+
+def _decode(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        if "tuple" in obj:
+            return tuple(_decode(v) for v in obj["tuple"])
+        return {_decode(k): _decode(v) for k, v in obj["pairs"]}
+    if isinstance(obj, list):
+        return [_decode(v) for v in obj]
+    return obj
+
+
+def _meta_bytes(record: dict) -> bytes:
+    """A snapshot's meta record: JSON where it is plain data (fast; nothing in it can run), else torch's
+    format for the weights-only loader (a stream's own state may hold numpy scalars)."""
+    try:
+        return b"J" + json.dumps(_encode(record)).encode()
+    except TypeError:
+        blob = io.BytesIO()
+        torch.save(record, blob)
+        return b"T" + blob.getvalue()
+
+
+def _meta_record(blob: bytes) -> dict:
+    if blob[:1] == b"J":
+        return _decode(json.loads(blob[1:]))
+    stream = io.BytesIO(blob[1:])
+    return torch.load(stream, weights_only=True)
+
+
 def _places(tensors: list[torch.Tensor]) -> tuple[list[tuple[int, str, list[int]]], int]:
     """(offset, dtype, shape) of each tensor in a slot's data file, and the file's size."""
     places, size = [], 0
@@ -118,25 +161,39 @@ class Snapshots:
         self.dir: Path | None = None  # this rank's folder, once the run's id is known (open)
         self.slots: dict[str, dict] = {}  # slot -> {"step", "meta"}: what the head names
         self.maps: dict[int, tuple[np.memmap, torch.Tensor]] = {}  # slot -> its data file, mapped
-        self.thread: threading.Thread | None = None
+        self.jobs: queue.Queue = queue.Queue()  # copies for the snapshot thread, one at a time
+        self.thread: threading.Thread | None = None  # started at the first snapshot, for the whole run
+        self.done = threading.Event()  # set when the copy under way is complete
         self.pending: tuple[int, int, dict] | None = None  # (slot, step, meta) of the copy under way
         self.error: BaseException | None = None
         self.cost = {"blocked": 0.0, "taken": 0, "since": time.perf_counter()}  # since the last tune
         self.disabled = False
         self.announced = False  # whether the memory the snapshots take was said
+        self.saved_config: dict | None = None  # the settings the run's snapshots were taken under
 
     # -- where --
 
-    def open(self, run_id: str, clean: bool) -> None:
+    def open(self, run_id: str, clean: bool, config: dict | None = None) -> None:
         """Use the folder of run ``run_id``; with ``clean`` (one rank per host), remove the folders of runs that
-        can no longer resume: another run now holds their ``--out``, or their ``--out`` is gone."""
+        can no longer resume: another run now holds their ``--out``, or their ``--out`` is gone.
+
+        ``config``: this launch's settings, recorded once for the run's snapshots (``saved_config`` is what the
+        launch before it recorded).
+        """
         run_dir = self.root / run_id
         self.dir = run_dir / f"rank-{self.rank}"
         if clean:
             self._clean_stale(run_id)
         try:
+            self.saved_config = json.loads((run_dir / RUN).read_text()).get("config")
+        except (OSError, ValueError, AttributeError):
+            self.saved_config = None
+        try:
             self.dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / RUN).write_text(json.dumps({"run_id": run_id, "out": str(self.out)}))
+            record = {"run_id": run_id, "out": str(self.out), "config": config}
+            tmp = run_dir / f".{RUN}.{self.rank}.tmp"
+            tmp.write_text(json.dumps(record))
+            os.replace(tmp, run_dir / RUN)
         except OSError as e:
             self._disable(f"cannot write {self.dir} ({e.strerror})")
             return
@@ -200,8 +257,11 @@ class Snapshots:
                 later.append((t, place))
         record = {"step": step, "size": size, "places": places, "meta": meta}
         self.pending = (slot, step, record)
-        self.thread = threading.Thread(target=self._copy, args=(data, later, step), name="ddp-snapshot", daemon=True)
-        self.thread.start()
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._copier, name="ddp-snapshot", daemon=True)
+            self.thread.start()
+        self.done.clear()
+        self.jobs.put((data, later, step))
         self.cost["blocked"] += time.perf_counter() - start
 
     def _room(self, slot: int, size: int) -> bool:
@@ -223,32 +283,34 @@ class Snapshots:
             mapped = self.maps[slot] = (mm, torch.from_numpy(mm))
         return mapped[1]
 
-    def _copy(self, data: torch.Tensor, later: list, step: int) -> None:
-        try:
-            for i, (tensor, place) in enumerate(later):
-                if i == len(later) // 2:
-                    faults.in_snapshot(self.rank, step)  # a kill half-way through the copy, for the tests
-                _view(data, place).copy_(tensor)
-        except BaseException as e:  # reported by wait, on the training thread
-            self.error = e
+    def _copier(self) -> None:
+        """The snapshot thread: each copy it is given, in turn (tensor copies release the GIL)."""
+        while True:
+            data, later, step = self.jobs.get()
+            try:
+                for i, (tensor, place) in enumerate(later):
+                    if i == len(later) // 2:
+                        faults.in_snapshot(self.rank, step)  # a kill half-way through the copy, for the tests
+                    _view(data, place).copy_(tensor)
+            except BaseException as e:  # reported by wait, on the training thread
+                self.error = e
+            self.done.set()
 
     def wait(self) -> None:
         """Finish the copy under way and commit it: its meta file, then the head that names it."""
-        if self.thread is None:
+        if self.pending is None:
             return
         start = time.perf_counter()
-        self.thread.join()
-        self.thread = None
+        self.done.wait()
         slot, step, record = self.pending
         self.pending = None
         if self.error is not None:
             error, self.error = self.error, None
             self._disable(f"the copy of step {step} failed ({error})")
             return
-        blob = io.BytesIO()
-        torch.save(record, blob)
-        (self.dir / f"meta-{slot}.pt").write_bytes(blob.getvalue())
-        digest = xxhash.xxh3_128_hexdigest(blob.getvalue())
+        blob = _meta_bytes(record)
+        (self.dir / f"meta-{slot}").write_bytes(blob)
+        digest = xxhash.xxh3_128_hexdigest(blob)
         self.slots[str(slot)] = {"step": step, "meta": digest, "world_size": group.world_size()}
         self._write_head()
         self.cost["blocked"] += time.perf_counter() - start
@@ -291,11 +353,10 @@ class Snapshots:
     def load(self, step: int) -> Any:
         """The state of this rank's snapshot of ``step``, as ``take`` was given it (tensors on the CPU)."""
         slot = next(k for k, s in self.slots.items() if s["step"] == step)
-        blob = (self.dir / f"meta-{slot}.pt").read_bytes()
+        blob = (self.dir / f"meta-{slot}").read_bytes()
         if xxhash.xxh3_128_hexdigest(blob) != self.slots[slot]["meta"]:
-            raise OSError(f"{self.dir / f'meta-{slot}.pt'} does not match its checksum in {HEAD}")
-        stream = io.BytesIO(blob)
-        record = torch.load(stream, weights_only=True)
+            raise OSError(f"{self.dir / f'meta-{slot}'} does not match its checksum in {HEAD}")
+        record = _meta_record(blob)
         mm = np.memmap(self.dir / f"data-{slot}", dtype=np.uint8, mode="c")
         if mm.shape[0] < record["size"]:
             raise OSError(f"{self.dir / f'data-{slot}'} is shorter than its snapshot")
