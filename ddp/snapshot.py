@@ -44,6 +44,7 @@ RUN = "run.json"
 ALIGN = 64  # every tensor starts at a multiple of this: any dtype can be viewed there
 TENSOR = "__ddp_snapshot_tensor__"  # a tensor's place in the meta structure: {TENSOR: its index}
 BUDGET = 0.02  # --snapshot-every auto: the share of a step a snapshot may cost
+SMALL = 4 << 20  # a state this small is copied at once: less than handing it to the thread costs
 
 
 def default_dir() -> Path | None:
@@ -141,6 +142,16 @@ def _places(tensors: list[torch.Tensor]) -> tuple[list[tuple[int, str, list[int]
         places.append((size, str(t.dtype).removeprefix("torch."), list(t.shape)))
         size += -(-t.numel() * t.element_size() // ALIGN) * ALIGN
     return places, size
+
+
+def _copy_all(destinations: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
+    """Copy each source into its destination: in one call where every tensor is on the CPU."""
+    if all(t.device.type == "cpu" for t in sources):
+        if sources:
+            torch._foreach_copy_(destinations, sources)
+        return
+    for destination, source in zip(destinations, sources, strict=True):  # from a GPU: device to host
+        destination.copy_(source)
 
 
 def _view(data: torch.Tensor, place: tuple[int, str, list[int]]) -> torch.Tensor:
@@ -249,19 +260,22 @@ class Snapshots:
         self.slots.pop(str(slot), None)
         self._write_head()  # first: a slot being overwritten is never named
         data = self._map(slot, size)
-        later = []
+        now, later = ([], []), ([], [])  # (destinations, sources)
         for t, place in zip(tensors, places, strict=True):
-            if t.data_ptr() in live:
-                _view(data, place).copy_(t)
-            else:
-                later.append((t, place))
-        record = {"step": step, "size": size, "places": places, "meta": meta}
-        self.pending = (slot, step, record)
-        if self.thread is None:
-            self.thread = threading.Thread(target=self._copier, name="ddp-snapshot", daemon=True)
-            self.thread.start()
+            into = now if t.data_ptr() in live or size <= SMALL else later
+            into[0].append(_view(data, place))
+            into[1].append(t)
+        if now[0]:
+            self._copy(now, step)
+        self.pending = (slot, step, {"step": step, "size": size, "places": places, "meta": meta})
         self.done.clear()
-        self.jobs.put((data, later, step))
+        if later[0]:
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._copier, name="ddp-snapshot", daemon=True)
+                self.thread.start()
+            self.jobs.put((later, step))
+        else:
+            self.done.set()
         self.cost["blocked"] += time.perf_counter() - start
 
     def _room(self, slot: int, size: int) -> bool:
@@ -284,17 +298,22 @@ class Snapshots:
         return mapped[1]
 
     def _copier(self) -> None:
-        """The snapshot thread: each copy it is given, in turn (tensor copies release the GIL)."""
+        """The snapshot thread: each copy it is given, in turn. One ``_foreach_copy_`` call per half: the GIL is
+        released for the whole copy, not taken back between tensors (a wait of up to 5 ms each)."""
         while True:
-            data, later, step = self.jobs.get()
+            pairs, step = self.jobs.get()
             try:
-                for i, (tensor, place) in enumerate(later):
-                    if i == len(later) // 2:
-                        faults.in_snapshot(self.rank, step)  # a kill half-way through the copy, for the tests
-                    _view(data, place).copy_(tensor)
+                self._copy(pairs, step)
             except BaseException as e:  # reported by wait, on the training thread
                 self.error = e
             self.done.set()
+
+    def _copy(self, pairs: tuple[list, list], step: int) -> None:
+        destinations, sources = pairs
+        half = (len(sources) + 1) // 2
+        _copy_all(destinations[:half], sources[:half])
+        faults.in_snapshot(self.rank, step)  # a kill half-way through the copy, for the tests
+        _copy_all(destinations[half:], sources[half:])
 
     def wait(self) -> None:
         """Finish the copy under way and commit it: its meta file, then the head that names it."""
