@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import os
 import queue
 import shutil
@@ -157,8 +158,7 @@ def _copy_all(destinations: list[torch.Tensor], sources: list[torch.Tensor]) -> 
 def _view(data: torch.Tensor, place: tuple[int, str, list[int]]) -> torch.Tensor:
     offset, dtype, shape = place
     dt = getattr(torch, dtype)
-    n = int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dt).element_size()
-    return data[offset : offset + n].view(dt).view(shape)
+    return data[offset : offset + math.prod(shape) * dt.itemsize].view(dt).view(shape)
 
 
 class Snapshots:
@@ -172,6 +172,7 @@ class Snapshots:
         self.dir: Path | None = None  # this rank's folder, once the run's id is known (open)
         self.slots: dict[str, dict] = {}  # slot -> {"step", "meta"}: what the head names
         self.maps: dict[int, tuple[np.memmap, torch.Tensor]] = {}  # slot -> its data file, mapped
+        self.views: dict[int, tuple[list, list[torch.Tensor]]] = {}  # slot -> (its layout, a view per tensor)
         self.jobs: queue.Queue = queue.Queue()  # copies for the snapshot thread, one at a time
         self.thread: threading.Thread | None = None  # started at the first snapshot, for the whole run
         self.done = threading.Event()  # set when the copy under way is complete
@@ -259,11 +260,10 @@ class Snapshots:
             return
         self.slots.pop(str(slot), None)
         self._write_head()  # first: a slot being overwritten is never named
-        data = self._map(slot, size)
         now, later = ([], []), ([], [])  # (destinations, sources)
-        for t, place in zip(tensors, places, strict=True):
+        for t, view in zip(tensors, self._views(slot, places, size), strict=True):
             into = now if t.data_ptr() in live or size <= SMALL else later
-            into[0].append(_view(data, place))
+            into[0].append(view)
             into[1].append(t)
         if now[0]:
             self._copy(now, step)
@@ -289,6 +289,14 @@ class Snapshots:
         self._disable(f"a snapshot needs {size / 2**20:,.1f} MiB in {self.dir} for each rank on this host, "
                       f"{free / 2**20:,.1f} MiB are free")  # fmt: skip
         return False
+
+    def _views(self, slot: int, places: list, size: int) -> list[torch.Tensor]:
+        """Each tensor's place in the slot's data file, as a tensor: made again only when the layout changes."""
+        cached = self.views.get(slot)
+        if cached is None or cached[0] != places:
+            data = self._map(slot, size)
+            cached = self.views[slot] = (places, [_view(data, place) for place in places])
+        return cached[1]
 
     def _map(self, slot: int, size: int) -> torch.Tensor:
         mapped = self.maps.get(slot)
@@ -391,6 +399,7 @@ class Snapshots:
         """Finish the copy under way; with ``remove``, delete this rank's snapshots (the run ended)."""
         self.wait()
         self.maps.clear()
+        self.views.clear()
         if remove and self.dir is not None:
             shutil.rmtree(self.dir, ignore_errors=True)
             with contextlib.suppress(OSError):  # the last rank of the run on this host takes the run's folder too
