@@ -71,8 +71,9 @@ def test_sigkilled_ranks_restart_under_plain_torchrun_recompute_one_step_and_end
     steps = sorted(rng.sample(range(2, 34), KILLS))  # attempt i dies at steps[i], not just after a checkpoint
     kills = ";".join(f"kill:attempt={i}:rank={rng.randrange(2)}:step={s}" for i, s in enumerate(steps))
     shm = tmp_path / "shm"
+    # --workers 0 and 2 from memory: test_stream's kills
     args = [*BASE, "--out", str(tmp_path), "--checkpoint-every", "7", "--async-save", "--snapshot-every", "1",
-            "--snapshot-dir", str(shm), "--workers", "2"]  # fmt: skip
+            "--snapshot-dir", str(shm)]  # fmt: skip
     proc = torchrun(2, *args, restarts=KILLS, extra_env={"DDP_FAULT": kills})
     context = f"seed {seed}, DDP_FAULT={kills}"
     assert proc.returncode == 0, f"{context}:\n{proc.output[-4000:]}"
