@@ -259,9 +259,14 @@ class Snapshots:
         if not self._room(slot, size):
             return
         self.slots.pop(str(slot), None)
-        self._write_head()  # first: a slot being overwritten is never named
+        try:
+            self._write_head()  # first: a slot being overwritten is never named
+            views = self._views(slot, places, size)
+        except OSError as e:
+            self._disable(f"{self.dir}: {e.strerror or e}")
+            return
         now, later = ([], []), ([], [])  # (destinations, sources)
-        for t, view in zip(tensors, self._views(slot, places, size), strict=True):
+        for t, view in zip(tensors, views, strict=True):
             into = now if t.data_ptr() in live or size <= SMALL else later
             into[0].append(view)
             into[1].append(t)
@@ -301,7 +306,13 @@ class Snapshots:
     def _map(self, slot: int, size: int) -> torch.Tensor:
         mapped = self.maps.get(slot)
         if mapped is None or mapped[1].numel() < size:
-            mm = np.memmap(self.dir / f"data-{slot}", dtype=np.uint8, mode="w+", shape=(max(size, 1),))
+            path = self.dir / f"data-{slot}"
+            with open(path, "a+b") as f:  # the blocks reserved now: a full tmpfs is ENOSPC here, not SIGBUS later
+                if hasattr(os, "posix_fallocate"):  # Linux
+                    os.posix_fallocate(f.fileno(), 0, max(size, 1))
+                else:
+                    f.truncate(max(size, 1))
+            mm = np.memmap(path, dtype=np.uint8, mode="r+", shape=(max(size, 1),))
             mapped = self.maps[slot] = (mm, torch.from_numpy(mm))
         return mapped[1]
 
@@ -336,10 +347,17 @@ class Snapshots:
             self._disable(f"the copy of step {step} failed ({error})")
             return
         blob = _meta_bytes(record)
-        (self.dir / f"meta-{slot}").write_bytes(blob)
-        digest = xxhash.xxh3_128_hexdigest(blob)
-        self.slots[str(slot)] = {"step": step, "meta": digest, "world_size": group.world_size()}
-        self._write_head()
+        try:
+            (self.dir / f"meta-{slot}").write_bytes(blob)
+            self.slots[str(slot)] = {
+                "step": step,
+                "meta": xxhash.xxh3_128_hexdigest(blob),
+                "world_size": group.world_size(),
+            }
+            self._write_head()
+        except OSError as e:
+            self._disable(f"{self.dir}: {e.strerror or e}")
+            return
         self.cost["blocked"] += time.perf_counter() - start
         self.cost["taken"] += 1
         if not self.announced:
@@ -373,9 +391,21 @@ class Snapshots:
     # -- reading back --
 
     def held(self, world_size: int) -> list[int]:
-        """The steps of this rank's committed snapshots of a world of ``world_size``, newest first."""
-        steps = (s["step"] for s in self.slots.values() if s.get("world_size") == world_size)
+        """The steps of this rank's committed, whole snapshots of a world of ``world_size``, newest first: a slot
+        whose meta record does not match its checksum, or whose data file is short, is not offered."""
+        steps = [s["step"] for k, s in self.slots.items() if s.get("world_size") == world_size and self._whole(k)]
         return sorted(steps, reverse=True)
+
+    def _whole(self, slot: str) -> bool:
+        try:
+            blob = (self.dir / f"meta-{slot}").read_bytes()
+            whole = xxhash.xxh3_128_hexdigest(blob) == self.slots[slot]["meta"]
+            whole = whole and (self.dir / f"data-{slot}").stat().st_size >= _meta_record(blob)["size"]
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError):
+            whole = False
+        if not whole:
+            self.say(f"warning: the snapshot in {self.dir} slot {slot} is damaged; it is not used")
+        return whole
 
     def load(self, step: int) -> Any:
         """The state of this rank's snapshot of ``step``, as ``take`` was given it (tensors on the CPU)."""

@@ -59,6 +59,20 @@ def test_a_tied_weight_is_stored_once_and_restored_as_one_tensor(tmp_path):
     assert (tmp_path / snapshot.ROOT / "run" / "rank-0" / "data-0").stat().st_size == snapshot.ALIGN
 
 
+def test_a_damaged_slot_is_not_offered_to_a_restart(tmp_path):
+    snaps = Snapshots(tmp_path, 1, rank=0, out=tmp_path)
+    snaps.open("run", clean=False)
+    for step in (1, 2):
+        snaps.take(step, {"w": torch.full((8,), float(step))}, live=set())
+        snaps.wait()
+    (snaps.dir / "meta-1").write_bytes(b"J{}")  # step 2's record, torn
+    said = []
+    reopened = Snapshots(tmp_path, 1, rank=0, out=tmp_path, say=said.append)
+    reopened.open("run", clean=False)
+    assert reopened.held(1) == [1] and "slot 1 is damaged; it is not used" in said[0]
+    assert torch.equal(reopened.load(1)["w"], torch.full((8,), 1.0))
+
+
 def test_too_little_shared_memory_warns_once_and_training_goes_on(tmp_path, monkeypatch):
     said = []
     snaps = Snapshots(tmp_path, 1, rank=0, out=tmp_path, say=said.append)
