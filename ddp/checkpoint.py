@@ -286,13 +286,8 @@ class Checkpointer:
         holds the same model and optimizer, so one rank's snapshot can serve a rank that lost its own.
         """
         held = [] if self.snapshots is None else self.snapshots.held(group.world_size())
-        gathered = [set(h) for h in group.all_gather_objects(held)]
-        newest = max(set.intersection(*gathered) or {-1})
-        if not self.sharded:
-            newest = max(set.union(*gathered) or {-1})
-        if newest < 0 or (folder is not None and newest <= read_manifest(folder)["step"]):
-            return None
-        return newest, [r for r, h in enumerate(gathered) if newest in h]
+        disk = None if folder is None else read_manifest(folder)["step"]
+        return memory_choice(group.all_gather_objects(held), disk, peers=not self.sharded)
 
     def _memory_state(self, step: int, holders: list[int]) -> tuple[dict, dict | None]:
         """(the files of the snapshot of ``step``, this rank's own state or None): from this rank's memory, or,
@@ -547,6 +542,21 @@ class Checkpointer:
         if retired:
             self.pruner = threading.Thread(target=remove_all, args=(retired,), name="ddp-prune")
             self.pruner.start()
+
+
+def memory_choice(held: list[list[int]], disk: int | None, peers: bool) -> tuple[int, list[int]] | None:
+    """(the step to restore from memory, the ranks that hold it) given the steps each rank's snapshots ``held``
+    and the newest checkpoint on ``disk``; None where disk is as new.
+
+    The newest step every rank holds comes first: each rank restores its own state, bitwise. Only where no
+    such step is newer than disk, and with ``peers`` (DDP: every rank holds the same model and optimizer),
+    does the newest step any rank holds serve the ranks without it.
+    """
+    sets = [set(h) for h in held]
+    newer = {s for s in set.union(*sets) if disk is None or s > disk}
+    common = newer.intersection(*sets)
+    step = max(common) if common else (max(newer) if peers and newer else None)
+    return None if step is None else (step, [r for r, h in enumerate(sets) if step in h])
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from ddp import snapshot
+from ddp.checkpoint import memory_choice
 from ddp.snapshot import Snapshots
 
 from .helpers import assert_same_training, assert_tree_equal, model_state, ok, torchrun
@@ -46,6 +47,17 @@ def test_a_snapshot_round_trips_bitwise_and_the_other_slot_survives_a_copy_never
     snaps.wait()
     snaps.close(remove=True)
     assert not (tmp_path / snapshot.ROOT / "run").exists()
+
+
+def test_a_restart_takes_the_newest_step_every_rank_holds_before_one_another_rank_must_send():
+    # rank 1 died copying step 9: every rank holds 8, which restores bitwise from each rank's own memory
+    assert memory_choice([[9, 8], [8, 7]], disk=5, peers=True) == (8, [0, 1])
+    # rank 1's memory is gone (a replaced node): under DDP rank 0 sends step 9; under FSDP the disk serves
+    assert memory_choice([[9, 8], []], disk=5, peers=True) == (9, [0])
+    assert memory_choice([[9, 8], []], disk=5, peers=False) is None
+    # nothing in memory newer than disk: the disk serves
+    assert memory_choice([[6, 5], [6, 5]], disk=6, peers=True) is None
+    assert memory_choice([[], []], disk=None, peers=True) is None
 
 
 def test_a_tied_weight_is_stored_once_and_restored_as_one_tensor(tmp_path):
