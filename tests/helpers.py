@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+import json
 import os
+import select
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -34,12 +38,48 @@ def run(cmd: list[str], *, extra_env: dict | None = None, timeout: float = JOB_T
 
 
 def torchrun(nproc: int, *args: str, extra_env: dict | None = None, restarts: int = 0, timeout: float = JOB_TIMEOUT):
-    """``torchrun --standalone --nproc-per-node=N -m ddp.train ARGS`` (a free port each time)."""
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-        f"--max-restarts={restarts}", "--monitor-interval=0.2", "-m", "ddp.train", *args,
+    """``torchrun --standalone --nproc-per-node=N -m ddp.train ARGS`` (a free port each time).
+
+    torchrun's own code, forked from a server that imported it once (``tests/launcher.py``); its
+    workers are ``python -m ddp.train``, as under any torchrun.
+    """
+    argv = [
+        "--standalone", f"--nproc-per-node={nproc}", f"--max-restarts={restarts}", "--monitor-interval=0.2",
+        "-m", "ddp.train", *args,
     ]  # fmt: skip
-    return run(cmd, extra_env=extra_env, timeout=timeout)
+    return launch(argv, extra_env=extra_env, timeout=timeout)
+
+
+def launch(argv: list[str], *, extra_env: dict | None = None, timeout: float = JOB_TIMEOUT, cwd: Path = ROOT):
+    """``torchrun ARGV`` to completion, as ``run`` gives a command: returncode, stdout (with stderr), output."""
+    server = _launch_server()
+    with tempfile.NamedTemporaryFile(prefix="torchrun-", suffix=".log") as log:
+        job = {"argv": argv, "env": env(**(extra_env or {})), "cwd": str(cwd), "log": log.name}
+        server.stdin.write(json.dumps(job) + "\n")
+        server.stdin.flush()
+        pid = json.loads(server.stdout.readline())["pid"]
+        try:
+            if not select.select([server.stdout], [], [], timeout)[0]:
+                raise subprocess.TimeoutExpired(["torchrun", *argv], timeout, Path(log.name).read_text())
+        except BaseException:  # a timeout, or pytest-timeout's: the job ends with the test
+            os.killpg(pid, signal.SIGKILL)
+            server.stdout.readline()
+            raise
+        code = json.loads(server.stdout.readline())["status"]
+        text = Path(log.name).read_text(errors="replace")
+    proc = subprocess.CompletedProcess(["torchrun", *argv], code, text, "")
+    proc.output = text
+    assert code >= 0 or code == -signal.SIGTERM, f"killed by signal:\n{text}"
+    return proc
+
+
+@functools.cache
+def _launch_server() -> subprocess.Popen:
+    """This test process's launcher server (``tests/launcher.py``); it ends when this process closes its stdin."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests.launcher"], cwd=ROOT, env=env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        text=True, bufsize=1,
+    )  # fmt: skip
 
 
 def ok(proc) -> str:
