@@ -7,6 +7,7 @@ same code path, so that a script works unchanged under ``python`` and ``torchrun
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import datetime
@@ -218,17 +219,17 @@ def _device_id(world: World) -> torch.device | None:
 
 
 def exit_process(code: int) -> None:
-    """End a ``torchrun`` worker or CLI process with ``code``, without the collector's last passes.
+    """End a ``torchrun`` worker or CLI process with ``code``, without tearing the interpreter down.
 
-    Everything is written and the process group is gone by now. What is left is
-    interpreter shutdown, whose cycle collections walk every object torch created: about
-    0.8 s of CPU per process here. Freezing them first skips that; memory goes back to
-    the OS with the process as always.
+    Everything is written and the process group is gone by now. What is left is interpreter
+    shutdown: cycle collections that walk every object torch created, then the teardown of
+    every module, about 0.5 s of CPU per process here for nothing the OS would not do. The
+    exit handlers still run (loggers, trackers, child processes), then the process ends.
     """
+    atexit._run_exitfuncs()  # what interpreter shutdown runs first; the rest is freeing memory
     sys.stdout.flush()
     sys.stderr.flush()
-    gc.freeze()
-    sys.exit(code)
+    os._exit(int(code or 0))
 
 
 def shutdown() -> None:

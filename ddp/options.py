@@ -11,11 +11,13 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import functools
 import inspect
 import itertools
 import tomllib
 import types
 import typing
+from pathlib import Path
 from typing import Any
 
 from ddp.config import SECTIONS, TASK_OPTIONS, Config, TaskConfig, upgrade
@@ -24,13 +26,19 @@ from ddp.errors import ConfigError
 
 def field_docs(kind: type) -> dict[str, str]:
     """The docstring written under each field of a dataclass."""
-    tree = ast.parse(inspect.getsource(kind))
-    body = tree.body[0].body
+    body = _class_bodies(inspect.getsourcefile(kind))[kind.__qualname__]
     docs = {}
     for node, nxt in itertools.pairwise(body):
         if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
             docs[node.target.id] = " ".join(str(nxt.value.value).split())
     return docs
+
+
+@functools.cache
+def _class_bodies(source: str) -> dict[str, list[ast.stmt]]:
+    """Each top-level class of a source file, by name: the file parsed once, not once per class."""
+    tree = ast.parse(Path(source).read_text())
+    return {node.name: node.body for node in tree.body if isinstance(node, ast.ClassDef)}
 
 
 def _arg_type(annotation) -> tuple[type, bool]:
