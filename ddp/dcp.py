@@ -38,9 +38,9 @@ from ddp.errors import (
     UnsafeCheckpointError,
     first_line,
 )
-from ddp.io import fsync_dir
+from ddp.io import DCP_METADATA, fsync_dir, is_dcp
 
-METADATA = ".metadata"
+METADATA = DCP_METADATA
 
 # Every class DCP pickles into .metadata (torch 2.4-2.13), and nothing that can run code.
 _METADATA_CLASSES = {
@@ -71,11 +71,6 @@ class _MetadataUnpickler(pickle.Unpickler):
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
         raise pickle.UnpicklingError(f"{module}.{name} is not part of DCP metadata")
-
-
-def is_dcp(path: Path) -> bool:
-    """Whether ``path`` is a DCP checkpoint folder."""
-    return path.is_dir() and (path / METADATA).is_file()
 
 
 def read_metadata(folder: Path) -> Metadata:

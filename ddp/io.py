@@ -346,3 +346,12 @@ def check_architecture(model: nn.Module, state: dict[str, Any], path: str | os.P
             f"{path} does not fit {type(model).__name__}: " + "; ".join(parts) + ". Build the model with the settings "
             "it was trained with (see `ddp inspect`)"
         )
+
+
+DCP_METADATA = ".metadata"
+"""The file that makes a folder a torch.distributed.checkpoint (DCP) checkpoint."""
+
+
+def is_dcp(path: Path) -> bool:
+    """Whether ``path`` is a DCP checkpoint folder (told without importing DCP, which costs 0.8 s)."""
+    return path.is_dir() and (path / DCP_METADATA).is_file()

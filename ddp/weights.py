@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ddp import dcp, model_card
+from ddp import model_card
 from ddp.checkpoint_files import (
     MANIFEST,
     MODEL,
@@ -47,6 +47,7 @@ from ddp.io import (
     PREFIXES,
     check_architecture,
     detect_format,
+    is_dcp,
     load,
     load_safetensors,
     save,
@@ -129,7 +130,7 @@ def read(
         raise CheckpointNotFoundError(f"{path} does not exist; check the path")
     if path.name == MANIFEST or (path.is_dir() and _is_checkpoint(path)):
         return _read_checkpoint(path if path.is_dir() else path.parent, map_location)
-    if dcp.is_dcp(path):
+    if is_dcp(path):
         return _read_dcp(path, map_location, key, shapes_only)
     if path.is_dir():
         path = _the_file_in(path)
@@ -198,6 +199,8 @@ def _read_dcp(folder: Path, map_location: str | torch.device, key: str | None, s
     A torchtitan checkpoint holds two to three times the model's bytes of optimizer state,
     which neither listing nor loading the weights needs.
     """
+    from ddp import dcp  # torch.distributed.checkpoint: 0.8 s to import, for DCP folders only
+
     outline, metadata = dcp.outline(folder)
     found_at, state, others = find_tensors(outline, key, folder)
     if shapes_only:
@@ -401,6 +404,8 @@ def write(w: Weights, out: Path, fmt: str, keep_prefixes: bool = False) -> None:
     elif fmt == "torch":
         save(state, out, format="torch")
     elif fmt == "dcp":
+        from ddp import dcp  # torch.distributed.checkpoint: 0.8 s to import, for DCP folders only
+
         if out.exists():
             raise ConfigError(f"--output: {out} exists; DCP writes a folder, remove it or choose another name")
         dcp.save(state, out)
@@ -437,7 +442,7 @@ def sharded_source(path: str | os.PathLike) -> tuple[Path, str | None] | None:
             return (folder / SHARDED, "model") if is_sharded(validate(folder, hashes=False)) else None
         except CheckpointError as e:
             raise ConfigError(f"--init-from: {e}") from None
-    return (path, None) if dcp.is_dcp(path) else None
+    return (path, None) if is_dcp(path) else None
 
 
 def init_sharded(model: nn.Module, path: str | os.PathLike, skip: str | None = None) -> str:
@@ -449,7 +454,7 @@ def init_sharded(model: nn.Module, path: str | os.PathLike, skip: str | None = N
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 
-    from ddp import group
+    from ddp import dcp, group
 
     found = sharded_source(path)
     if found is None:
