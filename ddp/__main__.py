@@ -1,6 +1,6 @@
 """``python -m ddp``: the same as the ``ddp`` command."""
 
 from ddp.cli import main
-from ddp.group import exit_process
+from ddp.group import run_process
 
-exit_process(main())
+run_process(main)

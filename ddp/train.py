@@ -22,7 +22,6 @@ A relaunch with the same ``--out`` resumes from the newest complete checkpoint.
 from __future__ import annotations
 
 import dataclasses
-import gc
 import json
 import os
 import sys
@@ -191,7 +190,6 @@ def _chain(e: BaseException | None) -> list[BaseException]:
 @record
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``torchrun -m ddp.train`` and ``ddp train``."""
-    gc.freeze()  # torch's import made ~10^6 objects that live to the end: no collection need walk them again
     cfg = parse(argv)
     world = group.world_from_env()
     try:
@@ -224,4 +222,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    group.exit_process(main())
+    group.run_process(main)

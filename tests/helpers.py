@@ -82,6 +82,14 @@ def _launch_server() -> subprocess.Popen:
     )  # fmt: skip
 
 
+def spawn(fn, nproc: int, *args):
+    """An in-process job (``ddp.group.spawn``): {rank: ``fn(*args)``}, its workers forked from a server that
+    imported ``fn``'s module once (torch with it)."""
+    from ddp import group
+
+    return group.spawn(fn, nproc, *args, start_method="forkserver")
+
+
 def ok(proc) -> str:
     """Assert a job succeeded; returns its output."""
     assert proc.returncode == 0, f"exit {proc.returncode}:\n{proc.output[-6000:]}"

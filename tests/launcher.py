@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import json
 import os
-import runpy
 import sys
 import traceback
+
+import torch.distributed.run  # what each launch would otherwise import
 
 
 def serve() -> None:
     """Fork one launcher per request line on stdin; report its pid, then its exit status."""
-    import torch.distributed.run  # noqa: F401  (what each launch would otherwise import)
-
     for line in sys.stdin:
         job = json.loads(line)
         pid = os.fork()
@@ -44,7 +43,7 @@ def _launcher(argv: list[str], env: dict[str, str], cwd: str, log: str) -> int:
     sys.argv = ["torchrun", *argv]
     code = 0
     try:
-        runpy.run_module("torch.distributed.run", run_name="__main__", alter_sys=True)
+        torch.distributed.run.main(argv)  # what the module runs as __main__
     except SystemExit as e:  # as the interpreter maps it
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except BaseException:  # an uncaught exception: its traceback, exit 1

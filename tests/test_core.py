@@ -8,11 +8,10 @@ import pytest
 import torch
 
 from ddp.config import Config
-from ddp.group import spawn
 from ddp.model import MLP
 
 from . import workers
-from .helpers import ok, torchrun
+from .helpers import ok, spawn, torchrun
 
 SMALL = ["--samples", "1024", "--batch-size", "32"]
 

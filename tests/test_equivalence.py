@@ -8,11 +8,10 @@ import torch
 
 from ddp.config import Config
 from ddp.data import Permutation, ResumableSampler, synthetic
-from ddp.group import spawn
 from ddp.model import MLP
 
 from . import workers
-from .helpers import max_diff, model_state, ok, torchrun
+from .helpers import max_diff, model_state, ok, spawn, torchrun
 
 # 900 training samples: not a multiple of 2*16, 3*16 or 2*2*16, so a tail is dropped each epoch.
 DATA = ["--samples", "1000", "--precision", "fp64", "--log-every", "1", "--epochs", "2"]

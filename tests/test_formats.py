@@ -19,10 +19,9 @@ import safetensors.torch
 import torch
 
 from ddp import cli, dcp, weights
-from ddp.group import spawn
 
 from . import user_models, user_task, workers
-from .helpers import ROOT, ok, run
+from .helpers import ROOT, launch, ok, run, spawn
 
 MODELS = Path(user_models.__file__).relative_to(ROOT)
 FORMATS = ["torch", "safetensors", "dcp"]
@@ -153,9 +152,7 @@ def test_predict_with_model_gives_the_original_modules_outputs(files, capsys, tm
 
 def test_verify_of_a_dcp_folder_on_two_ranks_with_model(files):
     path, _, _, spec = files["dcp"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "ddp",
-           "verify", str(path), "--model", spec]  # fmt: skip
-    out = ok(run(cmd))
+    out = ok(launch(["--standalone", "--nproc-per-node=2", "-m", "ddp", "verify", str(path), "--model", spec]))
     assert "verify: 2/2 ranks reloaded" in out and "outputs identical" in out and "DCP" in out
 
 

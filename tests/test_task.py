@@ -10,7 +10,7 @@ import ddp
 from ddp import cli, train
 from ddp.tasks import charlm
 
-from .helpers import ROOT, assert_tree_equal, model_state, ok, run, torchrun
+from .helpers import ROOT, assert_tree_equal, launch, model_state, ok, run, torchrun
 
 USER = ["--task", "tests/user_task.py:make", "--precision", "fp64", "--log-every", "1", "--steps", "20"]
 
@@ -188,9 +188,7 @@ def test_a_task_file_that_fails_to_import_names_the_file_and_the_error(tmp_path,
 
 def test_fit_runs_the_same_trainer_under_torchrun_and_alone(tmp_path):
     script = ROOT / "examples" / "fit.py"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script),
-           "--out", str(tmp_path / "two")]  # fmt: skip
-    out = ok(run(cmd))
+    out = ok(launch(["--standalone", "--nproc-per-node=2", str(script), "--out", str(tmp_path / "two")]))
     assert "fit: 2 ranks verified" in out and (tmp_path / "two" / "rings.params").exists()
     out = ok(run([sys.executable, str(script), "--out", str(tmp_path / "one")]))
     assert "fit: 1 ranks verified" in out
