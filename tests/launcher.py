@@ -39,7 +39,7 @@ def _launcher(argv: list[str], env: dict[str, str], cwd: str, log: str) -> int:
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
-    sys.stdin = open(os.devnull)
+    os.dup2(os.open(os.devnull, os.O_RDONLY), 0)  # not the server's request pipe: nothing of it reaches the job
     sys.argv = ["torchrun", *argv]
     code = 0
     try:
