@@ -28,6 +28,7 @@ import mmap
 import os
 import re
 import shutil
+import stat
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -239,6 +240,10 @@ def file_digest(path: Path, algorithm: str = DIGEST) -> str:
 # ---- reading and validating ----------------------------------------------------------
 
 
+MAX_MANIFEST_BYTES = 64 * 2**20
+"""A manifest lists a few files per rank: 64 MiB is room for 10^5 ranks, and bounds what a foreign one costs."""
+
+
 def read_manifest(folder: Path) -> dict:
     """The manifest of a checkpoint folder; a clear error if it is missing or broken."""
     path = folder / MANIFEST
@@ -246,10 +251,15 @@ def read_manifest(folder: Path) -> dict:
         raise CheckpointNotFoundError(f"checkpoint folder {folder} does not exist")
     if not path.exists():
         raise CheckpointCorruptError(f"{folder} has no {MANIFEST}: an unfinished save, never loaded")
+    size = _regular_file(path, path).st_size
+    if size > MAX_MANIFEST_BYTES:
+        raise CheckpointCorruptError(f"{path} holds {size} bytes, more than any manifest ({MAX_MANIFEST_BYTES})")
     try:
         manifest = json.loads(path.read_text())
-        manifest["files"], manifest["step"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        if not isinstance(manifest["files"], dict) or not all(isinstance(e, dict) for e in manifest["files"].values()):
+            raise TypeError("'files' must map each file's name to its size and checksum")
+        manifest["step"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
         raise CheckpointCorruptError(f"{path} is not a valid manifest: {e}") from e
     if manifest.get("format_version") != FORMAT_VERSION:
         raise CheckpointCorruptError(
@@ -267,11 +277,11 @@ def validate(folder: Path, hashes: bool = True) -> dict:
     manifest = read_manifest(folder)
     algorithms = {}
     for name, entry in manifest["files"].items():
-        path = folder / name
+        path = entry_path(folder, name)
         if not path.exists():
             raise CheckpointCorruptError(f"{path} is listed in the manifest but missing")
-        size = path.stat().st_size
-        if size != entry["size"]:
+        size = _regular_file(path, folder / MANIFEST).st_size
+        if size != entry.get("size"):
             raise CheckpointCorruptError(f"{path} has {size} bytes, the manifest says {entry['size']} (truncated?)")
         algorithms[name] = next((a for a in DIGESTS if a in entry), None)
         if algorithms[name] is None:
@@ -288,6 +298,37 @@ def validate(folder: Path, hashes: bool = True) -> dict:
                 f"{folder / name} fails its {algorithm} check: the file was altered or damaged"
             )
     return manifest
+
+
+def entry_path(folder: Path, name: str) -> Path:
+    """Where a manifest's entry ``name`` lies: a relative path inside ``folder``, or a CheckpointCorruptError.
+
+    A checkpoint folder may come from anywhere: its manifest names no file outside it, by an
+    absolute path, by ``..`` or through a symlink.
+    """
+    parts = name.split("/")
+    if name.startswith("/") or any(part in ("", ".", "..") for part in parts):
+        raise CheckpointCorruptError(
+            f"{folder / MANIFEST}: the entry {name!r} is not a file inside the checkpoint folder; this folder "
+            "was not written by ddp (or was altered): do not load it"
+        )
+    path = folder.joinpath(*parts)
+    if path.exists() and not path.resolve().is_relative_to(folder.resolve()):
+        raise CheckpointCorruptError(
+            f"{folder / MANIFEST}: the entry {name!r} leads outside the checkpoint folder (a symlink to "
+            f"{path.resolve()}); do not load it"
+        )
+    return path
+
+
+def _regular_file(path: Path, named_by: Path) -> os.stat_result:
+    """``path``'s stat if it is a regular file; a FIFO, device or socket would block or never end a read."""
+    st = path.stat()
+    if not stat.S_ISREG(st.st_mode):
+        raise CheckpointCorruptError(
+            f"{path} (named by {named_by}) is not a regular file (a pipe, device or socket): refused without opening it"
+        )
+    return st
 
 
 def digest_of(manifest: dict) -> str:

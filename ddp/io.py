@@ -12,6 +12,7 @@ import errno
 import json
 import os
 import pickle
+import stat
 import struct
 import zipfile
 from collections.abc import Callable
@@ -91,7 +92,10 @@ def detect_format(path: str | os.PathLike) -> str:
         raise CheckpointFormatError(
             f"{path} is a folder; expected a weights file (a checkpoint folder holds manifest.json)"
         )
-    size = path.stat().st_size
+    st = path.stat()
+    if not stat.S_ISREG(st.st_mode):  # a FIFO would block the read below for ever
+        raise CheckpointFormatError(f"{path} is not a regular file (a pipe, device or socket): refused without reading")
+    size = st.st_size
     with open(path, "rb") as f:
         head = f.read(9)
     if size == 0:

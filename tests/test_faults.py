@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import ddp
-from ddp.checkpoint_files import validate
+from ddp.checkpoint_files import newest_valid, validate
 from ddp.errors import (
     ArchitectureMismatchError,
     CheckpointCorruptError,
@@ -97,6 +97,40 @@ def test_checkpoint_without_or_with_a_broken_manifest_is_refused(run_copy):
         validate(folder)
     (folder / "manifest.json").unlink()
     with pytest.raises(CheckpointCorruptError, match=r"has no manifest\.json: an unfinished save, never loaded"):
+        validate(folder)
+
+
+@pytest.mark.timeout(60)
+def test_a_manifest_naming_a_pipe_or_a_file_outside_its_folder_is_refused_without_opening_it(run_copy):
+    # a downloaded checkpoint folder is outside input: nothing it names may hang a reader or lead out of it
+    root = run_copy / "checkpoints"
+    folder = root / "step-00000008"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    files = dict(manifest["files"])
+    os.mkfifo(folder / "pipe")
+    (folder / "link").symlink_to("/etc/passwd")
+    passwd = os.path.getsize("/etc/passwd")
+    hostile = {
+        "pipe": (0, f"{folder}/pipe (named by {folder}/manifest.json) is not a regular file"),
+        "/dev/zero": (0, "the entry '/dev/zero' is not a file inside the checkpoint folder"),
+        "../../../../../../etc/passwd": (passwd, "the entry '../../../../../../etc/passwd' is not a file inside"),
+        "link": (passwd, "the entry 'link' leads outside the checkpoint folder (a symlink to /etc/passwd)"),
+    }
+    for name, (size, said) in hostile.items():
+        manifest["files"] = {**files, name: {"size": size, "xxh3_128": "00"}}
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+        with pytest.raises(CheckpointCorruptError, match=re.escape(said)):
+            validate(folder)
+    skipped = []
+    assert newest_valid(root, say=skipped.append) == root / "step-00000004"  # a resume skips it, saying why
+    assert len(skipped) == 1 and "leads outside the checkpoint folder" in skipped[0]
+    proc = run([sys.executable, "-m", "ddp", "verify", str(folder)], timeout=30)
+    assert proc.returncode == 1 and "leads outside the checkpoint folder" in proc.output
+    with pytest.raises(CheckpointFormatError, match="is not a regular file"):
+        ddp.load(folder / "pipe")  # a weights file that is a pipe: refused by its stat, never read
+    (folder / "manifest.json").unlink()
+    os.mkfifo(folder / "manifest.json")
+    with pytest.raises(CheckpointCorruptError, match=r"manifest\.json \(named by .*\) is not a regular file"):
         validate(folder)
 
 
