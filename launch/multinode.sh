@@ -20,7 +20,9 @@
 # Anything else (or everything after --) goes to ddp.train.
 set -euo pipefail
 
-PYTHON=${PYTHON:-python3}
+# The project's .venv when there is one (no need to activate it), else python3; PYTHON overrides.
+VENV_PYTHON="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/.venv/bin/python"
+if [[ -x "$VENV_PYTHON" ]]; then PYTHON=${PYTHON:-$VENV_PYTHON}; else PYTHON=${PYTHON:-python3}; fi
 HEAD=${HEAD:-}
 PORT=${PORT:-29500}
 NNODES=${NNODES:-2}

@@ -10,7 +10,9 @@
 # default is 0) and resume from the newest complete checkpoint.
 set -euo pipefail
 
-PYTHON=${PYTHON:-python3}
+# The project's .venv when there is one (no need to activate it), else python3; PYTHON overrides.
+VENV_PYTHON="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/.venv/bin/python"
+if [[ -x "$VENV_PYTHON" ]]; then PYTHON=${PYTHON:-$VENV_PYTHON}; else PYTHON=${PYTHON:-python3}; fi
 if [[ -z "${NPROC:-}" ]]; then
   NPROC=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count() or 2)')
 fi

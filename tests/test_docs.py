@@ -205,3 +205,9 @@ def test_the_readmes_package_table_names_every_module_once():
     table = re.findall(r"^\| `(ddp/[\w/]+(?:\.py)?)` \|", (ROOT / "README.md").read_text(), re.M)
     modules = {f"ddp/{p.name}" for p in (ROOT / "ddp").glob("*.py") if p.name != "__main__.py"} | {"ddp/tasks/"}
     assert sorted(table) == sorted(modules), f"missing: {modules - set(table)}, stale: {set(table) - modules}"
+
+
+def test_the_readmes_install_line_is_the_makefiles():
+    installs = re.findall(r"pip install --quiet (-e '\.\[[\w,]+\]')", (ROOT / "Makefile").read_text())
+    assert len(installs) == 1, "the Makefile installs the package in one line"
+    assert f"`pip install {installs[0]}`" in (ROOT / "README.md").read_text()
