@@ -42,6 +42,19 @@ class TaskConfig:
         if not isinstance(self.args, dict) or not all(isinstance(k, str) for k in self.args):
             raise ConfigError(f"--task-arg: expected KEY=VALUE pairs, got {self.args!r}")
         self.args = dict(self.args)
+        self.spec = resolved_file_spec(self.spec)
+
+
+def resolved_file_spec(spec: str) -> str:
+    """``FILE.py:NAME`` with FILE made absolute where it names a file from here; any other spec as it is.
+
+    A run records its task file where it is, not as typed: the same run whether it was started
+    with a relative or an absolute path, and ``ddp verify`` of its weights works from any folder.
+    """
+    where, sep, name = spec.rpartition(":")
+    if sep and where.endswith(".py") and not Path(where).is_absolute() and Path(where).is_file():
+        return f"{Path(where).resolve()}:{name}"
+    return spec
 
 
 @dataclass

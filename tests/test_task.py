@@ -79,12 +79,16 @@ def test_task_options_from_a_toml_table_are_saved_a_change_of_lr_warns_and_of_th
     base = ["--config", str(tmp_path / "run.toml"), "--out", str(tmp_path / "run")]
     torchrun(1, *base, extra_env={"DDP_FAULT": "raise:step=4"})
     saved = model_state(tmp_path / "run")[1]["config"]["task"]
-    assert saved == {"spec": "tests/user_task.py:make", "args": {"noise": 0.2, "samples": 256}}
+    task_file = f"{ROOT}/tests/user_task.py:make"  # recorded where it is, not as typed
+    assert saved == {"spec": task_file, "args": {"noise": 0.2, "samples": 256}}
     other = torchrun(1, *base, "--task-arg", "noise=0.3")  # other task settings: another run, refused
     assert other.returncode != 0 and "would start a different run there (args {'noise': 0.2" in other.output
-    out = ok(torchrun(1, *base, "--lr", "0.2"))
+    # from another folder, the task named by its absolute path: the same run, continued
+    elsewhere = ["--standalone", "--nproc-per-node=1", "-m", "ddp.train", *base, "--task", task_file]
+    out = ok(launch([*elsewhere, "--lr", "0.2"], cwd=tmp_path))
     warning = next(line for line in out.splitlines() if "warning: settings changed since the checkpoint" in line)
     assert "the run will not match an uninterrupted one: " in warning and "lr 0.05 -> 0.2" in warning
+    assert "verify: 1/1 ranks" in ok(run([sys.executable, "-m", "ddp", "verify", "run/user.params"], cwd=tmp_path))
 
 
 # ---- built-in tasks ---------------------------------------------------------------------
