@@ -38,7 +38,7 @@ from ddp.errors import (
     UnsafeCheckpointError,
     first_line,
 )
-from ddp.io import DCP_METADATA, fsync_dir, is_dcp
+from ddp.io import DCP_METADATA, check_regular, fsync_dir, is_dcp
 
 METADATA = DCP_METADATA
 
@@ -75,6 +75,7 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 def read_metadata(folder: Path) -> Metadata:
     """A DCP folder's metadata, unpickled with DCP's own classes only."""
+    check_regular(folder / METADATA, CheckpointCorruptError)
     try:
         with open(folder / METADATA, "rb") as f:
             metadata = _MetadataUnpickler(f).load()

@@ -83,6 +83,20 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
         raise
 
 
+def check_regular(path: Path, error: type[Exception], limit: int | None = None) -> int:
+    """``path``'s size if it is a regular file (of at most ``limit`` bytes), else ``error`` naming it.
+
+    Files people download are outside input: a pipe or a device in their place would block a
+    read for ever, or never end it; a metadata file of gigabytes would be read whole.
+    """
+    st = path.stat()
+    if not stat.S_ISREG(st.st_mode):
+        raise error(f"{path} is not a regular file (a pipe, device or socket): refused without reading it")
+    if limit is not None and st.st_size > limit:
+        raise error(f"{path} holds {st.st_size} bytes, more than such a file can ({limit}): refused without reading")
+    return st.st_size
+
+
 def detect_format(path: str | os.PathLike) -> str:
     """What a file holds: 'torch', 'torch-legacy' or 'safetensors'; else a clear error."""
     path = Path(path)
@@ -92,10 +106,7 @@ def detect_format(path: str | os.PathLike) -> str:
         raise CheckpointFormatError(
             f"{path} is a folder; expected a weights file (a checkpoint folder holds manifest.json)"
         )
-    st = path.stat()
-    if not stat.S_ISREG(st.st_mode):  # a FIFO would block the read below for ever
-        raise CheckpointFormatError(f"{path} is not a regular file (a pipe, device or socket): refused without reading")
-    size = st.st_size
+    size = check_regular(path, CheckpointFormatError)
     with open(path, "rb") as f:
         head = f.read(9)
     if size == 0:

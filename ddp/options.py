@@ -22,6 +22,7 @@ from typing import Any
 
 from ddp.config import SECTIONS, TASK_OPTIONS, Config, TaskConfig, upgrade
 from ddp.errors import ConfigError
+from ddp.io import check_regular
 
 
 def field_docs(kind: type) -> dict[str, str]:
@@ -140,6 +141,7 @@ def from_namespace(ns: argparse.Namespace, toml_path: str | None = None) -> Conf
 def load_toml(path: str) -> dict:
     """Read a TOML config file; errors name the file."""
     try:
+        check_regular(Path(path), ConfigError, limit=16 * 2**20)
         with open(path, "rb") as f:
             data = tomllib.load(f)
     except FileNotFoundError:

@@ -46,6 +46,7 @@ from ddp.errors import (
 from ddp.io import (
     PREFIXES,
     check_architecture,
+    check_regular,
     detect_format,
     is_dcp,
     load,
@@ -214,6 +215,7 @@ def _read_dcp(folder: Path, map_location: str | torch.device, key: str | None, s
 
 def _read_sharded(index: Path, map_location: str | torch.device, key: str | None) -> Weights:
     """A sharded set: an index whose ``weight_map`` names the file of every tensor."""
+    check_regular(index, CheckpointCorruptError, limit=64 * 2**20)
     try:
         doc = json.loads(index.read_text())
     except (UnicodeDecodeError, ValueError) as e:

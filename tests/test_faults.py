@@ -17,6 +17,9 @@ import pytest
 import torch
 
 import ddp
+import ddp.dcp
+import ddp.weights
+from ddp import options
 from ddp.checkpoint_files import newest_valid, validate
 from ddp.errors import (
     ArchitectureMismatchError,
@@ -132,6 +135,23 @@ def test_a_manifest_naming_a_pipe_or_a_file_outside_its_folder_is_refused_withou
     os.mkfifo(folder / "manifest.json")
     with pytest.raises(CheckpointCorruptError, match=r"manifest\.json \(named by .*\) is not a regular file"):
         validate(folder)
+
+
+@pytest.mark.timeout(60)
+def test_a_pipe_in_place_of_an_index_a_dcp_metadata_or_a_config_file_is_refused_without_reading_it(tmp_path, capsys):
+    index, dcp_folder, toml = tmp_path / "model.safetensors.index.json", tmp_path / "dcp", tmp_path / "run.toml"
+    dcp_folder.mkdir()
+    for fifo in (index, dcp_folder / ".metadata", toml):
+        os.mkfifo(fifo)
+    with pytest.raises(CheckpointCorruptError, match=f"{index} is not a regular file"):
+        ddp.weights.read(index)
+    with pytest.raises(ddp.errors.DDPError):  # not taken for a DCP folder: a folder with no weights file
+        ddp.weights.read(dcp_folder)
+    with pytest.raises(CheckpointCorruptError, match="is not a regular file"):
+        ddp.dcp.read_metadata(dcp_folder)
+    with pytest.raises(SystemExit):
+        options.parse(["--config", str(toml)])
+    assert f"{toml} is not a regular file" in capsys.readouterr().err
 
 
 def test_resume_auto_falls_back_to_the_previous_complete_checkpoint(run_copy):
