@@ -282,7 +282,7 @@ def validate(folder: Path, hashes: bool = True) -> dict:
             raise CheckpointCorruptError(f"{path} is listed in the manifest but missing")
         size = _regular_file(path, folder / MANIFEST).st_size
         if size != entry.get("size"):
-            raise CheckpointCorruptError(f"{path} has {size} bytes, the manifest says {entry['size']} (truncated?)")
+            raise CheckpointCorruptError(f"{path} has {size} bytes, the manifest says {entry.get('size')} (truncated?)")
         algorithms[name] = next((a for a in DIGESTS if a in entry), None)
         if algorithms[name] is None:
             raise CheckpointCorruptError(f"{folder / MANIFEST}: the entry of {name} has no checksum ({list(entry)})")

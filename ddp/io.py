@@ -137,7 +137,7 @@ def _check_torch_zip(path: Path) -> None:
     try:
         with zipfile.ZipFile(path) as z:
             names = z.namelist()
-    except zipfile.BadZipFile as e:
+    except (zipfile.BadZipFile, ValueError, OverflowError) as e:  # a damaged name decodes badly, a size overflows
         raise CheckpointCorruptError(f"{path} is a damaged torch file (truncated or altered zip): {e}") from e
     if not any(n.endswith("data.pkl") for n in names):
         raise CheckpointFormatError(
@@ -236,8 +236,16 @@ def load(
             f"{path} holds objects the weights-only loader refuses ({_unpickler_reason(e)}). It may run code "
             "when unpickled, so it was not loaded; re-save it as a plain state_dict from code you trust"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
+    except DAMAGED as e:
         raise CheckpointCorruptError(f"{path} could not be read, it is truncated or damaged: {first_line(e)}") from e
+
+
+# What torch's readers raise on damaged bytes: the weights-only unpickler indexes its stack and memo
+# with what the bytes say, so a flipped byte can raise any of these (the fuzz tests found them).
+DAMAGED = (
+    RuntimeError, EOFError, zipfile.BadZipFile, ValueError, IndexError, KeyError, TypeError, AttributeError,
+    OverflowError, struct.error,
+)  # fmt: skip
 
 
 def _unpickler_reason(e: BaseException) -> str:

@@ -61,8 +61,10 @@ def read(weights: Path) -> tuple[dict, Any] | None:
         card = json.loads(path.read_text())
         if card.get("format") != FORMAT:
             raise ValueError(f"format {card.get('format')!r}, expected {FORMAT!r}")
-        config = card["config"]
-    except (ValueError, KeyError, TypeError) as e:
+        config, probe_name = card["config"], card["probe"]
+        if not isinstance(probe_name, str) or "/" in probe_name or probe_name in ("", ".", ".."):
+            raise ValueError(f"its probe must be a file beside it, not {probe_name!r}")  # nothing outside the folder
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise CheckpointCorruptError(f"{path} is not a model card of this project ({e}); move it away") from None
-    probe = path.with_name(card["probe"])
+    probe = path.with_name(probe_name)
     return config, (load(probe) if probe.is_file() else None)

@@ -42,6 +42,7 @@ from ddp.errors import (
     CheckpointFormatError,
     CheckpointNotFoundError,
     ConfigError,
+    first_line,
 )
 from ddp.io import (
     PREFIXES,
@@ -148,7 +149,14 @@ def _with_card(w: Weights) -> Weights:
     """``w`` with the config and probe of the model card beside it, where there is one (``ddp.model_card``)."""
     card = model_card.read(w.path)
     if card is not None:
-        w.cfg, w.probe = Config.from_dict(card[0]), card[1]
+        try:
+            w.cfg = Config.from_dict(card[0])
+        except (ConfigError, AttributeError, TypeError, ValueError, KeyError) as e:
+            path = model_card.card_path(w.path)
+            raise CheckpointCorruptError(
+                f"{path} holds no config this ddp reads ({first_line(e)}); move it away"
+            ) from e
+        w.probe = card[1]
         w.metadata = {**w.metadata, "model_card": model_card.card_path(w.path).name}
     return w
 
