@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -393,6 +395,8 @@ class Config:
     @classmethod
     def from_dict(cls, d: dict) -> Config:
         """Build from a nested dict such as ``to_dict`` or a TOML file gives (older forms upgraded)."""
+        if not isinstance(d, dict) or not all(isinstance(v, dict) for v in d.values()):
+            raise ConfigError(f"a config is a table of sections, each a table of settings; got {str(d)[:200]}")
         d = upgrade(d)
         unknown = set(d) - set(SECTIONS)
         if unknown:
@@ -405,11 +409,40 @@ def _plain(d: dict) -> dict:
 
 
 def _build(kind: type, values: dict, section: str):
-    names = {f.name for f in dataclasses.fields(kind)}
-    unknown = set(values) - names
+    if not isinstance(values, dict):
+        raise ConfigError(f"[{section}] must be a table of settings, not {values!r}")
+    fields = {f.name: f for f in dataclasses.fields(kind)}
+    unknown = set(values) - set(fields)
     if unknown:
-        raise ConfigError(f"unknown setting(s) {sorted(unknown)} in [{section}]; known: {sorted(names)}")
+        raise ConfigError(f"unknown setting(s) {sorted(unknown)} in [{section}]; known: {sorted(fields)}")
+    for name, value in values.items():
+        if not _fits(value, typing.get_type_hints(kind)[name]):
+            raise ConfigError(f"[{section}] {name} = {value!r}: expected {_type_name(kind, name)}")
     return kind(**values)
+
+
+def _fits(value: Any, annotation: Any) -> bool:
+    """Whether a value read from a file or a dict can be the field's: its type, or None where allowed."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if origin in (tuple, list):
+        return isinstance(value, (tuple, list)) and all(_fits(v, args[0]) for v in value)
+    if origin is dict or annotation is dict:
+        return isinstance(value, dict)
+    if annotation is type(None):
+        return value is None
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is Any or not isinstance(annotation, type):
+        return True
+    return isinstance(value, annotation)
+
+
+def _type_name(kind: type, name: str) -> str:
+    return str(typing.get_type_hints(kind)[name]).replace("typing.", "").replace("<class '", "").replace("'>", "")
 
 
 # Settings of the built-in tasks that were options of their own ([model], three of [data]) before they became

@@ -16,6 +16,7 @@ import io
 import itertools
 import os
 import pickle
+import pickletools
 import shutil
 import warnings
 from collections.abc import Iterator
@@ -70,25 +71,67 @@ class _MetadataUnpickler(pickle.Unpickler):
             return super().find_class(module, name)
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
-        raise pickle.UnpicklingError(f"{module}.{name} is not part of DCP metadata")
+        raise _Refused(f"{module}.{name} is not part of DCP metadata")
+
+
+class _Refused(pickle.UnpicklingError):
+    """A class that DCP metadata never holds."""
+
+
+MAX_METADATA_BYTES = 2**30
+"""DCP's metadata lists every tensor's chunks: tens of MB for the largest models; a GiB bounds a foreign one."""
 
 
 def read_metadata(folder: Path) -> Metadata:
-    """A DCP folder's metadata, unpickled with DCP's own classes only."""
-    check_regular(folder / METADATA, CheckpointCorruptError)
+    """A DCP folder's metadata, unpickled with DCP's own classes only.
+
+    Every length the pickle claims is checked against the file's bytes first (``pickletools``
+    reads them without allocating): the unpickler would allocate what a damaged length says.
+    """
+    path = folder / METADATA
+    check_regular(path, CheckpointCorruptError, limit=MAX_METADATA_BYTES)
+    data = path.read_bytes()
     try:
-        with open(folder / METADATA, "rb") as f:
-            metadata = _MetadataUnpickler(f).load()
-    except pickle.UnpicklingError as e:
+        for _ in pickletools.genops(data):
+            pass
+        metadata = _MetadataUnpickler(io.BytesIO(data)).load()
+    except _Refused as e:
         raise UnsafeCheckpointError(
-            f"{folder / METADATA} names {e}, so it was not loaded: a DCP metadata file holds only DCP's own "
+            f"{path} names {e}, so it was not loaded: a DCP metadata file holds only DCP's own "
             "classes; one naming others may run code when unpickled. Re-save the checkpoint from code you trust"
         ) from None
-    except (EOFError, ValueError, TypeError, AttributeError) as e:
-        raise CheckpointCorruptError(f"{folder / METADATA} is damaged or truncated ({e}); it cannot be read") from e
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, KeyError, IndexError) as e:
+        raise CheckpointCorruptError(f"{path} is damaged or truncated ({e}); it cannot be read") from e
     if not isinstance(metadata, Metadata):
-        raise CheckpointCorruptError(f"{folder / METADATA} holds a {type(metadata).__name__}, not DCP Metadata")
+        raise CheckpointCorruptError(f"{path} holds a {type(metadata).__name__}, not DCP Metadata")
+    try:
+        wrong = _malformed(metadata)
+    except (AttributeError, TypeError) as e:  # an object unpickled without the fields its class has
+        wrong = str(e)
+    if wrong:
+        raise CheckpointCorruptError(f"{path} is damaged or was not written by DCP: {wrong}; do not load it")
     return metadata
+
+
+def _malformed(metadata: Metadata) -> str | None:
+    """What in ``metadata`` is not as DCP writes it, or None: each data file a plain name in the folder (never a
+    path out of it), each offset and length a count, each entry a tensor's shape and dtype or a bytes entry."""
+    for info in (metadata.storage_data or {}).values():
+        name = info.relative_path
+        if not isinstance(name, str) or "/" in name or name in ("", ".", ".."):
+            return f"a data file named {name!r}, not a file inside the folder"
+        if not all(isinstance(n, int) and n >= 0 for n in (info.offset, info.length)):
+            return f"the data of {name} at offset {info.offset!r}, length {info.length!r}"
+    if not isinstance(metadata.state_dict_metadata, dict) or not isinstance(metadata.planner_data or {}, dict):
+        return "its table of entries is not a table"
+    for key, entry in metadata.state_dict_metadata.items():
+        if isinstance(entry, TensorStorageMetadata):
+            ok = isinstance(entry.size, torch.Size) and isinstance(entry.properties.dtype, torch.dtype)
+        else:
+            ok = isinstance(entry, BytesStorageMetadata)
+        if not ok or not isinstance((metadata.planner_data or {}).get(key, ()), (tuple, list)):
+            return f"the entry {key!r}"
+    return None
 
 
 class _SafeReader(FileSystemReader):

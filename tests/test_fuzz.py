@@ -20,11 +20,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ddp
-from ddp import model_card, run_folder, train, weights
+from ddp import model_card, options, run_folder, train, weights
 from ddp.checkpoint_files import validate
 from ddp.errors import DDPError
+from ddp.tasks import tokens
 
-EXAMPLES = 300  # per format: about 2 s each here (2,000 each found nothing more)
+EXAMPLES = 300  # per case: about 2 s each here (1,500 each, tried once, found nothing more)
 SETTINGS = settings(
     max_examples=EXAMPLES, derandomize=True, deadline=None, database=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
@@ -39,6 +40,14 @@ def made(tmp_path_factory) -> Path:
     assert train.main(args) == 0
     state = ddp.load(out / "mlp.params")
     ddp.io.save_safetensors(state, out / "mlp.safetensors")
+    weights.write(weights.read(out / "mlp.params"), out / "dcp", "dcp")  # what `ddp export --format dcp` writes
+    index = {
+        "metadata": {"total_size": 4 * sum(t.numel() for t in state.values())},
+        "weight_map": dict.fromkeys(state, "mlp.safetensors"),
+    }  # fmt: skip  (Hugging Face's sharded layout)
+    (out / "model.safetensors.index.json").write_text(json.dumps(index))
+    (out / "run.toml").write_text('[task]\nspec = "mlp"\n[run]\nsteps = 6\n[optim]\nlr = 0.1\n')
+    tokens.write_byte_tokens([Path(ddp.__file__)], out / "bytes", 0.1)  # `ddp tokens`: train.bin, val.bin, meta.json
     return out
 
 
@@ -152,3 +161,61 @@ def test_a_model_card_or_run_record_with_any_field_changed_reads_or_fails_with_o
     record = json.loads((made / run_folder.RUN_FILE).read_text())
     (tmp_path / run_folder.RUN_FILE).write_text(json.dumps(_replace_field(record, *edit), default=str))
     _ends_well(lambda: run_folder.read(tmp_path), tmp_path)
+
+
+@SETTINGS
+@given(changes=edits, cut=st.none() | st.integers(min_value=0, max_value=4096))
+def test_a_damaged_dcp_metadata_reads_or_fails_with_our_error(made, tmp_path, changes, cut):
+    folder = tmp_path / "dcp"
+    if not folder.exists():
+        shutil.copytree(made / "dcp", folder)
+    (folder / ".metadata").write_bytes(_mutated((made / "dcp" / ".metadata").read_bytes(), changes, cut))
+    _ends_well(lambda: weights.read(folder), tmp_path)
+
+
+@SETTINGS
+@given(edit=field_edits)
+def test_an_index_a_toml_config_or_a_token_meta_with_any_field_changed_is_read_or_refused(made, tmp_path, edit):
+    import tomllib
+
+    if not (tmp_path / "mlp.safetensors").exists():
+        shutil.copy(made / "mlp.safetensors", tmp_path / "mlp.safetensors")
+        shutil.copytree(made / "bytes", tmp_path / "bytes")
+    index = json.loads((made / "model.safetensors.index.json").read_text())
+    (tmp_path / "i.index.json").write_text(json.dumps(_replace_field(index, *edit), default=str))
+    _ends_well(lambda: weights.read(tmp_path / "i.index.json"), tmp_path)
+    meta = json.loads((made / "bytes" / "meta.json").read_text())
+    (tmp_path / "bytes" / "meta.json").write_text(json.dumps(_replace_field(meta, *edit), default=str))
+    _ends_well(lambda: tokens.task(train=str(tmp_path / "bytes" / "train.bin")), tmp_path)
+    toml = tomllib.loads((made / "run.toml").read_text())
+    (tmp_path / "run.toml").write_text(_toml(_replace_field(toml, *edit)))
+    _ends_well(lambda: _parsed(["--config", str(tmp_path / "run.toml"), "--out", str(tmp_path / "run")]), tmp_path)
+
+
+def _parsed(argv: list[str]) -> None:
+    """``ddp train``'s parsing: a usage error is argparse's exit 2, the only other way it may end."""
+    try:
+        options.parse(argv)
+    except SystemExit as e:
+        assert e.code == 2
+
+
+def _toml(doc) -> str:
+    """A TOML rendering of whatever the mutation made (strings for what TOML cannot hold)."""
+    if not isinstance(doc, dict):
+        return f"value = {json.dumps(str(doc))}\n"
+    lines, tables = [], []
+    for k, v in doc.items():
+        if isinstance(v, dict):
+            tables.append(f"[{json.dumps(k)}]\n" + "".join(f"{json.dumps(a)} = {_value(b)}\n" for a, b in v.items()))
+        else:
+            lines.append(f"{json.dumps(k)} = {_value(v)}\n")
+    return "".join(lines) + "".join(tables)
+
+
+def _value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if (isinstance(v, int) and abs(v) < 2**63) or (isinstance(v, float) and v == v and abs(v) != float("inf")):
+        return repr(v)
+    return json.dumps(str(v))

@@ -121,7 +121,14 @@ def _vocab_beside(train: Path) -> int:
             f"task tokens needs the vocabulary's size: --task-arg vocab=N (no {META} beside {train}; "
             "`ddp tokens` writes one, with 256 for its byte-level files)"
         )
-    return int(json.loads(meta.read_text())["vocab"])
+    try:
+        vocab = json.loads(meta.read_text())["vocab"]
+        if not isinstance(vocab, int) or isinstance(vocab, bool) or not 0 < vocab <= 2**32:
+            raise ValueError(f"vocab must be a positive whole number, not {vocab!r}")
+    except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        said = f"task tokens: {meta} is not a token files' meta.json ({e}); pass --task-arg vocab=N"
+        raise ConfigError(said) from None
+    return vocab
 
 
 def write_byte_tokens(files: list[Path], output: Path, val_fraction: float) -> dict:
