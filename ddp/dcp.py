@@ -39,7 +39,7 @@ from ddp.errors import (
     UnsafeCheckpointError,
     first_line,
 )
-from ddp.io import DCP_METADATA, check_regular, fsync_dir, is_dcp
+from ddp.io import DCP_METADATA, check_regular, fsync_dir, is_dcp, is_file_name
 
 METADATA = DCP_METADATA
 
@@ -118,7 +118,7 @@ def _malformed(metadata: Metadata) -> str | None:
     path out of it), each offset and length a count, each entry a tensor's shape and dtype or a bytes entry."""
     for info in (metadata.storage_data or {}).values():
         name = info.relative_path
-        if not isinstance(name, str) or "/" in name or name in ("", ".", ".."):
+        if not is_file_name(name):
             return f"a data file named {name!r}, not a file inside the folder"
         if not all(isinstance(n, int) and n >= 0 for n in (info.offset, info.length)):
             return f"the data of {name} at offset {info.offset!r}, length {info.length!r}"

@@ -83,6 +83,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
         raise
 
 
+def is_file_name(name: object) -> bool:
+    """Whether a name read from a file (a shard, a probe, a data file) is a plain file name: beside the file that
+    names it, never a path out of its folder."""
+    return isinstance(name, str) and "/" not in name and name not in ("", ".", "..")
+
+
 def check_regular(path: Path, error: type[Exception], limit: int | None = None) -> int:
     """``path``'s size if it is a regular file (of at most ``limit`` bytes), else ``error`` naming it.
 

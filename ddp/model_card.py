@@ -16,7 +16,7 @@ import torch
 
 from ddp import group
 from ddp.errors import CheckpointCorruptError, DDPError
-from ddp.io import atomic_write, load, save
+from ddp.io import atomic_write, is_file_name, load, save
 from ddp.task import Task, to_device
 
 FORMAT = "ddp-model-card/1"
@@ -62,7 +62,7 @@ def read(weights: Path) -> tuple[dict, Any] | None:
         if card.get("format") != FORMAT:
             raise ValueError(f"format {card.get('format')!r}, expected {FORMAT!r}")
         config, probe_name = card["config"], card["probe"]
-        if not isinstance(probe_name, str) or "/" in probe_name or probe_name in ("", ".", ".."):
+        if not is_file_name(probe_name):
             raise ValueError(f"its probe must be a file beside it, not {probe_name!r}")  # nothing outside the folder
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise CheckpointCorruptError(f"{path} is not a model card of this project ({e}); move it away") from None

@@ -50,6 +50,7 @@ from ddp.io import (
     check_regular,
     detect_format,
     is_dcp,
+    is_file_name,
     load,
     load_safetensors,
     save,
@@ -233,7 +234,7 @@ def _read_sharded(index: Path, map_location: str | torch.device, key: str | None
         raise CheckpointFormatError(f"{index} has no weight_map; expected the index of a sharded set of weights")
     shards: dict[str, list[str]] = {}
     for name, shard in weight_map.items():
-        if not isinstance(shard, str) or "/" in shard or shard in ("", ".", ".."):  # nothing outside its folder
+        if not is_file_name(shard):
             raise CheckpointCorruptError(f"{index}: the shard of {name!r} is {shard!r}, not a file beside the index")
         shards.setdefault(shard, []).append(name)
     for shard, names in shards.items():
