@@ -28,7 +28,6 @@ import mmap
 import os
 import re
 import shutil
-import stat
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -39,7 +38,7 @@ import xxhash
 
 from ddp import group
 from ddp.errors import CheckpointCorruptError, CheckpointError, CheckpointNotFoundError
-from ddp.io import fsync_dir, load, storage_key, write_durable
+from ddp.io import check_regular, fsync_dir, load, storage_key, write_durable
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -251,9 +250,7 @@ def read_manifest(folder: Path) -> dict:
         raise CheckpointNotFoundError(f"checkpoint folder {folder} does not exist")
     if not path.exists():
         raise CheckpointCorruptError(f"{folder} has no {MANIFEST}: an unfinished save, never loaded")
-    size = _regular_file(path, path).st_size
-    if size > MAX_MANIFEST_BYTES:
-        raise CheckpointCorruptError(f"{path} holds {size} bytes, more than any manifest ({MAX_MANIFEST_BYTES})")
+    check_regular(path, CheckpointCorruptError, MAX_MANIFEST_BYTES, named_by=path)
     try:
         manifest = json.loads(path.read_text())
         if not isinstance(manifest["files"], dict) or not all(isinstance(e, dict) for e in manifest["files"].values()):
@@ -280,7 +277,7 @@ def validate(folder: Path, hashes: bool = True) -> dict:
         path = entry_path(folder, name)
         if not path.exists():
             raise CheckpointCorruptError(f"{path} is listed in the manifest but missing")
-        size = _regular_file(path, folder / MANIFEST).st_size
+        size = check_regular(path, CheckpointCorruptError, named_by=folder / MANIFEST)
         if size != entry.get("size"):
             raise CheckpointCorruptError(f"{path} has {size} bytes, the manifest says {entry.get('size')} (truncated?)")
         algorithms[name] = next((a for a in DIGESTS if a in entry), None)
@@ -319,16 +316,6 @@ def entry_path(folder: Path, name: str) -> Path:
             f"{path.resolve()}); do not load it"
         )
     return path
-
-
-def _regular_file(path: Path, named_by: Path) -> os.stat_result:
-    """``path``'s stat if it is a regular file; a FIFO, device or socket would block or never end a read."""
-    st = path.stat()
-    if not stat.S_ISREG(st.st_mode):
-        raise CheckpointCorruptError(
-            f"{path} (named by {named_by}) is not a regular file (a pipe, device or socket): refused without opening it"
-        )
-    return st
 
 
 def digest_of(manifest: dict) -> str:

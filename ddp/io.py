@@ -89,17 +89,19 @@ def is_file_name(name: object) -> bool:
     return isinstance(name, str) and "/" not in name and name not in ("", ".", "..")
 
 
-def check_regular(path: Path, error: type[Exception], limit: int | None = None) -> int:
-    """``path``'s size if it is a regular file (of at most ``limit`` bytes), else ``error`` naming it.
+def check_regular(path: Path, error: type[Exception], limit: int | None = None, named_by: Path | None = None) -> int:
+    """``path``'s size if it is a regular file (of at most ``limit`` bytes), else ``error`` naming it (and the file
+    that ``named_by`` it, where another file pointed to it).
 
     Files people download are outside input: a pipe or a device in their place would block a
     read for ever, or never end it; a metadata file of gigabytes would be read whole.
     """
     st = path.stat()
+    where = str(path) if named_by is None else f"{path} (named by {named_by})"
     if not stat.S_ISREG(st.st_mode):
-        raise error(f"{path} is not a regular file (a pipe, device or socket): refused without reading it")
+        raise error(f"{where} is not a regular file (a pipe, device or socket): refused without reading it")
     if limit is not None and st.st_size > limit:
-        raise error(f"{path} holds {st.st_size} bytes, more than such a file can ({limit}): refused without reading")
+        raise error(f"{where} holds {st.st_size} bytes, more than such a file can ({limit}): refused without reading")
     return st.st_size
 
 
