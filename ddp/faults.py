@@ -7,10 +7,11 @@ Tests set ``DDP_FAULT`` in a worker's environment, e.g. ``kill:rank=1:step=7`` o
 ``lose-memory:rank=1:step=9:dir=D`` (rank 1 deletes folder D, its snapshots, and dies: a replaced node),
 ``nan:rank=1:step=12`` (rank 1's loss in step 12 is NaN),
 ``stop:rank=1:step=5`` (rank 1 SIGSTOPs itself: a stalled rank),
-``sleep:rank=1:step=1:seconds=5`` (a slow step), or
+``sleep:rank=1:step=1:seconds=5`` (a slow step; without ``step``, every step is that slow), or
 ``log-writes:file=/tmp/w.log`` (every rank appends the names of the files it writes).
 A fault fires in one attempt of an elastic job: the first (``TORCHELASTIC_RESTART_COUNT``
-0) unless it says ``attempt=N``. Several faults, one per attempt, are separated by ``;``:
+0) unless it says ``attempt=N``; with ``world=N``, only while the job has N ranks (a membership
+change restarts an elastic job without counting an attempt). Several faults, one per attempt, are separated by ``;``:
 ``kill:rank=1:step=7;kill:attempt=1:rank=0:step=12`` kills twice, then runs clean.
 Any fault may add ``linger=S``: its rank then takes S seconds more to leave the process
 group, as a rank on a loaded host does; ``linger:rank=1:seconds=S`` does only that.
@@ -42,13 +43,18 @@ def _spec() -> dict[str, str] | None:
 
 
 def _mine(spec: dict[str, str], rank: int) -> bool:
-    return spec.get("rank", str(rank)) == str(rank)
+    world = os.environ.get("WORLD_SIZE", "1")
+    return spec.get("rank", str(rank)) == str(rank) and spec.get("world", world) == world
 
 
 def at_step(rank: int, step: int) -> None:
     """Called after each optimizer step: kill or raise if a fault is set for this step."""
     spec = _spec()
-    if spec is None or not _mine(spec, rank) or spec.get("step") != str(step):
+    if spec is None or not _mine(spec, rank):
+        return
+    if spec["kind"] == "sleep" and "step" not in spec:  # a slow rank: every step
+        time.sleep(float(spec.get("seconds", "5")))
+    if spec.get("step") != str(step):
         return
     if spec["kind"] == "kill":
         os.kill(os.getpid(), signal.SIGKILL)

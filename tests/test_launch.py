@@ -127,18 +127,20 @@ def test_elastic_job_starts_with_the_nodes_it_has(tmp_path):
 def test_a_node_that_joins_a_running_elastic_job_restarts_it_on_the_larger_world(tmp_path):
     # A membership change restarts the workers without counting a restart: both attempts look
     # alike to TORCHELASTIC_RESTART_COUNT. (elastic.sh unshares torchrun's store: see multinode.sh)
+    # Steps are slow while the job has one rank, so that the second node joins a running job.
     port = free_port()
     cmd = ["bash", "launch/elastic.sh", "--head", "127.0.0.1", "--port", str(port), "--nnodes", "1:2", "--nproc", "1",
-           "--samples", "1024", "--batch-size", "16", "--steps", "4000", "--checkpoint-every", "50",
-           "--log-every", "500", "--out", str(tmp_path)]  # fmt: skip
-    first = start(cmd, tmp_path / "node0.log", RDZV_CONF="last_call_timeout=1")
+           "--samples", "1024", "--batch-size", "16", "--steps", "300", "--checkpoint-every", "20",
+           "--log-every", "100", "--out", str(tmp_path)]  # fmt: skip
+    slow = {"RDZV_CONF": "last_call_timeout=1", "DDP_FAULT": "sleep:world=1:seconds=0.1"}
+    first = start(cmd, tmp_path / "node0.log", **slow)
     second = None
     try:
         deadline = time.monotonic() + 90
         while not list((tmp_path / "checkpoints").glob("step-*")):
             assert time.monotonic() < deadline and first.poll() is None, (tmp_path / "node0.log").read_text()[-3000:]
             time.sleep(0.1)
-        second = start(cmd, tmp_path / "node1.log", RDZV_CONF="last_call_timeout=1")
+        second = start(cmd, tmp_path / "node1.log", **slow)
         for node in (first, second):
             node.wait(timeout=150)
     finally:
@@ -155,19 +157,23 @@ def test_a_node_that_leaves_an_elastic_job_lets_the_others_finish(tmp_path):
     # A node dies whole (agent and workers: a power cut). The survivors' collective fails, their
     # agent restarts them, the next rendezvous round closes without the dead node, and the job
     # resumes on the smaller world from a checkpoint the larger one wrote.
+    # Steps are slow until the kill (in attempt 0), so that it finds the job running.
     port = free_port()
     cmd = ["bash", "launch/elastic.sh", "--head", "127.0.0.1", "--port", str(port), "--nnodes", "1:2", "--nproc", "1",
-           "--samples", "1024", "--batch-size", "16", "--steps", "3000", "--checkpoint-every", "50",
-           "--log-every", "500", "--timeout", "30", "--out", str(tmp_path)]  # fmt: skip
-    # node 0 starts first, so that it hosts the rendezvous as the head node does; the first round
-    # waits 10 s for more nodes, so that both train from the start
-    nodes = [start(cmd, tmp_path / "node0.log", RDZV_CONF="last_call_timeout=10")]
+           "--samples", "1024", "--batch-size", "16", "--steps", "300", "--checkpoint-every", "20",
+           "--log-every", "100", "--timeout", "30", "--out", str(tmp_path)]  # fmt: skip
+    # node 0 starts first, so that it hosts the rendezvous as the head node does (node 1 may join
+    # its running job: a membership change, still attempt 0). The dead node is dropped from the
+    # next round when it misses 3 heartbeats, 1 s apart.
+    rdzv = "last_call_timeout=1,keep_alive_interval=1,keep_alive_max_attempt=3"
+    slow = {"RDZV_CONF": rdzv, "DDP_FAULT": "sleep:seconds=0.1"}
+    nodes = [start(cmd, tmp_path / "node0.log", **slow)]
     try:
         deadline = time.monotonic() + 90
         while not listening(port):
             assert time.monotonic() < deadline and nodes[0].poll() is None, (tmp_path / "node0.log").read_text()
             time.sleep(0.1)
-        nodes.append(start(cmd, tmp_path / "node1.log", RDZV_CONF="last_call_timeout=10"))
+        nodes.append(start(cmd, tmp_path / "node1.log", **slow))
         while not any(
             '"world_size": 2' in m.read_text() for m in (tmp_path / "checkpoints").glob("step-*/manifest.json")
         ):
