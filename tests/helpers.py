@@ -52,24 +52,36 @@ def torchrun(nproc: int, *args: str, extra_env: dict | None = None, restarts: in
 
 def launch(argv: list[str], *, extra_env: dict | None = None, timeout: float = JOB_TIMEOUT, cwd: Path = ROOT):
     """``torchrun ARGV`` to completion, as ``run`` gives a command: returncode, stdout (with stderr), output."""
+    return _forked("torch.distributed.run", argv, extra_env=extra_env, timeout=timeout, cwd=cwd, merge=True)
+
+
+def ddp_command(*argv: str, extra_env: dict | None = None, timeout: float = JOB_TIMEOUT, cwd: Path = ROOT):
+    """``python -m ddp ARGV`` to completion, as ``run`` gives it: returncode, stdout, stderr, output."""
+    return _forked("ddp", [str(a) for a in argv], extra_env=extra_env, timeout=timeout, cwd=cwd, merge=False)
+
+
+def _forked(module: str, argv: list[str], *, extra_env: dict | None, timeout: float, cwd: Path, merge: bool):
+    """``python -m MODULE ARGV``, forked from this test process's launcher server (``tests/launcher.py``)."""
     server = _launch_server()
-    with tempfile.NamedTemporaryFile(prefix="torchrun-", suffix=".log") as log:
-        job = {"argv": argv, "env": env(**(extra_env or {})), "cwd": str(cwd), "log": log.name}
-        server.stdin.write(json.dumps(job) + "\n")
+    with tempfile.TemporaryDirectory(prefix="job-") as tmp:
+        out, err = Path(tmp) / "out", Path(tmp) / ("out" if merge else "err")
+        job = {"module": module, "argv": argv, "env": env(**(extra_env or {})), "cwd": str(cwd)}
+        server.stdin.write(json.dumps({**job, "log": str(out), "err": str(err)}) + "\n")
         server.stdin.flush()
         pid = json.loads(server.stdout.readline())["pid"]
         try:
             if not select.select([server.stdout], [], [], timeout)[0]:
-                raise subprocess.TimeoutExpired(["torchrun", *argv], timeout, Path(log.name).read_text())
+                raise subprocess.TimeoutExpired([module, *argv], timeout, out.read_text(errors="replace"))
         except BaseException:  # a timeout, or pytest-timeout's: the job ends with the test
             os.killpg(pid, signal.SIGKILL)
             server.stdout.readline()
             raise
         code = json.loads(server.stdout.readline())["status"]
-        text = Path(log.name).read_text(errors="replace")
-    proc = subprocess.CompletedProcess(["torchrun", *argv], code, text, "")
-    proc.output = text
-    assert code >= 0 or code == -signal.SIGTERM, f"killed by signal:\n{text}"
+        stdout = out.read_text(errors="replace") if out.exists() else ""
+        stderr = "" if merge or not err.exists() else err.read_text(errors="replace")
+    proc = subprocess.CompletedProcess([module, *argv], code, stdout, stderr)
+    proc.output = stdout + stderr
+    assert code >= 0 or code == -signal.SIGTERM, f"killed by signal:\n{proc.output}"
     return proc
 
 

@@ -12,9 +12,7 @@ import ddp
 from ddp import cli
 from ddp.model import MLP
 
-from .helpers import ROOT, launch, ok, run, torchrun
-
-DDP = [sys.executable, "-m", "ddp"]
+from .helpers import ROOT, ddp_command, launch, ok, run, torchrun
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +54,7 @@ def test_console_script_is_installed():
 def test_inspect_json_describes_a_checkpoint(trained):
     out_dir, _ = trained
     folder = out_dir / "checkpoints" / "step-00000028"
-    info = json.loads(ok(run([*DDP, "inspect", str(folder), "--json"])))
+    info = json.loads(ok(ddp_command("inspect", str(folder), "--json")))
     assert info["kind"] == "checkpoint" and info["step"] == 28 and info["epoch"] == 2 and info["world_size"] == 2
     assert info["torch_version"] == str(torch.__version__) and info["format"] == "torch"
     assert info["integrity"].startswith("ok: 5 files match the manifest")
@@ -68,7 +66,7 @@ def test_inspect_json_describes_a_checkpoint(trained):
 
 
 def test_inspect_of_a_run_folder_reads_its_mlp_params(trained):
-    info = json.loads(ok(run([*DDP, "inspect", str(trained[0]), "--json"])))
+    info = json.loads(ok(ddp_command("inspect", str(trained[0]), "--json")))
     assert info["kind"] == "weights" and info["task"] == "mlp" and info["tensor_count"] == 4
 
 
@@ -81,7 +79,7 @@ def test_inspect_into_a_pipe_that_closes_early_exits_quietly(trained):
 def test_inspect_reports_a_damaged_file_with_exit_1(trained, tmp_path):
     bad = tmp_path / "mlp.params"
     bad.write_bytes((trained[0] / "mlp.params").read_bytes()[:500])
-    proc = run([*DDP, "inspect", str(bad)])
+    proc = ddp_command("inspect", str(bad))
     assert proc.returncode == 1 and f"FAILED: {bad}" in proc.output
 
 
@@ -89,8 +87,8 @@ def test_predict_equals_the_models_forward_on_cpu(trained, tmp_path):
     out_dir, _ = trained
     x = np.random.default_rng(0).standard_normal((7, 20)).astype(np.float32)
     np.savez(tmp_path / "in.npz", X=x)
-    ok(run([*DDP, "predict", str(out_dir / "mlp.params"), "--input", str(tmp_path / "in.npz"), "--device", "cpu",
-            "--output", str(tmp_path / "pred.npz")]))  # fmt: skip
+    ok(ddp_command("predict", str(out_dir / "mlp.params"), "--input", str(tmp_path / "in.npz"), "--device", "cpu",
+            "--output", str(tmp_path / "pred.npz")))  # fmt: skip
     model = ddp.load_model(MLP(), out_dir / "mlp.params").eval()
     with torch.no_grad():
         logits = model(torch.from_numpy(x)).double()
@@ -101,13 +99,13 @@ def test_predict_equals_the_models_forward_on_cpu(trained, tmp_path):
 
 
 def test_predict_random_prints_one_prediction_per_line(trained):
-    out = ok(run([*DDP, "predict", str(trained[0] / "mlp.params"), "--random", "3", "--device", "auto"]))
+    out = ok(ddp_command("predict", str(trained[0] / "mlp.params"), "--random", "3", "--device", "auto"))
     assert [line.split("\t")[0] for line in out.strip().splitlines()] == ["0", "1", "2"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU case")
 def test_predict_on_cuda_without_a_gpu_is_a_usage_error(trained):
-    proc = run([*DDP, "predict", str(trained[0] / "mlp.params"), "--random", "1", "--device", "cuda"])
+    proc = ddp_command("predict", str(trained[0] / "mlp.params"), "--random", "1", "--device", "cuda")
     assert proc.returncode == 2 and "no CUDA GPU is visible; use --device cpu or auto" in proc.output
 
 
@@ -115,12 +113,12 @@ def test_predict_on_cuda_without_a_gpu_is_a_usage_error(trained):
 def test_export_makes_a_bitwise_weights_only_copy(trained, tmp_path, fmt):
     out_dir, _ = trained
     dest = tmp_path / f"model.{fmt}"
-    ok(run([*DDP, "export", str(out_dir / "checkpoints" / "step-00000028"), "--format", fmt, "--output", str(dest)]))
+    ok(ddp_command("export", str(out_dir / "checkpoints" / "step-00000028"), "--format", fmt, "--output", str(dest)))
     assert ddp.io.detect_format(dest) == fmt
     original = torch.load(out_dir / "mlp.params", weights_only=True)
     copy = ddp.load(dest)
     assert copy.keys() == original.keys() and all(torch.equal(copy[k], original[k]) for k in copy)
-    assert "verify: 1/1 ranks" in ok(run([*DDP, "verify", str(dest)]))
+    assert "verify: 1/1 ranks" in ok(ddp_command("verify", str(dest)))
 
 
 def test_verify_under_torchrun_checks_every_rank(trained):
@@ -131,7 +129,7 @@ def test_verify_under_torchrun_checks_every_rank(trained):
 
 
 def test_verify_of_a_missing_file_exits_1_naming_it(tmp_path):
-    proc = run([*DDP, "verify", str(tmp_path / "none.params")])
+    proc = ddp_command("verify", str(tmp_path / "none.params"))
     assert proc.returncode == 1 and f"{tmp_path}/none.params does not exist" in proc.output
 
 
@@ -148,7 +146,7 @@ def test_verify_under_torchrun_of_a_missing_file_fails_on_every_rank_naming_it(t
 def test_plot_writes_a_png_of_loss_throughput_grad_norm_and_memory(trained):
     pytest.importorskip("matplotlib")
     out_dir, _ = trained
-    ok(run([*DDP, "plot", str(out_dir)]))
+    ok(ddp_command("plot", str(out_dir)))
     assert (out_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     from ddp.metrics import read_metrics
     from ddp.plot import draw, runs_of
@@ -205,7 +203,7 @@ def test_progress_bar_on_a_terminal(tmp_path):
 
 def test_toml_config_with_command_line_overrides(tmp_path):
     (tmp_path / "run.toml").write_text("[data]\nsamples = 512\nbatch_size = 16\n[optim]\nlr = 0.2\n[run]\nsteps = 3\n")
-    out = ok(run([*DDP, "train", "--config", str(tmp_path / "run.toml"), "--lr", "0.3", "--out", str(tmp_path)]))
+    out = ok(ddp_command("train", "--config", str(tmp_path / "run.toml"), "--lr", "0.3", "--out", str(tmp_path)))
     printed = json.loads(out.split("config: ", 1)[1].splitlines()[0])
     assert printed["data"]["batch_size"] == 16 and printed["optim"]["lr"] == 0.3 and printed["run"]["steps"] == 3
     saved = torch.load(tmp_path / "checkpoints" / "step-00000003" / "train.pt", weights_only=True)["config"]
@@ -214,7 +212,7 @@ def test_toml_config_with_command_line_overrides(tmp_path):
 
 def test_bad_toml_names_the_file_and_the_setting(tmp_path):
     (tmp_path / "run.toml").write_text("[optim]\nlearning_rate = 0.1\n")
-    proc = run([*DDP, "train", "--config", str(tmp_path / "run.toml")])
+    proc = ddp_command("train", "--config", str(tmp_path / "run.toml"))
     assert proc.returncode == 2 and "unknown setting(s) ['learning_rate'] in [optim]" in proc.output
 
 

@@ -1,14 +1,12 @@
 """The textbook's device helpers."""
 
-import sys
-
 import pytest
 import torch
 
 import ddp
 from ddp.device import local_device, peak_tflops
 
-from .helpers import run
+from .helpers import ddp_command
 
 
 def test_cpu_and_gpu_name_devices():
@@ -55,7 +53,7 @@ def test_try_gpu_returns_an_existing_gpu():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU case")
 def test_device_cuda_without_a_gpu_is_a_usage_error(tmp_path):
-    proc = run([sys.executable, "-m", "ddp", "train", "--device", "cuda", "--steps", "1", "--out", str(tmp_path)])
+    proc = ddp_command("train", "--device", "cuda", "--steps", "1", "--out", tmp_path)
     assert proc.returncode == 2 and "--device cuda: no CUDA GPU is visible" in proc.output
 
 

@@ -20,7 +20,7 @@ from torch.distributed.run import get_args_parser as torchrun_parser
 from ddp import cli, options
 from ddp.tasks import BUILTIN, check_args
 
-from .helpers import ROOT, ok, run
+from .helpers import JOB_TIMEOUT, ROOT, ddp_command, launch, ok, run
 
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "bench" / "README.md"]
 SHELLS = ("sh", "bash")
@@ -107,13 +107,13 @@ def test_the_pages_show_commands_at_all():
     assert len(shown()) > 40 and {"README.md", "docs/launching.md", "docs/tasks.md", "bench/README.md"} <= pages
 
 
-def in_folder(words: list[str]) -> list[str]:
-    """A shown command, run with this interpreter."""
+def in_folder(words: list[str], folder: Path, timeout: float = JOB_TIMEOUT):
+    """Run a shown command in FOLDER: ``ddp`` and ``torchrun`` as ``python -m`` of their modules."""
     head, rest = words[0], words[1:]
     if head == "ddp":
-        return [sys.executable, "-m", "ddp", *rest]
+        return ddp_command(*rest, cwd=folder, timeout=timeout)
     if head == "torchrun":
-        return [sys.executable, "-m", "torch.distributed.run", *rest]
+        return launch(rest, cwd=folder, timeout=timeout)
     raise AssertionError(f"cannot run {words}")
 
 
@@ -126,7 +126,7 @@ def readme_block(marker: str, lang: tuple[str, ...] = SHELLS) -> str:
 def test_the_readmes_task_example_trains_verifies_and_runs_under_torchrun(tmp_path):
     (tmp_path / "mytask.py").write_text(readme_block("# mytask.py", ("python",)))
     for words in commands(readme_block("--task mytask.py:make")):
-        ok(run(in_folder(words), cwd=tmp_path, timeout=240))
+        ok(in_folder(words, tmp_path, timeout=240))
     assert (tmp_path / "runs" / "mine" / "mytask.params").is_file()
     assert (tmp_path / "runs" / "mine-2" / "mytask.params").is_file()
 
@@ -140,7 +140,7 @@ def test_the_readmes_tracker_example_gets_the_figures(tmp_path):
 
 def test_the_readmes_ddp_command_block_runs_as_written(tmp_path):
     for words in commands(readme_block("ddp inspect runs/demo/mlp.params")):
-        ok(run(in_folder(words), cwd=tmp_path))
+        ok(in_folder(words, tmp_path))
     assert (tmp_path / "runs" / "demo" / "mlp.safetensors").is_file()
     tuned = torch.load(tmp_path / "runs" / "tuned" / "mlp.params", weights_only=True)
     assert tuned["output.weight"].shape == (5, 256)
@@ -152,7 +152,7 @@ def test_the_help_epilog_runs_as_written(tmp_path):
     lines = [line for line in cli.__doc__.splitlines() if line.startswith("ddp ")]
     assert len(lines) >= 8
     for words in commands("\n".join(lines)):
-        ok(run(in_folder(words), cwd=tmp_path))
+        ok(in_folder(words, tmp_path))
     assert (tmp_path / "runs" / "demo" / "loss.png").is_file() and (
         tmp_path / "runs" / "lm" / "charlm.params"
     ).is_file()

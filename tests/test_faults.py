@@ -31,7 +31,7 @@ from ddp.errors import (
 from ddp.group import World, check_devices
 from ddp.model import MLP
 
-from .helpers import ROOT, env, free_port, model_state, ok, run, torchrun
+from .helpers import ROOT, ddp_command, env, free_port, model_state, ok, run, torchrun
 
 ARGS = ["--samples", "512", "--batch-size", "32"]
 
@@ -127,7 +127,7 @@ def test_a_manifest_naming_a_pipe_or_a_file_outside_its_folder_is_refused_withou
     skipped = []
     assert newest_valid(root, say=skipped.append) == root / "step-00000004"  # a resume skips it, saying why
     assert len(skipped) == 1 and "leads outside the checkpoint folder" in skipped[0]
-    proc = run([sys.executable, "-m", "ddp", "verify", str(folder)], timeout=30)
+    proc = ddp_command("verify", folder, timeout=30)
     assert proc.returncode == 1 and "leads outside the checkpoint folder" in proc.output
     with pytest.raises(CheckpointFormatError, match="is not a regular file"):
         ddp.load(folder / "pipe")  # a weights file that is a pipe: refused by its stat, never read
@@ -234,7 +234,7 @@ def test_a_pickle_that_runs_code_is_refused_and_the_code_never_runs(tmp_path):
         ddp.load(path)
     with pytest.raises(UnsafeCheckpointError):
         ddp.load_model(MLP(), path)
-    proc = run([sys.executable, "-m", "ddp", "inspect", str(path)])
+    proc = ddp_command("inspect", path)
     assert proc.returncode == 1 and "weights-only loader refuses" in proc.output
     assert not marker.exists()
 

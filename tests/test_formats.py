@@ -9,7 +9,6 @@ torch.distributed.checkpoint folder saved by 2 gloo ranks.
 import json
 import pickle
 import shutil
-import sys
 import warnings
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import torch
 from ddp import cli, dcp, weights
 
 from . import user_models, user_task, workers
-from .helpers import ROOT, launch, ok, run, spawn
+from .helpers import ROOT, ddp_command, launch, ok, spawn
 
 MODELS = Path(user_models.__file__).relative_to(ROOT)
 FORMATS = ["torch", "safetensors", "dcp"]
@@ -313,8 +312,8 @@ def test_verify_with_task_rebuilds_a_users_model_from_a_nested_file(tmp_path):
     torch.manual_seed(0)
     scorer = user_task.make(hidden=8).model()
     torch.save({"MODEL_STATE": {f"module.{k}": v for k, v in scorer.state_dict().items()}}, tmp_path / "s.pt")
-    verify = [sys.executable, "-m", "ddp", "verify", str(tmp_path / "s.pt"), "--task", "tests/user_task.py:make"]
-    proc = run(verify)
+    verify = ["verify", tmp_path / "s.pt", "--task", "tests/user_task.py:make"]
+    proc = ddp_command(*verify)
     assert proc.returncode == 1 and "shape mismatches" in proc.output  # the task's default hidden=16
-    out = ok(run([*verify, "--task-arg", "hidden=8"]))
+    out = ok(ddp_command(*verify, "--task-arg", "hidden=8"))
     assert "verify: 1/1 ranks reloaded" in out

@@ -10,7 +10,7 @@ import ddp
 from ddp import cli, train
 from ddp.tasks import charlm
 
-from .helpers import ROOT, assert_tree_equal, launch, model_state, ok, run, torchrun
+from .helpers import ROOT, assert_tree_equal, ddp_command, launch, model_state, ok, run, torchrun
 
 USER = ["--task", "tests/user_task.py:make", "--precision", "fp64", "--log-every", "1", "--steps", "20"]
 
@@ -88,7 +88,7 @@ def test_task_options_from_a_toml_table_are_saved_a_change_of_lr_warns_and_of_th
     out = ok(launch([*elsewhere, "--lr", "0.2"], cwd=tmp_path))
     warning = next(line for line in out.splitlines() if "warning: settings changed since the checkpoint" in line)
     assert "the run will not match an uninterrupted one: " in warning and "lr 0.05 -> 0.2" in warning
-    assert "verify: 1/1 ranks" in ok(run([sys.executable, "-m", "ddp", "verify", "run/user.params"], cwd=tmp_path))
+    assert "verify: 1/1 ranks" in ok(ddp_command("verify", "run/user.params", cwd=tmp_path))
 
 
 # ---- built-in tasks ---------------------------------------------------------------------
@@ -197,9 +197,8 @@ def test_fit_runs_the_same_trainer_under_torchrun_and_alone(tmp_path):
     out = ok(run([sys.executable, str(script), "--out", str(tmp_path / "one")]))
     assert "fit: 1 ranks verified" in out
     # a checkpoint of ddp.fit names no file to rebuild its model from: --model does
-    ddp = [sys.executable, "-m", "ddp", "verify"]
     folder = tmp_path / "one" / "checkpoints" / "step-00000060"
-    proc = run([*ddp, str(folder)])
+    proc = ddp_command("verify", folder)
     assert proc.returncode == 2 and "trained by ddp.fit on a Task object ('rings')" in proc.output
-    out = ok(run([*ddp, str(folder), "--model", "examples/fit.py:rings_model"]))
+    out = ok(ddp_command("verify", folder, "--model", "examples/fit.py:rings_model"))
     assert "verify: 1/1 ranks reloaded" in out and "files match the manifest" in out
