@@ -60,6 +60,11 @@ def ddp_command(*argv: str, extra_env: dict | None = None, timeout: float = JOB_
     return _forked("ddp", [str(a) for a in argv], extra_env=extra_env, timeout=timeout, cwd=cwd, merge=False)
 
 
+def train_alone(*argv: str, extra_env: dict | None = None, timeout: float = JOB_TIMEOUT, cwd: Path = ROOT):
+    """``python -m ddp.train ARGV`` without torchrun (a world of one), as ``ddp_command`` runs it."""
+    return _forked("ddp.train", [str(a) for a in argv], extra_env=extra_env, timeout=timeout, cwd=cwd, merge=False)
+
+
 def _forked(module: str, argv: list[str], *, extra_env: dict | None, timeout: float, cwd: Path, merge: bool):
     """``python -m MODULE ARGV``, forked from this test process's launcher server (``tests/launcher.py``)."""
     server = _launch_server()

@@ -1,7 +1,6 @@
 """The core path with real torchrun processes on gloo: train, save, reload, verify."""
 
 import json
-import sys
 
 import numpy as np
 import pytest
@@ -51,9 +50,9 @@ def test_perturbed_rank_fails_verify_naming_that_rank(tmp_path):
 
 
 def test_runs_without_torchrun_as_a_world_of_one(tmp_path):
-    from .helpers import run
+    from .helpers import train_alone
 
-    out = ok(run([sys.executable, "-m", "ddp.train", *SMALL, "--steps", "3", "--out", str(tmp_path)]))
+    out = ok(train_alone(*SMALL, "--steps", "3", "--out", tmp_path))
     assert "[rank 0/1]" in out and "verify: 1/1 ranks" in out
 
 

@@ -31,7 +31,7 @@ from ddp.errors import (
 from ddp.group import World, check_devices
 from ddp.model import MLP
 
-from .helpers import ROOT, ddp_command, env, free_port, model_state, ok, run, torchrun
+from .helpers import ROOT, ddp_command, env, free_port, model_state, ok, run, torchrun, train_alone
 
 ARGS = ["--samples", "512", "--batch-size", "32"]
 
@@ -287,14 +287,14 @@ def test_wrapped_state_dicts_load_with_one_line_naming_the_prefix(tmp_path, caps
     ],
 )
 def test_bad_settings_are_usage_errors_before_any_process_group(tmp_path, args, message):
-    proc = run([sys.executable, "-m", "ddp.train", *args, "--out", str(tmp_path)])
+    proc = train_alone(*args, "--out", tmp_path)
     assert proc.returncode == 2 and message in proc.output
     assert "gloo on cpu" not in proc.output and not (tmp_path / "checkpoints").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU case")
 def test_nccl_without_a_gpu_is_a_usage_error(tmp_path):
-    proc = run([sys.executable, "-m", "ddp.train", "--backend", "nccl", "--out", str(tmp_path)])
+    proc = train_alone("--backend", "nccl", "--out", tmp_path)
     assert proc.returncode == 2 and "--backend nccl needs a CUDA GPU and none is visible" in proc.output
 
 
@@ -307,11 +307,11 @@ def test_more_processes_than_gpus_with_nccl_is_refused():
 def test_unwritable_out_fails_before_training_and_a_missing_out_is_created(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
-    proc = run([sys.executable, "-m", "ddp.train", "--out", str(blocker / "run")])
+    proc = train_alone("--out", blocker / "run")
     assert proc.returncode == 2 and f"--out: cannot write to {blocker}/run" in proc.output
     assert "step" not in proc.output
     fresh = tmp_path / "new" / "deep" / "run"
-    ok(run([sys.executable, "-m", "ddp.train", *ARGS, "--steps", "2", "--out", str(fresh)]))
+    ok(train_alone(*ARGS, "--steps", "2", "--out", fresh))
     assert (fresh / "mlp.params").exists()
 
 
