@@ -55,8 +55,8 @@ def assert_same_training(run_dir, reference_dir) -> None:
 
 
 @pytest.mark.parametrize(
-    ("strategy", "nproc"), [("ddp", 2), ("ddp", 3), ("fsdp", 1), ("fsdp", 2), ("fsdp", 3)]
-)  # DDP on 1 rank would compare a run with itself; FSDP on 1 rank runs compiled as well
+    ("strategy", "nproc"), [("ddp", 2), ("fsdp", 1), ("fsdp", 2), ("fsdp", 3)]
+)  # DDP on 1 rank would compare a run with itself; FSDP on 1 rank runs compiled as well; on 3, uneven shards
 def test_n_ranks_equal_one_process_on_the_global_batch(runs, strategy, nproc):
     one = runs("one", 1, "--batch-size", "48")
     compiled = ["--compile"] if nproc == 1 else []
