@@ -282,8 +282,9 @@ class EvalConfig:
 
     eval_every: int = 0
     """Evaluate every N optimizer steps too (0: at the end of each epoch only); always once at the end of training."""
-    eval_samples: int = 0
-    """Evaluate on this many held-out samples, the same ones every time (0: all of them)."""
+    eval_samples: int = 65_536
+    """Evaluate on at most this many held-out samples: a seeded subset of a larger split, the same at every
+    evaluation and on any world size (0: all of them, however many)."""
 
     def __post_init__(self) -> None:
         _check(self.eval_every >= 0 and self.eval_samples >= 0, "eval_every", "and --eval-samples cannot be negative")

@@ -51,7 +51,8 @@ class Evaluator:
             return {}  # an empty held-out split: nothing to report
         count = int(total["count"]) if "count" in total else None  # before finish_metrics, which may take it
         means = self.task.finish_metrics(total)
-        self.metrics.evaluated(step, means, count)
+        held_out, limit = len(self.task.val_data), self.cfg.eval.eval_samples
+        self.metrics.evaluated(step, means, count, min(held_out, limit or held_out), held_out)
         return means
 
     def _sums(self, model: nn.Module, stop: StopSignals | None) -> dict[str, float] | None:

@@ -289,11 +289,14 @@ class StepMetrics:
         """The step's bookkeeping (logging, saving) is over: the next step's time starts now."""
         self.step_end = time.perf_counter()
 
-    def evaluated(self, step: int, means: dict[str, float], count: int | None) -> None:
-        """An evaluation at ``step``: its line and its ``eval`` record."""
+    def evaluated(self, step: int, means: dict[str, float], count: int | None, scored: int, held_out: int) -> None:
+        """An evaluation at ``step`` of ``scored`` of the ``held_out`` samples: its line and its ``eval`` record."""
         shown = " ".join(f"{k} {v:.4f}" for k, v in means.items())
-        self.display.message(f"eval at step {step} (epoch {self.step_epoch}): {shown}")
-        self.writer.write("eval", step=step, epoch=self.step_epoch, **means, count=count)
+        part = (
+            f" ({scored:,} of {held_out:,} held-out samples; --eval-samples 0 scores all)" if scored < held_out else ""
+        )
+        self.display.message(f"eval at step {step} (epoch {self.step_epoch}): {shown}{part}")
+        self.writer.write("eval", step=step, epoch=self.step_epoch, **means, count=count, samples=scored, of=held_out)
 
     def close(self) -> None:
         """Finish the display and close every tracker."""

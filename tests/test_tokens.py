@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from ddp import cli, train
+from ddp.tasks import tokens
 
 from .helpers import ROOT, ok, torchrun
 
@@ -31,6 +32,18 @@ def test_ddp_tokens_writes_every_byte_once_with_the_end_held_out(corpus):
     assert len(val_ids) == int(len(text) * 0.1)
     meta = json.loads((d / "bytes" / "meta.json").read_text())
     assert meta["vocab"] == 256 and meta["train_tokens"] == len(train_ids)
+
+
+def test_the_held_out_file_is_scored_in_windows_that_do_not_overlap_and_cover_it(corpus):
+    d, _ = corpus
+    task = tokens.task(train=f"{d}/bytes/train.bin", val=f"{d}/bytes/val.bin", block=32).load_data()
+    ids = np.fromfile(d / "bytes" / "val.bin", dtype="<u2").astype(np.int64)
+    assert len(task.train_data) == len(np.fromfile(d / "bytes" / "train.bin", dtype="<u2")) - 32  # one per offset
+    val = task.val_data
+    assert len(val) == (len(ids) - 1) // 32  # windows of 33 tokens, 32 apart: the next starts where one ends
+    inputs = np.concatenate([val[i][0].numpy() for i in range(len(val))])
+    targets = np.concatenate([val[i][1].numpy() for i in range(len(val))])
+    assert inputs.tolist() == ids[: len(inputs)].tolist() and targets.tolist() == ids[1 : len(inputs) + 1].tolist()
 
 
 def test_a_gpt_trains_on_the_token_files_with_workers_and_stands_alone_without_them(corpus, tmp_path, capsys):

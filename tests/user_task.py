@@ -83,6 +83,27 @@ def make(samples: int = 512, hidden: int = 16, noise: float = 0.1) -> ddp.Task:
     )
 
 
+class Computed(Dataset):
+    """10^10 points, each computed from its index when read: a held-out split with no storage behind it."""
+
+    steps = np.arange(1, 7) * 2654435761 % 2001
+
+    def __len__(self) -> int:
+        return 10**10
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
+        x = ((self.steps * (i % 2001) % 2001) / 1000 - 1).astype(np.float32)
+        return x, int(x[0] + x[1] * x[2] > 0)
+
+
+def huge_val() -> ddp.Task:
+    """Points in 6-D, held out on 10^10 of them."""
+    x = torch.randn(512, 6, generator=torch.Generator().manual_seed(0))
+    train = torch.utils.data.TensorDataset(x, (x[:, 0] + x[:, 1] * x[:, 2] > 0).long())
+    model = lambda: nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 2))  # noqa: E731
+    return ddp.Task(model=model, train_data=train, val_data=Computed(), name="huge-val")
+
+
 not_a_task = 42
 
 

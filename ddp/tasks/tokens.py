@@ -3,10 +3,11 @@
     ddp tokens book.txt notes.txt --output data/books     # byte-level: train.bin, val.bin, meta.json
     ddp train --task tokens --task-arg train=data/books/train.bin val=data/books/val.bin --steps 2000
 
-One sample per token offset (nanoGPT's ``get_batch`` draws the same windows at random):
-``block`` tokens in, the next ``block`` out. The files are never read whole: each process,
-DataLoader workers included, maps them on first use, and the sampler draws positions
-without a list of them, so a corpus of 10^10 tokens costs what one of 10^6 does.
+One training sample per token offset (nanoGPT's ``get_batch`` draws the same windows at random):
+``block`` tokens in, the next ``block`` out. The held-out file is scored in windows that do not
+overlap (stride ``block``): each token once, as held-out loss is reported. The files are never
+read whole: each process, DataLoader workers included, maps them on first use, and the sampler
+draws positions without a list of them, so a corpus of 10^10 tokens costs what one of 10^6 does.
 """
 
 from __future__ import annotations
@@ -50,19 +51,21 @@ def count_tokens(path: str | Path, dtype: str, block: int, arg: str) -> int:
 
 
 class TokenWindows(Dataset):
-    """Windows of ``block + 1`` tokens of a token file, one per offset; ids checked against ``vocab`` as they are read.
+    """Windows of ``block + 1`` tokens of a token file, one every ``stride`` tokens; ids checked against ``vocab`` as
+    they are read.
 
     The memory map is opened on first use in each process and never pickled: a DataLoader
     worker opens its own.
     """
 
-    def __init__(self, path: str | Path, dtype: str, block: int, vocab: int, arg: str) -> None:
+    def __init__(self, path: str | Path, dtype: str, block: int, vocab: int, arg: str, stride: int = 1) -> None:
         self.path, self.dtype, self.block, self.vocab, self.arg = Path(path), dtype, block, vocab, arg
+        self.stride = stride
         self.tokens = count_tokens(path, dtype, block, arg)
         self.map: np.memmap | None = None
 
     def __len__(self) -> int:
-        return self.tokens - self.block
+        return (self.tokens - self.block - 1) // self.stride + 1  # every window of block + 1 tokens that fits
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "map": None}
@@ -70,6 +73,7 @@ class TokenWindows(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self.map is None:
             self.map = np.memmap(self.path, dtype=DTYPES[self.dtype], mode="r")
+        i *= self.stride
         window = torch.from_numpy(self.map[i : i + self.block + 1].astype(np.int64))
         top = int(window.max())
         if top >= self.vocab:  # found here, named, not later as an embedding's index error
@@ -99,11 +103,11 @@ def task(
         raise ConfigError(f"--task-arg dtype={dtype}: use uint16 or uint32 (for vocabularies past 65,536)")
     if vocab is None:
         vocab = _vocab_beside(Path(train))
-    data = functools.cache(lambda arg, path: TokenWindows(path, dtype, block, vocab, arg))
+    data = functools.cache(lambda arg, path, stride: TokenWindows(path, dtype, block, vocab, arg, stride))
     return Task(
         model=lambda: CharLM(torch.arange(vocab), block, layers, heads, embd, dropout),
-        train_data=lambda: data("train", train),
-        val_data=None if val is None else (lambda: data("val", val)),
+        train_data=lambda: data("train", train, 1),
+        val_data=None if val is None else (lambda: data("val", val, block)),
         loss=loss,
         metrics=metrics,
         summarize=with_perplexity,
