@@ -56,7 +56,8 @@ class Task:
     batch of ``(x, y)`` data."""
     metrics: Callable[[nn.Module, Batch], Mapping[str, float]] | None = None
     """``metrics(model, batch)`` -> sums over the batch, with a ``count`` entry; the trainer
-    reports each sum / count. Default: loss, and accuracy for ``(x, y)`` classification."""
+    reports each sum / count. Default: loss, and accuracy for ``(x, y)`` classification (with a ``loss``
+    of the task's own too, from the logits of its forward)."""
     summarize: Callable[[dict[str, float]], dict[str, float]] | None = None
     """Adds derived figures to the averaged metrics (e.g. perplexity from loss)."""
     channels_last: bool = False
@@ -137,8 +138,7 @@ class Task:
                 )
             return sums
         if self.loss is not None:
-            n = batch_size(batch)
-            return {"loss": self.loss(model, batch).item() * n, "count": n}
+            return self._loss_metrics(model, batch)
         x, y = _pair(batch, self.name)
         logits = model(x).float()
         return {
@@ -146,6 +146,30 @@ class Task:
             "accuracy": (logits.argmax(1) == y).sum().item(),
             "count": len(y),
         }
+
+    def _loss_metrics(self, model: nn.Module, batch: Batch) -> dict[str, float]:
+        """The task's loss, and accuracy where the batch is ``(x, y)`` with class labels and the loss ran the
+        model once on it, to logits: the default metrics that apply, from the loss's own forward."""
+        outputs: list[Any] = []
+        hook = model.register_forward_hook(lambda _module, _inputs, output: outputs.append(output))
+        try:
+            loss = self.loss(model, batch)
+        finally:
+            hook.remove()
+        n = batch_size(batch)
+        sums = {"loss": loss.item() * n, "count": n}
+        y = batch[1] if isinstance(batch, (tuple, list)) and len(batch) == 2 else None
+        logits = outputs[0] if len(outputs) == 1 else None
+        if (
+            isinstance(y, torch.Tensor)
+            and isinstance(logits, torch.Tensor)
+            and y.dim() == 1
+            and not (y.is_floating_point() or y.is_complex())
+            and logits.dim() == 2
+            and logits.shape[0] == len(y)
+        ):
+            sums["accuracy"] = (logits.argmax(1) == y).sum().item()
+        return sums
 
     def finish_metrics(self, sums: dict[str, float]) -> dict[str, float]:
         """Averages from summed metrics, plus the task's derived ones."""
