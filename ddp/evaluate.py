@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
@@ -38,8 +40,9 @@ class Evaluator:
         self.evaluated = step
         if self.task.val_data is None:
             return {}
+        start = time.perf_counter()
         model.eval()
-        sums = self._sums(model, stop)
+        sums = self._sums(model, stop, step)
         model.train()
         if sums is None:
             return {}
@@ -52,11 +55,13 @@ class Evaluator:
         count = int(total["count"]) if "count" in total else None  # before finish_metrics, which may take it
         means = self.task.finish_metrics(total)
         held_out, limit = len(self.task.val_data), self.cfg.eval.eval_samples
-        self.metrics.evaluated(step, means, count, min(held_out, limit or held_out), held_out)
+        seconds = time.perf_counter() - start
+        self.metrics.evaluated(step, means, count, min(held_out, limit or held_out), held_out, seconds)
         return means
 
-    def _sums(self, model: nn.Module, stop: StopSignals | None) -> dict[str, float] | None:
-        """This rank's sums of the task's metrics over its share; None when the ranks agreed to stop."""
+    def _sums(self, model: nn.Module, stop: StopSignals | None, step: int) -> dict[str, float] | None:
+        """This rank's sums of the task's metrics over its share; None when the ranks agreed to stop. Rank 0
+        shows its progress through an evaluation longer than a few seconds."""
         task, world, device = self.task, self.world, self.world.device
         size = max(self.cfg.data.batch_size, 1024 if isinstance(task.val_data, TensorDataset) else 0)
         seed, limit, n = self.cfg.run.seed, self.cfg.eval.eval_samples, len(task.val_data)
@@ -64,14 +69,34 @@ class Evaluator:
         sums: dict[str, float] = {}
         done = 0
         faults.at_phase(world.rank, "eval")
+        progress = _Progress(self.metrics, step, eval_batch_count(n, world.rank, world.world_size, size, limit))
         for batch in eval_batches(task, world.rank, world.world_size, size, seed, limit):
             if stop is not None and done < every_rank and stop.check():  # at a batch every rank reaches
                 return None
             for key, value in task.compute_metrics(model, to_device(batch, device, self.dtype)).items():
                 sums[key] = sums.get(key, 0.0) + float(value)
             done += 1
+            progress.batch_done(done)
         if self.collective_forward:  # run as many forwards as rank 0, which has the most batches
             spare = next(eval_batches(task, 0, world.world_size, size, seed, limit), None)
             for _ in range(eval_batch_count(n, 0, world.world_size, size, limit) - done):
                 task.compute_metrics(model, to_device(spare, device, self.dtype))  # results unused
         return sums
+
+
+class _Progress:
+    """Rank 0's line every ``EVERY`` seconds through a long evaluation (none for one that ends sooner)."""
+
+    EVERY = 10.0
+
+    def __init__(self, metrics: StepMetrics, step: int, batches: int) -> None:
+        self.metrics, self.step, self.batches = metrics, step, batches
+        self.start = time.perf_counter()
+        self.next = self.start + self.EVERY
+
+    def batch_done(self, done: int) -> None:
+        now = time.perf_counter()
+        if now >= self.next:
+            self.next = now + self.EVERY
+            self.metrics.say(f"eval at step {self.step}: {done:,} of {self.batches:,} batches of this rank's share "
+                             f"({done / self.batches:.0%}) in {now - self.start:.0f} s")  # fmt: skip

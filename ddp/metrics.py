@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ddp import trackers
+from ddp import group, trackers
 from ddp.device import peak_memory_mb, peak_tflops
 from ddp.errors import DDPError
 from ddp.io import atomic_write
@@ -43,15 +43,18 @@ class MetricsWriter:
         """Seconds of training, this attempt's and those before it."""
         return self.offset + time.monotonic() - self.start
 
-    def resume(self, run: str, step: int, elapsed: float) -> None:
-        """Continue the log of ``run`` from ``step``: later records go, the clock goes on from ``elapsed``."""
+    def resume(self, run: str, step: int, elapsed: float) -> bool:
+        """Continue the log of ``run`` from ``step``: later records go, the clock goes on from ``elapsed``.
+        Whether the log holds an evaluation of ``step`` by this run."""
         self.run, self.offset, self.start = run, elapsed, time.monotonic()
         if not self.enabled or not self.path.exists():
-            return
+            return False
         lines = self.path.read_text().splitlines(keepends=True)
-        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+        records = [(line, json.loads(line)) for line in lines if line.strip()]
+        kept = [line for line, r in records if r.get("step", 0) <= step]
         if len(kept) != len(lines):
             atomic_write(self.path, lambda f: f.write("".join(kept).encode()))
+        return any(r.get("kind") == "eval" and r.get("step") == step and r.get("run") == run for _, r in records)
 
     def write(self, kind: str, **values: Any) -> None:
         """Record one event ('train' or 'eval') with its values and the training time."""
@@ -215,13 +218,15 @@ class StepMetrics:
         self.tick = (time.monotonic(), 0)  # (time, step) the samples/s figure counts from
         self.step_end = time.perf_counter()  # when the last step's bookkeeping ended: the next step starts there
 
-    def resume(self, run_id: str, step: int, elapsed: float) -> None:
-        """Continue ``run_id``'s log from ``step`` (``MetricsWriter.resume``) and open the trackers there."""
-        self.writer.resume(run_id, step, elapsed)
+    def resume(self, run_id: str, step: int, epoch: int, elapsed: float) -> bool:
+        """Continue ``run_id``'s log from ``step`` of ``epoch`` (``MetricsWriter.resume``) and open the trackers
+        there. Whether every rank may take ``step`` as evaluated: rank 0's log holds its evaluation."""
+        evaluated = self.writer.resume(run_id, step, elapsed)
         if self.world.is_main:
             for tracker in trackers.open_all(self.cfg, self.cfg.run.out_dir, run_id, step, self.extra_trackers):
                 self.writer.add(tracker)
-        self.tick, self.step_end = (time.monotonic(), step), time.perf_counter()
+        self.tick, self.step_end, self.step_epoch = (time.monotonic(), step), time.perf_counter(), epoch
+        return bool(group.broadcast_object(evaluated, src=0))
 
     def elapsed(self) -> float:
         """Seconds of training, over every attempt."""
@@ -289,14 +294,23 @@ class StepMetrics:
         """The step's bookkeeping (logging, saving) is over: the next step's time starts now."""
         self.step_end = time.perf_counter()
 
-    def evaluated(self, step: int, means: dict[str, float], count: int | None, scored: int, held_out: int) -> None:
-        """An evaluation at ``step`` of ``scored`` of the ``held_out`` samples: its line and its ``eval`` record."""
+    def evaluated(
+        self, step: int, means: dict[str, float], count: int | None, scored: int, held_out: int, seconds: float
+    ) -> None:
+        """An evaluation at ``step`` of ``scored`` of the ``held_out`` samples, which took ``seconds``: its line and
+        its ``eval`` record (``eval_time``)."""
         shown = " ".join(f"{k} {v:.4f}" for k, v in means.items())
         part = (
             f" ({scored:,} of {held_out:,} held-out samples; --eval-samples 0 scores all)" if scored < held_out else ""
         )
-        self.display.message(f"eval at step {step} (epoch {self.step_epoch}): {shown}{part}")
-        self.writer.write("eval", step=step, epoch=self.step_epoch, **means, count=count, samples=scored, of=held_out)
+        took = f" in {seconds:.1f} s" if seconds >= 1 else ""
+        self.display.message(f"eval at step {step} (epoch {self.step_epoch}): {shown}{part}{took}")
+        self.writer.write("eval", step=step, epoch=self.step_epoch, **means, count=count, samples=scored, of=held_out,
+                          eval_time=round(seconds, 4))  # fmt: skip
+
+    def say(self, text: str) -> None:
+        """A line on rank 0, above the progress bar."""
+        self.display.message(text)
 
     def close(self) -> None:
         """Finish the display and close every tracker."""

@@ -64,8 +64,9 @@ def draw(runs: list[list[dict]], title: str):
             line = ax.plot([r["step"] for r in shown], [r[key] for r in shown], label=f"training{name}")[0]
             evals = [r for r in records if r["kind"] == "eval" and key in r]
             if evals:
+                took = sum(r.get("eval_time", 0.0) for r in evals)  # what evaluating cost the run
                 ax.plot([r["step"] for r in evals], [r[key] for r in evals], "o--", color=line.get_color(),
-                        label=f"evaluation{name}")  # fmt: skip
+                        label=f"evaluation{name}, {took:.1f} s in all" if took else f"evaluation{name}")  # fmt: skip
         if not ax.lines or not any(len(line.get_xdata()) for line in ax.lines):
             ax.text(0.5, 0.5, f"{key}: not in this log", ha="center", va="center", transform=ax.transAxes)
         ax.set_title(label if key != "samples_per_s" else "throughput (samples/s)")

@@ -48,6 +48,11 @@ class Progress:
     order: int = ORDER
     """The order the current epoch's samples are drawn in (``ddp.data.ORDERS``)."""
 
+    @property
+    def step_epoch(self) -> int:
+        """The epoch of the last step: the one before the current, where that step ended it."""
+        return self.epoch - 1 if self.step and not self.epoch_samples else self.epoch
+
     def state_dict(self) -> dict[str, int]:
         """The counters, by name."""
         return dataclasses.asdict(self)
@@ -109,7 +114,9 @@ class Trainer:
         claim = run_folder.claim_on_rank0(self.cfg, self.world, self._say, self.checkpointer.resumable)
         self.checkpointer.run_id = claim
         folder = self.checkpointer.resume(self.cfg.checkpoint.resume)
-        self.metrics.resume(self.checkpointer.run_id, self.progress.step, self.progress.elapsed)
+        p = self.progress
+        if self.metrics.resume(self.checkpointer.run_id, p.step, p.step_epoch, p.elapsed):
+            self.evaluator.evaluated = p.step  # a relaunch of a finished run: its last step was evaluated
         if folder is not None:
             self.data.check_resume(folder, self.checkpointer.saved_world_size)
         self._say_resumed(folder)

@@ -4,12 +4,14 @@ finish an epoch."""
 from __future__ import annotations
 
 import json
+import re
 import tracemalloc
 
 import numpy as np
 import pytest
 import torch
 
+from ddp import evaluate
 from ddp.data import Permutation, ResumableSampler, eval_indices
 from ddp.train import main
 from ddp.trainer import Progress
@@ -100,12 +102,18 @@ def test_a_run_that_never_ends_an_epoch_evaluates_every_n_steps_on_a_fixed_subse
     assert len(subset) == 100 == len(set(subset)) and subset == eval_indices(409, 100, 0) != list(range(100))
 
 
-def test_a_held_out_split_of_10_10_samples_is_scored_on_the_default_budget_named_in_the_log(tmp_path, capsys):
+def test_a_held_out_split_of_10_10_samples_is_scored_on_the_default_budget_named_in_the_log(
+    tmp_path, capsys, monkeypatch
+):
     # one rank: the subset is drawn before it is split over ranks, so it is the same on any world size
+    monkeypatch.setattr(evaluate._Progress, "EVERY", 0.5)  # progress lines for an evaluation this short
     args = ["--task", "tests/user_task.py:huge_val", "--steps", "3", "--batch-size", "64", "--out", str(tmp_path)]
     assert main(args) == 0
-    assert "(65,536 of 10,000,000,000 held-out samples; --eval-samples 0 scores all)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "(65,536 of 10,000,000,000 held-out samples; --eval-samples 0 scores all)" in out
+    assert re.search(r"eval at step 3: [\d,]+ of 1,024 batches of this rank's share \(\d+%\) in \d+ s", out), out
     evals = [r for r in map(json.loads, (tmp_path / "metrics.jsonl").open()) if r["kind"] == "eval"]
     assert [(r["step"], r["count"], r["samples"], r["of"]) for r in evals] == [(3, 65_536, 65_536, 10**10)]
+    assert 0 < evals[0]["eval_time"] < evals[0]["time"]
     subset = eval_indices(10**10, 65_536, 0)
     assert len(set(subset)) == 65_536 and sorted(i for r in range(3) for i in subset[r::3]) == list(subset)

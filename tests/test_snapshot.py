@@ -1,5 +1,6 @@
 """Snapshots in host memory: a killed worker loses at most one step, and a stop is honoured anywhere."""
 
+import json
 import re
 import shutil
 
@@ -137,4 +138,9 @@ def test_a_stop_during_the_export_keeps_the_last_step_and_a_relaunch_exports_it(
     assert "verify:" not in out and model_state(tmp_path)[1]["step"] == 20
     out = ok(torchrun(2, *args))
     assert "step 20 already completes the run" in out and "verify: 2/2 ranks reloaded" in out
+    assert "eval at step 20" not in out  # the first launch evaluated it: one evaluation per step
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()]
+    epoch_of = {r["step"]: r["epoch"] for r in records if r["kind"] == "train"}
+    evals = [(r["step"], r["epoch"]) for r in records if r["kind"] == "eval"]
+    assert [step for step, _ in evals].count(20) == 1 and all(epoch_of.get(s, e) == e for s, e in evals), evals
     assert_same_training(tmp_path, reference)
