@@ -110,6 +110,7 @@ class Checkpointer:
         self.result: dict = {}
         self.pending_step: int | None = None
         self.last_saved: int | None = None
+        self.best_step: int | None = None  # --keep-best: the checkpoint pruning keeps
         self.pruner: threading.Thread | None = None
         self.run_id: str | None = None  # the folder's run (ddp.run_folder): written in manifests, resumed alone
         self.last_save_time = time.monotonic()  # for --checkpoint-every-seconds
@@ -359,6 +360,13 @@ class Checkpointer:
             files[TRAIN] = {k: v for k, v in files[TRAIN].items() if k != "config"}  # the run's, recorded once
             self.snapshots.take(step, (files, own, shards), {b.data_ptr() for b in self.model.buffers()})
 
+    def keep_best(self, step: int) -> None:
+        """Called by every rank after an evaluation of ``step`` that is the best so far: its checkpoint is saved
+        (if it is not already) and kept, beside --keep-last's."""
+        self.best_step = step
+        if step not in (self.last_saved, self.pending_step):  # pending: an async save of it is in flight
+            self.save(step)
+
     def resumable(self, run_id: str) -> bool:
         """Whether ``--resume auto`` would find snapshots of run ``run_id`` in this host's memory."""
         return self.snapshots is not None and self.cfg.resume == "auto" and self.snapshots.exists(run_id)
@@ -535,7 +543,10 @@ class Checkpointer:
         if self.pruner is not None:
             self.pruner.join()
         retired = []
+        best = None if self.best_step is None else step_dir(self.root, self.best_step)
         for folder in complete_checkpoints(self.root)[: -self.cfg.keep_last]:
+            if folder == best:
+                continue
             (folder / MANIFEST).unlink()  # first: a half-deleted folder must not look complete
             retired.append(folder.with_name(f"{PRUNED}{folder.name}.{os.getpid()}"))  # never an existing name
             os.replace(folder, retired[-1])

@@ -278,7 +278,7 @@ class ComputeConfig:
 
 @dataclass
 class EvalConfig:
-    """When the held-out split is scored, and on how much of it."""
+    """When the held-out split is scored, on how much of it, and what its results decide."""
 
     eval_every: int = 0
     """Evaluate every N optimizer steps too (0: at the end of each epoch only); always once at the end of training."""
@@ -286,8 +286,33 @@ class EvalConfig:
     """Evaluate on at most this many held-out samples: a seeded subset of a larger split, the same at every
     evaluation and on any world size (0: all of them, however many)."""
 
+    keep_best: str = ""
+    """Keep the checkpoint of the evaluation with the best value of this metric (loss, accuracy, ...), beside
+    --keep-last's and never pruned by them, and export it as <task>.best.params ('': off)."""
+    keep_best_mode: str = "auto"
+    """Whether the best --keep-best is the min or the max (auto: max for accuracy, min for anything else)."""
+    early_stop: int = 0
+    """End the run, as at its last step, after N evaluations in a row that did not improve the --keep-best
+    metric (loss if none is given) by more than --early-stop-delta (0: never)."""
+    early_stop_delta: float = 0.0
+    """The least change of the monitored metric that counts as an improvement for --early-stop."""
+
     def __post_init__(self) -> None:
         _check(self.eval_every >= 0 and self.eval_samples >= 0, "eval_every", "and --eval-samples cannot be negative")
+        _check(self.keep_best_mode in ("auto", "min", "max"), "keep_best_mode", f"unknown {self.keep_best_mode!r}; "
+               "use auto, min or max")  # fmt: skip
+        _check(self.early_stop >= 0, "early_stop", f"cannot be negative, got {self.early_stop}")
+        _check(self.early_stop_delta >= 0, "early_stop_delta", f"cannot be negative, got {self.early_stop_delta}")
+
+    @property
+    def monitored(self) -> str:
+        """The metric --keep-best and --early-stop watch ('' when neither is on)."""
+        return self.keep_best or ("loss" if self.early_stop else "")
+
+    @property
+    def higher_is_better(self) -> bool:
+        """Whether a larger value of the monitored metric is an improvement."""
+        return self.keep_best_mode == "max" or (self.keep_best_mode == "auto" and "accuracy" in self.monitored)
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -9,8 +10,9 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from ddp import faults, group
-from ddp.config import Config
+from ddp.config import Config, EvalConfig
 from ddp.data import eval_batch_count, eval_batches
+from ddp.errors import ConfigError
 from ddp.metrics import StepMetrics
 from ddp.stopping import StopSignals
 from ddp.task import Task, to_device
@@ -23,6 +25,19 @@ class Evaluator:
         self.task, self.cfg, self.world, self.dtype, self.metrics = task, cfg, world, dtype, metrics
         self.collective_forward = cfg.dist.strategy == "fsdp"  # FSDP's forward gathers shards: every rank runs it
         self.evaluated = -1  # the step of the last evaluation
+        self.best = Best(cfg.eval)
+
+    def restore(self, records: list[dict], step: int) -> None:
+        """Resume at ``step`` from rank 0's eval records of this run up to it (``StepMetrics.resume``): the best
+        so far, and whether ``step`` itself was evaluated (a relaunch of a finished run evaluates it once)."""
+        for r in records:
+            self.best.update(r["step"], r)
+        evaluated = any(r["step"] == step for r in records)
+        mine = (evaluated, self.best.step, self.best.value, self.best.stale)
+        evaluated, self.best.step, self.best.value, self.best.stale = group.broadcast_object(mine, src=0)
+        self.best.improved = False
+        if evaluated:
+            self.evaluated = step
 
     def due(self, step: int, epoch_ended: bool = False, last: bool = False) -> bool:
         """Whether ``step`` is evaluated: an epoch ended there, it is a multiple of ``--eval-every``, or the last;
@@ -57,6 +72,13 @@ class Evaluator:
         held_out, limit = len(self.task.val_data), self.cfg.eval.eval_samples
         seconds = time.perf_counter() - start
         self.metrics.evaluated(step, means, count, min(held_out, limit or held_out), held_out, seconds)
+        self.best.update(step, means)
+        if self.best.improved and self.cfg.eval.keep_best:
+            self.metrics.say(f"best {self.best.metric} so far: {self.best.value:.4f} at step {step}")
+        if self.best.stopped:
+            self.metrics.say(f"early stop: {self.best.metric} has not improved on step {self.best.step}'s "
+                             f"{self.best.value:.4f} for {self.best.stale} evaluation(s) (--early-stop "
+                             f"{self.best.patience})")  # fmt: skip
         return means
 
     def _sums(self, model: nn.Module, stop: StopSignals | None, step: int) -> dict[str, float] | None:
@@ -82,6 +104,41 @@ class Evaluator:
             for _ in range(eval_batch_count(n, 0, world.world_size, size, limit) - done):
                 task.compute_metrics(model, to_device(spare, device, self.dtype))  # results unused
         return sums
+
+
+class Best:
+    """The best evaluation so far of the monitored metric (``--keep-best``), and how many since did not improve
+    on it by more than ``--early-stop-delta`` (``--early-stop``). Every rank sees the same means, so every rank's
+    ``Best`` agrees without a collective."""
+
+    def __init__(self, cfg: EvalConfig) -> None:
+        self.metric, self.higher = cfg.monitored, cfg.higher_is_better
+        self.delta, self.patience = cfg.early_stop_delta, cfg.early_stop
+        self.step: int | None = None
+        self.value: float | None = None
+        self.stale = 0  # evaluations since the last improvement by more than delta
+        self.improved = False  # the last evaluation is the best so far
+
+    def update(self, step: int, means: dict[str, float]) -> None:
+        """Take the evaluation of ``step``."""
+        self.improved = False
+        if not self.metric:
+            return
+        if self.metric not in means:
+            said = "--keep-best" if self.metric != "loss" or not self.patience else "--early-stop (on loss)"
+            raise ConfigError(f"{said}: the evaluation has no metric {self.metric!r}; it has {sorted(means)}")
+        value, sign = float(means[self.metric]), 1.0 if self.higher else -1.0
+        if self.value is None or sign * (value - self.value) > self.delta:
+            self.stale = 0
+        else:
+            self.stale += 1
+        if not math.isnan(value) and (self.value is None or sign * (value - self.value) > 0):
+            self.step, self.value, self.improved = step, value, True
+
+    @property
+    def stopped(self) -> bool:
+        """Whether ``--early-stop`` ends the run here."""
+        return bool(self.patience) and self.stale >= self.patience
 
 
 class _Progress:

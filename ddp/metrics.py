@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ddp import group, trackers
+from ddp import trackers
 from ddp.device import peak_memory_mb, peak_tflops
 from ddp.errors import DDPError
 from ddp.io import atomic_write
@@ -43,18 +43,18 @@ class MetricsWriter:
         """Seconds of training, this attempt's and those before it."""
         return self.offset + time.monotonic() - self.start
 
-    def resume(self, run: str, step: int, elapsed: float) -> bool:
+    def resume(self, run: str, step: int, elapsed: float) -> list[dict]:
         """Continue the log of ``run`` from ``step``: later records go, the clock goes on from ``elapsed``.
-        Whether the log holds an evaluation of ``step`` by this run."""
+        The eval records of this run it keeps, in order."""
         self.run, self.offset, self.start = run, elapsed, time.monotonic()
         if not self.enabled or not self.path.exists():
-            return False
+            return []
         lines = self.path.read_text().splitlines(keepends=True)
         records = [(line, json.loads(line)) for line in lines if line.strip()]
-        kept = [line for line, r in records if r.get("step", 0) <= step]
+        kept = [(line, r) for line, r in records if r.get("step", 0) <= step]
         if len(kept) != len(lines):
-            atomic_write(self.path, lambda f: f.write("".join(kept).encode()))
-        return any(r.get("kind") == "eval" and r.get("step") == step and r.get("run") == run for _, r in records)
+            atomic_write(self.path, lambda f: f.write("".join(line for line, _ in kept).encode()))
+        return [r for _, r in kept if r.get("kind") == "eval" and r.get("run") == run]
 
     def write(self, kind: str, **values: Any) -> None:
         """Record one event ('train' or 'eval') with its values and the training time."""
@@ -218,15 +218,15 @@ class StepMetrics:
         self.tick = (time.monotonic(), 0)  # (time, step) the samples/s figure counts from
         self.step_end = time.perf_counter()  # when the last step's bookkeeping ended: the next step starts there
 
-    def resume(self, run_id: str, step: int, epoch: int, elapsed: float) -> bool:
+    def resume(self, run_id: str, step: int, epoch: int, elapsed: float) -> list[dict]:
         """Continue ``run_id``'s log from ``step`` of ``epoch`` (``MetricsWriter.resume``) and open the trackers
-        there. Whether every rank may take ``step`` as evaluated: rank 0's log holds its evaluation."""
-        evaluated = self.writer.resume(run_id, step, elapsed)
+        there. The log's eval records of this run up to ``step`` (on rank 0; none elsewhere)."""
+        evals = self.writer.resume(run_id, step, elapsed)
         if self.world.is_main:
             for tracker in trackers.open_all(self.cfg, self.cfg.run.out_dir, run_id, step, self.extra_trackers):
                 self.writer.add(tracker)
         self.tick, self.step_end, self.step_epoch = (time.monotonic(), step), time.perf_counter(), epoch
-        return bool(group.broadcast_object(evaluated, src=0))
+        return evals
 
     def elapsed(self) -> float:
         """Seconds of training, over every attempt."""

@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from ddp import faults, group, model_card, rng, run_folder, trackers, watchdog
+from ddp import faults, group, model_card, rng, run_folder, trackers, watchdog, weights
+from ddp.checkpoint_files import step_dir
 from ddp.config import SECTIONS, Config
 from ddp.errors import ConfigError, DDPError, Reported, first_line, say
 from ddp.io import load_model, save_model
@@ -61,6 +62,32 @@ def export_and_verify(trainer: Trainer) -> VerifyReport | None:
     atol = cfg.export.atol if cfg.export.atol is not None else DEFAULT_ATOL[cfg.optim.precision]
     report = verify_identical_outputs(fresh, probe, reference=reference, atol=atol, precision=cfg.optim.precision)
     group.log(world, summary(report, str(path), cfg.optim.precision), all_ranks=True)
+    return report
+
+
+def export_best(trainer: Trainer) -> VerifyReport | None:
+    """``--keep-best``: rank 0 exports the model of the best evaluation's checkpoint as ``<task>.best.params``
+    (with its model card); every rank reloads it into a fresh model, and all must agree."""
+    cfg, world, task, step = trainer.cfg, trainer.world, trainer.task, trainer.evaluator.best.step
+    if not cfg.eval.keep_best or step is None:
+        return None
+    stem, _, suffix = task.weights_file.partition(".")
+    path = trainer.out / f"{stem}.best.{suffix}"
+    error = None
+    if world.rank == 0:
+        try:
+            weights.write(weights.read(step_dir(trainer.checkpointer.root, step)), path, cfg.export.format)
+        except (OSError, DDPError) as e:
+            error = e
+    group.raise_if_any_failed(error, f"exporting the best checkpoint (step {step}) to {path}")
+    probe = probe_input(task, cfg)
+    model_card.write_for(path, cfg.to_dict(), task, probe)
+    fresh = load_model(local_model(task, cfg, trainer.device, trainer.parallel.dtype), path)
+    atol = cfg.export.atol if cfg.export.atol is not None else DEFAULT_ATOL[cfg.optim.precision]
+    report = verify_identical_outputs(fresh, probe, atol=atol, precision=cfg.optim.precision)
+    best = trainer.evaluator.best
+    group.log(world, f"best: step {step}'s {best.metric} {best.value:.4f}; " + summary(report, str(path),
+              cfg.optim.precision), all_ranks=True)  # fmt: skip
     return report
 
 
@@ -121,6 +148,8 @@ def run(cfg: Config, world: group.World, task: Task | None = None, trackers: lis
         if trainer.stop.requested:
             return None
         report = export_and_verify(trainer)
+        if report is not None:
+            export_best(trainer)
     if report is None:
         group.log(world, f"stopping on {trainer.stop.name} during the export: the checkpoint of the last step is "
                   "saved; relaunch to export and verify")  # fmt: skip

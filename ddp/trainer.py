@@ -115,8 +115,8 @@ class Trainer:
         self.checkpointer.run_id = claim
         folder = self.checkpointer.resume(self.cfg.checkpoint.resume)
         p = self.progress
-        if self.metrics.resume(self.checkpointer.run_id, p.step, p.step_epoch, p.elapsed):
-            self.evaluator.evaluated = p.step  # a relaunch of a finished run: its last step was evaluated
+        self.evaluator.restore(self.metrics.resume(self.checkpointer.run_id, p.step, p.step_epoch, p.elapsed), p.step)
+        self.checkpointer.best_step = self.evaluator.best.step
         if folder is not None:
             self.data.check_resume(folder, self.checkpointer.saved_world_size)
         self._say_resumed(folder)
@@ -131,6 +131,8 @@ class Trainer:
             self._say(f"--init-from {self.cfg.checkpoint.init_from} not used: this run's checkpoint takes precedence")
         if step >= self.data.total_steps:
             self._say(f"resumed from {folder}: step {step} already completes the run")
+        elif self.evaluator.best.stopped:
+            self._say(f"resumed from {folder}: the run stopped early at step {step} (--early-stop)")
         else:
             self._say(f"resumed from {folder}: continuing at step {step + 1}")
 
@@ -157,7 +159,7 @@ class Trainer:
     def _steps(self) -> None:
         """The training loop: steps and the evaluations due between them, until the last step or a stop."""
         p = self.progress
-        while p.step < self.data.total_steps and not self.stop.requested:
+        while p.step < self.data.total_steps and not self.stop.requested and not self.evaluator.best.stopped:
             epoch = p.epoch
             micro = self.next_batches()
             if p.epoch != epoch and self.evaluator.due(p.step, epoch_ended=True):  # a stream's epoch ended
@@ -170,8 +172,11 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         """The task's metrics on the held-out split, at the current step (``ddp.evaluate``); a stop signal ends it
-        early, unrecorded."""
-        return self.evaluator.run(self.parallel.eval_model, self.progress.step, self.stop)
+        early, unrecorded. The checkpoint of a best evaluation is kept (``--keep-best``)."""
+        means = self.evaluator.run(self.parallel.eval_model, self.progress.step, self.stop)
+        if self.evaluator.best.improved and self.cfg.eval.keep_best:
+            self.checkpointer.keep_best(self.progress.step)
+        return means
 
     # ---- a step ----
 

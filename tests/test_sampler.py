@@ -16,7 +16,7 @@ from ddp.data import Permutation, ResumableSampler, eval_indices
 from ddp.train import main
 from ddp.trainer import Progress
 
-from .helpers import ok, torchrun
+from .helpers import assert_tree_equal, model_state, ok, torchrun
 
 
 class Sized(torch.utils.data.Dataset):
@@ -117,3 +117,33 @@ def test_a_held_out_split_of_10_10_samples_is_scored_on_the_default_budget_named
     assert 0 < evals[0]["eval_time"] < evals[0]["time"]
     subset = eval_indices(10**10, 65_536, 0)
     assert len(set(subset)) == 65_536 and sorted(i for r in range(3) for i in subset[r::3]) == list(subset)
+
+
+def eval_records(run_dir):
+    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").open()) if r["kind"] == "eval"]
+
+
+def test_keep_best_and_early_stop_survive_a_kill_and_a_relaunch_does_not_train_on(tmp_path):
+    args = ["--samples", "1024", "--batch-size", "16", "--steps", "200", "--eval-every", "5", "--keep-best", "accuracy",
+            "--keep-last", "2", "--checkpoint-every", "10", "--early-stop", "3"]  # fmt: skip
+    ref = ok(torchrun(2, *args, "--out", str(tmp_path / "ref")))
+    evals = eval_records(tmp_path / "ref")
+    best = max(range(len(evals)), key=lambda i: (evals[i]["accuracy"], -i))  # the first of the best
+    kept, stopped = evals[best]["step"], evals[-1]["step"]
+    assert len(evals) - 1 - best == 3 and stopped < 200  # stopped at the 3rd evaluation that did not improve
+    assert f"early stop: accuracy has not improved on step {kept}'s" in ref
+    # killed between the best and the stop: the restart must know both the best and the count since
+    run = tmp_path / "run"
+    out = ok(
+        torchrun(2, *args, "--out", str(run), restarts=1, extra_env={"DDP_FAULT": f"kill:rank=1:step={stopped - 2}"})
+    )
+    assert "continuing at step" in out
+    assert [(r["step"], r["accuracy"]) for r in eval_records(run)] == [(r["step"], r["accuracy"]) for r in evals]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == sorted(
+        {f"step-{kept:08d}", f"step-{stopped:08d}", f"step-{stopped // 10 * 10:08d}"}
+    )  # the best, beside --keep-last's two
+    assert f"verify: 2/2 ranks reloaded {run}/mlp.best.params" in out
+    assert_tree_equal(torch.load(run / "mlp.best.params", weights_only=True), model_state(run, kept)[0])
+    out = ok(torchrun(2, *args, "--out", str(run)))
+    assert f"the run stopped early at step {stopped} (--early-stop)" in out and f"eval at step {stopped}" not in out
+    assert f"best: step {kept}'s accuracy" in out
