@@ -158,6 +158,8 @@ def test_plot_writes_a_png_of_loss_throughput_grad_norm_and_memory(trained):
                                                "peak memory (MiB)"]  # fmt: skip
     for ax, key in zip(axes, ("loss", "samples_per_s", "grad_norm", "mem_peak_mb"), strict=True):
         assert list(ax.lines[0].get_ydata()) == [r[key] for r in train]
+    took = sum(r["eval_time"] for r in records if r["kind"] == "eval")
+    assert f"evaluation, {took:.1f} s in all" in axes[0].get_legend_handles_labels()[1]  # what evaluating cost
 
 
 def test_plot_without_matplotlib_says_how_to_install_it(trained):
@@ -178,6 +180,7 @@ def test_metrics_jsonl_has_training_and_evaluation_records(trained):
         assert r["grad_norm"] > 0 and 0 < r["step_time"] <= r["step_time_max"] and r["slowest_rank"] in (0, 1)
         assert 0 <= r["data_time"] <= 1 and r["mem_peak_mb"] > 50  # a process with torch loaded
     assert [r["epoch"] for r in evals] == [0, 1] and all(0 <= r["accuracy"] <= 1 for r in evals)
+    assert all(r["samples"] == r["of"] == r["count"] and 0 < r["eval_time"] < 60 for r in evals)  # all: 102 < 65,536
     assert evals[-1]["loss"] < evals[0]["loss"] + 0.5  # it learns (loosely: two epochs)
 
 

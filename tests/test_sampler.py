@@ -16,7 +16,7 @@ from ddp.data import Permutation, ResumableSampler, eval_indices
 from ddp.train import main
 from ddp.trainer import Progress
 
-from .helpers import assert_tree_equal, model_state, ok, torchrun
+from .helpers import assert_tree_equal, ddp_command, model_state, ok, torchrun
 
 
 class Sized(torch.utils.data.Dataset):
@@ -144,6 +144,7 @@ def test_keep_best_and_early_stop_survive_a_kill_and_a_relaunch_does_not_train_o
     )  # the best, beside --keep-last's two
     assert f"verify: 2/2 ranks reloaded {run}/mlp.best.params" in out
     assert_tree_equal(torch.load(run / "mlp.best.params", weights_only=True), model_state(run, kept)[0])
+    assert "verify: 1/1 ranks reloaded" in ok(ddp_command("verify", run / "mlp.best.params"))  # its model card
     out = ok(torchrun(2, *args, "--out", str(run)))
     assert f"the run stopped early at step {stopped} (--early-stop)" in out and f"eval at step {stopped}" not in out
     assert f"best: step {kept}'s accuracy" in out
