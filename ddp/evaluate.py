@@ -13,7 +13,7 @@ from ddp import faults, group
 from ddp.config import Config, EvalConfig
 from ddp.data import eval_batch_count, eval_batches
 from ddp.errors import ConfigError
-from ddp.metrics import StepMetrics
+from ddp.metrics import METRICS, StepMetrics
 from ddp.stopping import StopSignals
 from ddp.task import Task, to_device
 
@@ -30,11 +30,17 @@ class Evaluator:
     def restore(self, records: list[dict], step: int) -> None:
         """Resume at ``step`` from rank 0's eval records of this run up to it (``StepMetrics.resume``): the best
         so far, and whether ``step`` itself was evaluated (a relaunch of a finished run evaluates it once)."""
-        for r in records:
-            self.best.update(r["step"], r)
+        error = None
+        try:
+            for r in records:
+                self.best.update(r["step"], r)
+        except ConfigError as e:  # on rank 0 alone, which holds the records: every rank must raise it
+            error = str(e)
         evaluated = any(r["step"] == step for r in records)
-        mine = (evaluated, self.best.step, self.best.value, self.best.stale)
-        evaluated, self.best.step, self.best.value, self.best.stale = group.broadcast_object(mine, src=0)
+        mine = (error, evaluated, self.best.step, self.best.value, self.best.stale)
+        error, evaluated, self.best.step, self.best.value, self.best.stale = group.broadcast_object(mine, src=0)
+        if error is not None:
+            raise ConfigError(f"{error} (in the records of {METRICS} this run resumes)")
         self.best.improved = False
         if evaluated:
             self.evaluated = step
