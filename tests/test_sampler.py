@@ -148,3 +148,8 @@ def test_keep_best_and_early_stop_survive_a_kill_and_a_relaunch_does_not_train_o
     out = ok(torchrun(2, *args, "--out", str(run)))
     assert f"the run stopped early at step {stopped} (--early-stop)" in out and f"eval at step {stopped}" not in out
     assert f"best: step {kept}'s accuracy" in out
+    # a metric no evaluation has: rank 0 finds it in the records it replays, and every rank stops on it
+    wrong = ["acuracy" if a == "accuracy" else a for a in args]
+    proc = torchrun(2, *wrong, "--out", str(run), timeout=60)
+    said = "error: --keep-best: the evaluation has no metric 'acuracy'"
+    assert proc.returncode == 1 and all(f"[rank {r}/2] {said}" in proc.output for r in (0, 1)), proc.output[-3000:]
