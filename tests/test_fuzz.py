@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -34,7 +35,8 @@ SETTINGS = settings(
 
 @pytest.fixture(scope="module")
 def made(tmp_path_factory) -> Path:
-    """One short run's folder: mlp.params, its model card, run.json, two checkpoints; and a safetensors copy."""
+    """One short run's folder: mlp.params, its model card, run.json, two checkpoints; a safetensors copy, a DCP
+    folder, a sharded index, a TOML config, token files and a Lightning checkpoint."""
     out = tmp_path_factory.mktemp("made")
     args = ["--samples", "256", "--batch-size", "32", "--steps", "2", "--checkpoint-every", "1", "--out", str(out)]
     assert train.main(args) == 0
@@ -48,6 +50,14 @@ def made(tmp_path_factory) -> Path:
     (out / "model.safetensors.index.json").write_text(json.dumps(index))
     (out / "run.toml").write_text('[task]\nspec = "mlp"\n[run]\nsteps = 6\n[optim]\nlr = 0.1\n')
     tokens.write_byte_tokens([Path(ddp.__file__)], out / "bytes", 0.1)  # `ddp tokens`: train.bin, val.bin, meta.json
+    model = ddp.model.MLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(4, 20)).sum().backward()
+    opt.step()  # momentum buffers: tensors that are not weights, beside them
+    lightning = {"epoch": 2, "global_step": 10, "pytorch-lightning_version": "2.4.0", "lr_schedulers": [],
+                 "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+                 "optimizer_states": [opt.state_dict()], "hyper_parameters": {"lr": 0.1}}  # fmt: skip
+    torch.save(lightning, out / "lightning.ckpt")  # as Lightning's Trainer writes one
     return out
 
 
@@ -131,11 +141,29 @@ field_edits = st.tuples(st.lists(st.integers(min_value=0), min_size=1, max_size=
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch's note on a mutated protocol byte
 @SETTINGS
 @given(changes=edits, cut=st.none() | st.integers(min_value=0, max_value=4096))
-@pytest.mark.parametrize("name", ["mlp.params", "mlp.safetensors"])
+@pytest.mark.parametrize("name", ["mlp.params", "mlp.safetensors", "lightning.ckpt"])
 def test_damaged_weights_files_load_or_fail_with_our_error(made, tmp_path, name, changes, cut):
     path = tmp_path / name
     path.write_bytes(_mutated((made / name).read_bytes(), changes, cut))
     _ends_well(lambda: weights.read(path), tmp_path)
+
+
+@SETTINGS
+@given(changes=edits, cut=st.none() | st.integers(min_value=0, max_value=4096))
+def test_damaged_token_files_train_or_fail_with_our_error(made, tmp_path, changes, cut):
+    shutil.copytree(made / "bytes", tmp_path / "bytes", dirs_exist_ok=True)
+    for name in ("train.bin", "val.bin"):  # ids past the vocabulary, half a token, too short for a window, empty
+        data = (made / "bytes" / name).read_bytes()
+        (tmp_path / "bytes" / name).write_bytes(_mutated(data, changes, None if cut is None else cut % len(data)))
+
+    def read() -> None:
+        task = tokens.task(train=str(tmp_path / "bytes" / "train.bin"), val=str(tmp_path / "bytes" / "val.bin"))
+        task.load_data()
+        for data in (task.train_data, task.val_data):
+            for i in {0, len(data) // 2, len(data) - 1}:
+                data[i]
+
+    _ends_well(read, tmp_path)
 
 
 @SETTINGS
