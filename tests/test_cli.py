@@ -12,7 +12,7 @@ import ddp
 from ddp import cli
 from ddp.model import MLP
 
-from .helpers import ROOT, ddp_command, launch, ok, run, torchrun
+from .helpers import ddp_command, launch, ok, run, torchrun
 
 
 @pytest.fixture(scope="module")
@@ -43,12 +43,6 @@ def test_train_help_shows_every_option_with_its_default_and_doc(capsys):
     out = help_of(["train"], capsys)
     assert "--keep-last KEEP_LAST" in out and "(default: 3)" in out
     assert "Samples per rank per micro-batch" in out and "--config FILE.toml" in out
-
-
-def test_console_script_is_installed():
-    script = shutil.which("ddp", path=str(ROOT / ".venv" / "bin")) or shutil.which("ddp")
-    assert script, "the ddp console script is not on PATH"
-    assert "usage: ddp" in ok(run([script, "--help"]))
 
 
 def test_inspect_json_describes_a_checkpoint(trained):

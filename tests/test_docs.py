@@ -133,6 +133,19 @@ def test_the_readmes_task_example_trains_verifies_and_runs_under_torchrun(tmp_pa
     assert (tmp_path / "runs" / "mine-2" / "mytask.params").is_file()
 
 
+def test_a_fresh_shell_gets_the_ddp_command_from_the_readmes_activate_line(tmp_path):
+    """The README says once how ``ddp`` gets on the PATH; in a shell whose PATH lacks ``.venv/bin``, that line
+    alone makes the console script and torchrun run."""
+    line = re.search(r"`(source \.venv/bin/activate)`", (ROOT / "README.md").read_text())
+    assert line, "the README no longer says how the ddp command gets on the PATH"
+    if not (ROOT / ".venv" / "bin" / "activate").is_file():
+        pytest.skip("no .venv here (make install makes it): the line has nothing to activate")
+    fresh = {"PATH": "/usr/bin:/bin"}
+    assert run(["bash", "-c", "command -v ddp"], extra_env=fresh, cwd=tmp_path).returncode != 0
+    shell = f"cd {ROOT} && {line.group(1)} && cd {tmp_path} && command -v torchrun && ddp --help"
+    assert "usage: ddp" in ok(run(["bash", "-c", shell], extra_env=fresh, cwd=tmp_path))
+
+
 def test_the_readmes_tracker_example_gets_the_figures(tmp_path):
     (tmp_path / "mytask.py").write_text(readme_block("# mytask.py", ("python",)))
     (tmp_path / "tracker.py").write_text(readme_block("# tracker.py", ("python",)))
