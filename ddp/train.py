@@ -57,11 +57,18 @@ def export_and_verify(trainer: Trainer) -> VerifyReport | None:
     model_card.write_for(path, cfg.to_dict(), task, probe)
     if trainer.stop.check():
         return None
-    fresh = load_model(local_model(task, cfg, trainer.device, par.dtype), path)
+    return reload_and_verify(trainer, path, probe, reference)
+
+
+def reload_and_verify(trainer: Trainer, path: Path, probe, reference=None, said: str = "") -> VerifyReport:
+    """Every rank reloads the exported ``path`` into a fresh model; all must give the same outputs on ``probe``
+    (and ``reference``, where given); each rank logs the report after ``said``."""
+    cfg, world = trainer.cfg, trainer.world
+    fresh = load_model(local_model(trainer.task, cfg, trainer.device, trainer.parallel.dtype), path)
     faults.perturb_reloaded(world.rank, fresh)
     atol = cfg.export.atol if cfg.export.atol is not None else DEFAULT_ATOL[cfg.optim.precision]
     report = verify_identical_outputs(fresh, probe, reference=reference, atol=atol, precision=cfg.optim.precision)
-    group.log(world, summary(report, str(path), cfg.optim.precision), all_ranks=True)
+    group.log(world, said + summary(report, str(path), cfg.optim.precision), all_ranks=True)
     return report
 
 
@@ -82,13 +89,8 @@ def export_best(trainer: Trainer) -> VerifyReport | None:
     group.raise_if_any_failed(error, f"exporting the best checkpoint (step {step}) to {path}")
     probe = probe_input(task, cfg)
     model_card.write_for(path, cfg.to_dict(), task, probe)
-    fresh = load_model(local_model(task, cfg, trainer.device, trainer.parallel.dtype), path)
-    atol = cfg.export.atol if cfg.export.atol is not None else DEFAULT_ATOL[cfg.optim.precision]
-    report = verify_identical_outputs(fresh, probe, atol=atol, precision=cfg.optim.precision)
     best = trainer.evaluator.best
-    group.log(world, f"best: step {step}'s {best.metric} {best.value:.4f}; " + summary(report, str(path),
-              cfg.optim.precision), all_ranks=True)  # fmt: skip
-    return report
+    return reload_and_verify(trainer, path, probe, said=f"best: step {step}'s {best.metric} {best.value:.4f}; ")
 
 
 def check_output_dir(out: Path) -> None:

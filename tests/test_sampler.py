@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 import torch
 
+import ddp
 from ddp import evaluate
+from ddp.config import EvalConfig
 from ddp.data import Permutation, ResumableSampler, eval_indices
 from ddp.train import main
 from ddp.trainer import Progress
@@ -145,6 +147,9 @@ def test_keep_best_and_early_stop_survive_a_kill_and_a_relaunch_does_not_train_o
     assert f"verify: 2/2 ranks reloaded {run}/mlp.best.params" in out
     assert_tree_equal(torch.load(run / "mlp.best.params", weights_only=True), model_state(run, kept)[0])
     assert "verify: 1/1 ranks reloaded" in ok(ddp_command("verify", run / "mlp.best.params"))  # its model card
+    assert ok(ddp_command("predict", run / "mlp.best.params", "--random", "2", "--device", "cpu")).strip()
+    ok(ddp_command("export", run / "mlp.best.params", "--format", "safetensors", "--output", tmp_path / "best.st"))
+    assert_tree_equal(ddp.load(tmp_path / "best.st"), model_state(run, kept)[0])
     out = ok(torchrun(2, *args, "--out", str(run)))
     assert f"the run stopped early at step {stopped} (--early-stop)" in out and f"eval at step {stopped}" not in out
     assert f"best: step {kept}'s accuracy" in out
@@ -153,3 +158,22 @@ def test_keep_best_and_early_stop_survive_a_kill_and_a_relaunch_does_not_train_o
     proc = torchrun(2, *wrong, "--out", str(run), timeout=60)
     said = "error: --keep-best: the evaluation has no metric 'acuracy'"
     assert proc.returncode == 1 and all(f"[rank {r}/2] {said}" in proc.output for r in (0, 1)), proc.output[-3000:]
+
+
+@pytest.mark.parametrize(
+    ("metric", "mode", "delta", "values", "best_step", "stale"),
+    [
+        ("loss", "auto", 0.0, [1.0, 0.9, 0.95, 0.9, 0.89], 5, 0),  # lower is better; a tie is no improvement
+        ("accuracy", "auto", 0.0, [0.5, 0.7, 0.6, 0.7], 2, 2),  # higher is better
+        ("loss", "max", 0.0, [1.0, 0.9, 1.2], 3, 0),  # the mode overrides the name
+        ("loss", "auto", 0.05, [1.0, 0.97, 0.96, 0.9], 4, 0),  # better, but by less than delta: stale still counts
+        ("loss", "auto", 0.05, [1.0, 0.97, 0.96], 3, 2),
+        ("loss", "auto", 0.0, [1.0, float("nan"), 0.99], 3, 0),  # NaN never becomes the best
+    ],
+)
+def test_the_best_evaluation_and_the_count_since_follow_the_mode_and_delta(metric, mode, delta, values, best_step,
+                                                                           stale):  # fmt: skip
+    best = evaluate.Best(EvalConfig(keep_best=metric, keep_best_mode=mode, early_stop=2, early_stop_delta=delta))
+    for step, v in enumerate(values, start=1):
+        best.update(step, {metric: v})
+    assert (best.step, best.value, best.stale, best.stopped) == (best_step, values[best_step - 1], stale, stale >= 2)
