@@ -583,7 +583,7 @@ def checkpoint_table(args, out: Path) -> dict:
             keep = 2
             ckpt_sync = Checkpointer(out / f"sync{size}", CheckpointConfig(keep_last=keep), model, opt)
             ckpt_async = Checkpointer(
-                out / f"async{size}", CheckpointConfig(keep_last=keep, async_save=True), model, opt
+                out / f"async{size}", CheckpointConfig(keep_last=keep, async_save="thread"), model, opt
             )
             state = ckpt_sync.state()[0]  # the files a save writes (model.pt, train.pt): the floors write these
             gb = nbytes(state) / 1e9
@@ -733,47 +733,53 @@ def spread_save_table(args, out: Path) -> dict:
 
 
 def lost_per_checkpoint(args, out: Path) -> dict:
-    """Training time lost per checkpoint over a window of steps: none vs sync vs async."""
+    """Training time lost per durable checkpoint over a window of steps, each saved where the trainer's own
+    schedule (``--checkpoint-every``) makes it due: none, in step (sync), and ``--async-save thread`` and
+    ``process``, which write from the step's snapshot. No other snapshots (``--snapshot-every`` far above the
+    window): the async modes pay for the one they take."""
     width = args.window_width
     cfg = {
         "task": {"spec": "mlp", "args": {"hidden": [width, width, width], "samples": 4096}},
         "data": {"batch_size": 64},
         "optim": {"schedule": "constant"},
         "run": {"steps": 10**9},
-        "checkpoint": {"resume": "never", "keep_last": 2},
-    }
-    times: dict[str, list[float]] = {"none": [], "sync": [], "async": []}
+        "checkpoint": {"resume": "never", "keep_last": 2, "snapshot_every": str(10**9),
+                       "checkpoint_every_seconds": 0},
+    }  # fmt: skip
+    modes = {"none": "off", "sync": "off", "thread": "thread", "process": "process"}
+    times: dict[str, list[float]] = {mode: [] for mode in modes}
     n_ckpt = args.window // args.every
     for rep in range(args.window_repeats):
         for mode in list(times) if rep % 2 == 0 else list(times)[::-1]:
             c = json.loads(json.dumps(cfg))
             c["run"]["out"] = str(out / f"window-{mode}-{rep}")
-            c["checkpoint"]["async_save"] = mode == "async"
+            c["checkpoint"].update(async_save=modes[mode], checkpoint_every=0 if mode == "none" else args.every)
             trainer = quiet(Trainer(Config.from_dict(c), group.world_from_env()))
+            trainer.resume()  # claims the run folder and opens its snapshots, as ddp.train does
             step = trainer_step(trainer)
-            step()  # warm up
-            for _ in range(3 if mode != "none" else 0):  # steady state: pruning under way, staging buffers made
-                trainer.checkpointer.save(trainer.progress.step)
-                trainer.checkpointer.wait()
+            for _ in range(3 * args.every):  # steady state: pruning under way, buffers and writer process made
                 step()
+            trainer.checkpointer.wait()
             t0 = time.perf_counter()
-            for i in range(1, args.window + 1):
+            for _ in range(args.window):
                 step()
-                if mode != "none" and i % args.every == 0:
-                    trainer.checkpointer.save(trainer.progress.step)
             trainer.checkpointer.wait()
             times[mode].append(time.perf_counter() - t0)
+            trainer.checkpointer.finish()
             shutil.rmtree(c["run"]["out"], ignore_errors=True)
     state_mb = nbytes(trainer.checkpointer.state()[0]) / 2**20
     base = median(times["none"])
+    lost = {f"{mode}_lost_per_ckpt_s": (median(times[mode]) - base) / n_ckpt for mode in ("sync", "thread", "process")}
     return {
         "state_mb": state_mb,
         "window_steps": args.window,
         "checkpoints": n_ckpt,
         "step_s": base / args.window,
-        "sync_lost_per_ckpt_s": (median(times["sync"]) - base) / n_ckpt,
-        "async_lost_per_ckpt_s": (median(times["async"]) - base) / n_ckpt,
-    }
+        **lost,
+        **{f"{mode}/sync": paired(
+            {k: [t - b for t, b in zip(v, times["none"], strict=True)] for k, v in times.items()}, mode, "sync")
+           for mode in ("thread", "process")},
+    }  # fmt: skip
 
 
 def main() -> None:
@@ -899,7 +905,8 @@ def print_tables(r: dict) -> None:
     lost = r["checkpoints"]["lost_per_checkpoint"]
     print(f"\ntraining time lost per checkpoint ({lost['state_mb']:.0f} MB state, {lost['checkpoints']} checkpoints "
           f"in {lost['window_steps']} steps of {lost['step_s']:.3f} s): sync {lost['sync_lost_per_ckpt_s']:.3f} s, "
-          f"async {lost['async_lost_per_ckpt_s']:.3f} s")  # fmt: skip
+          f"--async-save thread {lost['thread_lost_per_ckpt_s']:.3f} s ({ratio_text(lost['thread/sync'])} of sync), "
+          f"process {lost['process_lost_per_ckpt_s']:.3f} s ({ratio_text(lost['process/sync'])})")  # fmt: skip
     snap = r["checkpoints"].get("snapshots")
     if snap:
         print(f"snapshot in host memory of {snap['state_mb']} MB: {snap['snapshot_s']:.3f} s whole, "

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from ddp import fsdp, group, rng, snapshot
+from ddp import fsdp, group, persist, rng, snapshot
 from ddp.checkpoint_files import (
     FORMAT_VERSION,
     MANIFEST,
@@ -37,12 +37,10 @@ from ddp.checkpoint_files import (
     fsync_dir,
     is_sharded,
     newest_valid,
-    rank_file,
     read_manifest,
     read_state,
     read_train,
     remove_all,
-    spread,
     stage,
     step_dir,
     validate,
@@ -106,8 +104,7 @@ class Checkpointer:
         self.sharded, self.device, self.config = sharded, device, config
         self.config_dict = None if config is None else config.to_dict()  # saved with every state: built once
         self.buffers: dict[str, torch.Tensor] = {}  # async staging, reused from save to save
-        self.thread: threading.Thread | None = None
-        self.result: dict = {}
+        self.writer = persist.Writer()  # --async-save: the save in flight
         self.pending_step: int | None = None
         self.last_saved: int | None = None
         self.best_step: int | None = None  # --keep-best: the checkpoint pruning keeps
@@ -116,6 +113,8 @@ class Checkpointer:
         self.last_save_time = time.monotonic()  # for --checkpoint-every-seconds
         self.time_due = False  # the ranks agreed that --checkpoint-every-seconds has passed
         self.snapshots = self._snapshots()  # the tier in host memory (ddp.snapshot), or None
+        if cfg.async_save == "process" and self.snapshots is None and not sharded:
+            say("note: --async-save process writes from the snapshots in host memory, which are off: a thread writes")
         self.guarded, self.proven_finite = guarded, False
 
     def _snapshots(self) -> snapshot.Snapshots | None:
@@ -353,12 +352,13 @@ class Checkpointer:
             due = self.last_saved != step
         else:
             due = (every > 0 and step % every == 0) or self.time_due
-        if due:
-            self.save(step)
-        if self.snapshots is not None and not last_step and self.snapshots.due(step):
-            files, own, shards = self.state()
+        snap = self.snapshots is not None and not last_step
+        if snap and self.snapshots.due(step, force=due and self.cfg.async_save != "off"):
+            files, own, shards = self.state()  # first: an async save is written from it
             files[TRAIN] = {k: v for k, v in files[TRAIN].items() if k != "config"}  # the run's, recorded once
             self.snapshots.take(step, (files, own, shards), {b.data_ptr() for b in self.model.buffers()})
+        if due:
+            self.save(step)
 
     def keep_best(self, step: int) -> None:
         """Called by every rank after an evaluation of ``step`` that is the best so far: its checkpoint is saved
@@ -377,8 +377,10 @@ class Checkpointer:
             self.snapshots.wait()
 
     def finish(self) -> None:
-        """After the last save: wait for it, and remove this run's snapshots, which nothing will resume from."""
+        """After the last save: wait for it, end the writer process, and remove this run's snapshots, which
+        nothing will resume from."""
         self.wait()
+        self.writer.close()
         if self.snapshots is not None:
             self.snapshots.close(remove=True)
 
@@ -420,29 +422,34 @@ class Checkpointer:
         if not (self.guarded and self.proven_finite):
             self._refuse_nonfinite(step)
             self.proven_finite = True
-        replicated, own, sharded = self.state()
-        shared, shares = spread(replicated, group.world_size())
-        files = {rank_file(group.rank()): own}
-        if group.rank() == 0:
-            files.update(shared)
-        files.update(shares.get(group.rank(), {}))
+        self.last_save_time, self.time_due = time.monotonic(), False
         self.pending_step = step
-        if sharded is not None or not self.cfg.async_save:
-            self.result = self._write(step, files, sharded)
+        mode = self.cfg.async_save
+        pinned = None if mode == "off" or self.snapshots is None else self.snapshots.pin(step)
+        if not all(group.all_gather_objects(pinned is not None)):  # every rank, or none: state() is a collective
+            pinned = self.snapshots.unpin() if pinned is not None else None
+        if pinned is not None:  # written from the snapshot of this step, in memory: no copy of the live state
+            data, record, ready = pinned
+            job = {"data": str(data), "record": record, "rank": group.rank(), "world_size": group.world_size(),
+                   "tmp": str(self._tmp(step)), "config": self.config_dict}  # fmt: skip
+            self.writer.start(self.writer.from_slot(job, mode), ready)
+            return
+        replicated, own, sharded = self.state()
+        files = persist.rank_files(replicated, own, group.rank(), group.world_size())
+        if sharded is not None or mode == "off":
+            self.writer.result = self._write(step, files, sharded)
             self.commit()
         else:
             self._write_in_background(step, files)
-        self.last_save_time, self.time_due = time.monotonic(), False
 
     def _write_in_background(self, step: int, files: dict[str, Any]) -> None:
-        """``--async-save``: stage into reused CPU buffers now, write them on a thread."""
+        """``--async-save`` without a snapshot to write from: stage into reused CPU buffers now, write them on a
+        thread."""
         seen: dict = {}
         staged = {name: stage(obj, self.buffers, name, seen) for name, obj in files.items()}
         if torch.cuda.is_available():
             torch.cuda.synchronize()  # the non-blocking copies must land before the thread reads them
-        self.result = {}
-        self.thread = threading.Thread(target=self._write_into_result, args=(step, staged), daemon=True)
-        self.thread.start()
+        self.writer.start(lambda: self._write(step, staged, raising=True))
 
     def _refuse_nonfinite(self, step: int) -> None:
         """No checkpoint ever holds a NaN or inf weight, so retention can never prune the last good one.
@@ -457,30 +464,33 @@ class Checkpointer:
                 f"newest checkpoint ({'none' if self.last_saved is None else f'step {self.last_saved}'}) is kept"
             )
 
-    def _write_into_result(self, step: int, files: dict[str, Any]) -> None:
-        self.result = self._write(step, files)
+    def _tmp(self, step: int) -> Path:
+        return self.root / f".tmp-{step_dir(self.root, step).name}"
 
-    def _write(self, step: int, files: dict[str, Any], sharded: dict[str, Any] | None = None) -> dict:
-        tmp = self.root / f".tmp-{step_dir(self.root, step).name}"
+    def _write(self, step: int, files: dict[str, Any], sharded: dict | None = None, raising: bool = False):
+        """Write this rank's ``files`` of the checkpoint of ``step``: ``{"files": manifest entries, "error"}``
+        (with ``raising``, the entries, or the error raised)."""
+        tmp = self._tmp(step)
         try:
             written = {} if sharded is None else write_shards(tmp / SHARDED, sharded)  # first: a collective
             tmp.mkdir(parents=True, exist_ok=True)
             written.update({name: write_file(tmp / name, obj) for name, obj in files.items()})
-            return {"files": written, "error": None}
         except (OSError, CheckpointError) as e:
+            if raising:
+                raise
             return {"files": {}, "error": e}
+        return written if raising else {"files": written, "error": None}
 
     def status(self) -> tuple[int, int]:
         """Local (still writing, failed) flags of the save in flight, for the trainer's step check."""
         if self.pending_step is None:
             return 0, 0
-        writing = self.thread is not None and self.thread.is_alive()
-        return int(writing), int(not writing and self.result.get("error") is not None)
+        writing = self.writer.busy
+        return int(writing), int(not writing and self.writer.result.get("error") is not None)
 
     def wait(self) -> None:
         """Finish and commit the save in flight, if any, and its pruning."""
-        if self.thread is not None:
-            self.thread.join()
+        self.writer.join()
         if self.pending_step is not None:
             self.commit()
         if self.pruner is not None:
@@ -489,8 +499,10 @@ class Checkpointer:
 
     def commit(self) -> None:
         """Once every rank's files are written: rank 0 writes the manifest and renames."""
-        step, result = self.pending_step, self.result
-        self.pending_step, self.thread = None, None
+        step, result = self.pending_step, self.writer.join()
+        self.pending_step = None
+        if self.snapshots is not None:
+            self.snapshots.unpin()
         final = step_dir(self.root, step)
         tmp = self.root / f".tmp-{final.name}"
         error = None if result["error"] is None else str(result["error"])

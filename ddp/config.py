@@ -127,6 +127,9 @@ class OptimConfig:
         _check(self.precision in PRECISIONS, "precision", f"use one of {', '.join(PRECISIONS)}")
 
 
+ASYNC_SAVES = ("off", "thread", "process")
+
+
 @dataclass
 class CheckpointConfig:
     """Periodic full-state checkpoints, and where a run starts from."""
@@ -145,8 +148,10 @@ class CheckpointConfig:
     """Complete checkpoints to keep; older ones are deleted after a newer one commits."""
     resume: str = "auto"
     """auto (newest complete checkpoint in --out), never, or a checkpoint folder."""
-    async_save: bool = False
-    """Snapshot to reused CPU buffers and write in a background thread (pays off when the CPU is idle)."""
+    async_save: str = field(default="off", metadata={"bare": "thread", "negated": "off"})
+    """Write checkpoints off the training thread: thread, or process (a writer process, off the GIL); from the
+    step's snapshot in host memory where there is one, so training stalls only for that copy. off: in step.
+    --async-save alone: thread."""
     init_from: str | None = None
     """Start from the weights in this file or folder (any format ddp inspect reads): a fresh optimizer, step 0.
     A checkpoint of this run in --out takes precedence: a restarted fine-tune resumes, it does not start over."""
@@ -156,6 +161,7 @@ class CheckpointConfig:
     def __post_init__(self) -> None:
         _check(self.checkpoint_every >= 0, "checkpoint_every", "cannot be negative")
         self.snapshot_every = str(self.snapshot_every)  # a TOML file may give a number
+        _check(self.async_save in ASYNC_SAVES, "async_save", f"use {', '.join(ASYNC_SAVES)}, got {self.async_save!r}")
         _check(
             self.snapshot_every == "auto" or self.snapshot_every.isdigit(),
             "snapshot_every",
@@ -496,7 +502,7 @@ READ_BEFORE = {
 def upgrade(old: dict, explicit: bool = False) -> dict:
     """A config of an earlier version in today's form; today's passes unchanged.
 
-    ``model.arch`` became ``task.spec``; DDP was the only strategy; the built-in tasks'
+    ``model.arch`` became ``task.spec``; DDP was the only strategy; ``async_save`` was a switch; the built-in tasks'
     settings (``[model]``, ``data.samples``, ``data.val_fraction``, ``data.data``) became
     ``task.args``. From a stored config (a checkpoint's, which wrote every field) only
     those the task read and that differ from their old defaults move, so that an old
@@ -504,6 +510,9 @@ def upgrade(old: dict, explicit: bool = False) -> dict:
     (``explicit``) every one moves, so that a setting the task does not take is refused.
     """
     old = _move_fields(old)
+    saving = old.get("checkpoint", {})
+    if isinstance(saving.get("async_save"), bool):  # was a switch: on meant a thread
+        old = {**old, "checkpoint": {**saving, "async_save": "thread" if saving["async_save"] else "off"}}
     dist = old.get("dist", {})
     if "strategy" not in dist:
         old = {**old, "dist": {**dist, "strategy": "ddp"}}

@@ -113,6 +113,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             }
             if scalar is bool:
                 opts["action"] = argparse.BooleanOptionalAction
+            elif "bare" in f.metadata:  # a setting that was a switch: the flag alone, and --no-FLAG, still work
+                opts.update(nargs="?", const=f.metadata["bare"], metavar=f.name.upper())
+                group.add_argument(f"--no-{f.name.replace('_', '-')}", dest=opts["dest"], action="store_const",
+                                   const=f.metadata["negated"], default=argparse.SUPPRESS,
+                                   help=f"--{f.name.replace('_', '-')} {f.metadata['negated']}")  # fmt: skip
             else:
                 opts["type"] = scalar
                 opts["metavar"] = f.name.upper()

@@ -11,7 +11,9 @@ Layout, per rank: ``<dir>/ddp-snapshots/<run id>/rank-<r>/`` holds two slots (``
 of the state, with each tensor's place, as JSON) and ``head.json``, which names the step each
 slot holds. Slots alternate. Before a slot is overwritten, the head stops naming it; after
 its copy is complete, the head names it with its new step. The head is replaced atomically,
-so a kill at any moment leaves the other slot whole and named.
+so a kill at any moment leaves the other slot whole and named. While a durable checkpoint is
+written from a slot (``ddp.persist``), that slot is pinned and the copies alternate between the
+other and a third (``data-2``).
 
 The copy of the parameters and the optimizer's state runs on a thread, overlapping the next
 forward and backward, which do not change them; ``wait`` is called before the next
@@ -84,13 +86,13 @@ def _flatten(obj: Any, tensors: list[torch.Tensor], seen: dict | None = None) ->
     return obj
 
 
-def _unflatten(obj: Any, tensors: list[torch.Tensor]) -> Any:
+def unflatten(obj: Any, tensors: list[torch.Tensor]) -> Any:
     if isinstance(obj, dict):
         if set(obj) == {TENSOR}:
             return tensors[obj[TENSOR]]
-        return {k: _unflatten(v, tensors) for k, v in obj.items()}
+        return {k: unflatten(v, tensors) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_unflatten(v, tensors) for v in obj)
+        return type(obj)(unflatten(v, tensors) for v in obj)
     return obj
 
 
@@ -118,7 +120,7 @@ def _decode(obj: Any) -> Any:
     return obj
 
 
-def _meta_bytes(record: dict) -> bytes:
+def meta_bytes(record: dict) -> bytes:
     """A snapshot's meta record: JSON where it is plain data (fast; nothing in it can run), else torch's
     format for the weights-only loader (a stream's own state may hold numpy scalars)."""
     try:
@@ -129,7 +131,7 @@ def _meta_bytes(record: dict) -> bytes:
         return b"T" + blob.getvalue()
 
 
-def _meta_record(blob: bytes) -> dict:
+def meta_record(blob: bytes) -> dict:
     if blob[:1] == b"J":
         return _decode(json.loads(blob[1:]))
     stream = io.BytesIO(blob[1:])
@@ -162,7 +164,7 @@ def _view(data: torch.Tensor, place: tuple[int, str, list[int]]) -> torch.Tensor
 
 
 class Snapshots:
-    """This rank's snapshots: taken every ``every`` steps into two alternating slots, read back on a restart."""
+    """This rank's snapshots: taken every ``every`` steps into alternating slots, read back on a restart."""
 
     def __init__(self, root: Path, every: int | None, rank: int, out: Path, say=print) -> None:
         """``every``: steps between snapshots; None: ``auto`` (every step, fewer if a copy costs more than 2 %
@@ -177,6 +179,7 @@ class Snapshots:
         self.thread: threading.Thread | None = None  # started at the first snapshot, for the whole run
         self.done = threading.Event()  # set when the copy under way is complete
         self.pending: tuple[int, int, dict] | None = None  # (slot, step, meta) of the copy under way
+        self.pinned: int | None = None  # the slot a checkpoint is being written from (ddp.persist)
         self.error: BaseException | None = None
         self.cost = {"blocked": 0.0, "taken": 0, "since": time.perf_counter()}  # since the last tune
         self.disabled = False
@@ -240,9 +243,10 @@ class Snapshots:
 
     # -- taking --
 
-    def due(self, step: int) -> bool:
-        """Whether ``step`` is snapshotted."""
-        return not self.disabled and self.dir is not None and step % self.every == 0
+    def due(self, step: int, force: bool = False) -> bool:
+        """Whether ``step`` is snapshotted (with ``force``, if snapshots are taken at all). The same on every
+        rank, which all build the state (a collective) even where ``take`` then finds snapshots off."""
+        return self.dir is not None and (force or step % self.every == 0)
 
     def take(self, step: int, state: Any, live: set[int]) -> None:
         """Start the snapshot of ``state`` (``Checkpointer.state``) as that of ``step``.
@@ -252,10 +256,12 @@ class Snapshots:
         """
         start = time.perf_counter()
         self.wait()
+        if self.disabled:
+            return
         tensors: list[torch.Tensor] = []
         meta = _flatten(state, tensors)
         places, size = _places(tensors)
-        slot = 1 - int(max(self.slots.items(), key=lambda kv: kv[1]["step"])[0]) if self.slots else 0
+        slot = self._free_slot()
         if not self._room(slot, size):
             return
         self.slots.pop(str(slot), None)
@@ -273,15 +279,41 @@ class Snapshots:
         if now[0]:
             self._copy(now, step)
         self.pending = (slot, step, {"step": step, "size": size, "places": places, "meta": meta})
-        self.done.clear()
+        self.done = threading.Event()  # its own: a checkpoint written from this copy waits on it (ddp.persist)
         if later[0]:
             if self.thread is None:
                 self.thread = threading.Thread(target=self._copier, name="ddp-snapshot", daemon=True)
                 self.thread.start()
-            self.jobs.put((later, step))
+            self.jobs.put((later, step, self.done))
         else:
             self.done.set()
         self.cost["blocked"] += time.perf_counter() - start
+
+    def _free_slot(self) -> int:
+        """The slot the next copy goes to: neither the newest committed one nor one a checkpoint is being
+        written from. Two alternate; a third is used only while a checkpoint is written from one of them."""
+        newest = max(self.slots, key=lambda k: self.slots[k]["step"]) if self.slots else None
+        busy = {newest, None if self.pinned is None else str(self.pinned)}
+        return next(slot for slot in range(3) if str(slot) not in busy)
+
+    def pin(self, step: int) -> tuple[Path, dict, threading.Event] | None:
+        """(the data file, the layout record, the event set when its copy is complete) of the snapshot of
+        ``step``, which is kept from being overwritten until ``unpin``; None where no snapshot of it is held."""
+        if self.pending is not None and self.pending[1] == step:
+            slot, _, record = self.pending
+            ready = self.done
+        else:
+            slot = next((int(k) for k, s in self.slots.items() if s["step"] == step and self._whole(k)), None)
+            if slot is None:
+                return None
+            record, ready = meta_record((self.dir / f"meta-{slot}").read_bytes()), threading.Event()
+            ready.set()
+        self.pinned = slot
+        return self.dir / f"data-{slot}", record, ready
+
+    def unpin(self) -> None:
+        """The checkpoint written from the pinned slot is committed (or failed): the slot may be reused."""
+        self.pinned = None
 
     def _room(self, slot: int, size: int) -> bool:
         """Whether a slot of ``size`` bytes fits in the folder's free space and in the host's available memory,
@@ -320,12 +352,12 @@ class Snapshots:
         """The snapshot thread: each copy it is given, in turn. One ``_foreach_copy_`` call per half: the GIL is
         released for the whole copy, not taken back between tensors (a wait of up to 5 ms each)."""
         while True:
-            pairs, step = self.jobs.get()
+            pairs, step, done = self.jobs.get()
             try:
                 self._copy(pairs, step)
             except BaseException as e:  # reported by wait, on the training thread
                 self.error = e
-            self.done.set()
+            done.set()
 
     def _copy(self, pairs: tuple[list, list], step: int) -> None:
         destinations, sources = pairs
@@ -346,7 +378,7 @@ class Snapshots:
             error, self.error = self.error, None
             self._disable(f"the copy of step {step} failed ({error})")
             return
-        blob = _meta_bytes(record)
+        blob = meta_bytes(record)
         try:
             (self.dir / f"meta-{slot}").write_bytes(blob)
             self.slots[str(slot)] = {
@@ -363,8 +395,8 @@ class Snapshots:
         if not self.announced:
             self.announced = True
             how = "every step, fewer if they cost over 2 %" if self.auto else f"every {self.every} step(s)"
-            self.say(f"snapshots in host memory: {2 * record['size'] / 2**20:,.1f} MiB per rank (two slots) in "
-                     f"{self.dir.parent}, {how}")  # fmt: skip
+            self.say(f"snapshots in host memory: {2 * record['size'] / 2**20:,.1f} MiB per rank (two slots; a "
+                     f"third while a checkpoint is written from one) in {self.dir.parent}, {how}")  # fmt: skip
 
     def _write_head(self) -> None:
         tmp = self.dir / f".{HEAD}.tmp"
@@ -400,7 +432,7 @@ class Snapshots:
         try:
             blob = (self.dir / f"meta-{slot}").read_bytes()
             whole = xxhash.xxh3_128_hexdigest(blob) == self.slots[slot]["meta"]
-            whole = whole and (self.dir / f"data-{slot}").stat().st_size >= _meta_record(blob)["size"]
+            whole = whole and (self.dir / f"data-{slot}").stat().st_size >= meta_record(blob)["size"]
         except (OSError, ValueError, KeyError, TypeError, RuntimeError):
             whole = False
         if not whole:
@@ -413,16 +445,16 @@ class Snapshots:
         blob = (self.dir / f"meta-{slot}").read_bytes()
         if xxhash.xxh3_128_hexdigest(blob) != self.slots[slot]["meta"]:
             raise OSError(f"{self.dir / f'meta-{slot}'} does not match its checksum in {HEAD}")
-        record = _meta_record(blob)
+        record = meta_record(blob)
         mm = np.memmap(self.dir / f"data-{slot}", dtype=np.uint8, mode="c")
         if mm.shape[0] < record["size"]:
             raise OSError(f"{self.dir / f'data-{slot}'} is shorter than its snapshot")
         data = torch.from_numpy(mm)
         tensors = [_view(data, place).clone() for place in record["places"]]
-        return _unflatten(record["meta"], tensors)
+        return unflatten(record["meta"], tensors)
 
     def nbytes(self) -> int:
-        """Host memory the two slots take."""
+        """Host memory the slots take."""
         return sum(m[1].numel() for m in self.maps.values())
 
     def close(self, remove: bool) -> None:

@@ -101,7 +101,7 @@ def test_atomic_write_that_fails_midway_keeps_the_old_file(tmp_path):
 def test_keep_last_retires_old_checkpoints_at_once_and_deletes_them_in_the_background(world_of_one, tmp_path):
     model = torch.nn.Linear(1000, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    ckpt = Checkpointer(tmp_path, CheckpointConfig(keep_last=2, async_save=False), model, optimizer, say=lambda m: None)
+    ckpt = Checkpointer(tmp_path, CheckpointConfig(keep_last=2, async_save="off"), model, optimizer, say=lambda m: None)
     ckpt.prepare()
     for step in (1, 2, 3):
         ckpt.save(step)

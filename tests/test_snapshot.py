@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from ddp import snapshot
-from ddp.checkpoint import memory_choice
+from ddp.checkpoint import Checkpointer, memory_choice
+from ddp.config import CheckpointConfig
 from ddp.snapshot import Snapshots
 
 from .helpers import assert_same_training, assert_tree_equal, model_state, ok, torchrun
@@ -61,6 +62,47 @@ def test_a_restart_takes_the_newest_step_every_rank_holds_before_one_another_ran
     assert memory_choice([[], []], disk=None, peers=True) is None
 
 
+@pytest.mark.parametrize("mode", ["thread", "process"])
+def test_an_async_checkpoint_is_written_from_its_steps_snapshot_whose_slot_is_kept_until_it_commits(tmp_path, mode):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.Linear(6, 6))
+    model[1].weight = model[0].weight  # tied: one tensor, two names
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    ckpts = {}
+    for m in ("off", mode):  # the same state, saved in step and from the snapshot
+        cfg = CheckpointConfig(checkpoint_every=2, checkpoint_every_seconds=0, snapshot_every="3", async_save=m,
+                               snapshot_dir=str(tmp_path / "shm" / m))  # fmt: skip
+        ckpts[m] = Checkpointer(tmp_path / m, cfg, model, optimizer, say=lambda _: None)
+        ckpts[m].snapshots.open("run", clean=False)
+    for step in range(1, 5):
+        for c in ckpts.values():
+            c.before_update()
+        model(torch.randn(8, 6)).square().sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        for c in ckpts.values():
+            c.save_if_due(step)
+        snaps = ckpts[mode].snapshots
+        if step % 2 == 0:  # due: a snapshot taken for it (not one of --snapshot-every's), pinned while written
+            assert ckpts[mode].in_flight and snaps.pending[1] == step and snaps.pinned == snaps.pending[0]
+        if step == 3:  # the newest slot (2's) is pinned: 3 goes to another, 4 to the third
+            assert snaps.pending[0] not in (snaps.pinned, int(max(snaps.slots, key=lambda k: snaps.slots[k]["step"])))
+    slots = sorted(p.name for p in snaps.dir.glob("data-*"))
+    assert snaps.pinned is not None and slots == ["data-0", "data-1", "data-2"]
+    for c in ckpts.values():
+        c.wait()
+    assert snaps.pinned is None and (mode == "thread") == (ckpts[mode].writer.process is None)
+    for step in ("step-00000002", "step-00000004"):
+        a, b = tmp_path / "off" / step, tmp_path / mode / step
+        names = sorted(p.name for p in a.iterdir() if p.name != "manifest.json")
+        assert names == sorted(p.name for p in b.iterdir() if p.name != "manifest.json")
+        for name in names:  # bitwise the state of that step, though the model moved on while it was written
+            assert_tree_equal(torch.load(a / name, weights_only=True), torch.load(b / name, weights_only=True))
+    for c in ckpts.values():
+        c.finish()
+    assert not snaps.dir.exists()
+
+
 def test_a_tied_weight_is_stored_once_and_restored_as_one_tensor(tmp_path):
     snaps = Snapshots(tmp_path, 1, rank=0, out=tmp_path)
     snaps.open("run", clean=False)
@@ -96,7 +138,8 @@ def test_too_little_shared_memory_warns_once_and_training_goes_on(tmp_path, monk
             snaps.take(step, {"w": torch.zeros(1 << 16)}, live=set())
     assert len(said) == 1 and "snapshots in host memory are off: a snapshot needs 0.2 MiB" in said[0]
     assert snapshot._available_memory() > 1 << 20  # read from the host, not assumed
-    assert snaps.held(1) == [] and not snaps.due(3)
+    snaps.take(3, {"w": torch.zeros(1 << 16)}, live=set())  # due on every rank alike; off here, so nothing
+    assert snaps.held(1) == [] and snaps.pending is None and len(said) == 1
 
 
 def test_a_kill_during_the_snapshot_copy_resumes_from_the_other_slot_bitwise(tmp_path, reference):
@@ -104,7 +147,7 @@ def test_a_kill_during_the_snapshot_copy_resumes_from_the_other_slot_bitwise(tmp
     args = [*ARGS, "--checkpoint-every", "0", "--snapshot-every", "1", "--snapshot-dir", str(tmp_path / "shm"),
             "--out", str(tmp_path)]  # fmt: skip
     out = ok(torchrun(2, *args, restarts=1, extra_env={"DDP_FAULT": "kill-in-snapshot:rank=1:step=9"}))
-    assert "MiB per rank (two slots)" in out
+    assert "MiB per rank (two slots; a third while a checkpoint is written from one)" in out
     assert resumed_from_memory(out) == [8]  # rank 1's slot of step 9 was never named; step 8's is whole
     assert_same_training(tmp_path, reference)
 
