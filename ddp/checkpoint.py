@@ -121,9 +121,6 @@ class Checkpointer:
         every = self.cfg.snapshot_every
         if every == "0":
             return None
-        if self.sharded:
-            self.say("note: snapshots in host memory are not taken under --strategy fsdp yet: disk checkpoints only")
-            return None
         root = Path(self.cfg.snapshot_dir) if self.cfg.snapshot_dir else snapshot.default_dir()
         if root is None:
             self.say("warning: this system has no /dev/shm; give --snapshot-dir (in memory) or --snapshot-every 0")
@@ -271,9 +268,13 @@ class Checkpointer:
                 self.restore(folder)
             return folder
         step, holders = choice
-        files, own = self._memory_state(step, holders)
-        train = {**files[TRAIN], "model": files[MODEL], "config": self.snapshots.saved_config}
-        self._load_whole(train, Path(f"the snapshot of step {step}"))
+        files, own, shards = self._memory_state(step, holders)
+        train = {**files[TRAIN], "config": self.snapshots.saved_config}
+        if shards is not None:  # FSDP: every rank its own shards (memory_choice: every rank holds the step)
+            live = fsdp.sharded_state(self.model, self.optimizer)  # the layout, the optimizer's state made
+            fsdp.load_state(self.model, self.optimizer, fsdp.fill(live, shards))
+        else:
+            self._load_whole({**train, "model": files[MODEL]}, Path(f"the snapshot of step {step}"))
         self._restore_rest(train, own)
         self.last_saved = None if folder is None else read_manifest(folder)["step"]
         return f"the snapshot in host memory ({self.snapshots.root / self.run_id}), step {step}"
@@ -289,12 +290,13 @@ class Checkpointer:
         disk = None if folder is None else read_manifest(folder)["step"]
         return memory_choice(group.all_gather_objects(held), disk, peers=not self.sharded)
 
-    def _memory_state(self, step: int, holders: list[int]) -> tuple[dict, dict | None]:
-        """(the files of the snapshot of ``step``, this rank's own state or None): from this rank's memory, or,
-        for a rank without it, the replicated files sent by the first rank that holds it."""
+    def _memory_state(self, step: int, holders: list[int]) -> tuple[dict, dict | None, dict | None]:
+        """(the files of the snapshot of ``step``, this rank's own state or None, its shards under FSDP): from
+        this rank's memory, or, for a rank without it, the replicated files sent by the first rank that holds
+        it (DDP only)."""
         mine = self.snapshots.load(step) if group.rank() in holders else None
         if len(holders) == group.world_size():
-            return mine[0], mine[1]
+            return mine
         lost = [r for r in range(group.world_size()) if r not in holders]
         files = group.broadcast_object(None if mine is None else mine[0], src=holders[0])
         self.say(
@@ -302,7 +304,7 @@ class Checkpointer:
             "them the model and optimizer over the process group; their RNG is reseeded from (seed, rank, step), "
             "so a model that draws random numbers in training (dropout) will not match an uninterrupted run"
         )
-        return files, None if mine is None else mine[1]
+        return files, None if mine is None else mine[1], None
 
     def prepare(self) -> None:
         """Rank 0 removes leftovers of interrupted saves and deletions."""
@@ -356,6 +358,7 @@ class Checkpointer:
         if snap and self.snapshots.due(step, force=due and self.cfg.async_save != "off"):
             files, own, shards = self.state()  # first: an async save is written from it
             files[TRAIN] = {k: v for k, v in files[TRAIN].items() if k != "config"}  # the run's, recorded once
+            shards = None if shards is None else fsdp.local_shards(shards)  # this rank's own part
             self.snapshots.take(step, (files, own, shards), {b.data_ptr() for b in self.model.buffers()})
         if due:
             self.save(step)

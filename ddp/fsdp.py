@@ -122,6 +122,38 @@ def sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[st
     return {"model": model_state, "optim": optim_state}
 
 
+LOCAL = "__ddp_local_shard__"  # in a snapshot: the place of a DTensor, which holds this rank's shard only
+
+
+def local_shards(state: Any) -> Any:
+    """``state`` (``sharded_state``'s) with each DTensor replaced by ``{LOCAL: its local shard}``: what a
+    snapshot in host memory keeps of this rank's part."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(state, DTensor):
+        return {LOCAL: state.to_local()}
+    if isinstance(state, dict):
+        return {k: local_shards(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(local_shards(v) for v in state)
+    return state
+
+
+def fill(live: Any, saved: Any) -> Any:
+    """``saved`` (``local_shards``'s, of the same world size) poured into ``live`` (``sharded_state``'s, whose
+    DTensors give the layout): each shard copied into its DTensor's local tensor; the result for ``load_state``."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(live, DTensor):
+        live.to_local().copy_(saved[LOCAL])
+        return live
+    if isinstance(live, torch.Tensor):
+        return saved.to(live.device)
+    if isinstance(live, dict) and isinstance(saved, dict):
+        return {k: fill(live[k], v) if k in live else v for k, v in saved.items()}
+    return saved
+
+
 def load_state(
     model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any], *, full: bool = False
 ) -> None:

@@ -1,5 +1,7 @@
 """--strategy fsdp: checkpoints, restarts, tied weights and settings; its maths are in test_equivalence."""
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -21,10 +23,12 @@ def test_sigkilled_fsdp_rank_restarts_and_ends_bitwise_equal(tmp_path):
     # BatchNorm: each rank's running statistics are its own under FSDP; the checkpoint must hold rank 0's
     args = [*FSDP, "--steps", "20", "--optimizer", "adamw", "--lr", "0.01", "--batchnorm"]
     ok(torchrun(2, *args, "--out", str(tmp_path / "ref")))
-    run = [*args, "--checkpoint-every", "5", "--out", str(tmp_path / "run")]
-    out = ok(torchrun(2, *run, restarts=1, extra_env={"DDP_FAULT": "kill:rank=1:step=17"}))
-    assert "step-00000015: continuing at step 16" in out  # across the epoch boundary at step 14
-    assert_same_training(tmp_path / "run", tmp_path / "ref")
+    run = [*args, "--checkpoint-every", "5", "--snapshot-every", "1", "--out", str(tmp_path / "run")]
+    kills = "kill:attempt=0:rank=1:step=12;kill-in-snapshot:attempt=1:rank=0:step=17"
+    out = ok(torchrun(2, *run, restarts=2, extra_env={"DDP_FAULT": kills}))
+    # each rank's shards from its own memory: the step before the kill; a kill during a copy: the other slot's
+    assert re.findall(r"host memory \(.*?\), step (\d+): continuing at step (\d+)", out) == [("11", "12"), ("16", "17")]
+    assert_same_training(tmp_path / "run", tmp_path / "ref")  # across the epoch boundary at step 14
 
 
 def test_fsdp_bf16_sigterm_saves_then_resumes_on_three_ranks_past_a_damaged_checkpoint(tmp_path):
