@@ -581,7 +581,8 @@ def checkpoint_table(args, out: Path) -> dict:
         for size in args.sizes:
             model, opt = big_state(size)
             keep = 2
-            ckpt_sync = Checkpointer(out / f"sync{size}", CheckpointConfig(keep_last=keep), model, opt)
+            in_step = CheckpointConfig(keep_last=keep, async_save="off")
+            ckpt_sync = Checkpointer(out / f"sync{size}", in_step, model, opt)
             ckpt_async = Checkpointer(
                 out / f"async{size}", CheckpointConfig(keep_last=keep, async_save="thread"), model, opt
             )
@@ -663,7 +664,7 @@ def snapshot_table(args, out: Path) -> dict:
     it overlaps the next forward and backward."""
     mb = args.sizes[0]
     model, opt = big_state(mb)
-    cfg = CheckpointConfig(keep_last=2, snapshot_every="1", checkpoint_every_seconds=0)
+    cfg = CheckpointConfig(keep_last=2, snapshot_every="1", checkpoint_every_seconds=0, async_save="off")
     ckpt = Checkpointer(out / "snap", cfg, model, opt, say=lambda _: None)
     snaps = ckpt.snapshots
     if snaps is None:
@@ -703,7 +704,7 @@ def spread_save_worker(megabytes: int, out: str, repeats: int) -> list[float]:
     try:
         torch.manual_seed(0)  # the same state on every rank, as DDP keeps it
         model, opt = big_state(megabytes)
-        ckpt = Checkpointer(Path(out), CheckpointConfig(keep_last=2), model, opt, say=lambda _: None)
+        ckpt = Checkpointer(Path(out), CheckpointConfig(keep_last=2, async_save="off"), model, opt, say=lambda _: None)
         ckpt.prepare()
         times = []
         for rep in range(3 + repeats):  # 3 untimed: steady state, writing into blocks the pruning freed

@@ -113,7 +113,9 @@ class Checkpointer:
         self.last_save_time = time.monotonic()  # for --checkpoint-every-seconds
         self.time_due = False  # the ranks agreed that --checkpoint-every-seconds has passed
         self.snapshots = self._snapshots()  # the tier in host memory (ddp.snapshot), or None
-        if cfg.async_save == "process" and self.snapshots is None and not sharded:
+        auto = "off" if sharded else "thread"  # FSDP: DCP writes each rank's shards in step
+        self.async_mode = auto if cfg.async_save == "auto" else cfg.async_save
+        if self.async_mode == "process" and self.snapshots is None:
             say("note: --async-save process writes from the snapshots in host memory, which are off: a thread writes")
         self.guarded, self.proven_finite = guarded, False
 
@@ -355,7 +357,7 @@ class Checkpointer:
         else:
             due = (every > 0 and step % every == 0) or self.time_due
         snap = self.snapshots is not None and not last_step
-        if snap and self.snapshots.due(step, force=due and self.cfg.async_save != "off"):
+        if snap and self.snapshots.due(step, force=due and self.async_mode != "off"):
             files, own, shards = self.state()  # first: an async save is written from it
             files[TRAIN] = {k: v for k, v in files[TRAIN].items() if k != "config"}  # the run's, recorded once
             shards = None if shards is None else fsdp.local_shards(shards)  # this rank's own part
@@ -427,7 +429,7 @@ class Checkpointer:
             self.proven_finite = True
         self.last_save_time, self.time_due = time.monotonic(), False
         self.pending_step = step
-        mode = self.cfg.async_save
+        mode = self.async_mode
         pinned = None if mode == "off" or self.snapshots is None else self.snapshots.pin(step)
         if not all(group.all_gather_objects(pinned is not None)):  # every rank, or none: state() is a collective
             pinned = self.snapshots.unpin() if pinned is not None else None

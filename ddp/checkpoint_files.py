@@ -410,8 +410,9 @@ def stage(obj: Any, buffers: dict[str, torch.Tensor], key: str = "", seen: dict 
         if shared in seen:
             return seen[shared]
         buf = buffers.get(key)
-        if buf is None or buf.shape != obj.shape or buf.dtype != obj.dtype:
-            buf = torch.empty(obj.shape, dtype=obj.dtype, pin_memory=obj.is_cuda)
+        if buf is None or buf.shape != obj.shape or buf.dtype != obj.dtype or buf.stride() != obj.stride():
+            # empty_like: the same layout (a channels_last weight stays one in the checkpoint)
+            buf = torch.empty_like(obj, device="cpu", pin_memory=obj.is_cuda)
             buffers[key] = buf
         buf.copy_(obj.detach(), non_blocking=obj.is_cuda)
         if shared is not None:

@@ -40,14 +40,15 @@ def slot_state(data: Path, record: dict) -> Any:
     ``torch.save`` writes a tensor's whole storage.
     """
     tensors = []
-    for offset, dtype, shape in record["places"]:
+    for place in record["places"]:
+        offset, dtype, shape = place[:3]
         dt = getattr(torch, dtype)
         count = int(np.prod(shape, dtype=np.int64))
         if count == 0:
             tensors.append(torch.empty(shape, dtype=dt))
             continue
         raw = np.memmap(data, dtype=np.uint8, mode="c", offset=offset, shape=(count * dt.itemsize,))
-        tensors.append(torch.frombuffer(raw, dtype=dt).view(shape))
+        tensors.append(snapshot.shaped(torch.frombuffer(raw, dtype=dt), place))
     return snapshot.unflatten(record["meta"], tensors)
 
 

@@ -138,13 +138,30 @@ def meta_record(blob: bytes) -> dict:
     return torch.load(stream, weights_only=True)
 
 
-def _places(tensors: list[torch.Tensor]) -> tuple[list[tuple[int, str, list[int]]], int]:
-    """(offset, dtype, shape) of each tensor in a slot's data file, and the file's size."""
+def _places(tensors: list[torch.Tensor]) -> tuple[list[tuple], int]:
+    """(offset, dtype, shape, strides) of each tensor in a slot's data file, and the file's size.
+
+    Strides are kept where a tensor is dense in another order than row-major (a channels_last
+    convolution weight), so that the copy is a straight one and the slot, and a checkpoint written
+    from it, keep the layout; None for a contiguous tensor.
+    """
     places, size = [], 0
     for t in tensors:
-        places.append((size, str(t.dtype).removeprefix("torch."), list(t.shape)))
+        strides = None if t.is_contiguous() or not _dense(t) else list(t.stride())
+        places.append((size, str(t.dtype).removeprefix("torch."), list(t.shape), strides))
         size += -(-t.numel() * t.element_size() // ALIGN) * ALIGN
     return places, size
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Whether ``t``'s elements fill its memory without gaps or overlaps, in some order of its dimensions."""
+    order = sorted(range(t.dim()), key=lambda d: t.stride(d))
+    expected = 1
+    for d in order:
+        if t.size(d) != 1 and t.stride(d) != expected:
+            return False
+        expected *= t.size(d)
+    return True
 
 
 def _copy_all(destinations: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
@@ -157,10 +174,16 @@ def _copy_all(destinations: list[torch.Tensor], sources: list[torch.Tensor]) -> 
         destination.copy_(source)
 
 
-def _view(data: torch.Tensor, place: tuple[int, str, list[int]]) -> torch.Tensor:
-    offset, dtype, shape = place
+def _view(data: torch.Tensor, place: tuple) -> torch.Tensor:
+    offset, dtype, shape = place[:3]
     dt = getattr(torch, dtype)
-    return data[offset : offset + math.prod(shape) * dt.itemsize].view(dt).view(shape)
+    return shaped(data[offset : offset + math.prod(shape) * dt.itemsize].view(dt), place)
+
+
+def shaped(flat: torch.Tensor, place: tuple) -> torch.Tensor:
+    """A tensor's elements, in the slot's order, as the tensor: its shape, and its strides where it kept them."""
+    shape, strides = place[2], place[3] if len(place) > 3 else None  # 3 fields: a snapshot from before strides
+    return flat.view(shape) if strides is None else flat.as_strided(shape, strides)
 
 
 class Snapshots:

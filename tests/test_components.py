@@ -71,7 +71,7 @@ def test_step_metrics_log_the_mean_loss_of_the_steps_taken_and_every_ranks_times
 def test_the_checkpointer_saves_every_n_steps_when_the_ranks_agreed_time_passed_and_at_the_last(tmp_path, world):
     model = torch.nn.Linear(4, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    cfg = CheckpointConfig(checkpoint_every=3, checkpoint_every_seconds=3600, snapshot_every="0")
+    cfg = CheckpointConfig(checkpoint_every=3, checkpoint_every_seconds=3600, snapshot_every="0", async_save="off")
     ckpt = Checkpointer(tmp_path, cfg, model, optimizer, say=lambda _: None)
     for step in range(1, 6):
         ckpt.save_if_due(step)

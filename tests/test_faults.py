@@ -402,9 +402,10 @@ def stopped_processes() -> list[int]:
 def test_a_stalled_rank_is_named_by_the_others_within_the_timeout_with_a_flight_recorder_dump(tmp_path):
     # SIGSTOP: rank 1 is alive, its sockets open, and answers nothing (as a deadlock or a frozen host)
     start = time.monotonic()
+    # saves in step: step 4's is committed when rank 1 stalls in step 5
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--max-restarts=0",
            "-m", "ddp.train", *ARGS, "--steps", "50", "--timeout", "3", "--checkpoint-every", "2",
-           "--out", str(tmp_path)]  # fmt: skip
+           "--no-async-save", "--out", str(tmp_path)]  # fmt: skip
     job = subprocess.Popen(cmd, cwd=ROOT, env=env(DDP_FAULT="stop:rank=1:step=5"), stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
     lines = []

@@ -48,9 +48,10 @@ def test_tflops_and_mfu_are_logged_where_the_peak_is_known(tmp_path):
 
 
 def test_tensorboard_curves_go_on_after_a_kill_without_duplicate_steps(tmp_path):
-    # disk checkpoints only: how often host-memory snapshots are taken depends on this machine's speed (auto)
-    args = ["--steps", "20", "--log-every", "2", "--checkpoint-every", "5", "--snapshot-every", "0", "--tensorboard",
-            "--out", str(tmp_path)]  # fmt: skip
+    # disk checkpoints only, in step: how often host-memory snapshots are taken depends on this machine's speed
+    # (auto), and whether step 10's async save is committed by the kill at 12 on its disk's
+    args = ["--steps", "20", "--log-every", "2", "--checkpoint-every", "5", "--snapshot-every", "0", "--no-async-save",
+            "--tensorboard", "--out", str(tmp_path)]  # fmt: skip
     out = ok(torchrun(2, *args, restarts=1, extra_env={"DDP_FAULT": "kill:rank=1:step=12"}))
     assert "continuing at step 11" in out
     events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"scalars": 0})
