@@ -113,7 +113,10 @@ class Checkpointer:
         self.last_save_time = time.monotonic()  # for --checkpoint-every-seconds
         self.time_due = False  # the ranks agreed that --checkpoint-every-seconds has passed
         self.snapshots = self._snapshots()  # the tier in host memory (ddp.snapshot), or None
-        auto = "off" if sharded else "thread"  # FSDP: DCP writes each rank's shards in step
+        # auto: from the snapshot, on a thread. In step where there is no snapshot to write from (a crash
+        # during a background write would lose that checkpoint with nothing in memory to cover it), and
+        # under FSDP (DCP writes each rank's 1/N)
+        auto = "thread" if self.snapshots is not None and not sharded else "off"
         self.async_mode = auto if cfg.async_save == "auto" else cfg.async_save
         if self.async_mode == "process" and self.snapshots is None:
             say("note: --async-save process writes from the snapshots in host memory, which are off: a thread writes")
@@ -388,6 +391,11 @@ class Checkpointer:
         self.writer.close()
         if self.snapshots is not None:
             self.snapshots.close(remove=True)
+
+    def committed(self) -> int | None:
+        """Called by every rank: the newest checkpoint's step, once the save in flight (if any) is committed."""
+        self.wait()
+        return self.last_saved
 
     @property
     def in_flight(self) -> bool:

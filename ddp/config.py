@@ -151,7 +151,7 @@ class CheckpointConfig:
     async_save: str = field(default="auto", metadata={"bare": "thread", "negated": "off"})
     """Write checkpoints off the training thread: thread, or process (a writer process, off the GIL); from the
     step's snapshot in host memory where there is one, so training stalls only for that copy. off: in step.
-    auto: thread, and in step under FSDP (each rank writes its 1/N). --async-save alone: thread."""
+    auto: thread where snapshots are taken, in step without them and under FSDP. --async-save alone: thread."""
     init_from: str | None = None
     """Start from the weights in this file or folder (any format ddp inspect reads): a fresh optimizer, step 0.
     A checkpoint of this run in --out takes precedence: a restarted fine-tune resumes, it does not start over."""

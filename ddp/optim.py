@@ -9,6 +9,7 @@ exactly the rates an uninterrupted run takes.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -79,8 +80,12 @@ def clip_gradients(model: nn.Module, max_norm: float | None) -> torch.Tensor:
     return (full_tensor() if full_tensor is not None else norm).detach()
 
 
-def nonfinite_error(what: str, loss: torch.Tensor, step: int, last_saved: int | None) -> NonFiniteError:
-    """Called by every rank at a non-finite step: the error, naming the ranks whose loss was not finite."""
+def nonfinite_error(what: str, loss: torch.Tensor, step: int, committed: Callable[[], int | None]) -> NonFiniteError:
+    """Called by every rank at a non-finite step: the error, naming the ranks whose loss was not finite.
+
+    ``committed()``: the newest checkpoint's step once a save in flight (of a good step) is committed.
+    """
+    last_saved = committed()
     losses = group.all_gather_objects(float(loss))
     bad = [f"rank {r} ({v})" for r, v in enumerate(losses) if not math.isfinite(v)]
     newest = (
@@ -102,7 +107,7 @@ class NonFiniteGuard:
     def __init__(self, cfg: OptimConfig, scaler: torch.amp.GradScaler, say) -> None:
         self.cfg, self.scaler, self.say = cfg, scaler, say
 
-    def skip(self, grad_norm: torch.Tensor, loss: torch.Tensor, progress, last_saved: int | None) -> bool:
+    def skip(self, grad_norm: torch.Tensor, loss: torch.Tensor, progress, committed: Callable[[], int | None]) -> bool:
         """Whether to skip this step's update (one host sync a step: the norm's).
 
         The norm is the same on every rank (reduced gradients), so all ranks decide alike, with
@@ -120,9 +125,9 @@ class NonFiniteGuard:
             left = self.cfg.skip_nonfinite - progress.skipped
             self.say(f"warning: step {step} skipped: the gradient norm is {norm} ({left} more may be skipped)")
             return True
-        raise nonfinite_error(f"the gradient norm is {norm}", loss, step, last_saved)
+        raise nonfinite_error(f"the gradient norm is {norm}", loss, step, committed)
 
-    def check_mean_loss(self, total: float, mine: float, step: int, last_saved: int | None) -> None:
+    def check_mean_loss(self, total: float, mine: float, step: int, committed: Callable[[], int | None]) -> None:
         """Called by every rank with the same ``total`` (the loss summed over ranks): stop on a non-finite one."""
         if not math.isfinite(total) and not self.scaler.is_enabled():
-            raise nonfinite_error("the mean loss is not finite", torch.tensor(mine), step, last_saved)
+            raise nonfinite_error("the mean loss is not finite", torch.tensor(mine), step, committed)

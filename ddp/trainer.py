@@ -222,7 +222,7 @@ class Trainer:
             total = loss.detach() if total is None else total + loss.detach()
         self.scaler.unscale_(self.optimizer)  # fp16: the true gradients, to measure and clip (else a no-op)
         grad_norm = optim.clip_gradients(par.model, o.max_grad_norm)
-        skipped = self.guard.skip(grad_norm, total, self.progress, self.checkpointer.last_saved)
+        skipped = self.guard.skip(grad_norm, total, self.progress, self.checkpointer.committed)
         self.checkpointer.before_update()  # the last step's snapshot must be whole before the state changes
         if not skipped:
             self.scaler.step(self.optimizer)
@@ -248,5 +248,5 @@ class Trainer:
         ours, theirs = self.metrics.row(), self.checkpointer.row()
         rows = group.all_gather_floats(ours + theirs)
         self.metrics.settle([row[: len(ours)] for row in rows])
-        self.guard.check_mean_loss(self.metrics.loss_total, ours[0], self.progress.step, self.checkpointer.last_saved)
+        self.guard.check_mean_loss(self.metrics.loss_total, ours[0], self.progress.step, self.checkpointer.committed)
         self.checkpointer.settle([row[len(ours) :] for row in rows])
