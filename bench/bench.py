@@ -577,8 +577,9 @@ def checkpoint_table(args, out: Path) -> dict:
     group.init(Config().dist)
     torch.set_num_threads(os.cpu_count() or 1)
     results: dict = {}
+    lost_only = args.only == "lost"
     try:
-        for size in args.sizes:
+        for size in [] if lost_only else args.sizes:
             model, opt = big_state(size)
             keep = 2
             in_step = CheckpointConfig(keep_last=keep, async_save="off")
@@ -650,10 +651,12 @@ def checkpoint_table(args, out: Path) -> dict:
             del model, opt, state, buf, buffers
             gc.collect()
         results["lost_per_checkpoint"] = lost_per_checkpoint(args, out)
-        results["snapshots"] = snapshot_table(args, out)
+        if not lost_only:
+            results["snapshots"] = snapshot_table(args, out)
     finally:
         group.shutdown()
-    if not args.quick:  # two launches of fresh processes: most of a quick run's time for no figure worth reading
+    # two launches of fresh processes: most of a quick run's time for no figure worth reading
+    if not args.quick and not lost_only:
         results["spread_save"] = spread_save_table(args, out)
     return results
 
@@ -789,7 +792,7 @@ def main() -> None:
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--output", default=str(ROOT / "bench" / "results.json"))
     p.add_argument("--only", default="", help="run only the training cases whose name contains this ('loader': "
-                   "only the input pipeline table)")  # fmt: skip
+                   "only the input pipeline table; 'lost': only the training time lost per checkpoint)")  # fmt: skip
     p.add_argument("--block-s", type=float, help="seconds per timed block of steps (default 0.5, quick 0.02)")
     p.add_argument("--repeats", type=int, help="interleaved blocks per variant (default 11, quick 1)")
     p.add_argument("--no-checkpoints", action="store_true", help="skip the checkpoint benchmarks")
@@ -891,7 +894,7 @@ def print_tables(r: dict) -> None:
     print("| state | write floor | save | save/floor | read floor | load | load/floor | cold: read floor | load "
           "| load/floor | load/checksum pass (hot; cold) | async stall/copy |")  # fmt: skip
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for name, c in r["checkpoints"].items():
+    for name, c in r["checkpoints"].items():  # none under --only lost
         if name in ("lost_per_checkpoint", "spread_save", "snapshots"):
             continue
         cold = c["cold_cache_dropped"]

@@ -50,6 +50,10 @@ def next_batch(holder: list):
 def quiet(trainer: Trainer) -> Trainer:
     """A trainer whose progress display prints nothing (its logging steps still agree and log metrics)."""
     trainer.metrics.display = ProgressDisplay(trainer.cfg.log.log_every, trainer.world.prefix(), enabled=False)
+    ckpt = trainer.checkpointer
+    ckpt.say = lambda _: None
+    if ckpt.snapshots is not None:
+        ckpt.snapshots.say = ckpt.say
     return trainer
 
 
