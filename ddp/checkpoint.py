@@ -449,8 +449,8 @@ class Checkpointer:
             return
         replicated, own, sharded = self.state()
         files = persist.rank_files(replicated, own, group.rank(), group.world_size())
-        if sharded is not None or mode == "off":
-            self.writer.result = self._write(step, files, sharded)
+        if sharded is not None or mode == "off" or self.cfg.async_save == "auto":  # auto: in the background only
+            self.writer.result = self._write(step, files, sharded)  # from a snapshot, which covers a crash
             self.commit()
         else:
             self._write_in_background(step, files)
