@@ -113,6 +113,11 @@ class Checkpointer:
         self.last_save_time = time.monotonic()  # for --checkpoint-every-seconds
         self.time_due = False  # the ranks agreed that --checkpoint-every-seconds has passed
         self.snapshots = self._snapshots()  # the tier in host memory (ddp.snapshot), or None
+        held = group.all_gather_objects(self.snapshots is not None)
+        if self.snapshots is not None and not all(held):  # every rank or none: a snapshot's state is a collective
+            without = [r for r, h in enumerate(held) if not h]
+            say(f"warning: snapshots in host memory are off: rank(s) {without} have no /dev/shm (give --snapshot-dir)")
+            self.snapshots = None
         # auto: from the snapshot, on a thread. In step where there is no snapshot to write from (a crash
         # during a background write would lose that checkpoint with nothing in memory to cover it), and
         # under FSDP (DCP writes each rank's 1/N)
@@ -429,8 +434,9 @@ class Checkpointer:
     # -- saving --
 
     def save(self, step: int) -> None:
-        """Write a checkpoint of the state now, as that of ``step``: in step, or staged and written on a
-        thread under ``--async-save`` (committed by ``commit`` once every rank has written)."""
+        """Write a checkpoint of the state now, as that of ``step``: in step, or under ``--async-save`` from the
+        snapshot of ``step`` (``ddp.persist``), or staged and written on a thread where no snapshot holds it;
+        committed by ``commit`` once every rank has written."""
         self.wait()
         if not (self.guarded and self.proven_finite):
             self._refuse_nonfinite(step)
@@ -439,8 +445,8 @@ class Checkpointer:
         self.pending_step = step
         mode = self.async_mode
         pinned = None if mode == "off" or self.snapshots is None else self.snapshots.pin(step)
-        if not all(group.all_gather_objects(pinned is not None)):  # every rank, or none: state() is a collective
-            pinned = self.snapshots.unpin() if pinned is not None else None
+        if mode != "off" and not all(group.all_gather_objects(pinned is not None)):  # every rank, or none:
+            pinned = self.snapshots.unpin() if pinned is not None else None  # state() below is a collective
         if pinned is not None:  # written from the snapshot of this step, in memory: no copy of the live state
             data, record, ready = pinned
             job = {"data": str(data), "record": record, "rank": group.rank(), "world_size": group.world_size(),
