@@ -435,11 +435,15 @@ class Snapshots:
 
     def tune(self, share: float) -> None:
         """``auto``, called by every rank with the same ``share`` (the most any rank's cost): take snapshots less
-        often while they cost more than 2 % of training time."""
+        often while they cost more than 2 % of training time.
+
+        The interval grows at once by the power of two that brings the measured share under the budget (a
+        snapshot costing 30 % of a step: one every 16 steps), not by doubling once per measurement.
+        """
         if share < 0:
             return
         if share > BUDGET:
-            self.every *= 2
+            self.every *= 2 ** math.ceil(math.log2(share / BUDGET))
             self.say(f"snapshots cost {100 * share:.1f}% of training time: one every {self.every} steps from now")
         self.cost.update(blocked=0.0, taken=0, since=time.perf_counter())
 

@@ -103,6 +103,17 @@ def test_an_async_checkpoint_is_written_from_its_steps_snapshot_whose_slot_is_ke
     assert not snaps.dir.exists()
 
 
+def test_auto_grows_the_interval_at_once_to_what_brings_the_cost_under_its_budget(tmp_path):
+    said = []
+    snaps = Snapshots(tmp_path, None, rank=0, out=tmp_path, say=said.append)  # auto
+    assert snaps.share() == -1.0 and snaps.every == 1  # not measured before 8 snapshots
+    snaps.tune(0.30)  # 15x the 2 % budget: 16 steps apart, in one move
+    assert snaps.every == 16 and said == ["snapshots cost 30.0% of training time: one every 16 steps from now"]
+    snaps.tune(0.019)  # under the budget: kept
+    snaps.tune(0.021)  # just over: twice as far apart
+    assert snaps.every == 32 and len(said) == 2
+
+
 def test_a_tied_weight_is_stored_once_and_restored_as_one_tensor(tmp_path):
     snaps = Snapshots(tmp_path, 1, rank=0, out=tmp_path)
     snaps.open("run", clean=False)
