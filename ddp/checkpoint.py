@@ -37,6 +37,7 @@ from ddp.checkpoint_files import (
     fsync_dir,
     is_sharded,
     newest_valid,
+    rank_files,
     read_manifest,
     read_state,
     read_train,
@@ -113,21 +114,33 @@ class Checkpointer:
         self.last_save_time = time.monotonic()  # for --checkpoint-every-seconds
         self.time_due = False  # the ranks agreed that --checkpoint-every-seconds has passed
         self.snapshots = self._snapshots()  # the tier in host memory (ddp.snapshot), or None
-        held = group.all_gather_objects(self.snapshots is not None)
-        if self.snapshots is not None and not all(held):  # every rank or none: a snapshot's state is a collective
-            without = [r for r, h in enumerate(held) if not h]
-            say(f"warning: snapshots in host memory are off: rank(s) {without} have no /dev/shm (give --snapshot-dir)")
-            self.snapshots = None
-        # auto: from the snapshot, on a thread. In step where there is no snapshot to write from (a crash
-        # during a background write would lose that checkpoint with nothing in memory to cover it), and
-        # under FSDP (DCP writes each rank's 1/N)
-        auto = "thread" if self.snapshots is not None and not sharded else "off"
-        self.async_mode = auto if cfg.async_save == "auto" else cfg.async_save
-        if self.async_mode == "process" and self.snapshots is None:
-            say("note: --async-save process writes from the snapshots in host memory, which are off: a thread writes")
+        self.async_mode = self._async_mode()  # how --async-save writes: off, thread or process
         self.guarded, self.proven_finite = guarded, False
 
     def _snapshots(self) -> snapshot.Snapshots | None:
+        """Called by every rank: this rank's snapshots, or None; on every rank or on none, since a snapshot's
+        state is built in a collective."""
+        snaps = self._local_snapshots()
+        held = group.all_gather_objects(snaps is not None)
+        if snaps is not None and not all(held):
+            without = [r for r, h in enumerate(held) if not h]
+            self.say(f"warning: snapshots in host memory are off: rank(s) {without} have no /dev/shm (give "
+                     "--snapshot-dir)")  # fmt: skip
+            return None
+        return snaps
+
+    def _async_mode(self) -> str:
+        """``--async-save`` resolved. auto: from the snapshot, on a thread; in step where there is no snapshot
+        to write from (a crash during a background write would lose that checkpoint with nothing in memory to
+        cover it), and under FSDP (DCP writes each rank's 1/N)."""
+        if self.cfg.async_save != "auto":
+            if self.cfg.async_save == "process" and self.snapshots is None:
+                self.say("note: --async-save process writes from the snapshots in host memory, which are off: a "
+                         "thread writes")  # fmt: skip
+            return self.cfg.async_save
+        return "thread" if self.snapshots is not None and not self.sharded else "off"
+
+    def _local_snapshots(self) -> snapshot.Snapshots | None:
         every = self.cfg.snapshot_every
         if every == "0":
             return None
@@ -454,7 +467,7 @@ class Checkpointer:
             self.writer.start(self.writer.from_slot(job, mode), ready)
             return
         replicated, own, sharded = self.state()
-        files = persist.rank_files(replicated, own, group.rank(), group.world_size())
+        files = rank_files(replicated, own, group.rank(), group.world_size())
         if sharded is not None or mode == "off" or self.cfg.async_save == "auto":  # auto: in the background only
             self.writer.result = self._write(step, files, sharded)  # from a snapshot, which covers a crash
             self.commit()

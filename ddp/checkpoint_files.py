@@ -111,6 +111,17 @@ def spread(replicated: dict[str, Any], world_size: int) -> tuple[dict[str, Any],
     return whole, shares
 
 
+def rank_files(replicated: dict, own: dict, rank: int, world_size: int) -> dict[str, Any]:
+    """The files ``rank`` writes of a DDP checkpoint: its own state, its share of the replicated state
+    (``spread``), and on rank 0 the files no rank shares."""
+    shared, shares = spread(replicated, world_size)
+    files = {rank_file(rank): own}
+    if rank == 0:
+        files.update(shared)
+    files.update(shares.get(rank, {}))
+    return files
+
+
 def nbytes(obj: Any) -> int:
     """Bytes of every tensor in ``obj`` (nested dicts, lists and tuples); a DTensor counts this rank's shard."""
     if isinstance(obj, torch.Tensor):

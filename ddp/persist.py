@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from ddp import snapshot
-from ddp.checkpoint_files import TRAIN, rank_file, spread, write_file
+from ddp.checkpoint_files import TRAIN, rank_files, write_file
 from ddp.errors import CheckpointError
 
 
@@ -50,17 +50,6 @@ def slot_state(data: Path, record: dict) -> Any:
         raw = np.memmap(data, dtype=np.uint8, mode="c", offset=offset, shape=(count * dt.itemsize,))
         tensors.append(snapshot.shaped(torch.frombuffer(raw, dtype=dt), place))
     return snapshot.unflatten(record["meta"], tensors)
-
-
-def rank_files(replicated: dict, own: dict, rank: int, world_size: int) -> dict[str, Any]:
-    """The files ``rank`` writes of a DDP checkpoint: its own state, its share of the replicated state, and on
-    rank 0 the files no rank shares."""
-    shared, shares = spread(replicated, world_size)
-    files = {rank_file(rank): own}
-    if rank == 0:
-        files.update(shared)
-    files.update(shares.get(rank, {}))
-    return files
 
 
 def write_from_slot(job: dict) -> dict[str, dict]:
