@@ -148,7 +148,7 @@ class CheckpointConfig:
     """Complete checkpoints to keep; older ones are deleted after a newer one commits."""
     resume: str = "auto"
     """auto (newest complete checkpoint in --out), never, or a checkpoint folder."""
-    async_save: str = field(default="auto", metadata={"bare": "thread", "negated": "off"})
+    async_save: str = field(default="off", metadata={"bare": "thread", "negated": "off"})
     """Write checkpoints off the training thread: thread, or process (a writer process, off the GIL); from the
     step's snapshot in host memory where there is one, so training stalls only for that copy. off: in step.
     auto: thread where snapshots are taken, in step without them and under FSDP. --async-save alone: thread."""
