@@ -108,7 +108,7 @@ def test_the_checkpointer_restores_everything_it_was_handed_into_fresh_objects(t
     saver = Checkpointer(tmp_path, CheckpointConfig(), model, optimizer, stateful, say=lambda _: None)
     saver.save(3)
     draws = torch.rand(4)  # what the generator gives after the save
-    saver.wait()  # written on a thread (--async-save's default): committed here
+    saver.wait()  # where the save is written on a thread (--async-save), it is committed here
 
     fresh_model, fresh_optimizer, fresh_scheduler, fresh_progress = training_state(1)
     loader = Checkpointer(tmp_path, CheckpointConfig(), fresh_model, fresh_optimizer,
