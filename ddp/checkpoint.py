@@ -468,8 +468,8 @@ class Checkpointer:
             return
         replicated, own, sharded = self.state()
         files = rank_files(replicated, own, group.rank(), group.world_size())
-        if sharded is not None or mode == "off" or self.cfg.async_save == "auto":  # auto: in the background only
-            self.writer.result = self._write(step, files, sharded)  # from a snapshot, which covers a crash
+        if sharded is not None or mode == "off" or self.cfg.async_save == "auto":  # auto: async from snapshots only
+            self.writer.result = persist.outcome(lambda: self._write(step, files, sharded))
             self.commit()
         else:
             self._write_in_background(step, files)
@@ -481,7 +481,7 @@ class Checkpointer:
         staged = {name: stage(obj, self.buffers, name, seen) for name, obj in files.items()}
         if torch.cuda.is_available():
             torch.cuda.synchronize()  # the non-blocking copies must land before the thread reads them
-        self.writer.start(lambda: self._write(step, staged, raising=True))
+        self.writer.start(lambda: self._write(step, staged))
 
     def _refuse_nonfinite(self, step: int) -> None:
         """No checkpoint ever holds a NaN or inf weight, so retention can never prune the last good one.
@@ -499,19 +499,13 @@ class Checkpointer:
     def _tmp(self, step: int) -> Path:
         return self.root / f".tmp-{step_dir(self.root, step).name}"
 
-    def _write(self, step: int, files: dict[str, Any], sharded: dict | None = None, raising: bool = False):
-        """Write this rank's ``files`` of the checkpoint of ``step``: ``{"files": manifest entries, "error"}``
-        (with ``raising``, the entries, or the error raised)."""
+    def _write(self, step: int, files: dict[str, Any], sharded: dict | None = None) -> dict[str, dict]:
+        """Write this rank's ``files`` of the checkpoint of ``step``: their manifest entries."""
         tmp = self._tmp(step)
-        try:
-            written = {} if sharded is None else write_shards(tmp / SHARDED, sharded)  # first: a collective
-            tmp.mkdir(parents=True, exist_ok=True)
-            written.update({name: write_file(tmp / name, obj) for name, obj in files.items()})
-        except (OSError, CheckpointError) as e:
-            if raising:
-                raise
-            return {"files": {}, "error": e}
-        return written if raising else {"files": written, "error": None}
+        written = {} if sharded is None else write_shards(tmp / SHARDED, sharded)  # first: a collective
+        tmp.mkdir(parents=True, exist_ok=True)
+        written.update({name: write_file(tmp / name, obj) for name, obj in files.items()})
+        return written
 
     def status(self) -> tuple[int, int]:
         """Local (still writing, failed) flags of the save in flight, for the trainer's step check."""

@@ -62,6 +62,14 @@ def write_from_slot(job: dict) -> dict[str, dict]:
     return {name: write_file(tmp / name, obj) for name, obj in files.items()}
 
 
+def outcome(write: Callable[[], dict[str, dict]]) -> dict:
+    """``{"files": write()'s manifest entries, "error": None}``, or the error it raised (a save's result)."""
+    try:
+        return {"files": write(), "error": None}
+    except (OSError, CheckpointError) as e:
+        return {"files": {}, "error": e}
+
+
 class Writer:
     """Writes one checkpoint at a time off the training thread: on a thread, or through a writer process."""
 
@@ -95,10 +103,7 @@ class Writer:
     def _run(self, write: Callable[[], dict[str, dict]], ready: threading.Event | None) -> None:
         if ready is not None:
             ready.wait()
-        try:
-            self.result = {"files": write(), "error": None}
-        except (OSError, CheckpointError) as e:
-            self.result = {"files": {}, "error": e}
+        self.result = outcome(write)
 
     def _in_process(self, job: dict) -> dict[str, dict]:
         if self.process is None or self.process.poll() is not None:
