@@ -10,7 +10,7 @@ from ddp.config import Config
 from ddp.model import MLP
 
 from . import workers
-from .helpers import ok, spawn, torchrun
+from .helpers import ok, spawn, torchrun, train_alone
 
 SMALL = ["--samples", "1024", "--batch-size", "32"]
 
@@ -69,7 +69,7 @@ def test_users_own_npz_data_trains_with_the_same_command(tmp_path):
 
 def test_npz_without_labels_is_refused_naming_the_file(tmp_path):
     np.savez(tmp_path / "bad.npz", X=np.zeros((10, 20), np.float32))
-    proc = torchrun(1, "--data", str(tmp_path / "bad.npz"), "--out", str(tmp_path / "run"))
+    proc = train_alone("--data", str(tmp_path / "bad.npz"), "--out", str(tmp_path / "run"))
     assert proc.returncode != 0 and f"--data: {tmp_path}/bad.npz lacks array(s) ['y']" in proc.output
 
 

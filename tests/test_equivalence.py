@@ -11,7 +11,7 @@ from ddp.data import Permutation, ResumableSampler, synthetic
 from ddp.model import MLP
 
 from . import workers
-from .helpers import max_diff, model_state, ok, spawn, torchrun
+from .helpers import max_diff, model_state, ok, spawn, torchrun, train_alone
 
 # 900 training samples: not a multiple of 2*16, 3*16 or 2*2*16, so a tail is dropped each epoch.
 DATA = ["--samples", "1000", "--precision", "fp64", "--log-every", "1", "--epochs", "2"]
@@ -32,7 +32,8 @@ def runs(tmp_path_factory):
     def launch(name: str, nproc: int, *args: str):
         if name not in done:
             out = tmp_path_factory.mktemp(name)
-            ok(torchrun(nproc, *MATHS, *args, "--out", str(out)))
+            args = [*MATHS, *args, "--out", str(out)]
+            ok(train_alone(*args) if nproc == 1 else torchrun(nproc, *args))  # one process: no torchrun needed
             done[name] = out
         return done[name]
 
@@ -139,7 +140,7 @@ def test_batchnorm_model_trains_saves_reloads_and_verifies(tmp_path):
 
 
 def test_sync_bn_without_gpus_is_a_clear_usage_error(tmp_path):
-    proc = torchrun(1, "--batchnorm", "--sync-bn", "--out", str(tmp_path), "--backend", "gloo")
+    proc = train_alone("--batchnorm", "--sync-bn", "--out", str(tmp_path), "--backend", "gloo")
     assert proc.returncode != 0 and "--sync-bn needs CUDA GPUs and NCCL" in proc.output
 
 
@@ -161,13 +162,13 @@ def test_bf16_autocast_trains_on_cpu_and_verify_states_its_tolerance(tmp_path):
 
 def test_fp16_uses_a_grad_scaler_whose_state_resumes_exactly(tmp_path):
     args = ["--samples", "512", "--batch-size", "16", "--steps", "10", "--precision", "fp16", "--log-every", "1"]
-    out = ok(torchrun(1, *args, "--out", str(tmp_path / "ref")))  # the scaler's state is per run: 1 rank shows it
+    out = ok(train_alone(*args, "--out", str(tmp_path / "ref")))  # the scaler's state is per run: 1 rank shows it
     assert "atol = 0.001 for fp16)" in out
     ref_model, ref_train = model_state(tmp_path / "ref")
     assert ref_train["scaler"]["scale"] > 0 and ref_train["scaler"]["growth_interval"] == 2000
     crash = [*args, "--checkpoint-every", "4", "--no-async-save", "--out", str(tmp_path / "run")]
-    torchrun(1, *crash, extra_env={"DDP_FAULT": "raise:rank=0:step=6"})
-    ok(torchrun(1, *crash))
+    train_alone(*crash, extra_env={"DDP_FAULT": "raise:rank=0:step=6"})
+    ok(train_alone(*crash))
     model, train = model_state(tmp_path / "run")
     assert train["scaler"] == ref_train["scaler"] and all(torch.equal(model[k], ref_model[k]) for k in model)
 
@@ -185,7 +186,7 @@ def test_sync_bn_converts_every_batchnorm(tmp_path):
 
 @pytest.mark.slow
 def test_compile_saves_clean_keys_and_verifies(tmp_path):
-    out = ok(torchrun(1, "--samples", "256", "--batch-size", "16", "--steps", "3", "--compile",
+    out = ok(train_alone("--samples", "256", "--batch-size", "16", "--steps", "3", "--compile",
                       "--out", str(tmp_path)), )  # fmt: skip
     assert "verify: 1/1 ranks" in out and "outputs identical" in out
     for path in (tmp_path / "mlp.params", tmp_path / "checkpoints" / "step-00000003" / "model.pt"):
@@ -211,7 +212,7 @@ def test_sync_bn_on_gpu_verifies(tmp_path):
 def test_cnn_in_channels_last_on_2_ranks_equals_one_process(tmp_path):
     cnn = [*DATA, "--task", "cnn", "--width", "4", "--memory-format", "channels_last"]
     ok(torchrun(2, *cnn, "--batch-size", "16", "--out", str(tmp_path / "ddp")))
-    ok(torchrun(1, *cnn, "--batch-size", "32", "--out", str(tmp_path / "one")))
+    ok(train_alone(*cnn, "--batch-size", "32", "--out", str(tmp_path / "one")))
     (ddp_model, _), (one_model, _) = model_state(tmp_path / "ddp"), model_state(tmp_path / "one")
     conv2 = ddp_model["features.3.weight"]  # the first conv has 1 input channel: both layouts at once
     assert conv2.is_contiguous(memory_format=torch.channels_last) and not conv2.is_contiguous()

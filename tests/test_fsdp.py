@@ -14,7 +14,7 @@ from ddp.tasks.charlm import CharLM
 from ddp.train import main
 from ddp.weights import read
 
-from .helpers import assert_same_training, max_diff, model_state, ok, torchrun
+from .helpers import assert_same_training, max_diff, model_state, ok, torchrun, train_alone
 from .tied_task import TiedNet
 
 FSDP = ["--strategy", "fsdp", "--samples", "1024", "--batch-size", "32", "--log-every", "1"]
@@ -61,7 +61,7 @@ def test_fsdp_bf16_sigterm_saves_then_resumes_on_three_ranks_past_a_damaged_chec
 
 def test_fsdp_trains_a_users_task_with_tied_weights_as_one_process_does(tmp_path):
     task = ["--task", "tests/tied_task.py:make", "--precision", "fp64", "--steps", "20"]
-    ok(torchrun(1, *task, "--batch-size", "32", "--out", str(tmp_path / "one")))
+    ok(train_alone(*task, "--batch-size", "32", "--out", str(tmp_path / "one")))
     ok(torchrun(2, *task, "--batch-size", "16", "--strategy", "fsdp", "--out", str(tmp_path / "fsdp")))
     (a, _), (b, _) = model_state(tmp_path / "fsdp"), model_state(tmp_path / "one")
     assert max_diff(a, b) < 1e-10

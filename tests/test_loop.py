@@ -21,7 +21,7 @@ from ddp.tasks.charlm import CharLM
 from ddp.train import main
 from ddp.verify import verify_identical_outputs
 
-from .helpers import assert_same_training, assert_tree_equal, model_state, ok, torchrun
+from .helpers import assert_same_training, assert_tree_equal, model_state, ok, torchrun, train_alone
 
 SMALL = ["--samples", "512", "--batch-size", "32", "--log-every", "1"]
 
@@ -53,8 +53,8 @@ def test_the_rate_warms_up_linearly_from_zero_then_decays_to_min_lr():
 
 def test_a_resume_with_a_new_length_or_rate_continues_on_the_new_curve(tmp_path):
     args = [*SMALL, "--checkpoint-every", "10", "--warmup-steps", "3", "--out", str(tmp_path)]
-    ok(torchrun(1, *args, "--steps", "20"))
-    out = ok(torchrun(1, *args, "--steps", "40", "--lr", "0.02"))
+    ok(train_alone(*args, "--steps", "20"))
+    out = ok(train_alone(*args, "--steps", "40", "--lr", "0.02"))
     assert "settings changed since the checkpoint" in out and "steps 20 -> 40" in out and "lr 0.05 -> 0.02" in out
     rates = {r["step"]: r["lr"] for r in records(tmp_path)}
     cfg = OptimConfig(lr=0.02, warmup_steps=3)
@@ -271,8 +271,8 @@ def test_resume_after_sigkill_with_clipping_warmup_ac_and_accumulation_is_bitwis
 
 def test_under_fp16_the_norm_is_measured_and_clipped_on_the_unscaled_gradients(tmp_path):
     args = [*SMALL, "--steps", "8", "--precision", "fp16", "--max-grad-norm", "0.5"]
-    ok(torchrun(1, *args, "--out", str(tmp_path / "fp16")))
-    ok(torchrun(1, *args[:-4], "--precision", "fp32", *args[-2:], "--out", str(tmp_path / "fp32")))
+    ok(train_alone(*args, "--out", str(tmp_path / "fp16")))
+    ok(train_alone(*args[:-4], "--precision", "fp32", *args[-2:], "--out", str(tmp_path / "fp32")))
     half, full = (records(tmp_path / p) for p in ("fp16", "fp32"))
     # the GradScaler multiplies the loss by 65536: a norm of the scaled gradients would be ~1e4 times larger
     for a, b in zip(half, full, strict=True):

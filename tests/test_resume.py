@@ -15,7 +15,7 @@ import torch
 from ddp.config import OptimConfig
 from ddp.optim import lr_at
 
-from .helpers import ROOT, assert_tree_equal, env, model_state, ok, torchrun
+from .helpers import ROOT, assert_tree_equal, env, model_state, ok, torchrun, train_alone
 
 # 922 training samples: 28 steps per epoch on 1 rank, 14 on 2 (batch 32 per rank).
 BASE = ["--samples", "1024", "--batch-size", "32", "--steps", "34", "--log-every", "1"]
@@ -168,7 +168,7 @@ def test_two_rank_checkpoint_resumes_on_three_with_a_warning(tmp_path):
 
 
 def test_keep_last_retains_only_the_newest_checkpoints(tmp_path):
-    ok(torchrun(1, "--samples", "512", "--steps", "10", "--checkpoint-every", "2", "--keep-last", "2",
+    ok(train_alone("--samples", "512", "--steps", "10", "--checkpoint-every", "2", "--keep-last", "2",
                 "--out", str(tmp_path)))  # fmt: skip
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000008", "step-00000010"]
 
@@ -199,11 +199,11 @@ def test_async_save_writes_the_same_checkpoints_as_sync_save_and_resumes_bitwise
 
 def test_a_folder_without_manifest_is_skipped(tmp_path):
     args = ["--samples", "512", "--steps", "6", "--checkpoint-every", "3", "--out", str(tmp_path)]
-    ok(torchrun(1, *args))
+    ok(train_alone(*args))
     newest = tmp_path / "checkpoints" / "step-00000006"
     shutil.copytree(newest, tmp_path / "checkpoints" / "step-00000009")
     (tmp_path / "checkpoints" / "step-00000009" / "manifest.json").unlink()
-    out = ok(torchrun(1, *args))
+    out = ok(train_alone(*args))
     assert f"skipping {tmp_path}/checkpoints/step-00000009: no manifest.json (an unfinished save)" in out
     assert f"resumed from {newest}: step 6 already completes the run" in out and "eval at step 6" not in out
 

@@ -15,7 +15,7 @@ import pytest
 from ddp import cli, train
 from ddp.plot import runs_of
 
-from .helpers import ROOT, env, ok, torchrun
+from .helpers import ROOT, env, ok, torchrun, train_alone
 
 SMALL = ["--samples", "512", "--batch-size", "32"]
 
@@ -36,17 +36,17 @@ def test_another_run_in_a_folder_is_refused_and_overwrite_moves_the_old_one_asid
     ok(torchrun(2, *SMALL, "--steps", "30", "--out", str(out)))
     first = md5(out / "mlp.params")
     for other in (["--resume", "never"], ["--seed", "5"]):  # refused before training: one rank says it as two would
-        proc = torchrun(1, *SMALL, "--steps", "10", *other, "--out", str(out))
+        proc = train_alone(*SMALL, "--steps", "10", *other, "--out", str(out))
         assert proc.returncode != 0 and f"--out {out} holds another run's checkpoints" in proc.output
         assert "newest step-00000030" in proc.output and "choose another --out, or pass --overwrite" in proc.output
         assert md5(out / "mlp.params") == first
-    ok(torchrun(1, *SMALL, "--steps", "10", "--seed", "5", "--overwrite", "--out", str(out)))
+    ok(train_alone(*SMALL, "--steps", "10", "--seed", "5", "--overwrite", "--out", str(out)))
     aside = [p for p in tmp_path.iterdir() if p.name.startswith("runx.old-")]
     assert len(aside) == 1 and md5(aside[0] / "mlp.params") == first  # moved, never deleted
     assert md5(out / "mlp.params") != first and (out / "checkpoints" / "step-00000010").is_dir()
     assert not (out / "checkpoints" / "step-00000030").exists()
     # a plain relaunch now continues the new run (seed 5), never the old one
-    assert "continuing at step 11" in ok(torchrun(1, *SMALL, "--steps", "12", "--seed", "5", "--out", str(out)))
+    assert "continuing at step 11" in ok(train_alone(*SMALL, "--steps", "12", "--seed", "5", "--out", str(out)))
     run_id = json.loads((out / "run.json").read_text())["id"]
     manifest = json.loads((out / "checkpoints" / "step-00000012" / "manifest.json").read_text())
     assert manifest["run_id"] == run_id and {r["run"] for r in records(out)} == {run_id}
@@ -159,7 +159,7 @@ def test_exported_weights_verify_and_predict_without_the_training_data(tmp_path,
     (data / "tabular.py").write_text(TABULAR.replace("{data}", str(data)))
     args, weights = TASKS[name]
     out = tmp_path / "run"
-    ok(torchrun(1, *(a.replace("{data}", str(data)) for a in args), "--batch-size", "16", "--steps", "3",
+    ok(train_alone(*(a.replace("{data}", str(data)) for a in args), "--batch-size", "16", "--steps", "3",
                 "--out", str(out)))  # fmt: skip
     for f in ("arrays.npz", "text.txt", "rows.csv"):
         (data / f).unlink()  # the training data is gone

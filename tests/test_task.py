@@ -10,7 +10,7 @@ import ddp
 from ddp import cli, train
 from ddp.tasks import charlm
 
-from .helpers import ROOT, assert_tree_equal, ddp_command, launch, model_state, ok, run, torchrun
+from .helpers import ROOT, assert_tree_equal, ddp_command, launch, model_state, ok, run, torchrun, train_alone
 
 USER = ["--task", "tests/user_task.py:make", "--precision", "fp64", "--log-every", "1", "--steps", "20"]
 
@@ -40,7 +40,7 @@ def test_every_rank_reloads_the_users_model_and_prints_the_verify_line(reference
 
 def test_users_task_on_2_ranks_equals_one_process_on_the_global_batch(reference, tmp_path):
     # every sample draws its noise from RNGs seeded by (seed, epoch, index): the same draws on any world size
-    ok(torchrun(1, *USER, "--batch-size", "32", "--out", str(tmp_path)))
+    ok(train_alone(*USER, "--batch-size", "32", "--out", str(tmp_path)))
     (a, ta), (b, tb) = model_state(reference[0]), model_state(tmp_path)
     assert ta["step"] == tb["step"] == 20
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-10
@@ -65,7 +65,7 @@ def test_users_task_resumes_from_2_ranks_on_1_with_a_warning(tmp_path):
     args = [*USER, "--batch-size", "16", "--checkpoint-every", "4", "--no-async-save", "--out", str(tmp_path)]
     crashed = torchrun(2, *args, extra_env={"DDP_FAULT": "raise:rank=0:step=6"})
     assert crashed.returncode != 0
-    out = ok(torchrun(1, *args))
+    out = ok(train_alone(*args))
     assert "warning: checkpoint written by 2 rank(s), resuming on 1" in out and "continuing at step 5" in out
     assert "the RNG state of ranks [1] was not used" in out
     assert "verify: 1/1 ranks" in out and model_state(tmp_path)[1]["step"] == 20
@@ -77,11 +77,11 @@ def test_task_options_from_a_toml_table_are_saved_a_change_of_lr_warns_and_of_th
         "[run]\nsteps = 6\n[checkpoint]\ncheckpoint_every = 3\nasync_save = false\n"
     )
     base = ["--config", str(tmp_path / "run.toml"), "--out", str(tmp_path / "run")]
-    torchrun(1, *base, extra_env={"DDP_FAULT": "raise:step=4"})
+    train_alone(*base, extra_env={"DDP_FAULT": "raise:step=4"})
     saved = model_state(tmp_path / "run")[1]["config"]["task"]
     task_file = f"{ROOT}/tests/user_task.py:make"  # recorded where it is, not as typed
     assert saved == {"spec": task_file, "args": {"noise": 0.2, "samples": 256}}
-    other = torchrun(1, *base, "--task-arg", "noise=0.3")  # other task settings: another run, refused
+    other = train_alone(*base, "--task-arg", "noise=0.3")  # other task settings: another run, refused
     assert other.returncode != 0 and "would start a different run there (args {'noise': 0.2" in other.output
     # from another folder, the task named by its absolute path: the same run, continued
     elsewhere = ["--standalone", "--nproc-per-node=1", "-m", "ddp.train", *base, "--task", task_file]
