@@ -386,8 +386,8 @@ def spawn(fn: Callable[..., Any], nproc: int, *args: Any, start_method: str = "s
 
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    if start_method == "forkserver":
-        multiprocessing.set_forkserver_preload([fn.__module__])
+    if start_method == "forkserver":  # torch._dynamo too: every optimizer imports it (1 s of CPU) at its first step
+        multiprocessing.set_forkserver_preload(["torch._dynamo", fn.__module__])
 
     config = LaunchConfig(
         min_nodes=1,

@@ -24,13 +24,27 @@ MATHS = [*DATA, "--optimizer", "adamw", "--lr", "0.01", "--hidden", "7", "--out-
 STEPS = 2 * (900 // 48)
 
 
+# The runs compared with one process on the global batch of 48, each launched once, on first use.
+RUNS = {
+    "one": (1, ["--batch-size", "48"]),
+    "ddp2": (2, ["--batch-size", "24"]),  # DDP on 1 rank would compare a run with itself
+    "fsdp1": (1, ["--batch-size", "48", "--strategy", "fsdp", "--compile"]),  # FSDP compiled, as well
+    "fsdp2": (2, ["--batch-size", "24", "--strategy", "fsdp"]),
+    # on 3 ranks the shards are uneven; activation checkpointing and 2 micro-batches ride along: neither may
+    # change the maths (a test each would launch 4 more jobs)
+    "fsdp3": (3, ["--batch-size", "8", "--strategy", "fsdp", "--ac", "full", "--grad-accum", "2"]),
+    "ddp2-ac-accum": (2, ["--batch-size", "12", "--ac", "full", "--grad-accum", "2"]),
+}
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Runs of MATHS shared by the tests below, launched on first use: launch(name, nproc, args) -> folder."""
+    """The RUNS shared by the tests below: runs(name) -> its folder."""
     done = {}
 
-    def launch(name: str, nproc: int, *args: str):
+    def launch(name: str):
         if name not in done:
+            nproc, args = RUNS[name]
             out = tmp_path_factory.mktemp(name)
             args = [*MATHS, *args, "--out", str(out)]
             ok(train_alone(*args) if nproc == 1 else torchrun(nproc, *args))  # one process: no torchrun needed
@@ -55,38 +69,21 @@ def assert_same_training(run_dir, reference_dir) -> None:
     assert len(a) == len(b) == STEPS and max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-10
 
 
-@pytest.mark.parametrize(
-    ("strategy", "nproc"), [("ddp", 2), ("fsdp", 1), ("fsdp", 2), ("fsdp", 3)]
-)  # DDP on 1 rank would compare a run with itself; FSDP on 1 rank runs compiled as well; on 3, uneven shards
-def test_n_ranks_equal_one_process_on_the_global_batch(runs, strategy, nproc):
-    one = runs("one", 1, "--batch-size", "48")
-    compiled = ["--compile"] if nproc == 1 else []
-    run = runs(f"{strategy}{nproc}", nproc, "--batch-size", str(48 // nproc), "--strategy", strategy, *compiled)
-    assert_same_training(run, one)
+@pytest.mark.parametrize("name", [name for name in RUNS if name != "one"])
+def test_n_ranks_equal_one_process_on_the_global_batch(runs, name):
+    run, (nproc, args) = runs(name), RUNS[name]
+    assert_same_training(run, runs("one"))
     norms = [r["grad_norm"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
              if r["kind"] == "train"]  # fmt: skip
     assert len(norms) == STEPS and min(norms) > CLIP  # clipped at every step compared
-    if strategy == "fsdp":  # every rank wrote its own shards, and no whole model file
+    if "fsdp" in args:  # every rank wrote its own shards, and no whole model file
         checkpoint = sorted((run / "checkpoints").glob("step-*"))[-1]
         written = sorted(p.name for p in (checkpoint / "sharded").glob("__*.distcp"))
         assert written == [f"__{r}_0.distcp" for r in range(nproc)] and not (checkpoint / "model.pt").exists()
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_activation_checkpointing_changes_nothing_but_memory(runs, strategy):
-    one = runs("one", 1, "--batch-size", "48")
-    assert_same_training(runs(f"{strategy}-ac", 2, "--batch-size", "24", "--strategy", strategy, "--ac", "full"), one)
-
-
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_grad_accum_equals_a_k_times_larger_batch(runs, strategy):
-    one = runs("one", 1, "--batch-size", "48")
-    accum = runs(f"{strategy}-accum", 2, "--batch-size", "12", "--grad-accum", "2", "--strategy", strategy)
-    assert_same_training(accum, one)
-
-
 def test_fsdp_exports_the_same_plain_state_dict_as_ddp(runs):
-    fsdp, ddp = runs("fsdp2", 2, "--batch-size", "24", "--strategy", "fsdp"), runs("ddp2", 2, "--batch-size", "24")
+    fsdp, ddp = runs("fsdp2"), runs("ddp2")
     a = torch.load(fsdp / "mlp.params", weights_only=True)
     b = torch.load(ddp / "mlp.params", weights_only=True)
     assert list(a) == list(b) and all(type(v) is torch.Tensor and v.device.type == "cpu" for v in a.values())
@@ -146,15 +143,15 @@ def test_sync_bn_without_gpus_is_a_clear_usage_error(tmp_path):
 
 def test_deterministic_runs_are_bitwise_identical(tmp_path):
     args = ["--samples", "512", "--batch-size", "16", "--steps", "12", "--deterministic", "--dropout", "0.2"]
-    ok(torchrun(2, *args, "--out", str(tmp_path / "a")))
-    ok(torchrun(2, *args, "--out", str(tmp_path / "b")))
+    ok(train_alone(*args, "--out", str(tmp_path / "a")))  # dropout's draws: a second rank draws the same way
+    ok(train_alone(*args, "--out", str(tmp_path / "b")))
     a, b = model_state(tmp_path / "a")[0], model_state(tmp_path / "b")[0]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_bf16_autocast_trains_on_cpu_and_verify_states_its_tolerance(tmp_path):
-    out = ok(torchrun(2, "--samples", "512", "--batch-size", "16", "--steps", "6", "--precision", "bf16",
-                      "--out", str(tmp_path)))  # fmt: skip
+    out = ok(train_alone("--samples", "512", "--batch-size", "16", "--steps", "6", "--precision", "bf16",
+                         "--out", str(tmp_path)))  # fmt: skip
     assert "atol = 0.01 for bf16)" in out
     _, train = model_state(tmp_path)
     assert "scaler" in train and train["config"]["optim"]["precision"] == "bf16"

@@ -112,7 +112,7 @@ def test_a_restart_that_cannot_rejoin_fails_fast_naming_the_rank_and_the_address
 
 
 def test_total_optimizer_steps_equal_the_configured_steps(tmp_path):
-    ok(torchrun(2, "--samples", "1024", "--batch-size", "32", "--epochs", "2", "--out", str(tmp_path)))
+    ok(train_alone("--samples", "1024", "--batch-size", "64", "--epochs", "2", "--out", str(tmp_path)))
     _, train = model_state(tmp_path)
     assert train["step"] == 2 * 14 and "scheduler" not in train  # the rate is a function of the step
     rates = [json.loads(line)["lr"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()

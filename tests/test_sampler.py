@@ -18,7 +18,7 @@ from ddp.data import Permutation, ResumableSampler, eval_indices
 from ddp.train import main
 from ddp.trainer import Progress
 
-from .helpers import assert_tree_equal, ddp_command, model_state, ok, torchrun
+from .helpers import assert_tree_equal, ddp_command, model_state, ok, torchrun, train_alone
 
 
 class Sized(torch.utils.data.Dataset):
@@ -96,7 +96,7 @@ def test_an_epoch_begun_by_an_earlier_version_resumes_in_its_order():
 def test_a_run_that_never_ends_an_epoch_evaluates_every_n_steps_on_a_fixed_subset_and_at_the_end(tmp_path):
     # 3687 training samples, global batch 64: 57 steps an epoch; the run stops at 12
     args = ["--steps", "12", "--eval-every", "5", "--eval-samples", "100", "--out", str(tmp_path)]
-    ok(torchrun(2, "--batch-size", "32", *args))
+    ok(train_alone("--batch-size", "64", *args))
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     evals = [r for r in map(json.loads, lines) if r["kind"] == "eval"]
     assert [(r["step"], r["epoch"], r["count"]) for r in evals] == [(5, 0, 100), (10, 0, 100), (12, 0, 100)]
