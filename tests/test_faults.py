@@ -85,7 +85,7 @@ def test_a_sha256_manifest_of_earlier_versions_still_verifies_and_resumes(run_co
         entry["sha256"] = hashlib.sha256((folder / name).read_bytes()).hexdigest()
     (folder / "manifest.json").write_text(json.dumps(manifest))
     assert validate(folder)["step"] == 8
-    out = ok(torchrun(2, *ARGS, "--steps", "10", "--checkpoint-every", "4", "--out", str(run_copy)))
+    out = ok(train_alone(*ARGS, "--steps", "10", "--checkpoint-every", "4", "--out", str(run_copy)))  # on 1 rank
     assert f"resumed from {folder}: continuing at step 9" in out
     train = folder / "train.pt"
     train.write_bytes(train.read_bytes()[:-1] + bytes([train.read_bytes()[-1] ^ 1]))
@@ -160,7 +160,7 @@ def test_resume_auto_falls_back_to_the_previous_complete_checkpoint(run_copy):
     before = sha256_tree(previous)
     model = newest / "model-00000.pt"
     model.write_bytes(model.read_bytes()[:100])
-    out = ok(torchrun(2, *ARGS, "--steps", "8", "--checkpoint-every", "4", "--out", str(run_copy)))
+    out = ok(train_alone(*ARGS, "--steps", "8", "--checkpoint-every", "4", "--out", str(run_copy)))  # on 1 rank
     lines = [line for line in out.splitlines() if "skipping" in line]
     assert len(lines) == 1 and f"skipping {newest}: {model} has 100 bytes" in lines[0]
     assert "falling back to the previous checkpoint" in lines[0]

@@ -175,13 +175,14 @@ def test_keep_last_retains_only_the_newest_checkpoints(tmp_path):
 
 def test_async_save_writes_the_same_checkpoints_as_sync_save_and_resumes_bitwise_equal(tmp_path):
     # the cnn in channels_last: its weights and momentum go through the staged (async) copy, the path
-    # where a layout could be lost; the values must come back, and the resumed run end where sync did
+    # where a layout could be lost; the values must come back, and the resumed run end where sync did.
+    # One process: async saves across ranks are test_faults' (a failure) and the kill loop's (process)
     cnn = ["--task", "cnn", "--width", "8", "--samples", "512", "--batch-size", "16", "--steps", "12",
            "--checkpoint-every", "4"]  # fmt: skip
-    ok(torchrun(2, *cnn, "--out", str(tmp_path / "sync"), "--no-async-save"))
+    ok(train_alone(*cnn, "--out", str(tmp_path / "sync"), "--no-async-save"))
     args = [*cnn, "--out", str(tmp_path / "async"), "--async-save"]
-    crashed = torchrun(2, *args, extra_env={"DDP_FAULT": "raise:rank=1:step=10"})
-    assert crashed.returncode != 0 and "injected fault on rank 1 at step 10" in crashed.output
+    crashed = train_alone(*args, extra_env={"DDP_FAULT": "raise:step=10"})
+    assert crashed.returncode != 0 and "injected fault on rank 0 at step 10" in crashed.output
     for step in ("step-00000004",):  # committed before the crash (the save of step 8 waits for it; 8 may not be)
         a, b = tmp_path / "sync" / "checkpoints" / step, tmp_path / "async" / "checkpoints" / step
         names = sorted(p.name for p in a.iterdir() if p.name not in ("train.pt", "manifest.json"))
@@ -193,7 +194,7 @@ def test_async_save_writes_the_same_checkpoints_as_sync_save_and_resumes_bitwise
         assert tb.pop("config")["checkpoint"]["async_save"] == "thread"
         assert ta.pop("elapsed") > 0 and tb.pop("elapsed") > 0  # training time: the one entry that may differ
         assert_tree_equal(ta, tb)
-    assert "continuing at step" in ok(torchrun(2, *args))
+    assert "continuing at step" in ok(train_alone(*args))
     assert_tree_equal(model_state(tmp_path / "async")[0], model_state(tmp_path / "sync")[0])
 
 
