@@ -49,7 +49,7 @@ from ddp.checkpoint_files import (
     write_file,
     write_shards,
 )
-from ddp.config import CheckpointConfig, Config, config_changes
+from ddp.config import CheckpointConfig, Config, config_changes, task_moved, upgrade
 from ddp.errors import CheckpointError
 from ddp.io import check_architecture, strip_prefixes
 
@@ -213,6 +213,10 @@ class Checkpointer:
         self.saved_world_size = train["world_size"]
         self._restore_rng(own, train["world_size"], train["step"])
         if self.config is not None and train.get("config") is not None:
+            old_task, task = upgrade(train["config"]).get("task", {}), self.config.to_dict()["task"]
+            if task_moved(old_task, task):
+                self.say(f"the task file moved since the checkpoint, its content the same: {old_task['spec']} -> "
+                         f"{task['spec']}")  # fmt: skip
             changes = config_changes(train["config"], self.config)
             if changes:
                 self.say(

@@ -32,7 +32,7 @@ from torch import nn
 
 from ddp import group, train, weights
 from ddp.checkpoint_files import MANIFEST, read_manifest
-from ddp.config import Config, DistConfig, TaskConfig
+from ddp.config import Config, DistConfig, TaskConfig, task_file
 from ddp.errors import CheckpointError, ConfigError, DDPError, Reported, first_line, say
 from ddp.io import split_aliases
 from ddp.options import parse_task_arg
@@ -53,8 +53,14 @@ def read_weights(args: argparse.Namespace, map_location: str | torch.device = "c
 
 def _config(w: Weights, args: argparse.Namespace) -> Config:
     if args.task:
-        base = w.cfg or Config()
-        return dataclasses.replace(base, task=TaskConfig(spec=args.task, args=dict(args.task_arg)))
+        return dataclasses.replace(w.cfg or Config(), task=_given_task(w, args))
+    gone = task_file(w.cfg.task.spec) if w.cfg is not None else None
+    if gone is not None and not gone.is_file():
+        digest = f" (sha256 {w.cfg.task.file_sha256})" if w.cfg.task.file_sha256 else ""
+        raise ConfigError(
+            f"{w.path} was trained with the task file {gone}{digest}, which is not there now: moved or deleted? "
+            f"Add --task PATH/TO/{gone.name}:{w.cfg.task.spec.rpartition(':')[2]} where it is now"
+        )
     if w.cfg is not None and w.cfg.task.spec.startswith("python:"):
         raise ConfigError(
             f"{w.path} was trained by ddp.fit on a Task object ({w.cfg.task.spec.removeprefix('python:')!r}), "
@@ -68,6 +74,16 @@ def _config(w: Weights, args: argparse.Namespace) -> Config:
             "--model-arg KEY=VALUE for its arguments) or --task SPEC"
         )
     return w.cfg
+
+
+def _given_task(w: Weights, args: argparse.Namespace) -> TaskConfig:
+    """``--task`` and its arguments; a note where its file is not the one the weights were trained with."""
+    task = TaskConfig(spec=args.task, args=dict(args.task_arg))
+    trained = w.cfg.task.file_sha256 if w.cfg is not None else ""
+    if trained and task.file_sha256 and task.file_sha256 != trained:
+        print(f"note: {task_file(task.spec)} is not the task file {w.path} was trained with (sha256 {trained}, "
+              f"this one {task.file_sha256}): the model it builds may differ", file=sys.stderr)  # fmt: skip
+    return task
 
 
 def model_for(w: Weights, args: argparse.Namespace, device: torch.device) -> tuple[nn.Module, Any]:

@@ -9,6 +9,7 @@ to today's sections by ``upgrade``.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import re
 import types
@@ -38,6 +39,9 @@ class TaskConfig:
     args: dict[str, Any] = field(default_factory=dict)
     """The task's own settings, its function's keyword arguments: --task-arg KEY=VALUE [KEY=VALUE ...]
     (repeatable), or a [task.args] table. A setting the task does not take is a usage error."""
+    file_sha256: str = ""
+    """A task file's content digest (sha256, 16 hex digits), recorded beside its path when a run starts, so that
+    a moved or edited file is named as such; set by this project, never typed."""
 
     def __post_init__(self) -> None:
         _check(bool(self.spec), "task", "must name a task")
@@ -45,6 +49,7 @@ class TaskConfig:
             raise ConfigError(f"--task-arg: expected KEY=VALUE pairs, got {self.args!r}")
         self.args = dict(self.args)
         self.spec = resolved_file_spec(self.spec)
+        self.file_sha256 = self.file_sha256 or file_digest(self.spec)
 
 
 def resolved_file_spec(spec: str) -> str:
@@ -57,6 +62,33 @@ def resolved_file_spec(spec: str) -> str:
     if sep and where.endswith(".py") and not Path(where).is_absolute() and Path(where).is_file():
         return f"{Path(where).resolve()}:{name}"
     return spec
+
+
+def task_file(spec: str) -> Path | None:
+    """The file a ``FILE.py:NAME`` spec names (there or not); None for any other spec."""
+    where, sep, _ = spec.rpartition(":")
+    return Path(where) if sep and where.endswith(".py") else None
+
+
+def file_digest(spec: str) -> str:
+    """The first 16 hex digits of the sha256 of the task file ``spec`` names; "" for another spec or no such file."""
+    path = task_file(spec)
+    if path is None or not path.is_file():  # a FIFO or a device is no task file: never opened
+        return ""
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def task_moved(old: dict, new: dict) -> bool:
+    """Whether two configs' tasks (``to_dict`` sections) are one task file at two paths: the same name, the same
+    content, the same arguments."""
+    old_file, new_file = task_file(old.get("spec", "")), task_file(new["spec"])
+    return (
+        old_file is not None
+        and new_file is not None
+        and old_file != new_file
+        and old["spec"].rpartition(":")[2] == new["spec"].rpartition(":")[2]
+        and old.get("file_sha256", "") == new["file_sha256"] != ""
+    )
 
 
 @dataclass
@@ -380,7 +412,7 @@ MOVED = {
 
 # Settings whose change on resume makes the result differ from an uninterrupted run.
 EXACTNESS = {
-    "task": ("spec", "args"),
+    "task": ("spec", "args", "file_sha256"),
     "run": ("seed", "steps", "epochs"),
     "compute": ("deterministic", "memory_format"),
     "data": ("batch_size",),
@@ -552,9 +584,14 @@ def config_changes(old: dict, new: Config) -> list[str]:
     """
     old, now, default = upgrade(old), new.to_dict(), Config().to_dict()
     before = {s: {k: old.get(s, {}).get(k, default[s][k]) for k in keys} for s, keys in EXACTNESS.items()}
+    same = set()
+    if task_moved(before["task"], now["task"]):  # the same file at another path: nothing changed but where
+        same.add(("task", "spec"))
+    if not before["task"]["file_sha256"]:  # a checkpoint of a version that recorded no digest: unknown
+        same.add(("task", "file_sha256"))
     return [
         f"{key} {before[section][key]!r} -> {now[section][key]!r}"
         for section, keys in EXACTNESS.items()
         for key in keys
-        if before[section][key] != now[section][key]
+        if before[section][key] != now[section][key] and (section, key) not in same
     ]

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ddp import group
 from ddp.checkpoint_files import complete_checkpoints, read_train
-from ddp.config import Config, upgrade
+from ddp.config import Config, task_moved, upgrade
 from ddp.errors import CheckpointError, ConfigError, DDPError
 from ddp.io import atomic_write
 
@@ -45,11 +45,12 @@ def read(out: Path) -> dict | None:
 def identity_changes(saved: dict, cfg: Config) -> list[str]:
     """The settings that make ``cfg`` another run than the one ``saved`` (a config dict) started."""
     old, now = upgrade(saved), cfg.to_dict()
+    moved = task_moved(old.get("task", {}), now["task"])  # the run's own task file, moved: the same run
     return [
         f"{key} {old.get(section, {}).get(key)!r} -> {now[section][key]!r}"
         for section, keys in IDENTITY.items()
         for key in keys
-        if old.get(section, {}).get(key) != now[section][key]
+        if old.get(section, {}).get(key) != now[section][key] and not (moved and key == "spec")
     ]
 
 
@@ -105,6 +106,9 @@ def claim(cfg: Config, overwrite: bool = False, say=print, resumable: Callable[[
         say(f"--overwrite: moved the previous contents of {out} to {aside}")
     record = read(out)
     if record is not None and (_held(out) is not None or (resumable is not None and resumable(record["id"]))):
+        task = cfg.to_dict()["task"]
+        if record["config"].get("task") != task:  # its file moved or edited (check let only those through)
+            _write(out, {**record, "config": {**record["config"], "task": task}})
         return record["id"]
     record = {
         "id": uuid.uuid4().hex[:12],
@@ -112,8 +116,12 @@ def claim(cfg: Config, overwrite: bool = False, say=print, resumable: Callable[[
         "config": cfg.to_dict(),
     }
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / RUN_FILE, lambda f: f.write(json.dumps(record, indent=1).encode()))
+    _write(out, record)
     return record["id"]
+
+
+def _write(out: Path, record: dict) -> None:
+    atomic_write(out / RUN_FILE, lambda f: f.write(json.dumps(record, indent=1).encode()))
 
 
 def claim_on_rank0(cfg: Config, world: group.World, say=print, resumable: Callable[[str], bool] | None = None) -> str:

@@ -133,17 +133,32 @@ def test_the_readmes_task_example_trains_verifies_and_runs_under_torchrun(tmp_pa
     assert (tmp_path / "runs" / "mine-2" / "mytask.params").is_file()
 
 
-def test_a_fresh_shell_gets_the_ddp_command_from_the_readmes_activate_line(tmp_path):
+# How each command the README starts with is run in the fresh shell below (cheaply: what it proves is that the
+# command is found and starts); Slurm's own are not ours.
+FRESH_SHELL = {
+    "ddp": "ddp --help",
+    "torchrun": "torchrun --help",
+    "make": f"make -n -C {ROOT} train-ddp",
+    "bash": None,  # launch/ scripts find .venv themselves, activated or not: test_faults runs one from a fresh PATH
+    "sbatch": None,
+}
+
+
+def test_a_fresh_shell_runs_every_readme_command_after_its_activate_line(tmp_path):
     """The README says once how ``ddp`` gets on the PATH; in a shell whose PATH lacks ``.venv/bin``, that line
-    alone makes the console script and torchrun run."""
+    alone makes every command the README shows start."""
     line = re.search(r"`(source \.venv/bin/activate)`", (ROOT / "README.md").read_text())
     assert line, "the README no longer says how the ddp command gets on the PATH"
+    heads = {words[0] for block in blocks(ROOT / "README.md") for words in commands(block)}
+    assert heads <= set(FRESH_SHELL), f"add how to run {heads - set(FRESH_SHELL)} to FRESH_SHELL"
     if not (ROOT / ".venv" / "bin" / "activate").is_file():
         pytest.skip("no .venv here (make install makes it): the line has nothing to activate")
     fresh = {"PATH": "/usr/bin:/bin"}
     assert run(["bash", "-c", "command -v ddp"], extra_env=fresh, cwd=tmp_path).returncode != 0
-    shell = f"cd {ROOT} && {line.group(1)} && cd {tmp_path} && command -v torchrun && ddp --help"
-    assert "usage: ddp" in ok(run(["bash", "-c", shell], extra_env=fresh, cwd=tmp_path))
+    probes = " && ".join(FRESH_SHELL[h] for h in sorted(heads) if FRESH_SHELL[h])
+    shell = f"set -e; cd {ROOT} && {line.group(1)} && cd {tmp_path} && {probes}"
+    out = ok(run(["bash", "-c", shell], extra_env=fresh, cwd=tmp_path))
+    assert "usage: ddp" in out and "usage: torchrun" in out and "launch/train_ddp.sh" in out
 
 
 def test_the_readmes_tracker_example_gets_the_figures(tmp_path):

@@ -1,6 +1,8 @@
 """Your model, your data: a task the trainer has never seen keeps every guarantee of the built-ins."""
 
+import hashlib
 import json
+import re
 import sys
 
 import pytest
@@ -80,7 +82,8 @@ def test_task_options_from_a_toml_table_are_saved_a_change_of_lr_warns_and_of_th
     train_alone(*base, extra_env={"DDP_FAULT": "raise:step=4"})
     saved = model_state(tmp_path / "run")[1]["config"]["task"]
     task_file = f"{ROOT}/tests/user_task.py:make"  # recorded where it is, not as typed
-    assert saved == {"spec": task_file, "args": {"noise": 0.2, "samples": 256}}
+    digest = hashlib.sha256((ROOT / "tests" / "user_task.py").read_bytes()).hexdigest()[:16]  # and what it holds
+    assert saved == {"spec": task_file, "args": {"noise": 0.2, "samples": 256}, "file_sha256": digest}
     other = train_alone(*base, "--task-arg", "noise=0.3")  # other task settings: another run, refused
     assert other.returncode != 0 and "would start a different run there (args {'noise': 0.2" in other.output
     # from another folder, the task named by its absolute path: the same run, continued
@@ -89,6 +92,39 @@ def test_task_options_from_a_toml_table_are_saved_a_change_of_lr_warns_and_of_th
     warning = next(line for line in out.splitlines() if "warning: settings changed since the checkpoint" in line)
     assert "the run will not match an uninterrupted one: " in warning and "lr 0.05 -> 0.2" in warning
     assert "verify: 1/1 ranks" in ok(ddp_command("verify", "run/user.params", cwd=tmp_path))
+
+
+def test_a_task_file_is_known_by_its_content_edited_or_moved_from_any_folder(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    source = (ROOT / "tests" / "user_task.py").read_text()
+    (tmp_path / "a" / "task.py").write_text(source)
+    run_dir, weights = tmp_path / "run", tmp_path / "run" / "user.params"
+    base = ["--checkpoint-every", "2", "--batch-size", "32", "--out", str(run_dir)]
+    ok(train_alone("--task", "a/task.py:make", *base, "--steps", "4", cwd=tmp_path))  # relative to where it starts
+    # edited in place: the run goes on, with the warning that names the digests
+    (tmp_path / "a" / "task.py").write_text(source + "\n# edited\n")
+    out = ok(train_alone("--task", "a/task.py:make", *base, "--steps", "6", cwd=tmp_path))
+    assert re.search(r"settings changed since the checkpoint.*file_sha256 '[0-9a-f]{16}' -> '[0-9a-f]{16}'", out)
+    digest = json.loads((run_dir / "run.json").read_text())["config"]["task"]["file_sha256"]  # the file as it is now
+    # moved: the model card names the file it was trained with, and its digest
+    (tmp_path / "a" / "task.py").rename(tmp_path / "b" / "task.py")
+    proc = ddp_command("verify", weights)
+    said = f"{weights} was trained with the task file {tmp_path}/a/task.py (sha256 {digest}), which is not there now"
+    assert proc.returncode == 2 and said in proc.output
+    assert "outputs identical" in ok(ddp_command("verify", weights, "--task", f"{tmp_path}/b/task.py:make"))
+    # the same content at another path continues the run, from another folder, and says where it moved
+    out = ok(train_alone("--task", "task.py:make", *base, "--steps", "8", cwd=tmp_path / "b"))
+    moved = f"moved since the checkpoint, its content the same: {tmp_path}/a/task.py:make -> {tmp_path}/b/task.py:make"
+    warning = next(line for line in out.splitlines() if "settings changed" in line)
+    assert moved in out and "continuing at step 7" in out and "steps 6 -> 8" in warning
+    assert "task.py" not in warning and "file_sha256" not in warning
+    # another file is another run, and verify says when a --task is not the file the weights were trained with
+    (tmp_path / "c.py").write_text(source.replace("hidden: int = 16", "hidden: int = 8"))
+    proc = train_alone("--task", "c.py:make", *base, "--steps", "10", cwd=tmp_path)
+    assert proc.returncode == 2 and "would start a different run there (spec " in proc.output
+    other = ddp_command("verify", weights, "--task", f"{tmp_path}/c.py:make")
+    assert f"note: {tmp_path}/c.py is not the task file {weights} was trained with" in other.output
 
 
 # ---- built-in tasks ---------------------------------------------------------------------
