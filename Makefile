@@ -7,8 +7,8 @@ TORCH_SPEC ?= torch==2.13.0
 NPROC ?=
 ARGS ?=
 PYTEST_ARGS ?=
-# Test files run in parallel, each whole in one worker (its shared runs stay shared). The
-# tests mostly wait on process start-up and collectives, so 2 workers fit 2 cores.
+# Test files run in parallel, each whole in one worker (its shared runs stay shared), the longest first
+# (tests/conftest.py). The tests mostly wait on process start-up and collectives, so 2 workers fit 2 cores.
 TEST_WORKERS ?= 2
 
 .PHONY: install train-ddp test test-gpu gpu-check lint format bench clean
@@ -29,7 +29,7 @@ test: install  ## the test suite (CPU, gloo, real torchrun processes)
 	@# Bytecode first: the suite starts ~500 processes, and where PYTHONDONTWRITEBYTECODE is set each
 	@# would compile the package's sources again (0.24 s of CPU apiece here)
 	$(PY) -m compileall -q ddp tests examples bench
-	$(PY) -m pytest -m "not gpu" -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not gpu" -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 test-gpu: install  ## the GPU tests (NCCL); needs CUDA
 	$(PY) -m pytest -m gpu $(PYTEST_ARGS)
