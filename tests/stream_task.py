@@ -1,6 +1,8 @@
 """A user's stream: a finite IterableDataset of records, with or without a state, splitting itself or not.
 
-Every variant yields the same samples, so their runs must be bitwise equal. Each sample is
+Every variant yields the same samples; those the trainer splits over the ranks (all but ``split``) give
+each rank the same ones, so their runs must be bitwise equal. ``split`` deals them out by stride, so
+each step's global batch is the same and its runs equal each other only. Each sample is
 augmented with noise from torch's global generator, which the trainer seeds per epoch and
 (for a stream with a state) saves with it.
 """
