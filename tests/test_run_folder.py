@@ -63,17 +63,11 @@ def test_more_steps_or_another_rate_continue_the_run(tmp_path, capsys):
 
 
 def test_sigint_saves_at_the_end_of_the_step_and_exits_with_one_line(tmp_path):
-    proc = ok(run_alone(["--steps", "100", "--log-every", "1000", "--out", str(tmp_path)], "sigint:step=7"))
+    proc = ok(train_alone(*SMALL, "--steps", "100", "--log-every", "1000", "--out", str(tmp_path),
+                          extra_env={"DDP_FAULT": "sigint:step=7"}))  # fmt: skip
     assert "[rank 0/1] stopping on SIGINT after step 7: checkpoint saved, relaunch to resume" in proc
     assert "Traceback" not in proc and "KeyboardInterrupt" not in proc
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000007"]
-
-
-def run_alone(args: list[str], fault: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "ddp.train", *SMALL, *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env(DDP_FAULT=fault), capture_output=True, text=True, timeout=120)
-    proc.output = proc.stdout + proc.stderr
-    return proc
 
 
 def test_a_signal_on_one_rank_stops_every_rank_within_a_step_whatever_log_every_is(tmp_path):
