@@ -303,9 +303,10 @@ def loader_table(args, out: Path) -> list[dict]:
                                     "data": {"batch_size": args.batch},
                                     "optim": {"schedule": "constant"}, "checkpoint": {"resume": "never"},
                                     "run": {"steps": 10**9, "out": str(out / "loader")}})  # fmt: skip
-            steps = {}
+            steps, trainers = {}, []
             for workers, pin in settings:
                 t = quiet(Trainer(cfg, world))
+                trainers.append(t)
                 data, train_set = t.data, t.task.train_data
                 if (workers, pin) == TUTORIAL_LOADER:  # d's loader: one sample at a time, then collate
                     data.loader = DataLoader(train_set, batch_size=args.batch, sampler=DistributedSampler(train_set))
@@ -329,7 +330,9 @@ def loader_table(args, out: Path) -> list[dict]:
                              "samples_per_s": median(raw[k]), "vs default": ratio})  # fmt: skip
                 print(f"  {name}, workers {k[0]}, pin_memory {k[1]}: {median(raw[k]):,.0f} samples/s, "
                       f"vs default {short(ratio)}", flush=True)  # fmt: skip
-            del steps, t
+            for t in trainers:
+                t.data.close()  # worker processes exit now: dropped with a live iterator, each waits out 5 s
+            del steps, t, trainers
             # Now, not at some later fork: DataLoader workers forked while these iterators await
             # the cycle collector inherit them and, collecting them, fail "can only test a child process".
             gc.collect()
