@@ -79,8 +79,8 @@ def file_digest(spec: str) -> str:
 
 
 def task_moved(old: dict, new: dict) -> bool:
-    """Whether two configs' tasks (``to_dict`` sections) are one task file at two paths: the same name, the same
-    content, the same arguments."""
+    """Whether two configs' tasks (``to_dict`` sections) are one task file at two paths: the same NAME in it, the
+    same content (its arguments are compared where they count, with the other settings)."""
     old_file, new_file = task_file(old.get("spec", "")), task_file(new["spec"])
     return (
         old_file is not None

@@ -386,7 +386,7 @@ def spawn(fn: Callable[..., Any], nproc: int, *args: Any, start_method: str = "s
 
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    if start_method == "forkserver":  # torch._dynamo too: every optimizer imports it (1 s of CPU) at its first step
+    if start_method == "forkserver":  # torch._dynamo too: DDP and every optimizer import it when built (1 s of CPU)
         multiprocessing.set_forkserver_preload(["torch._dynamo", fn.__module__])
 
     config = LaunchConfig(
