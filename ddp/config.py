@@ -58,9 +58,9 @@ def resolved_file_spec(spec: str) -> str:
     A run records its task file where it is, not as typed: the same run whether it was started
     with a relative or an absolute path, and ``ddp verify`` of its weights works from any folder.
     """
-    where, sep, name = spec.rpartition(":")
-    if sep and where.endswith(".py") and not Path(where).is_absolute() and Path(where).is_file():
-        return f"{Path(where).resolve()}:{name}"
+    path = task_file(spec)
+    if path is not None and not path.is_absolute() and path.is_file():
+        return f"{path.resolve()}:{spec.rpartition(':')[2]}"
     return spec
 
 

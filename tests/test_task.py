@@ -113,6 +113,8 @@ def test_a_task_file_is_known_by_its_content_edited_or_moved_from_any_folder(tmp
     said = f"{weights} was trained with the task file {tmp_path}/a/task.py (sha256 {digest}), which is not there now"
     assert proc.returncode == 2 and said in proc.output
     assert "outputs identical" in ok(ddp_command("verify", weights, "--task", f"{tmp_path}/b/task.py:make"))
+    predicted = ok(ddp_command("predict", weights, "--task", "task.py:make", "--random", "2", cwd=tmp_path / "b"))
+    assert [line.split("\t")[0] for line in predicted.splitlines()] == ["0", "1"]  # relative to where it runs
     # the same content at another path continues the run, from another folder, and says where it moved
     out = ok(train_alone("--task", "task.py:make", *base, "--steps", "8", cwd=tmp_path / "b"))
     moved = f"moved since the checkpoint, its content the same: {tmp_path}/a/task.py:make -> {tmp_path}/b/task.py:make"
