@@ -350,21 +350,20 @@ def test_an_async_save_that_fails_mid_run_stops_every_rank_at_the_next_step(tmp_
 # Per checkpoint, rank 0 writes its rank file, train.pt, its share of the model, then the
 # manifest; rank 1 writes its rank file and its share of the optimizer state (with 2 ranks and
 # SGD momentum the shares are the whole model and the whole momentum: tensors of the same sizes).
-# The Nth write of a rank is killed: points inside checkpoint 8, a data file (rank 0's are
-# written as rank 1's are) and the manifest, the commit point.
-@pytest.mark.parametrize(
-    ("rank", "write"),
-    [(0, 8), (1, 4)],
-    ids=["rank0-manifest", "rank1-optimizer-share"],
-)
-def test_kill_during_a_save_keeps_the_previous_checkpoint_and_cleans_up(tmp_path, rank, write):
+# The Nth write of a rank in a process is killed: points inside checkpoint 8, the manifest (the
+# commit point), then on relaunch a data file (rank 0's are written as rank 1's are).
+def test_kill_during_a_save_keeps_the_previous_checkpoint_and_cleans_up(tmp_path):
     args = [*ARGS, "--steps", "8", "--checkpoint-every", "4", "--snapshot-every", "0", "--out", str(tmp_path)]
-    proc = torchrun(2, *args, extra_env={"DDP_FAULT": f"kill-in-save:rank={rank}:save={write}"})
-    assert proc.returncode != 0
-    assert f"rank      : {rank} (local_rank: {rank})" in proc.output and "exitcode  : -9" in proc.output
-    folders = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
-    assert folders == [".tmp-step-00000008", "step-00000004"]
-    before = sha256_tree(tmp_path / "checkpoints" / "step-00000004")
+    before = None
+    for rank, write in ((0, 8), (1, 2)):  # rank 0's manifest; after a relaunch at step 5, rank 1's optimizer share
+        proc = torchrun(2, *args, extra_env={"DDP_FAULT": f"kill-in-save:rank={rank}:save={write}"})
+        assert proc.returncode != 0
+        assert f"rank      : {rank} (local_rank: {rank})" in proc.output and "exitcode  : -9" in proc.output
+        folders = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+        assert folders == [".tmp-step-00000008", "step-00000004"]
+        before = before or sha256_tree(tmp_path / "checkpoints" / "step-00000004")
+        assert sha256_tree(tmp_path / "checkpoints" / "step-00000004") == before
+    assert "step-00000004: continuing at step 5" in proc.output  # the second kill came after a resume
     out = ok(torchrun(2, *args))
     assert f"removed leftover {tmp_path}/checkpoints/.tmp-step-00000008 of an interrupted save" in out
     assert "step-00000004: continuing at step 5" in out
