@@ -74,8 +74,9 @@ def clip_gradients(model: nn.Module, max_norm: float | None) -> torch.Tensor:
     gradients are DTensor shards and the norm is the whole model's (one all-reduce).
     """
     params = [p for p in model.parameters() if p.grad is not None]
-    limit = float("inf") if max_norm is None else max_norm  # inf: the norm alone (grads scaled by exactly 1)
-    norm = torch.nn.utils.clip_grad_norm_(params, limit)
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])  # one pass over the gradients
+    if max_norm is not None:  # a second pass only to clip (clip_grad_norm_ scales by 1.0 even when it need not)
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
     full_tensor = getattr(norm, "full_tensor", None)  # a DTensor under FSDP
     return (full_tensor() if full_tensor is not None else norm).detach()
 

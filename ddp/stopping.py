@@ -1,13 +1,16 @@
 """Stopping on a signal: SIGTERM (a scheduler's preemption) and SIGINT (Ctrl-C), agreed by every rank.
 
-The handler only records the signal. Every rank learns of a signal on any rank at the
-same step, through a non-blocking all-reduce that each step starts and the next reads
-(long finished by then, so no step waits for it): the ranks stop together within one
-step of the signal, whatever ``--log-every`` is, save a checkpoint and exit 0. Outside
-the steps (an evaluation, the final export and verify) the ranks agree between batches and
-between phases (``check``); the last step's checkpoint is durable before either begins. A second
-SIGINT exits at once. Under torchrun a Ctrl-C reaches the launcher, which forwards one
-SIGINT to every worker and kills them 30 s later.
+The handler only records the signal. Every rank learns of a signal on any rank at the same
+step through a non-blocking all-reduce that one step starts and a later one reads. A vote is
+a collective of its own (on gloo about 0.5 ms, a quarter of a small model's step), so the
+ranks vote every ``interval`` steps: the fewest steps that last ``VOTE_SECONDS``, measured
+and agreed at each vote, at most ``MAX_INTERVAL``. The ranks stop together, on the same step,
+within two intervals of the signal (about 0.2 s, or two steps where a step takes longer),
+whatever ``--log-every`` is; they save a checkpoint and exit 0. Outside the steps (an
+evaluation, the final export and verify) the ranks agree between batches and between phases
+(``check``); the last step's checkpoint is durable before either begins. A second SIGINT
+exits at once. Under torchrun a Ctrl-C reaches the launcher, which forwards one SIGINT to
+every worker and kills them 30 s later.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import contextlib
 import os
 import signal
 import sys
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -23,6 +27,11 @@ import torch
 import torch.distributed as dist
 
 from ddp import group
+
+VOTE_SECONDS = 0.1
+"""The time between two votes the interval aims at: a scheduler's grace period (30 s and more) dwarfs it."""
+MAX_INTERVAL = 1000
+"""The most steps between two votes, however short a step."""
 
 
 class StopSignals:
@@ -33,20 +42,47 @@ class StopSignals:
         self.received = 0  # the signal number this rank received; set by the handler only
         self.requested = False  # set when any rank was signalled, at the same step on every rank
         self.name = ""  # the signal the ranks agreed to stop on
-        self.vote: tuple[torch.Tensor, Any] | None = None  # the all-reduce the last step started
+        self.vote: tuple[torch.Tensor, Any] | None = None  # the all-reduce the last vote started
+        self.next_vote = 0  # the step of the next vote: the same on every rank
+        self.interval = 1  # the steps from the last vote to the next
+        self.last_vote = (0, time.perf_counter())  # (step, time) of this rank's last vote
 
-    def agree(self) -> bool:
-        """Called by every rank at the end of every step: whether the ranks stop now."""
+    def agree(self, step: int) -> bool:
+        """Called by every rank at the end of every step: whether the ranks stop now.
+
+        At a vote step, a rank reads the previous vote (the signal, and the agreed interval to the next
+        vote) and starts the next, which carries its signal and the interval its steps suggest.
+        """
         if self.world.world_size == 1:
             self._stop_on(self.received)
             return self.requested
+        if step < self.next_vote:
+            return False
+        proposed = self.interval  # where ``check`` read the last vote: the interval goes on
         if self.vote is not None:
-            flag, work = self.vote
-            work.wait()
-            self._stop_on(int(flag.item()))
-        flag = torch.tensor([self.received], dtype=torch.int32, device=group.control_device())
+            proposed = -self._read()[1]  # the MAX of the negated proposals: the smallest, so no rank waits longer
+        self.interval = min(proposed, 2 * self.interval)  # growing from 1 step: short runs vote often
+        self.next_vote = step + self.interval
+        flag = torch.tensor([self.received, -self._proposal(step)], dtype=torch.int64, device=group.control_device())
         self.vote = (flag, dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True))
         return self.requested
+
+    def _read(self) -> list[int]:
+        """The vote in flight, done: (the highest signal number of any rank, the negated smallest proposal)."""
+        flag, work = self.vote
+        work.wait()
+        self.vote = None
+        signum, negated = (int(v) for v in flag.tolist())
+        self._stop_on(signum)
+        return [signum, negated]
+
+    def _proposal(self, step: int) -> int:
+        """The steps that last about ``VOTE_SECONDS`` at this rank's pace since its last vote."""
+        last_step, last_time = self.last_vote
+        now = time.perf_counter()
+        self.last_vote = (step, now)
+        per_step = (now - last_time) / max(step - last_step, 1)
+        return max(1, min(MAX_INTERVAL, int(VOTE_SECONDS / max(per_step, 1e-9))))
 
     def check(self) -> bool:
         """Called by every rank at the same point outside the step loop (between evaluation batches, between the
@@ -65,10 +101,10 @@ class StopSignals:
             self.requested, self.name = True, signal.Signals(signum).name
 
     def finish(self) -> None:
-        """Wait for the agreement still in flight, so that no collective is left open after training."""
+        """Read the vote still in flight, so that no collective is left open after training, and a signal it
+        carries stops every rank now."""
         if self.vote is not None:
-            self.vote[1].wait()
-            self.vote = None
+            self._read()
 
     def _handle(self, signum: int, frame: Any) -> None:
         if signum == signal.SIGINT and self.received:

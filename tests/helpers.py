@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import select
 import signal
 import socket
@@ -111,6 +112,18 @@ def ok(proc) -> str:
     """Assert a job succeeded; returns its output."""
     assert proc.returncode == 0, f"exit {proc.returncode}:\n{proc.output[-6000:]}"
     return proc.output
+
+
+def stopped_after(output: str, signalled: int, name: str = "SIGTERM") -> int:
+    """The step the ranks stopped after, on a signal one rank received at the end of step ``signalled``.
+
+    The ranks learn of it at a vote (``ddp.stopping``): from the first step, the interval between votes at most
+    doubles, so the stop comes after the signal and at most 4 times its step."""
+    steps = {int(s) for s in re.findall(rf"stopping on {name} after step (\d+): checkpoint saved", output)}
+    assert len(steps) == 1, output[-3000:]
+    (step,) = steps
+    assert signalled < step <= 4 * signalled, (signalled, step)
+    return step
 
 
 def free_port() -> int:

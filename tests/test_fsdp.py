@@ -14,7 +14,7 @@ from ddp.tasks.charlm import CharLM
 from ddp.train import main
 from ddp.weights import read
 
-from .helpers import assert_same_training, max_diff, model_state, ok, torchrun, train_alone
+from .helpers import assert_same_training, max_diff, model_state, ok, stopped_after, torchrun, train_alone
 from .tied_task import TiedNet
 
 FSDP = ["--strategy", "fsdp", "--samples", "1024", "--batch-size", "32", "--log-every", "1"]
@@ -44,19 +44,20 @@ def test_sigkilled_fsdp_rank_restarts_and_ends_bitwise_equal(tmp_path):
 def test_fsdp_bf16_sigterm_saves_then_resumes_on_three_ranks_past_a_damaged_checkpoint(tmp_path):
     args = [*FSDP, "--steps", "16", "--checkpoint-every", "4", "--precision", "bf16", "--out", str(tmp_path)]
     out = ok(torchrun(2, *args, extra_env={"DDP_FAULT": "sigterm:rank=1:step=9"}))
-    assert "stopping on SIGTERM after step 10: checkpoint saved" in out  # the ranks agree at the next step
-    newest = tmp_path / "checkpoints" / "step-00000010"
+    stopped = stopped_after(out, 9)  # at a vote: after step 10 to 16, the last
+    newest = tmp_path / "checkpoints" / f"step-{stopped:08d}"
     shard = newest / "sharded" / "__1_0.distcp"
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
     out = ok(torchrun(3, *args))
     assert f"skipping {newest}: {shard} fails its xxh3_128 check" in out
-    assert "checkpoint written by 2 rank(s), resuming on 3" in out and "continuing at step 9" in out
+    before = (stopped - 1) // 4 * 4  # the newest checkpoint before the damaged one: --checkpoint-every 4
+    assert "checkpoint written by 2 rank(s), resuming on 3" in out and f"continuing at step {before + 1}" in out
     assert "verify: 3/3 ranks reloaded" in out and "atol = 0.01 for bf16" in out
     assert model_state(tmp_path)[1]["step"] == 16
     kept = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())  # --keep-last 3 prunes sharded ones too
-    assert kept == ["step-00000010", "step-00000012", "step-00000016"]
+    assert kept == [f"step-{s:08d}" for s in sorted({8, 12, 16, stopped})[-3:]]  # the damaged one, where it is kept
 
 
 def test_fsdp_trains_a_users_task_with_tied_weights_as_one_process_does(tmp_path):
