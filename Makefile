@@ -6,6 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 NPROC ?=
 ARGS ?=
+PEERS_ARGS ?=
 PYTEST_ARGS ?=
 # Test files run in parallel, each whole in one worker (its shared runs stay shared), the longest first
 # (tests/conftest.py). The tests mostly wait on process start-up and collectives, so 2 workers fit 2 cores.
@@ -48,9 +49,14 @@ format: install
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-bench: install  ## throughput and checkpoint benchmarks; writes bench/results.json
+$(VENV)/.bench-installed: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e '.[bench]' --no-compile
+	touch $@
+
+bench: $(VENV)/.bench-installed  ## benchmarks, then the peers table (accelerate, Lightning); bench/results.json, peers.json
 	$(PY) bench/bench.py $(ARGS)
+	$(PY) bench/peers.py $(PEERS_ARGS)
 
 clean:
-	rm -rf runs .pytest_cache .ruff_cache bench/results.json *.egg-info
+	rm -rf runs .pytest_cache .ruff_cache bench/results.json bench/peers.json *.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

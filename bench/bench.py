@@ -46,6 +46,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 
 from ddp import group
+from ddp import optim as ddp_optim
 from ddp.checkpoint import Checkpointer
 from ddp.checkpoint_files import MODEL, TRAIN, nbytes, read_state, stage, validate
 from ddp.config import CheckpointConfig, Config
@@ -85,6 +86,9 @@ C_VARIANTS = {
     "c no figures": ("log", "log_every", 10**9),
     # a snapshot of the whole training state into host memory after every step (c takes none: it is never resumed)
     "c snapshot every step": ("checkpoint", "snapshot_every", "1"),
+    # a part of the step taken out (issue 34's breakdown): what the stop vote and the gradient norm cost
+    "c no stop vote": ("ablate", "stop vote", None),
+    "c no grad norm": ("ablate", "grad norm", None),
     "c again": None,
 }
 MODELS = {  # the built-in task and its settings (--task-arg)
@@ -112,7 +116,7 @@ def throughput_worker(cfg_dict: dict, block_s: float, repeats: int, variants: li
 def variant_config(cfg_dict: dict, variant: str) -> Config:
     """c's settings with the one change ``variant`` names."""
     changed = json.loads(json.dumps(cfg_dict))
-    if C_VARIANTS[variant]:
+    if C_VARIANTS[variant] and C_VARIANTS[variant][0] != "ablate":
         section, name, value = C_VARIANTS[variant]
         changed.setdefault(section, {})[name] = value
     return Config.from_dict(changed)
@@ -154,8 +158,28 @@ def step_functions(cfg: Config, cfg_dict: dict, world, variants: list[str]) -> t
             if changed.cfg.checkpoint.snapshot_every == "1":  # a trainer never resumed has opened no snapshots
                 changed.checkpointer.snapshots.open(f"bench-{uuid.uuid4().hex[:8]}", clean=False)
                 fns[f"{v} (close)"] = functools.partial(changed.checkpointer.snapshots.close, remove=True)
-            fns[v] = trainer_step(changed)
+            fns[v] = ablated(changed, C_VARIANTS[v][1]) if C_VARIANTS[v] and C_VARIANTS[v][0] == "ablate" else (
+                trainer_step(changed))  # fmt: skip
     return fns, trainer
+
+
+def ablated(trainer: Trainer, part: str):
+    """A step of ``trainer`` without one of its parts: the stop vote, or the gradient norm (then 0, never
+    non-finite). Benchmark only: the loop's guarantees need both."""
+    step = trainer_step(trainer)
+    if part == "stop vote":
+        trainer.stop.agree = lambda step: False
+        return step
+
+    def without_norm() -> None:
+        real = ddp_optim.clip_gradients
+        ddp_optim.clip_gradients = lambda model, max_norm: torch.zeros(())
+        try:
+            step()
+        finally:
+            ddp_optim.clip_gradients = real
+
+    return without_norm
 
 
 def _measure(cfg: Config, cfg_dict: dict, world, block_s: float, repeats: int, variants: list[str]) -> dict:

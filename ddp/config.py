@@ -300,7 +300,8 @@ class ComputeConfig:
     sync_bn: bool = False
     """Convert BatchNorm layers to SyncBatchNorm (needs CUDA)."""
     memory_format: str = "auto"
-    """Layout of conv weights and activations: auto (channels_last if the task asks, as the cnn does) or a layout."""
+    """Layout of conv weights and activations: auto (channels_last for a model with 2-D convolutions whose forward
+    takes it, unless its task says otherwise) or a layout."""
     ac: str = "none"
     """Activation checkpointing: none, or full (each of the task's blocks recomputes its forward in the backward,
     keeping only its inputs: less memory for more compute)."""

@@ -35,7 +35,10 @@ def local_model(task: Task, cfg: Config, device: torch.device, dtype: torch.dtyp
         materialize(model, lambda: probe_input(task, cfg))  # lazy layers draw their weights here: seeded too
     if cfg.compute.sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    return model.to(device, dtype=dtype, memory_format=memory_format(cfg, task))
+    fmt = memory_format(cfg, task, model)
+    if fmt == torch.channels_last and cfg.compute.memory_format == "auto" and task.channels_last is None:
+        fmt = _runs_channels_last(model, lambda: probe_input(task, cfg))
+    return model.to(device, dtype=dtype, memory_format=fmt)
 
 
 def probe_input(task: Task, cfg: Config):
@@ -44,18 +47,52 @@ def probe_input(task: Task, cfg: Config):
         return task.probe_input()
 
 
-def memory_format(cfg: Config, task: Task) -> torch.memory_format:
-    """channels_last under ``auto`` for tasks that ask for it (the cnn).
+def memory_format(cfg: Config, task: Task, model: nn.Module | None = None) -> torch.memory_format:
+    """channels_last under ``auto`` for a model with 2-D convolutions (unless its task says otherwise,
+    ``Task.channels_last``), for a user's model as for the built-in cnn.
 
     A conv whose weight is channels_last runs channels_last (oneDNN on CPU, cuDNN on
-    GPU), inputs included, and carries the layout on to the next layer: the cnn's DDP
-    step is 1.1-1.25x faster on CPU (bench/bench.py, variant "c contiguous"). It changes
-    float rounding, not the weights' values, so it is an exactness setting.
+    GPU), inputs included, and carries the layout on to the next layer: a DDP step of
+    two 3x3 convolutions is 1.1-1.25x faster on CPU (bench/bench.py, variant "c contiguous";
+    bench/peers.py, a user's CNN). It changes float rounding, not the weights' values, so it
+    is an exactness setting: the choice depends on the model alone, never on a timing, so
+    that a restart makes the same one.
     """
     fmt = cfg.compute.memory_format
     if fmt == "auto":
-        fmt = "channels_last" if task.channels_last else "contiguous"
+        wants = task.channels_last
+        if wants is None:
+            wants = model is not None and any(isinstance(m, CONV_2D) for m in model.modules())
+        fmt = "channels_last" if wants else "contiguous"
     return torch.channels_last if fmt == "channels_last" else torch.contiguous_format
+
+
+CONV_2D = (nn.Conv2d, nn.ConvTranspose2d)
+
+
+def _runs_channels_last(model: nn.Module, probe) -> torch.memory_format:
+    """channels_last if the model's forward takes it: one no-grad pass on the probe input; else contiguous, with
+    a note. A forward that views a conv's output as if it were contiguous (``x.view(n, -1)``) fails in
+    channels_last, where ``flatten`` or ``reshape`` would not."""
+    from ddp.task import call
+
+    model.to(memory_format=torch.channels_last)
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()
+            call(model, probe())
+        return torch.channels_last
+    except Exception as e:  # any failure means: not this layout (the note names it)
+        if group.rank() == 0:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            print(f"note: --memory-format auto: the model's forward on its probe input fails in channels_last "
+                  f"({first}); training in the contiguous layout (flatten or reshape instead of view would take "
+                  "the faster one; --memory-format contiguous says so and skips this check)", flush=True)  # fmt: skip
+        return torch.contiguous_format
+    finally:
+        model.train(was_training)
+        model.to(memory_format=torch.contiguous_format)
 
 
 class Parallel:

@@ -60,8 +60,9 @@ class Task:
     of the task's own too, from the logits of its forward)."""
     summarize: Callable[[dict[str, float]], dict[str, float]] | None = None
     """Adds derived figures to the averaged metrics (e.g. perplexity from loss)."""
-    channels_last: bool = False
-    """Train in channels_last under ``--memory-format auto`` (convnets run faster so)."""
+    channels_last: bool | None = None
+    """Train in channels_last under ``--memory-format auto`` (convnets run faster so): True or False, or None
+    to let the model decide: channels_last where it has 2-D convolutions and its forward takes that layout."""
     blocks: Callable[[nn.Module], Iterable[nn.Module]] | None = None
     """Under ``--strategy fsdp``: the submodules to shard one by one, e.g. ``lambda m: m.layers``
     (each transformer block); the root holds the rest. Default: each child with parameters,

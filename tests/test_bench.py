@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from .helpers import ok, run
+from .helpers import model_state, ok, run, train_alone
 
 
 def test_bench_quick_runs_and_writes_results(tmp_path):
@@ -26,6 +26,15 @@ def test_bench_quick_runs_and_writes_results(tmp_path):
     assert results["activation_checkpointing"]["step_s_full"] > 0 and "| --ac |" in out
     assert [row["samples"] for row in results["scale"]] == [10**6, 10**10] and "| samples |" in out
     assert results["tokens"]["ours_samples_per_s"] > 0 and "nanoGPT's get_batch" in out
+
+
+def test_the_peers_task_trains_as_a_users_task_does_its_cnn_in_channels_last(tmp_path):
+    """bench/peers.py's task file (make bench launches each peer under torchrun: minutes, not run here)."""
+    task = ["--task", "bench/peer_task.py:cnn", "--steps", "2", "--batch-size", "8"]
+    out = ok(train_alone(*task, "--out", str(tmp_path)))
+    assert "verify: 1/1 ranks reloaded" in out and "note: --memory-format" not in out
+    conv = model_state(tmp_path)[0]["2.weight"]  # a user's CNN, under --memory-format auto
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU case")

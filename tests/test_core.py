@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+import ddp
 from ddp.config import Config
 from ddp.model import MLP
 
@@ -86,7 +87,37 @@ def test_lazy_modules_are_materialised_before_ddp_wraps_them(tmp_path):
         assert model[0].weight.grad is not None
 
 
-def test_memory_format_auto_is_channels_last_for_the_cnn_only():
+class ViewsItsFeatures(torch.nn.Module):
+    """A user's CNN; with ``view``, its forward works in the contiguous layout only."""
+
+    def __init__(self, view: bool) -> None:
+        super().__init__()
+        self.conv, self.head, self.view = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Linear(8 * 8 * 8, 2), view
+
+    def forward(self, x):
+        h = self.conv(x)
+        return self.head(h.view(len(h), -1) if self.view else h.flatten(1))
+
+
+def test_memory_format_auto_is_channels_last_for_a_users_cnn_whose_forward_takes_it(capsys):
+    from ddp.parallel import local_model
+
+    def conv_weight(view: bool, fmt: str = "auto") -> torch.Tensor:
+        data = torch.utils.data.TensorDataset(torch.randn(32, 3, 8, 8), torch.randint(0, 2, (32,)))
+        task = ddp.Task(model=lambda: ViewsItsFeatures(view), train_data=data)
+        cfg = Config.from_dict({"run": {"memory_format": fmt}})
+        return local_model(task, cfg, torch.device("cpu")).conv.weight
+
+    assert conv_weight(view=False).is_contiguous(memory_format=torch.channels_last)
+    assert not conv_weight(view=False).is_contiguous()
+    assert capsys.readouterr().out == ""
+    assert conv_weight(view=True).is_contiguous()  # the probe's forward failed in channels_last: no crash in a step
+    said = capsys.readouterr().out
+    assert "note: --memory-format auto: the model's forward on its probe input fails in channels_last (view" in said
+    assert conv_weight(view=False, fmt="contiguous").is_contiguous()
+
+
+def test_memory_format_auto_is_channels_last_for_the_cnn_and_contiguous_for_the_mlp():
     from ddp.parallel import local_model
     from ddp.tasks import resolve
 

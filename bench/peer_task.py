@@ -1,0 +1,58 @@
+"""The peers benchmark's task, written as a user writes one: plain PyTorch models and an in-memory TensorDataset.
+
+    torchrun --standalone --nproc-per-node 2 -m ddp.train --task bench/peer_task.py:mlp --steps 100
+
+Every contestant of ``bench/peers.py`` trains these models on this data; this project reads them through
+``--task FILE.py:NAME``, as it reads a user's (no built-in fast path: a CNN here runs in the layout
+``--memory-format auto`` chooses for a user's model).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+import ddp
+
+ROWS = 65_536
+CLASSES = 10
+SHAPES = {"mlp": (20,), "wide": (20,), "cnn": (1, 16, 16)}
+
+
+def build(case: str) -> nn.Module:
+    """The case's model: the textbook MLP, a wide MLP, or a small CNN of two 3x3 convolutions."""
+    if case == "mlp":
+        return nn.Sequential(nn.Linear(20, 256), nn.ReLU(), nn.Linear(256, CLASSES))
+    if case == "wide":
+        return nn.Sequential(
+            nn.Linear(20, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, CLASSES)
+        )  # fmt: skip
+    if case == "cnn":
+        return nn.Sequential(
+            nn.Conv2d(1, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(64 * 16, CLASSES),
+        )  # fmt: skip
+    raise ValueError(f"unknown case {case!r}; use {', '.join(SHAPES)}")
+
+
+def data(case: str) -> TensorDataset:
+    """``ROWS`` random samples of the case's shape with random labels, the same on every rank and every run."""
+    g = torch.Generator().manual_seed(0)
+    return TensorDataset(torch.randn(ROWS, *SHAPES[case], generator=g), torch.randint(0, CLASSES, (ROWS,), generator=g))
+
+
+def _task(case: str) -> ddp.Task:
+    return ddp.Task(model=lambda: build(case), train_data=lambda: data(case), name=f"peer-{case}")
+
+
+def mlp() -> ddp.Task:
+    return _task("mlp")
+
+
+def wide() -> ddp.Task:
+    return _task("wide")
+
+
+def cnn() -> ddp.Task:
+    return _task("cnn")

@@ -1,0 +1,293 @@
+"""Peers: this project against what its users would otherwise run, each launched the way its users launch it.
+
+    make bench                         # bench/bench.py, then this table (the `bench` extra: accelerate, Lightning)
+    python bench/peers.py              # about 15 minutes on 2 cores; writes bench/peers.json
+    python bench/peers.py --quick      # the textbook MLP, short runs, one repeat
+
+Every contestant is a fresh ``torchrun --standalone --nproc-per-node 2`` job (gloo, one thread a rank) that
+trains the same model on the same in-memory data (``bench/peer_task.py``: 65,536 rows), per-rank batch 64,
+SGD (lr 0.01, momentum 0.9):
+
+  ours       torchrun -m ddp.train --task bench/peer_task.py:CASE, with its defaults (snapshots, final save,
+             export and verify included), as a user runs it
+  tutorial   the pytorch/examples loop: DataLoader + DistributedSampler, DDP and the model as they come
+  accelerate Accelerator.prepare(model, optimizer, loader) and accelerator.backward
+  fabric     Lightning Fabric: setup, setup_dataloaders, fabric.backward
+  lightning  a LightningModule under Lightning's Trainer (no logger, checkpointing or progress bar)
+
+Throughput comes from the difference of two runs, of N and 2N steps: N x global batch / (t(2N) - t(N)), so
+that start-up and exit cancel. Start-up is the time from the launch to the first step (the 2N run's time to
+its last step, less 2N steps); exit is from its last step to the launcher's exit. The contestants run in
+alternating order, ``--repeats`` times; figures are medians with quartiles, and "ours / best peer" is the
+median of the per-repeat ratios against the fastest peer of that repeat.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import timedelta
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+CONTESTANTS = ("ours", "tutorial", "accelerate", "fabric", "lightning")
+NEEDS = {"accelerate": "accelerate", "fabric": "lightning", "lightning": "lightning"}  # the `bench` extra
+STEPS = {"mlp": 1000, "wide": 160, "cnn": 60}  # N: about 3 s of steps here (multiples of --log-every's 10)
+QUICK_STEPS = {"mlp": 100, "wide": 20, "cnn": 10}
+BATCH, LR, MOMENTUM = 64, 0.01, 0.9
+LAUNCH_TIMEOUT = 600
+
+
+# ---- the contestants' loops (run by torchrun: python bench/peers.py --loop NAME) -------------------------
+
+
+def _done(step: int, rank: int, world: int) -> None:
+    """The line the harness times: printed by rank 0 when its last step ends (with the world size it checks)."""
+    if rank == 0:
+        print(f"peer step {step} done, world {world}", flush=True)
+
+
+def loop_tutorial(case: str, steps: int) -> None:
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    from peer_task import build, data
+
+    dist.init_process_group("gloo", timeout=timedelta(minutes=5))
+    try:
+        model, dataset = DDP(build(case)), data(case)
+        sampler = DistributedSampler(dataset, shuffle=True, seed=0)
+        loader = DataLoader(dataset, batch_size=BATCH, sampler=sampler, drop_last=True)
+        opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
+        step, epoch = 0, 0
+        while step < steps:
+            sampler.set_epoch(epoch)
+            for x, y in loader:
+                opt.zero_grad()
+                F.cross_entropy(model(x), y).backward()
+                opt.step()
+                step += 1
+                if step == steps:
+                    break
+            epoch += 1
+        _done(step, dist.get_rank(), dist.get_world_size())
+        del model, opt
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def loop_accelerate(case: str, steps: int) -> None:
+    import torch
+    import torch.nn.functional as F
+    from accelerate import Accelerator
+    from torch.utils.data import DataLoader
+
+    from peer_task import build, data
+
+    acc = Accelerator(cpu=True)
+    loader = DataLoader(data(case), batch_size=BATCH, shuffle=True, drop_last=True)
+    model = build(case)
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
+    model, opt, loader = acc.prepare(model, opt, loader)
+    step = 0
+    while step < steps:
+        for x, y in loader:
+            opt.zero_grad()
+            acc.backward(F.cross_entropy(model(x), y))
+            opt.step()
+            step += 1
+            if step == steps:
+                break
+    _done(step, acc.process_index, acc.num_processes)
+    acc.wait_for_everyone()
+    acc.end_training()
+
+
+def loop_fabric(case: str, steps: int) -> None:
+    import torch
+    import torch.nn.functional as F
+    from lightning.fabric import Fabric
+    from torch.utils.data import DataLoader
+
+    from peer_task import build, data
+
+    fabric = Fabric(accelerator="cpu", strategy="ddp", devices=int(os.environ["LOCAL_WORLD_SIZE"]))
+    fabric.launch()
+    model = build(case)
+    model, opt = fabric.setup(model, torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM))
+    loader = fabric.setup_dataloaders(DataLoader(data(case), batch_size=BATCH, shuffle=True, drop_last=True))
+    step = 0
+    while step < steps:
+        for x, y in loader:
+            opt.zero_grad()
+            fabric.backward(F.cross_entropy(model(x), y))
+            opt.step()
+            step += 1
+            if step == steps:
+                break
+    _done(step, fabric.global_rank, fabric.world_size)
+    fabric.barrier()
+
+
+def loop_lightning(case: str, steps: int) -> None:
+    import lightning as L
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader
+
+    from peer_task import build, data
+
+    class Module(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = build(case)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return F.cross_entropy(self.model(x), y)
+
+        def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+            if self.trainer.global_step == steps:
+                _done(steps, self.global_rank, self.trainer.world_size)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=LR, momentum=MOMENTUM)
+
+    trainer = L.Trainer(
+        accelerator="cpu", strategy="ddp", devices=int(os.environ["LOCAL_WORLD_SIZE"]), max_steps=steps,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(Module(), DataLoader(data(case), batch_size=BATCH, shuffle=True, drop_last=True))
+
+
+# ---- the harness ------------------------------------------------------------------------------------------
+
+
+def command(contestant: str, case: str, steps: int, nproc: int, out: Path) -> list[str]:
+    """The launch of one contestant, as its users type it."""
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    if contestant == "ours":
+        return [*launch, "-m", "ddp.train", "--task", f"{HERE / 'peer_task.py'}:{case}", "--steps", str(steps),
+                "--batch-size", str(BATCH), "--lr", str(LR), "--momentum", str(MOMENTUM), "--schedule", "constant",
+                "--out", str(out)]  # fmt: skip
+    return [*launch, str(Path(__file__)), "--loop", contestant, "--case", case, "--steps", str(steps)]
+
+
+def timed_launch(cmd: list[str], steps: int, nproc: int) -> tuple[float, float]:
+    """(seconds from the launch to the line of the last step, seconds to the launcher's exit)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{HERE}{os.pathsep}{ROOT}"}
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+    timer = threading.Timer(LAUNCH_TIMEOUT, proc.kill)  # a hung contestant fails its launch, not the bench
+    timer.start()
+    last, lines = None, []
+    marker = re.compile(rf"\bstep {steps}\b")  # ours: "[rank 0/2] step N epoch ..."; the peers: "peer step N done"
+    for line in proc.stdout:
+        lines.append(line)
+        if last is None and marker.search(line):
+            last = time.perf_counter() - start
+    proc.wait()
+    timer.cancel()
+    end = time.perf_counter() - start
+    worlds = {int(w) for w in re.findall(r"peer step \d+ done, world (\d+)", "".join(lines))}
+    if proc.returncode != 0 or last is None or worlds - {nproc}:
+        raise RuntimeError(f"{' '.join(cmd)} failed (exit {proc.returncode}):\n{''.join(lines[-40:])}")
+    return last, end
+
+
+def quartiles(xs: list[float]) -> dict:
+    q = statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
+    return {"median": statistics.median(xs), "q1": q[0], "q3": q[2]}
+
+
+def measure(case: str, contestants: list[str], steps: int, nproc: int, repeats: int) -> dict:
+    """Per contestant and repeat: samples/s from the N and 2N runs, start-up and exit seconds."""
+    raw = {c: {"samples_per_s": [], "startup_s": [], "exit_s": []} for c in contestants}
+    with tempfile.TemporaryDirectory(prefix="peers-") as tmp:
+        for rep in range(repeats):
+            for c in contestants if rep % 2 == 0 else contestants[::-1]:  # alternating: no drift bias
+                runs = {}
+                for n in (steps, 2 * steps):
+                    out = Path(tmp) / f"{c}-{case}-{rep}-{n}"
+                    runs[n] = timed_launch(command(c, case, n, nproc, out), n, nproc)
+                step_s = (runs[2 * steps][1] - runs[steps][1]) / steps  # <= 0 where the noise outweighs N steps
+                raw[c]["samples_per_s"].append(BATCH * nproc / step_s if step_s > 0 else math.nan)
+                raw[c]["startup_s"].append(runs[2 * steps][0] - 2 * steps * step_s)
+                raw[c]["exit_s"].append(runs[2 * steps][1] - runs[2 * steps][0])
+                print(f"  {case} {c} repeat {rep + 1}: {raw[c]['samples_per_s'][-1]:,.0f} samples/s", flush=True)
+    row = {c: {k: quartiles(v) for k, v in figures.items()} for c, figures in raw.items()}
+    peers = [c for c in contestants if c != "ours"]
+    if "ours" in contestants and peers:
+        ratios = [raw["ours"]["samples_per_s"][r] / max(raw[p]["samples_per_s"][r] for p in peers)
+                  for r in range(repeats)]  # fmt: skip
+        row["ours / best peer"] = quartiles(ratios)
+    return {"case": case, "steps": steps, "raw": raw, **row}
+
+
+def table(rows: list[dict], contestants: list[str]) -> str:
+    """The results as a Markdown table: samples/s (median, quartiles), then start-up and exit seconds."""
+    head = "| case | " + " | ".join(contestants) + " | ours / best peer |"
+    lines = [head, "|---|" + "---:|" * (len(contestants) + 1)]
+    for row in rows:
+        cells = [f"{row[c]['samples_per_s']['median']:,.0f} ({row[c]['samples_per_s']['q1']:,.0f}–"
+                 f"{row[c]['samples_per_s']['q3']:,.0f})" for c in contestants]  # fmt: skip
+        ratio = row.get("ours / best peer")
+        shown = f"{ratio['median']:.2f} ({ratio['q1']:.2f}–{ratio['q3']:.2f})" if ratio else "–"
+        lines.append(f"| {row['case']} samples/s | " + " | ".join(cells) + f" | {shown} |")
+        for key, label in (("startup_s", "launch to first step, s"), ("exit_s", "last step to exit, s")):
+            cells = [f"{row[c][key]['median']:.2f}" for c in contestants]
+            lines.append(f"| {row['case']} {label} | " + " | ".join(cells) + " | |")
+    return "\n".join(lines)
+
+
+def available(contestants: list[str]) -> list[str]:
+    """The contestants whose library is installed (``pip install -e '.[bench]'``); the others are named."""
+    found = [c for c in contestants if c not in NEEDS or importlib.util.find_spec(NEEDS[c]) is not None]
+    for c in sorted(set(contestants) - set(found)):
+        print(f"{c}: {NEEDS[c]} is not installed (pip install -e '.[bench]'): left out", flush=True)
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    p.add_argument("--loop", choices=CONTESTANTS[1:], help="run one contestant's training loop (under torchrun)")
+    p.add_argument("--case", default="mlp", help="with --loop: the model (bench/peer_task.py)")
+    p.add_argument("--steps", type=int, default=100, help="with --loop: the steps to take")
+    p.add_argument("--quick", action="store_true", help="the textbook MLP, short runs, one repeat")
+    p.add_argument("--cases", default="mlp,wide,cnn", help="comma-separated: mlp, wide, cnn")
+    p.add_argument("--contestants", default=",".join(CONTESTANTS), help="comma-separated, of " + ", ".join(CONTESTANTS))
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--output", type=Path, default=HERE / "peers.json")
+    args = p.parse_args(argv)
+    if args.loop:
+        globals()[f"loop_{args.loop}"](args.case, args.steps)
+        return 0
+    cases = ["mlp"] if args.quick else args.cases.split(",")
+    contestants = available(args.contestants.split(","))
+    repeats = 1 if args.quick else args.repeats
+    print(f"peers: {', '.join(contestants)}; {args.nproc} ranks on gloo, one thread each", flush=True)
+    rows = [measure(case, contestants, (QUICK_STEPS if args.quick else STEPS)[case], args.nproc, repeats)
+            for case in cases]  # fmt: skip
+    print(table(rows, contestants))
+    args.output.write_text(json.dumps({"rows": rows, "contestants": contestants, "quick": args.quick}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
