@@ -9,6 +9,7 @@ Every contestant of ``bench/peers.py`` trains these models on this data; this pr
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
@@ -18,6 +19,8 @@ import ddp
 ROWS = 65_536
 CLASSES = 10
 SHAPES = {"mlp": (20,), "wide": (20,), "cnn": (1, 16, 16)}
+TOKENS = {"vocab": 256, "block": 64, "layers": 2, "heads": 4, "embd": 64, "batch": 32, "lr": 1e-3}
+"""The tokens case: charlm's GPT on a file of random byte tokens (``--task tokens``), AdamW."""
 
 
 def build(case: str) -> nn.Module:
@@ -56,3 +59,16 @@ def wide() -> ddp.Task:
 
 def cnn() -> ddp.Task:
     return _task("cnn")
+
+
+def gpt() -> nn.Module:
+    """The tokens case's model: the GPT ``--task tokens`` builds, with no dropout."""
+    from ddp.tasks.charlm import CharLM
+
+    t = TOKENS
+    return CharLM(torch.arange(t["vocab"]), t["block"], t["layers"], t["heads"], t["embd"], 0.0)
+
+
+def write_tokens(path, count: int = 2_000_000) -> None:
+    """A nanoGPT-format token file: ``count`` random byte tokens, little-endian uint16."""
+    np.random.default_rng(0).integers(0, TOKENS["vocab"], count).astype("<u2").tofile(path)

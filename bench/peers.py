@@ -39,12 +39,20 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
+from peer_task import TOKENS, write_tokens
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-CONTESTANTS = ("ours", "tutorial", "accelerate", "fabric", "lightning")
+CONTESTANTS = ("ours", "tutorial", "accelerate", "fabric", "lightning", "nanogpt")
+PEERS = {"tokens": ("ours", "nanogpt")}  # the tokens case against nanoGPT's loop; the others against the rest
 NEEDS = {"accelerate": "accelerate", "fabric": "lightning", "lightning": "lightning"}  # the `bench` extra
-STEPS = {"mlp": 1000, "wide": 160, "cnn": 60}  # N: about 3 s of steps here (multiples of --log-every's 10)
-QUICK_STEPS = {"mlp": 100, "wide": 20, "cnn": 10}
+STEPS = {
+    "mlp": 1000,
+    "wide": 160,
+    "cnn": 60,
+    "tokens": 120,
+}  # N: about 3 s of steps here; multiples of 10
+QUICK_STEPS = {"mlp": 100, "wide": 20, "cnn": 10, "tokens": 20}
 BATCH, LR, MOMENTUM = 64, 0.01, 0.9
 LAUNCH_TIMEOUT = 600
 
@@ -175,12 +183,67 @@ def loop_lightning(case: str, steps: int) -> None:
     trainer.fit(Module(), DataLoader(data(case), batch_size=BATCH, shuffle=True, drop_last=True))
 
 
+def loop_nanogpt(case: str, steps: int) -> None:
+    """nanoGPT's train.py loop (its get_batch, DDP when launched by torchrun, AdamW), on the tokens case's model,
+    with the settings the others share: a constant rate, no clipping, logging the loss each step as its
+    log_interval 1 does."""
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from peer_task import gpt
+
+    distributed = int(os.environ.get("RANK", -1)) != -1
+    if distributed:
+        dist.init_process_group("gloo", timeout=timedelta(minutes=5))
+    rank = dist.get_rank() if distributed else 0
+    torch.manual_seed(1337 + rank)
+    block, batch = TOKENS["block"], TOKENS["batch"]
+
+    def get_batch():
+        data = np.memmap(os.environ["PEERS_TOKENS"], dtype=np.uint16, mode="r")  # re-mapped per batch, as nanoGPT does
+        ix = torch.randint(len(data) - block, (batch,))
+        x = torch.stack([torch.from_numpy(data[i : i + block].astype(np.int64)) for i in ix])
+        y = torch.stack([torch.from_numpy(data[i + 1 : i + 1 + block].astype(np.int64)) for i in ix])
+        return x, y
+
+    model = gpt()
+    raw = model
+    if distributed:
+        model = DDP(model)
+    opt = torch.optim.AdamW(raw.parameters(), lr=TOKENS["lr"])
+    x, y = get_batch()
+    for _ in range(steps):
+        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        x, y = get_batch()  # the next batch during the forward's work on a GPU (here, in turn)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if rank == 0:
+            loss.item()  # nanoGPT logs every step (log_interval = 1): one host sync each
+    _done(steps, rank, dist.get_world_size() if distributed else 1)
+    if distributed:
+        del model
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 # ---- the harness ------------------------------------------------------------------------------------------
 
 
 def command(contestant: str, case: str, steps: int, nproc: int, out: Path) -> list[str]:
     """The launch of one contestant, as its users type it."""
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    if nproc == 1 and case == "tokens":  # one process, as both are run on one device: no launcher
+        launch = [sys.executable]
+    if contestant == "ours" and case == "tokens":
+        t = TOKENS
+        settings = [f"{k}={t[k]}" for k in ("vocab", "block", "layers", "heads", "embd")]
+        return [*launch, "-m", "ddp.train", "--task", "tokens", "--task-arg", f"train={os.environ['PEERS_TOKENS']}",
+                *settings, "dropout=0.0", "--steps", str(steps), "--batch-size", str(t["batch"]), "--optimizer",
+                "adamw", "--lr", str(t["lr"]), "--schedule", "constant", "--out", str(out)]  # fmt: skip
     if contestant == "ours":
         return [*launch, "-m", "ddp.train", "--task", f"{HERE / 'peer_task.py'}:{case}", "--steps", str(steps),
                 "--batch-size", str(BATCH), "--lr", str(LR), "--momentum", str(MOMENTUM), "--schedule", "constant",
@@ -215,43 +278,43 @@ def quartiles(xs: list[float]) -> dict:
     return {"median": statistics.median(xs), "q1": q[0], "q3": q[2]}
 
 
-def measure(case: str, contestants: list[str], steps: int, nproc: int, repeats: int) -> dict:
+def measure(case: str, contestants: list[str], steps: int, nproc: int, repeats: int, tmp: str) -> dict:
     """Per contestant and repeat: samples/s from the N and 2N runs, start-up and exit seconds."""
     raw = {c: {"samples_per_s": [], "startup_s": [], "exit_s": []} for c in contestants}
-    with tempfile.TemporaryDirectory(prefix="peers-") as tmp:
-        for rep in range(repeats):
-            for c in contestants if rep % 2 == 0 else contestants[::-1]:  # alternating: no drift bias
-                runs = {}
-                for n in (steps, 2 * steps):
-                    out = Path(tmp) / f"{c}-{case}-{rep}-{n}"
-                    runs[n] = timed_launch(command(c, case, n, nproc, out), n, nproc)
-                step_s = (runs[2 * steps][1] - runs[steps][1]) / steps  # <= 0 where the noise outweighs N steps
-                raw[c]["samples_per_s"].append(BATCH * nproc / step_s if step_s > 0 else math.nan)
-                raw[c]["startup_s"].append(runs[2 * steps][0] - 2 * steps * step_s)
-                raw[c]["exit_s"].append(runs[2 * steps][1] - runs[2 * steps][0])
-                print(f"  {case} {c} repeat {rep + 1}: {raw[c]['samples_per_s'][-1]:,.0f} samples/s", flush=True)
+    batch = TOKENS["batch"] if case == "tokens" else BATCH
+    for rep in range(repeats):
+        for c in contestants if rep % 2 == 0 else contestants[::-1]:  # alternating: no drift bias
+            runs = {}
+            for n in (steps, 2 * steps):
+                out = Path(tmp) / f"{c}-{case}-{nproc}-{rep}-{n}"
+                runs[n] = timed_launch(command(c, case, n, nproc, out), n, nproc)
+            step_s = (runs[2 * steps][1] - runs[steps][1]) / steps  # <= 0 where the noise outweighs N steps
+            raw[c]["samples_per_s"].append(batch * nproc / step_s if step_s > 0 else math.nan)
+            raw[c]["startup_s"].append(runs[2 * steps][0] - 2 * steps * step_s)
+            raw[c]["exit_s"].append(runs[2 * steps][1] - runs[2 * steps][0])
+            print(f"  {case} ({nproc}) {c} repeat {rep + 1}: {raw[c]['samples_per_s'][-1]:,.0f} samples/s", flush=True)
     row = {c: {k: quartiles(v) for k, v in figures.items()} for c, figures in raw.items()}
     peers = [c for c in contestants if c != "ours"]
     if "ours" in contestants and peers:
         ratios = [raw["ours"]["samples_per_s"][r] / max(raw[p]["samples_per_s"][r] for p in peers)
                   for r in range(repeats)]  # fmt: skip
         row["ours / best peer"] = quartiles(ratios)
-    return {"case": case, "steps": steps, "raw": raw, **row}
+    name = case if case != "tokens" else f"tokens, {nproc} rank{'s' if nproc > 1 else ''}"
+    return {"case": name, "steps": steps, "nproc": nproc, "contestants": contestants, "raw": raw, **row}
 
 
-def table(rows: list[dict], contestants: list[str]) -> str:
+def table(rows: list[dict]) -> str:
     """The results as a Markdown table: samples/s (median, quartiles), then start-up and exit seconds."""
-    head = "| case | " + " | ".join(contestants) + " | ours / best peer |"
-    lines = [head, "|---|" + "---:|" * (len(contestants) + 1)]
+    columns = [c for c in CONTESTANTS if any(c in row["contestants"] for row in rows)]
+    lines = ["| case | " + " | ".join(columns) + " | ours / best peer |", "|---|" + "---:|" * (len(columns) + 1)]
     for row in rows:
-        cells = [f"{row[c]['samples_per_s']['median']:,.0f} ({row[c]['samples_per_s']['q1']:,.0f}–"
-                 f"{row[c]['samples_per_s']['q3']:,.0f})" for c in contestants]  # fmt: skip
-        ratio = row.get("ours / best peer")
-        shown = f"{ratio['median']:.2f} ({ratio['q1']:.2f}–{ratio['q3']:.2f})" if ratio else "–"
-        lines.append(f"| {row['case']} samples/s | " + " | ".join(cells) + f" | {shown} |")
-        for key, label in (("startup_s", "launch to first step, s"), ("exit_s", "last step to exit, s")):
-            cells = [f"{row[c][key]['median']:.2f}" for c in contestants]
-            lines.append(f"| {row['case']} {label} | " + " | ".join(cells) + " | |")
+        for label, key, shown in (("samples/s", "samples_per_s", "{median:,.0f} ({q1:,.0f}–{q3:,.0f})"),
+                                  ("launch to first step, s", "startup_s", "{median:.2f}"),
+                                  ("last step to exit, s", "exit_s", "{median:.2f}")):  # fmt: skip
+            cells = [shown.format(**row[c][key]) if c in row["contestants"] else "–" for c in columns]
+            ratio = row.get("ours / best peer") if key == "samples_per_s" else None
+            last = "{median:.2f} ({q1:.2f}–{q3:.2f})".format(**ratio) if ratio else ""
+            lines.append(f"| {row['case']}: {label} | " + " | ".join(cells) + f" | {last} |")
     return "\n".join(lines)
 
 
@@ -269,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--case", default="mlp", help="with --loop: the model (bench/peer_task.py)")
     p.add_argument("--steps", type=int, default=100, help="with --loop: the steps to take")
     p.add_argument("--quick", action="store_true", help="the textbook MLP, short runs, one repeat")
-    p.add_argument("--cases", default="mlp,wide,cnn", help="comma-separated: mlp, wide, cnn")
+    p.add_argument("--cases", help="comma-separated, of mlp, wide, cnn, tokens (default: all; --quick: mlp)")
     p.add_argument("--contestants", default=",".join(CONTESTANTS), help="comma-separated, of " + ", ".join(CONTESTANTS))
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--nproc", type=int, default=2)
@@ -278,14 +341,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.loop:
         globals()[f"loop_{args.loop}"](args.case, args.steps)
         return 0
-    cases = ["mlp"] if args.quick else args.cases.split(",")
+    cases = args.cases.split(",") if args.cases else ["mlp"] if args.quick else ["mlp", "wide", "cnn", "tokens"]
     contestants = available(args.contestants.split(","))
     repeats = 1 if args.quick else args.repeats
     print(f"peers: {', '.join(contestants)}; {args.nproc} ranks on gloo, one thread each", flush=True)
-    rows = [measure(case, contestants, (QUICK_STEPS if args.quick else STEPS)[case], args.nproc, repeats)
-            for case in cases]  # fmt: skip
-    print(table(rows, contestants))
-    args.output.write_text(json.dumps({"rows": rows, "contestants": contestants, "quick": args.quick}, indent=1))
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="peers-") as tmp:
+        os.environ["PEERS_TOKENS"] = str(Path(tmp) / "tokens.bin")  # read by the contestants of the tokens case
+        write_tokens(os.environ["PEERS_TOKENS"])
+        for case in cases:
+            steps = (QUICK_STEPS if args.quick else STEPS)[case]
+            peers = PEERS.get(case, [c for c in CONTESTANTS if c not in PEERS["tokens"][1:]])
+            here = [c for c in contestants if c in peers]
+            for nproc in (1, args.nproc) if case == "tokens" else (args.nproc,):  # nanoGPT alone and under DDP
+                rows.append(measure(case, here, steps, nproc, repeats, tmp))
+    print(table(rows))
+    args.output.write_text(json.dumps({"rows": rows, "quick": args.quick}, indent=1))
     return 0
 
 
