@@ -15,11 +15,13 @@ SGD (lr 0.01, momentum 0.9):
   fabric     Lightning Fabric: setup, setup_dataloaders, fabric.backward
   lightning  a LightningModule under Lightning's Trainer (no logger, checkpointing or progress bar)
 
-Throughput comes from the difference of two runs, of N and 2N steps: N x global batch / (t(2N) - t(N)), so
-that start-up and exit cancel. Start-up is the time from the launch to the first step (the 2N run's time to
-its last step, less 2N steps); exit is from its last step to the launcher's exit. The contestants run in
-alternating order, ``--repeats`` times; figures are medians with quartiles, and "ours / best peer" is the
-median of the per-repeat ratios against the fastest peer of that repeat.
+Each launch runs 2N steps. Throughput is taken between the end of step N and the end of step 2N, from the
+lines rank 0 prints there (this project's log line at those steps; a peer's "peer step N done"): N x global
+batch / seconds, warm, with start-up and exit outside it. Start-up is the time from the launch to the first
+step (to step N's line, less N steps); exit, from the last step's line to the launcher's exit (this
+project's final checkpoint, export and verify included). The contestants run in alternating order,
+``--repeats`` times; figures are medians with quartiles, and "ours / best peer" is the median of the
+per-repeat ratios against the fastest peer of that repeat.
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import math
 import os
 import re
 import statistics
@@ -60,9 +61,10 @@ LAUNCH_TIMEOUT = 600
 # ---- the contestants' loops (run by torchrun: python bench/peers.py --loop NAME) -------------------------
 
 
-def _done(step: int, rank: int, world: int) -> None:
-    """The line the harness times: printed by rank 0 when its last step ends (with the world size it checks)."""
-    if rank == 0:
+def _done(step: int, steps: int, rank: int, world: int) -> None:
+    """The lines the harness times: printed by rank 0 at the end of the middle step and of the last (with the
+    world size, which the harness checks)."""
+    if rank == 0 and step in (steps // 2, steps):
         print(f"peer step {step} done, world {world}", flush=True)
 
 
@@ -89,10 +91,10 @@ def loop_tutorial(case: str, steps: int) -> None:
                 F.cross_entropy(model(x), y).backward()
                 opt.step()
                 step += 1
+                _done(step, steps, dist.get_rank(), dist.get_world_size())
                 if step == steps:
                     break
             epoch += 1
-        _done(step, dist.get_rank(), dist.get_world_size())
         del model, opt
         dist.barrier()
     finally:
@@ -119,9 +121,9 @@ def loop_accelerate(case: str, steps: int) -> None:
             acc.backward(F.cross_entropy(model(x), y))
             opt.step()
             step += 1
+            _done(step, steps, acc.process_index, acc.num_processes)
             if step == steps:
                 break
-    _done(step, acc.process_index, acc.num_processes)
     acc.wait_for_everyone()
     acc.end_training()
 
@@ -146,9 +148,9 @@ def loop_fabric(case: str, steps: int) -> None:
             fabric.backward(F.cross_entropy(model(x), y))
             opt.step()
             step += 1
+            _done(step, steps, fabric.global_rank, fabric.world_size)
             if step == steps:
                 break
-    _done(step, fabric.global_rank, fabric.world_size)
     fabric.barrier()
 
 
@@ -170,8 +172,7 @@ def loop_lightning(case: str, steps: int) -> None:
             return F.cross_entropy(self.model(x), y)
 
         def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-            if self.trainer.global_step == steps:
-                _done(steps, self.global_rank, self.trainer.world_size)
+            _done(self.trainer.global_step, steps, self.global_rank, self.trainer.world_size)
 
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=LR, momentum=MOMENTUM)
@@ -215,7 +216,7 @@ def loop_nanogpt(case: str, steps: int) -> None:
         model = DDP(model)
     opt = torch.optim.AdamW(raw.parameters(), lr=TOKENS["lr"])
     x, y = get_batch()
-    for _ in range(steps):
+    for step in range(1, steps + 1):
         loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
         x, y = get_batch()  # the next batch during the forward's work on a GPU (here, in turn)
         loss.backward()
@@ -223,7 +224,7 @@ def loop_nanogpt(case: str, steps: int) -> None:
         opt.zero_grad(set_to_none=True)
         if rank == 0:
             loss.item()  # nanoGPT logs every step (log_interval = 1): one host sync each
-    _done(steps, rank, dist.get_world_size() if distributed else 1)
+        _done(step, steps, rank, dist.get_world_size() if distributed else 1)
     if distributed:
         del model
         dist.barrier()
@@ -251,26 +252,29 @@ def command(contestant: str, case: str, steps: int, nproc: int, out: Path) -> li
     return [*launch, str(Path(__file__)), "--loop", contestant, "--case", case, "--steps", str(steps)]
 
 
-def timed_launch(cmd: list[str], steps: int, nproc: int) -> tuple[float, float]:
-    """(seconds from the launch to the line of the last step, seconds to the launcher's exit)."""
+def timed_launch(cmd: list[str], steps: int, nproc: int) -> tuple[float, float, float]:
+    """Seconds from the launch to the lines of the middle step and of the last, and to the launcher's exit."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{HERE}{os.pathsep}{ROOT}"}
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
     timer = threading.Timer(LAUNCH_TIMEOUT, proc.kill)  # a hung contestant fails its launch, not the bench
     timer.start()
-    last, lines = None, []
-    marker = re.compile(rf"\bstep {steps}\b")  # ours: "[rank 0/2] step N epoch ..."; the peers: "peer step N done"
+    # ours: "[rank 0/2] step N epoch ..." (each --log-every); the peers: "peer step N done, world W"
+    markers = {n: re.compile(rf"\bstep {n}\b") for n in (steps // 2, steps)}
+    seen: dict[int, float] = {}
+    lines = []
     for line in proc.stdout:
         lines.append(line)
-        if last is None and marker.search(line):
-            last = time.perf_counter() - start
+        for n, marker in markers.items():
+            if n not in seen and marker.search(line):
+                seen[n] = time.perf_counter() - start
     proc.wait()
     timer.cancel()
     end = time.perf_counter() - start
     worlds = {int(w) for w in re.findall(r"peer step \d+ done, world (\d+)", "".join(lines))}
-    if proc.returncode != 0 or last is None or worlds - {nproc}:
+    if proc.returncode != 0 or len(seen) != 2 or worlds - {nproc}:
         raise RuntimeError(f"{' '.join(cmd)} failed (exit {proc.returncode}):\n{''.join(lines[-40:])}")
-    return last, end
+    return seen[steps // 2], seen[steps], end
 
 
 def quartiles(xs: list[float]) -> dict:
@@ -284,14 +288,12 @@ def measure(case: str, contestants: list[str], steps: int, nproc: int, repeats: 
     batch = TOKENS["batch"] if case == "tokens" else BATCH
     for rep in range(repeats):
         for c in contestants if rep % 2 == 0 else contestants[::-1]:  # alternating: no drift bias
-            runs = {}
-            for n in (steps, 2 * steps):
-                out = Path(tmp) / f"{c}-{case}-{nproc}-{rep}-{n}"
-                runs[n] = timed_launch(command(c, case, n, nproc, out), n, nproc)
-            step_s = (runs[2 * steps][1] - runs[steps][1]) / steps  # <= 0 where the noise outweighs N steps
-            raw[c]["samples_per_s"].append(batch * nproc / step_s if step_s > 0 else math.nan)
-            raw[c]["startup_s"].append(runs[2 * steps][0] - 2 * steps * step_s)
-            raw[c]["exit_s"].append(runs[2 * steps][1] - runs[2 * steps][0])
+            out = Path(tmp) / f"{c}-{case}-{nproc}-{rep}"
+            middle, last, end = timed_launch(command(c, case, 2 * steps, nproc, out), 2 * steps, nproc)
+            step_s = (last - middle) / steps  # steps N+1 to 2N: warm, start-up and exit outside
+            raw[c]["samples_per_s"].append(batch * nproc / step_s)
+            raw[c]["startup_s"].append(middle - steps * step_s)
+            raw[c]["exit_s"].append(end - last)
             print(f"  {case} ({nproc}) {c} repeat {rep + 1}: {raw[c]['samples_per_s'][-1]:,.0f} samples/s", flush=True)
     row = {c: {k: quartiles(v) for k, v in figures.items()} for c, figures in raw.items()}
     peers = [c for c in contestants if c != "ours"]
