@@ -31,12 +31,14 @@ import importlib.util
 import json
 import os
 import re
+import shlex
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
 
@@ -47,12 +49,7 @@ ROOT = HERE.parent
 CONTESTANTS = ("ours", "tutorial", "accelerate", "fabric", "lightning", "nanogpt")
 PEERS = {"tokens": ("ours", "nanogpt")}  # the tokens case against nanoGPT's loop; the others against the rest
 NEEDS = {"accelerate": "accelerate", "fabric": "lightning", "lightning": "lightning"}  # the `bench` extra
-STEPS = {
-    "mlp": 1000,
-    "wide": 160,
-    "cnn": 60,
-    "tokens": 120,
-}  # N: about 3 s of steps here; multiples of 10
+STEPS = {"mlp": 2500, "wide": 300, "cnn": 80, "tokens": 120}  # N: about 5 s of steps here; multiples of 10
 QUICK_STEPS = {"mlp": 100, "wide": 20, "cnn": 10, "tokens": 20}
 BATCH, LR, MOMENTUM = 64, 0.01, 0.9
 LAUNCH_TIMEOUT = 600
@@ -234,8 +231,8 @@ def loop_nanogpt(case: str, steps: int) -> None:
 # ---- the harness ------------------------------------------------------------------------------------------
 
 
-def command(contestant: str, case: str, steps: int, nproc: int, out: Path) -> list[str]:
-    """The launch of one contestant, as its users type it."""
+def command(contestant: str, case: str, steps: int, nproc: int, out: Path, extra: Sequence[str] = ()) -> list[str]:
+    """The launch of one contestant, as its users type it (``extra``: more of this project's flags)."""
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
     if nproc == 1 and case == "tokens":  # one process, as both are run on one device: no launcher
         launch = [sys.executable]
@@ -244,11 +241,11 @@ def command(contestant: str, case: str, steps: int, nproc: int, out: Path) -> li
         settings = [f"{k}={t[k]}" for k in ("vocab", "block", "layers", "heads", "embd")]
         return [*launch, "-m", "ddp.train", "--task", "tokens", "--task-arg", f"train={os.environ['PEERS_TOKENS']}",
                 *settings, "dropout=0.0", "--steps", str(steps), "--batch-size", str(t["batch"]), "--optimizer",
-                "adamw", "--lr", str(t["lr"]), "--schedule", "constant", "--out", str(out)]  # fmt: skip
+                "adamw", "--lr", str(t["lr"]), "--schedule", "constant", "--out", str(out), *extra]  # fmt: skip
     if contestant == "ours":
         return [*launch, "-m", "ddp.train", "--task", f"{HERE / 'peer_task.py'}:{case}", "--steps", str(steps),
                 "--batch-size", str(BATCH), "--lr", str(LR), "--momentum", str(MOMENTUM), "--schedule", "constant",
-                "--out", str(out)]  # fmt: skip
+                "--out", str(out), *extra]  # fmt: skip
     return [*launch, str(Path(__file__)), "--loop", contestant, "--case", case, "--steps", str(steps)]
 
 
@@ -282,14 +279,16 @@ def quartiles(xs: list[float]) -> dict:
     return {"median": statistics.median(xs), "q1": q[0], "q3": q[2]}
 
 
-def measure(case: str, contestants: list[str], steps: int, nproc: int, repeats: int, tmp: str) -> dict:
+def measure(case: str, contestants: list[str], steps: int, nproc: int, repeats: int, tmp: str,
+            extra: Sequence[str] = ()) -> dict:  # fmt: skip
     """Per contestant and repeat: samples/s from the N and 2N runs, start-up and exit seconds."""
     raw = {c: {"samples_per_s": [], "startup_s": [], "exit_s": []} for c in contestants}
     batch = TOKENS["batch"] if case == "tokens" else BATCH
     for rep in range(repeats):
         for c in contestants if rep % 2 == 0 else contestants[::-1]:  # alternating: no drift bias
             out = Path(tmp) / f"{c}-{case}-{nproc}-{rep}"
-            middle, last, end = timed_launch(command(c, case, 2 * steps, nproc, out), 2 * steps, nproc)
+            launch = command(c, case, 2 * steps, nproc, out, extra if c == "ours" else ())
+            middle, last, end = timed_launch(launch, 2 * steps, nproc)
             step_s = (last - middle) / steps  # steps N+1 to 2N: warm, start-up and exit outside
             raw[c]["samples_per_s"].append(batch * nproc / step_s)
             raw[c]["startup_s"].append(middle - steps * step_s)
@@ -339,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--output", type=Path, default=HERE / "peers.json")
+    p.add_argument("--ours-args", default="", help="more flags for this project's runs, e.g. '--snapshot-every 0'")
     args = p.parse_args(argv)
     if args.loop:
         globals()[f"loop_{args.loop}"](args.case, args.steps)
@@ -356,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
             peers = PEERS.get(case, [c for c in CONTESTANTS if c not in PEERS["tokens"][1:]])
             here = [c for c in contestants if c in peers]
             for nproc in (1, args.nproc) if case == "tokens" else (args.nproc,):  # nanoGPT alone and under DDP
-                rows.append(measure(case, here, steps, nproc, repeats, tmp))
+                rows.append(measure(case, here, steps, nproc, repeats, tmp, shlex.split(args.ours_args)))
     print(table(rows))
     args.output.write_text(json.dumps({"rows": rows, "quick": args.quick}, indent=1))
     return 0

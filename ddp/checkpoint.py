@@ -383,10 +383,12 @@ class Checkpointer:
             due = (every > 0 and step % every == 0) or self.time_due
         snap = self.snapshots is not None and not last_step
         if snap and self.snapshots.due(step, force=due and self.async_mode != "off"):
+            start = time.perf_counter()
             files, own, shards = self.state()  # first: an async save is written from it
             files[TRAIN] = {k: v for k, v in files[TRAIN].items() if k != "config"}  # the run's, recorded once
             shards = None if shards is None else fsdp.local_shards(shards)  # this rank's own part
-            self.snapshots.take(step, (files, own, shards), {b.data_ptr() for b in self.model.buffers()})
+            live = {b.data_ptr() for b in self.model.buffers()}
+            self.snapshots.take(step, (files, own, shards), live, built_s=time.perf_counter() - start)
         if due:
             self.save(step)
 

@@ -271,13 +271,14 @@ class Snapshots:
         rank, which all build the state (a collective) even where ``take`` then finds snapshots off."""
         return self.dir is not None and (force or step % self.every == 0)
 
-    def take(self, step: int, state: Any, live: set[int]) -> None:
+    def take(self, step: int, state: Any, live: set[int], built_s: float = 0.0) -> None:
         """Start the snapshot of ``state`` (``Checkpointer.state``) as that of ``step``.
 
         ``live``: the ``data_ptr`` of tensors the next forward may change (buffers): copied now; the
-        others on a thread until ``wait``.
+        others on a thread until ``wait``. ``built_s``: the seconds the caller took to build ``state``,
+        a part of the snapshot's cost (for a small model, most of it).
         """
-        start = time.perf_counter()
+        start = time.perf_counter() - built_s
         self.wait()
         if self.disabled:
             return
