@@ -1,7 +1,7 @@
 """Peers: this project against what its users would otherwise run, each launched the way its users launch it.
 
     make bench                         # bench/bench.py, then this table (the `bench` extra: accelerate, Lightning)
-    python bench/peers.py              # about 15 minutes on 2 cores; writes bench/peers.json
+    python bench/peers.py              # about 35 minutes on 2 cores; writes bench/peers.json
     python bench/peers.py --quick      # the textbook MLP, short runs, one repeat
 
 Every contestant is a fresh ``torchrun --standalone --nproc-per-node 2`` job (gloo, one thread a rank) that
