@@ -53,10 +53,9 @@ def memory_format(cfg: Config, task: Task, model: nn.Module | None = None) -> to
 
     A conv whose weight is channels_last runs channels_last (oneDNN on CPU, cuDNN on
     GPU), inputs included, and carries the layout on to the next layer: a DDP step of
-    two 3x3 convolutions is 1.1-1.25x faster on CPU (bench/bench.py, variant "c contiguous";
-    bench/peers.py, a user's CNN). It changes float rounding, not the weights' values, so it
-    is an exactness setting: the choice depends on the model alone, never on a timing, so
-    that a restart makes the same one.
+    two 3x3 convolutions is 1.1-1.25x faster on CPU (bench/bench.py, variant "c contiguous").
+    It changes float rounding, not the weights' values, so it is an exactness setting: the
+    choice depends on the model alone, never on a timing, so that a restart makes the same one.
     """
     fmt = cfg.compute.memory_format
     if fmt == "auto":
@@ -76,23 +75,33 @@ def _runs_channels_last(model: nn.Module, probe) -> torch.memory_format:
     channels_last, where ``flatten`` or ``reshape`` would not."""
     from ddp.task import call
 
+    try:
+        x = probe()
+    except ConfigError as e:  # batches of no (x, y) shape and no Task.probe: nothing to try the layout on
+        _note(f"no input to try channels_last on ({e}); training in the contiguous layout "
+              "(--memory-format channels_last chooses it)")  # fmt: skip
+        return torch.contiguous_format
     model.to(memory_format=torch.channels_last)
     was_training = model.training
     try:
         with torch.no_grad():
             model.eval()
-            call(model, probe())
+            call(model, x)
         return torch.channels_last
     except Exception as e:  # any failure means: not this layout (the note names it)
-        if group.rank() == 0:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            print(f"note: --memory-format auto: the model's forward on its probe input fails in channels_last "
-                  f"({first}); training in the contiguous layout (flatten or reshape instead of view would take "
-                  "the faster one; --memory-format contiguous says so and skips this check)", flush=True)  # fmt: skip
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        _note(f"the model's forward on its probe input fails in channels_last ({first}); training in the "
+              "contiguous layout (flatten or reshape instead of view would take the faster one; --memory-format "
+              "contiguous says so and skips this check)")  # fmt: skip
         return torch.contiguous_format
     finally:
         model.train(was_training)
         model.to(memory_format=torch.contiguous_format)
+
+
+def _note(text: str) -> None:
+    if group.rank() == 0:
+        print(f"note: --memory-format auto: {text}", flush=True)
 
 
 class Parallel:

@@ -115,6 +115,10 @@ def test_memory_format_auto_is_channels_last_for_a_users_cnn_whose_forward_takes
     said = capsys.readouterr().out
     assert "note: --memory-format auto: the model's forward on its probe input fails in channels_last (view" in said
     assert conv_weight(view=False, fmt="contiguous").is_contiguous()
+    # batches of dicts and no Task.probe: no input to try the layout on, so the one that always works
+    task = ddp.Task(model=lambda: ViewsItsFeatures(False), train_data=[{"image": torch.randn(3, 8, 8)}] * 4)
+    assert local_model(task, Config.from_dict({}), torch.device("cpu")).conv.weight.is_contiguous()
+    assert "note: --memory-format auto: no input to try channels_last on (task 'task'" in capsys.readouterr().out
 
 
 def test_memory_format_auto_is_channels_last_for_the_cnn_and_contiguous_for_the_mlp():
