@@ -153,6 +153,22 @@ def test_too_little_shared_memory_warns_once_and_training_goes_on(tmp_path, monk
     assert snaps.held(1) == [] and snaps.pending is None and len(said) == 1
 
 
+def test_a_slot_already_reserved_takes_its_snapshot_without_asking_for_room_again(tmp_path, monkeypatch):
+    snaps = Snapshots(tmp_path, 1, rank=0, out=tmp_path)
+    snaps.open("run", clean=False)
+    for step in (1, 2):  # both slots reserved, at the size of this state
+        snaps.take(step, {"w": torch.full((1 << 16,), float(step))}, live=set())
+        snaps.wait()
+    monkeypatch.setattr(snapshot.shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(1 << 30, 1 << 30, 1024))
+    snaps.take(3, {"w": torch.full((1 << 16,), 3.0)}, live=set())  # into step 1's slot: no new memory needed
+    snaps.wait()
+    assert (
+        not snaps.disabled and snaps.held(1) == [3, 2] and torch.equal(snaps.load(3)["w"], torch.full((1 << 16,), 3.0))
+    )
+    snaps.take(4, {"w": torch.zeros(1 << 18)}, live=set())  # a larger state: the slot must grow, and cannot
+    assert snaps.disabled
+
+
 def test_a_kill_during_the_snapshot_copy_resumes_from_the_other_slot_bitwise(tmp_path, reference):
     # no checkpoint on disk yet (the first is due after 10 minutes): the run's snapshots are all there is
     args = [*ARGS, "--checkpoint-every", "0", "--snapshot-every", "1", "--snapshot-dir", str(tmp_path / "shm"),
