@@ -35,10 +35,7 @@ def local_model(task: Task, cfg: Config, device: torch.device, dtype: torch.dtyp
         materialize(model, lambda: probe_input(task, cfg))  # lazy layers draw their weights here: seeded too
     if cfg.compute.sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    fmt = memory_format(cfg, task, model)
-    if fmt == torch.channels_last and cfg.compute.memory_format == "auto" and task.channels_last is None:
-        fmt = _runs_channels_last(model, lambda: probe_input(task, cfg))
-    return model.to(device, dtype=dtype, memory_format=fmt)
+    return model.to(device, dtype=dtype, memory_format=memory_format(cfg, task, model))
 
 
 def probe_input(task: Task, cfg: Config):
@@ -47,9 +44,9 @@ def probe_input(task: Task, cfg: Config):
         return task.probe_input()
 
 
-def memory_format(cfg: Config, task: Task, model: nn.Module | None = None) -> torch.memory_format:
-    """channels_last under ``auto`` for a model with 2-D convolutions (unless its task says otherwise,
-    ``Task.channels_last``), for a user's model as for the built-in cnn.
+def memory_format(cfg: Config, task: Task, model: nn.Module) -> torch.memory_format:
+    """channels_last under ``auto`` for a model with 2-D convolutions whose forward takes it (unless its task
+    says otherwise, ``Task.channels_last``), for a user's model as for the built-in cnn.
 
     A conv whose weight is channels_last runs channels_last (oneDNN on CPU, cuDNN on
     GPU), inputs included, and carries the layout on to the next layer: a DDP step of
@@ -58,11 +55,12 @@ def memory_format(cfg: Config, task: Task, model: nn.Module | None = None) -> to
     choice depends on the model alone, never on a timing, so that a restart makes the same one.
     """
     fmt = cfg.compute.memory_format
+    if fmt == "auto" and task.channels_last is None:  # the model decides
+        if not any(isinstance(m, CONV_2D) for m in model.modules()):
+            return torch.contiguous_format
+        return _runs_channels_last(model, lambda: probe_input(task, cfg))
     if fmt == "auto":
-        wants = task.channels_last
-        if wants is None:
-            wants = model is not None and any(isinstance(m, CONV_2D) for m in model.modules())
-        fmt = "channels_last" if wants else "contiguous"
+        fmt = "channels_last" if task.channels_last else "contiguous"
     return torch.channels_last if fmt == "channels_last" else torch.contiguous_format
 
 
