@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet '$(TORCH_SPEC)' --no-compile
-	$(PY) -m pip install --quiet -e '.[dev,plot,digits,tensorboard,wandb]' --no-compile
+	$(PY) -m pip install --quiet -e '.[dev,plot,digits,tensorboard,wandb,hf]' --no-compile
 	@# Bytecode for what was installed, on every core at once (pip compiles file by file: 14 s of torch's 22 s
 	@# install here). A few files of some packages' test data are not Python 3 and do not compile: no error.
 	$(PY) -m compileall -q -j 0 "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" > /dev/null || true

@@ -30,17 +30,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from ddp import group, train, weights
+from ddp import group, hf, predict, train, weights
 from ddp.checkpoint_files import MANIFEST, read_manifest
 from ddp.config import Config, DistConfig, TaskConfig, task_file
-from ddp.errors import CheckpointError, ConfigError, DDPError, Reported, first_line, say
+from ddp.errors import CheckpointError, ConfigError, DDPError, Reported, say
+from ddp.fsdp import tied
 from ddp.io import split_aliases
 from ddp.options import parse_task_arg
 from ddp.parallel import local_model, probe_input
 from ddp.plot import plot
 from ddp.rng import seeded
+from ddp.task import Task
 from ddp.tasks import build_model, charlm, resolve, tokens
-from ddp.verify import outputs, summary, verify_identical_outputs
+from ddp.verify import summary, verify_identical_outputs
 from ddp.weights import Weights
 
 INSPECT_SCHEMA = 2
@@ -70,7 +72,8 @@ def _config(w: Weights, args: argparse.Namespace) -> Config:
     if w.cfg is None:
         raise ConfigError(
             f"{w.path}: cannot tell the architecture: no training config is stored with it and it is not a "
-            "built-in model. Add --model FILE.py:NAME (a class or function returning your nn.Module; "
+            "built-in model, and no Hugging Face config.json is beside it. Add --model FILE.py:NAME (a class or "
+            "function returning your nn.Module; "
             "--model-arg KEY=VALUE for its arguments) or --task SPEC"
         )
     return w.cfg
@@ -86,78 +89,28 @@ def _given_task(w: Weights, args: argparse.Namespace) -> TaskConfig:
     return task
 
 
-def model_for(w: Weights, args: argparse.Namespace, device: torch.device) -> tuple[nn.Module, Any]:
-    """A fresh model of the weights' architecture with the weights loaded, and its probe input (None if unknown).
+def model_for(w: Weights, args: argparse.Namespace, device: torch.device) -> tuple[nn.Module, Any, Task | None]:
+    """A fresh model of the weights' architecture with the weights loaded, its probe input (None if unknown), and
+    the task that built it (None for ``--model`` and a Hugging Face folder's ``config.json``).
 
     The task is rebuilt without reading data it keeps lazy; the probe comes from the
     weights' model card, or else from the task (which may read its data for it).
     """
     dtype = next((v.dtype for v in w.state.values() if v.is_floating_point()), torch.float32)
-    if args.model:
+    hf_config = hf.config_beside(w.path) if w.cfg is None and not args.task else None
+    if args.model or hf_config is not None:
         with seeded(0):
-            model = build_model(args.model, dict(args.model_arg)).to(device, dtype=dtype)
-        return weights.load_into(model, w), None
+            if args.model:
+                model = build_model(args.model, dict(args.model_arg))
+            else:
+                model = hf.model_from_config(hf_config)
+        model = model.to(device, dtype=dtype)
+        return weights.load_into(model, w), hf.probe(model), None
     cfg = _config(w, args)
     task = resolve(cfg, check_probe=False)
     model = local_model(task, cfg, device, dtype)
     probe = w.probe if w.probe is not None and not args.task else probe_input(task, cfg)
-    return weights.load_into(model, w), probe
-
-
-def sample_shape(model: nn.Module, what: str) -> tuple[int, ...]:
-    """The shape of one input sample of a model given by ``--model``: its first Linear layer's width."""
-    first = next((m for m in model.modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))), None)
-    if not isinstance(first, nn.Linear):
-        raise ConfigError(f"{what}: cannot tell this model's input shape; give --input FILE.npz with an array X")
-    return (first.weight.shape[1],)  # not in_features: a lazy layer's stays 0 after loading
-
-
-def random_like(probe: Any, n: int, generator: torch.Generator) -> Any:
-    """``n`` random inputs shaped like the probe, whatever its kind: floats from N(0, 1), integers (token ids)
-    from the range the probe's own span; a tuple or dict of them likewise."""
-    if isinstance(probe, torch.Tensor):
-        shape = (n, *probe.shape[1:])
-        if probe.is_floating_point():
-            return torch.randn(shape, generator=generator, dtype=probe.dtype)
-        low, high = int(probe.min()), int(probe.max()) + 1
-        return torch.randint(low, high, shape, generator=generator, dtype=probe.dtype)
-    if isinstance(probe, dict):
-        return {k: random_like(v, n, generator) for k, v in probe.items()}
-    if isinstance(probe, (tuple, list)):
-        return type(probe)(random_like(v, n, generator) for v in probe)
-    return probe
-
-
-def input_arrays(x: Any) -> dict[str, Any]:
-    """A model input as named arrays: X for a tensor, its keys for a dict, X0, X1, ... for a tuple."""
-    if isinstance(x, dict):
-        return dict(x)
-    if isinstance(x, (tuple, list)):
-        return {f"X{i}": v for i, v in enumerate(x)}
-    return {"X": x}
-
-
-def read_inputs(path: str, probe: Any = None) -> Any:
-    """Inputs from a .npz file, shaped as the probe is (see ``input_arrays``); X alone without a probe."""
-    names = list(input_arrays(probe)) if probe is not None else ["X"]
-    with np.load(path, allow_pickle=False) as f:
-        missing = [n for n in names if n not in f.files]
-        if missing:
-            raise ConfigError(f"--input: {path} has no array(s) {missing} (it has {f.files}); this model takes {names}")
-        arrays = {n: torch.as_tensor(f[n]) for n in names}
-    if isinstance(probe, dict):
-        return arrays
-    if isinstance(probe, (tuple, list)):
-        return type(probe)(arrays.values())
-    return arrays["X"]
-
-
-def run_model(model: nn.Module, x: Any) -> torch.Tensor:
-    try:
-        return outputs(model, x)
-    except (RuntimeError, TypeError, ValueError) as e:
-        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ConfigError(f"the model failed on inputs of shape {shape}: {first_line(e)[:300]}") from None
+    return weights.load_into(model, w), probe, task
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -172,13 +125,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def verify_file(args: argparse.Namespace, world: group.World) -> None:
     w = read_weights(args, world.device)
-    model, probe = model_for(w, args, world.device)
+    model, probe, _ = model_for(w, args, world.device)
     if args.input:
-        probe = read_inputs(args.input, probe)
+        probe = predict.read_inputs(args.input, probe)
     elif probe is None:
-        shape = sample_shape(model, "ddp verify")
+        shape = predict.sample_shape(model, "ddp verify")
         probe = torch.randn(8, *shape, generator=torch.Generator().manual_seed(0))
-    run_model(model, probe)
+    predict.run_model(model, probe)
     report = verify_identical_outputs(model, probe, atol=args.atol)
     group.log(world, integrity(w))
     group.log(world, summary(report, str(args.path)))
@@ -271,65 +224,110 @@ def pick_device(name: str) -> torch.device:
 def cmd_predict(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
     w = read_weights(args, device)
-    model, probe = model_for(w, args, device)
+    model, probe, _ = model_for(w, args, device)
     generator = torch.Generator().manual_seed(args.seed)
     if args.input:
-        x = read_inputs(args.input, probe)
+        x = predict.read_inputs(args.input, probe)
     elif probe is not None:
-        x = random_like(probe, args.random, generator)
+        x = predict.random_like(probe, args.random, generator)
     else:
-        x = torch.randn(args.random, *sample_shape(model, "ddp predict"), generator=generator)
-    n = len(next(iter(input_arrays(x).values())))
-    logits = run_model(model, x)
-    per_sample = logits.dim() >= 2 and len(logits) == n  # (N, classes) or (N, positions, vocabulary)
-    pred = logits.argmax(-1) if per_sample else logits
+        x = torch.randn(args.random, *predict.sample_shape(model, "ddp predict"), generator=generator)
+    n = len(next(iter(predict.input_arrays(x).values())))
+    named = predict.named_outputs(model, x)
     if args.output:
-        arrays = {k: v.numpy() for k, v in input_arrays(x).items() if isinstance(v, torch.Tensor)}
-        np.savez(args.output, **arrays, logits=logits.numpy(), pred=pred.numpy())
-        print(f"wrote {n} predictions to {args.output} (on {device})")
+        pred = predict.predictions(named, n)
+        arrays = {k: v for k, v in predict.input_arrays(x).items() if isinstance(v, torch.Tensor)}
+        arrays |= named | ({} if pred is None else {"pred": pred})
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        np.savez(args.output, **{k: (v.float() if v.dtype == torch.bfloat16 else v).numpy() for k, v in arrays.items()})
+        print(f"wrote {n} predictions to {args.output} ({', '.join(named)}; on {device})")
     else:
-        for i, p in enumerate(pred.tolist() if per_sample else [pred.tolist()]):
-            print(f"{i}\t{p}")
+        print("\n".join(predict.rows(named, n)))
     return 0
 
 
-SUFFIX = {"safetensors": ".safetensors", "torch": ".pt", "dcp": ".dcp"}
+SUFFIX = {"safetensors": ".safetensors", "torch": ".pt", "dcp": ".dcp", "hf": "-hf"}
+EXPORT_FORMATS = (*weights.FORMATS, "hf")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     w = read_weights(args)
-    if args.model or args.task:  # prove the weights fit before writing them
-        model_for(w, args, torch.device("cpu"))
+    built = None
+    if args.model or args.task or (args.format == "hf" and (w.cfg is not None or hf.config_beside(w.path))):
+        built = model_for(w, args, torch.device("cpu"))  # prove the weights fit before writing them
     src = Path(args.path)
     out = Path(args.output) if args.output else src.with_name(src.name.split(".")[0] + SUFFIX[args.format])
     if out.resolve() == src.resolve() or out.resolve() == w.path.resolve():
         raise ConfigError(f"--output: {out} is the input; choose another name")
     if src.is_dir() and out.resolve().is_relative_to(src.resolve()):
         raise ConfigError(f"--output: {out} is inside the input folder {src}; choose a path outside it")
-    weights.write(w, out, args.format, keep_prefixes=args.keep_prefixes)
+    if args.format == "hf" and out.is_file():
+        raise ConfigError(f"--output: {out} is a file; --format hf writes a folder (from_pretrained loads it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
     where = f" found at {w.found_at!r}" if w.found_at else ""
+    if args.format == "hf":
+        files, stored = export_hf(w, out, args, built)
+        once = f" ({len(w.state) - stored} tied, stored once)" if stored < len(w.state) else ""
+        print(f"exported {len(w.state)} tensors{where}{once} from {args.path} to {out}/: {', '.join(files)}")
+        return 0
+    weights.write(w, out, args.format, keep_prefixes=args.keep_prefixes)
     stripped = f", prefix {''.join(w.stripped)!r} stripped" if w.stripped and not args.keep_prefixes else ""
     print(f"exported {len(w.state)} tensors{where} from {args.path} to {out} ({args.format}{stripped})")
     return 0
+
+
+def export_hf(w: Weights, out: Path, args: argparse.Namespace, built: tuple | None) -> tuple[list[str], int]:
+    """``--format hf``: the weights under the model's names, tied ones once, with the model's ``config.json`` and
+    the run's tokenizer where there are; the files written, and the number of tensors stored."""
+    model, _, task = built or (None, None, None)
+    state = w.state if model is None else weights.fit_names(model, w)
+    tokenizer = Path(task.tokenizer) if task is not None and task.tokenizer else None
+    if tokenizer is not None and not tokenizer.is_file():
+        print(f"note: the run's tokenizer {tokenizer} is not there now; exported without it", file=sys.stderr)
+        tokenizer = None
+    config = None if model is None else hf.config_json(model)
+    if config is None:
+        why = "not a transformers model" if model is not None else "no architecture known (give --task or --model)"
+        print(f"note: no config.json written: {why}; from_pretrained needs the model's class", file=sys.stderr)
+    state = hf.stored_once(state, {} if model is None else tied(model))
+    files = hf.write_folder(
+        state,
+        out,
+        max_shard=hf.parse_size(args.max_shard_size),
+        config=config,
+        tokenizer=tokenizer,
+        metadata={} if w.cfg is None else {"config": json.dumps(w.cfg.to_dict())},
+    )
+    return files, len(state)
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
     w = read_weights(args, device)
     if "vocab" not in w.state or "pos.weight" not in w.state:
-        raise ConfigError(f"{args.path} is not a charlm model (no vocab or pos.weight); ddp sample needs one")
+        raise ConfigError(f"{args.path} is not a charlm or tokens model (no vocab or pos.weight); ddp sample needs one")
     model = weights.load_into(charlm.from_state_dict(w.state).to(device), w)
-    print(charlm.generate(model, args.prompt, args.chars, args.temperature, args.seed))
+    if w.cfg is None or w.cfg.task.spec != "tokens":  # charlm: the model's own alphabet
+        print(charlm.generate(model, args.prompt, args.chars, args.temperature, args.seed, args.top_k))
+        return 0
+    encode, decode = tokens.codec(w.cfg.task.args.get("tokenizer"))
+    ids = encode(args.prompt) or [0]
+    print(decode(charlm.sample(model, ids, args.chars, args.temperature, args.top_k, args.seed)))
     return 0
 
 
 def cmd_tokens(args: argparse.Namespace) -> int:
     if not 0 <= args.val_fraction < 1:
         raise ConfigError(f"--val-fraction: must be in [0, 1), got {args.val_fraction}")
-    meta = tokens.write_byte_tokens([Path(f) for f in args.files], Path(args.output), args.val_fraction)
-    print(f"wrote {meta['train_tokens']:,} training and {meta['val_tokens']:,} held-out byte tokens (vocab 256) to "
-          f"{args.output}/train.bin and val.bin; train with: ddp train --task tokens --task-arg "
-          f"train={args.output}/train.bin val={args.output}/val.bin")  # fmt: skip
+    files, out = [Path(f) for f in args.files], Path(args.output)
+    if args.bpe is None and args.tokenizer is None:
+        meta = tokens.write_byte_tokens(files, out, args.val_fraction)
+    else:
+        meta = tokens.write_tokenized(files, out, args.val_fraction, args.bpe, args.tokenizer and Path(args.tokenizer))
+    made = "byte tokens" if meta["tokenizer"] == "bytes" else f"tokens of {out}/{meta['tokenizer']}"
+    print(f"wrote {meta['train_tokens']:,} training and {meta['val_tokens']:,} held-out {made} (vocab "
+          f"{meta['vocab']:,}, {meta['dtype']}) to {out}/train.bin and val.bin; train with: ddp train --task tokens "
+          f"--task-arg train={out}/train.bin val={out}/val.bin")  # fmt: skip
     return 0
 
 
@@ -382,10 +380,14 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--output", metavar="FILE.npz", help="write X, logits and pred here (default: print)")
     pr.set_defaults(func=cmd_predict)
 
-    e = sub.add_parser("export", help="convert the weights among torch, safetensors and DCP, as a plain state_dict")
+    e = sub.add_parser(
+        "export", help="convert the weights among torch, safetensors, DCP and a Hugging Face folder (hf)"
+    )
     _source_options(e)
-    e.add_argument("--format", required=True, choices=weights.FORMATS)
-    e.add_argument("--output", help="destination (default: beside the input, new suffix; dcp: a folder)")
+    e.add_argument("--format", required=True, choices=EXPORT_FORMATS)
+    e.add_argument("--output", help="destination (default: beside the input, new suffix; dcp, hf: a folder)")
+    e.add_argument("--max-shard-size", default=hf.MAX_SHARD_SIZE, metavar="SIZE",
+                   help=f"hf: shards of at most SIZE, with an index (default: {hf.MAX_SHARD_SIZE}, as HF)")  # fmt: skip
     e.add_argument("--keep-prefixes", action="store_true", help="keep module./model. prefixes (default: strip)")
     e.set_defaults(func=cmd_export)
     _add_language_and_run_commands(sub)
@@ -394,19 +396,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_language_and_run_commands(sub) -> None:
     """``ddp sample``, ``ddp tokens`` and ``ddp plot``."""
-    sm = sub.add_parser("sample", help="continue a prompt with a trained charlm")
+    sm = sub.add_parser("sample", help="continue a prompt with a trained charlm or tokens model")
     _source_options(sm, architecture=False)
     sm.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
-    sm.add_argument("--chars", type=int, default=200, help="characters to sample (default: 200)")
+    sm.add_argument("--chars", type=int, default=200, help="characters (tokens: tokens) to sample (default: 200)")
     sm.add_argument("--temperature", type=float, default=0.8, help="below 1: safer choices (default: 0.8)")
+    sm.add_argument("--top-k", type=int, default=0, metavar="K", help="draw among the K likeliest only (default: all)")
     sm.add_argument("--seed", type=int, default=0, help="(default: 0)")
     sm.add_argument("--device", default="auto", choices=["cpu", "cuda", "auto"], help="(default: auto)")
     sm.set_defaults(func=cmd_sample)
 
-    tk = sub.add_parser("tokens", help="text files to nanoGPT-format token files (byte-level) for --task tokens")
-    tk.add_argument("files", nargs="+", help="text (or any) files, read in order as bytes")
+    tk = sub.add_parser("tokens", help="text files to nanoGPT-format token files (bytes, or a BPE) for --task tokens")
+    tk.add_argument("files", nargs="+", help="text (or, as bytes, any) files, read in order")
     tk.add_argument("--output", required=True, metavar="DIR", help="writes DIR/train.bin, val.bin and meta.json")
-    tk.add_argument("--val-fraction", type=float, default=0.1, help="the held-out end of the bytes (default: 0.1)")
+    tk.add_argument("--val-fraction", type=float, default=0.1, help="the held-out end of the tokens (default: 0.1)")
+    how = tk.add_mutually_exclusive_group()
+    how.add_argument(
+        "--bpe", type=int, metavar="N", help="train a byte-level BPE of N ids on the files (default: bytes)"
+    )
+    how.add_argument("--tokenizer", metavar="FILE", help="encode with this Hugging Face tokenizer.json")
     tk.set_defaults(func=cmd_tokens)
 
     pl = sub.add_parser(

@@ -35,7 +35,7 @@ class TaskConfig:
     """What to train: a built-in task, or your own model, data and loss."""
 
     spec: str = "mlp"
-    """mlp, cnn, npz, digits, charlm, or yours: FILE.py:NAME or package.module:NAME (a Task or a function)."""
+    """mlp, cnn, npz, digits, charlm, tokens, or yours: FILE.py:NAME or package.module:NAME (a Task or a function)."""
     args: dict[str, Any] = field(default_factory=dict)
     """The task's own settings, its function's keyword arguments: --task-arg KEY=VALUE [KEY=VALUE ...]
     (repeatable), or a [task.args] table. A setting the task does not take is a usage error."""

@@ -26,20 +26,31 @@ CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 
 def default_blocks(model: nn.Module) -> list[nn.Module]:
-    """The model's children that hold parameters, containers opened up; tied ones left to the root.
+    """The blocks the model declares (Hugging Face's ``_no_split_modules``), or else its children that hold
+    parameters, containers and children with tied parameters opened up.
 
     For an ``nn.Sequential`` of layers that is each layer; for a transformer whose blocks
     sit in a ``ModuleList``, each block (and the embeddings, norms and head beside it). A
     module sharing a parameter with one outside it (an output layer tied to the
-    embedding) stays with the root: one parameter cannot be sharded in two units.
+    embedding) cannot be one unit: its own children are searched instead (GPT-2's
+    ``transformer``, whose ``wte`` is tied to ``lm_head``, gives its ``h.0``, ``h.1``, ...).
     """
+    declared = set(getattr(model, "_no_split_modules", None) or ())
+    if declared:
+        return [
+            m
+            for name, m in model.named_modules()
+            if name and type(m).__name__ in declared and not _tied_outside(model, name)
+        ]
     found: list[nn.Module] = []
 
     def visit(module: nn.Module, prefix: str) -> None:
         for name, child in module.named_children():
-            if isinstance(child, CONTAINERS):
+            if not any(True for _ in child.parameters()):
+                continue
+            if isinstance(child, CONTAINERS) or _tied_outside(model, f"{prefix}{name}"):
                 visit(child, f"{prefix}{name}.")
-            elif any(True for _ in child.parameters()) and not _tied_outside(model, f"{prefix}{name}"):
+            else:
                 found.append(child)
 
     visit(model, "")
@@ -52,6 +63,12 @@ def _owners(model: nn.Module) -> dict[int, list[str]]:
     for name, p in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(p), []).append(name)
     return owners
+
+
+def tied(model: nn.Module) -> dict[str, str]:
+    """The second and later names of each tied parameter -> its first name, in the model's own order
+    (Hugging Face's GPT-2: ``lm_head.weight`` -> ``transformer.wte.weight``, the one its files store)."""
+    return {alias: names[0] for names in _owners(model).values() for alias in names[1:]}
 
 
 def _tied_outside(model: nn.Module, block: str) -> list[str]:
@@ -90,14 +107,28 @@ def resolve_blocks(model: nn.Module, blocks: Callable[[nn.Module], Iterable[nn.M
     return sorted(set(resolved), key=lambda n: -n.count("."))
 
 
+def describe_units(model: nn.Module, names: list[str]) -> str:
+    """A log line for the units chosen: their classes and names, or a warning when the root is the only one."""
+    if not names:
+        return (
+            f"warning: FSDP found no blocks in {type(model).__name__}: the whole model is one unit, gathered whole "
+            "for every forward and backward. Name its blocks with Task.blocks (e.g. blocks=lambda m: m.layers)"
+        )
+    kinds: dict[str, list[str]] = {}
+    for name in sorted(names, key=lambda n: [int(p) if p.isdigit() else p for p in n.split(".")]):
+        kinds.setdefault(type(model.get_submodule(name)).__name__, []).append(name)
+    parts = [f"{len(n)} {k} ({n[0]}{f' ... {n[-1]}' if len(n) > 1 else ''})" for k, n in kinds.items()]
+    return f"FSDP units: {', '.join(parts)}, and the root with the rest"
+
+
 def shard(
     model: nn.Module,
     world_size: int,
     device: torch.device,
     blocks: Callable[[nn.Module], Iterable[nn.Module]] | None = None,
     precision: str = "fp32",
-) -> nn.Module:
-    """``fully_shard`` each block (deepest first), then the root, over a 1-D mesh of all ranks.
+) -> list[str]:
+    """``fully_shard`` each block (deepest first), then the root, over a 1-D mesh of all ranks; the blocks' names.
 
     bf16 and fp16 run the forward and backward in that dtype with fp32 master weights
     and fp32 gradient reduction, FSDP's own mixed precision.
@@ -108,10 +139,11 @@ def shard(
     mesh = init_device_mesh(device.type, (world_size,))
     dtype = autocast_dtype(precision)
     policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32 if dtype else None)
-    for name in resolve_blocks(model, blocks):
+    names = resolve_blocks(model, blocks)
+    for name in names:
         fully_shard(model.get_submodule(name), mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
-    return model
+    return names
 
 
 def sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:

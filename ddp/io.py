@@ -71,13 +71,15 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    existed = path.exists()
     try:
         write_durable(tmp, write)
         os.replace(tmp, path)
         fsync_dir(path.parent)
     except CheckpointWriteError as e:
         tmp.unlink(missing_ok=True)
-        raise CheckpointWriteError(f"{e}; the previous {path.name} is intact") from e.__cause__
+        kept = f"the previous {path.name} is intact" if existed else f"no {path.name} was written"
+        raise CheckpointWriteError(f"{e}; {kept}") from e.__cause__
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -115,13 +115,14 @@ class Parallel:
         note = self._init_weights(wrapped=False)  # before wrapping: under FSDP each rank keeps its shards
         if cfg.compute.ac == "full":
             checkpoint_activations(self.model, task.blocks)
-        self.wrapped = self._wrap(world.world_size)
+        self.wrapped = self._wrap(world)
         self.init_note: str | None = note or self._init_weights(wrapped=True)
         """What ``--init-from`` loaded, for the log (None without it)."""
 
-    def _wrap(self, world_size: int) -> nn.Module:
+    def _wrap(self, world: group.World) -> nn.Module:
         if self.sharded:  # in place: the model's parameters become this rank's shards (DTensors)
-            fsdp.shard(self.model, world_size, self.device, self.task.blocks, self.cfg.optim.precision)
+            group.log(world, fsdp.describe_units(self.model, fsdp.resolve_blocks(self.model, self.task.blocks)))
+            fsdp.shard(self.model, world.world_size, self.device, self.task.blocks, self.cfg.optim.precision)
             if self.cfg.compute.compile:
                 self.model.compile()  # compiled in place: the module stays the FSDP module it is
             return self.model

@@ -65,8 +65,9 @@ class Task:
     to let the model decide: channels_last where it has 2-D convolutions and its forward takes that layout."""
     blocks: Callable[[nn.Module], Iterable[nn.Module]] | None = None
     """Under ``--strategy fsdp``: the submodules to shard one by one, e.g. ``lambda m: m.layers``
-    (each transformer block); the root holds the rest. Default: each child with parameters,
-    containers opened up, except modules holding a weight tied to one outside them."""
+    (each transformer block); the root holds the rest. Default: the blocks a Hugging Face model declares
+    (``_no_split_modules``), or else each child with parameters, containers and children holding a weight tied
+    to one outside them opened up. The log names the units chosen."""
     name: str = "task"
     """A name for logs, and for the exported weights' file (``<name>.params``)."""
     weights_file: str | None = None
@@ -77,6 +78,9 @@ class Task:
     model_args: dict[str, Any] = dataclasses.field(default_factory=dict)
     """Task arguments, beyond those given, that rebuild the model without the data (a vocabulary found in
     the text, an input width found in a file): the exported weights' config records them."""
+    tokenizer: str | None = None
+    """The Hugging Face ``tokenizer.json`` the token data was made with (``ddp tokens --bpe``): ``ddp sample``
+    encodes and decodes with it, and ``ddp export --format hf`` ships it beside the weights."""
 
     def __post_init__(self) -> None:
         if not callable(self.model):

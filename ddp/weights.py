@@ -44,6 +44,7 @@ from ddp.errors import (
     ConfigError,
     first_line,
 )
+from ddp.fsdp import tied
 from ddp.io import (
     PREFIXES,
     check_architecture,
@@ -393,16 +394,42 @@ def fit_names(model: nn.Module, w: Weights) -> dict[str, torch.Tensor]:
     A model whose own first attribute is ``model`` wants the ``model.`` back.
     """
     expected = set(model.state_dict())
+    ties = set(tied(model))
     for i in range(len(w.stripped) + 1):
         prefix = "".join(w.stripped[i:])
-        if {prefix + k for k in w.state} == expected:
+        names = {prefix + k for k in w.state}
+        if names <= expected and expected - names <= ties:
             return {prefix + k: v for k, v in w.state.items()}
     return w.state
 
 
+def with_ties(model: nn.Module, state: dict[str, torch.Tensor], path: Any) -> tuple[dict, dict[str, str]]:
+    """``state`` with each name it lacks that ``model`` ties to a name it has (Hugging Face's files store a tied
+    weight once: ``transformer.wte.weight``, not ``lm_head.weight``) filled from that name, as HF's loader does;
+    and {filled name: the name it came from}. A usage error where a file holds two names of one tied parameter
+    with different values: loading both would keep one silently."""
+    groups: dict[str, list[str]] = {}
+    for alias, first in tied(model).items():
+        groups.setdefault(first, [first]).append(alias)
+    filled: dict[str, str] = {}
+    for names in groups.values():
+        present = [n for n in names if n in state]
+        if not present:
+            continue
+        differ = [n for n in present[1:] if not torch.equal(state[n], state[present[0]])]
+        if differ:
+            raise ConfigError(
+                f"{path}: {present[0]} and {differ[0]} differ in the file, but the model ties them (one parameter); "
+                "untie them in the model, or drop one from the file"
+            )
+        filled.update({n: present[0] for n in names if n not in state})
+    return {**state, **{n: state[src] for n, src in filled.items()}}, filled
+
+
 def load_into(model: nn.Module, w: Weights) -> nn.Module:
-    """Load ``w`` strictly into ``model`` (on the model's device); mismatches are named."""
-    state = fit_names(model, w)
+    """Load ``w`` strictly into ``model`` (on the model's device); mismatches are named, tied weights stored once
+    are filled (``with_ties``)."""
+    state, _ = with_ties(model, fit_names(model, w), w.path)
     check_architecture(model, state, w.path)
     model.load_state_dict(state, strict=True)
     return model
@@ -438,11 +465,11 @@ def init_model(model: nn.Module, path: str | os.PathLike, skip: str | None = Non
         w = read(path, "cpu")
     except CheckpointError as e:
         raise ConfigError(f"--init-from: {e}") from None
-    state = fit_names(model, w)
+    state, filled = with_ties(model, fit_names(model, w), path)
     expected = model.state_dict()
     taken = _check_fit(expected, state, path, skip)
     model.load_state_dict({k: state[k] for k in taken}, strict=False)
-    return _init_note(path, w, len(taken), [k for k in expected if k not in taken])
+    return _init_note(path, w, taken, [k for k in expected if k not in taken], filled, tied(model))
 
 
 def sharded_source(path: str | os.PathLike) -> tuple[Path, str | None] | None:
@@ -490,7 +517,7 @@ def init_sharded(model: nn.Module, path: str | os.PathLike, skip: str | None = N
     read_bytes, stored = dcp.load_into(request, folder)
     set_model_state_dict(model, {k: expected[k] for k in taken}, options=StateDictOptions(strict=False))
     each = ", ".join(_size(b) for b in group.all_gather_objects(read_bytes))
-    note = _init_note(path, w, len(taken), [k for k in expected if k not in taken])
+    note = _init_note(path, w, taken, [k for k in expected if k not in taken])
     return f"{note}; each rank read only its shards' chunks: {each} of {_size(stored)}"
 
 
@@ -519,8 +546,27 @@ def _check_fit(expected: dict[str, Any], state: dict[str, Any], path: Any, skip:
     return [k for k in expected if k in state and not skipped(k)]
 
 
-def _init_note(path: Any, w: Weights, taken: int, fresh: list[str]) -> str:
+def _init_note(
+    path: Any, w: Weights, taken: list[str], left: list[str], filled: dict | None = None, ties: dict | None = None
+) -> str:
+    """The log line of ``--init-from``: what was loaded, what was tied, what --init-skip left fresh, truthfully."""
+    filled, ties = filled or {}, ties or {}
     where = f" (found at {w.found_at!r})" if w.found_at else ""
-    return f"initialised from {path}{where}, {w.format}: {taken} tensors" + (
-        f"; {len(fresh)} left fresh by --init-skip: {', '.join(fresh[:4])}" if fresh else ""
-    )
+    loaded = [k for k in taken if k not in filled]
+    parts = [f"initialised from {path}{where}, {w.format}: {len(loaded)} tensors"]
+    tied_in = {k: v for k, v in filled.items() if k in taken}
+    # a name --init-skip matched still holds the loaded weights when it is tied to one that was loaded
+    loaded_by_parameter = {ties.get(t, t): t for t in reversed(taken)}
+    held = {k: loaded_by_parameter[ties.get(k, k)] for k in left if ties.get(k, k) in loaded_by_parameter}
+    if tied_in:
+        parts.append(f"{len(tied_in)} tied, stored once in the file: " + _pairs(tied_in))
+    if held:
+        parts.append(f"{len(held)} matched by --init-skip but tied to a loaded weight, holding it: " + _pairs(held))
+    fresh = [k for k in left if k not in held]
+    if fresh:
+        parts.append(f"{len(fresh)} left fresh by --init-skip: {', '.join(fresh[:4])}")
+    return "; ".join(parts)
+
+
+def _pairs(names: dict[str, str]) -> str:
+    return ", ".join(f"{k} = {v}" for k, v in list(names.items())[:4]) + (" ..." if len(names) > 4 else "")

@@ -149,6 +149,28 @@ def test_predict_with_model_gives_the_original_modules_outputs(files, capsys, tm
     assert np.array_equal(np.load(tmp_path / "pred.npz")["logits"], expected)
 
 
+@pytest.mark.parametrize("as_tuple", [False, True])
+def test_predict_keeps_each_output_of_a_model_with_several_and_prints_a_row_per_input(capsys, tmp_path, as_tuple):
+    torch.manual_seed(0)
+    model = user_models.TwoHeads(as_tuple)
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    spec = ["--model", f"{MODELS}:TwoHeads", "--model-arg", f"as_tuple={str(as_tuple).lower()}"]
+    code, text = ddp(capsys, "predict", tmp_path / "w.pt", *spec, "--random", "3")
+    rows = text.splitlines()
+    assert code == 0 and [r.split("\t")[0] for r in rows] == ["0", "1", "2"], text  # a summary, not megabytes
+    scores, value = ("output0", "output1") if as_tuple else ("scores", "value")
+    assert f"{scores} (3,): argmax " in rows[0] and f"{value}=" in rows[1] and len(text) < 600, text
+    code, text = ddp(capsys, "predict", tmp_path / "w.pt", *spec, "--random", "3", "--output", tmp_path / "o/p.npz")
+    got = np.load(tmp_path / "o" / "p.npz")  # --output's folder is made
+    x = torch.from_numpy(got["X"])
+    with torch.no_grad():
+        want = model(x)
+    names = ["output0", "output1", "output2"] if as_tuple else ["scores", "value", "embedding"]
+    for name, w in zip(names, want.values() if isinstance(want, dict) else want, strict=True):
+        assert np.array_equal(got[name], w.numpy()), name  # each output whole, in its own shape
+    assert np.array_equal(got["pred"], got[names[0]].argmax(-1))  # the first output's classes: an argmax means one
+
+
 def test_verify_of_a_dcp_folder_on_two_ranks_with_model(files):
     path, _, _, spec = files["dcp"]
     out = ok(launch(["--standalone", "--nproc-per-node=2", "-m", "ddp", "verify", str(path), "--model", spec]))

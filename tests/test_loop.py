@@ -224,10 +224,12 @@ def test_init_from_a_sharded_checkpoint_under_fsdp_reads_only_each_ranks_shards(
 
 def test_init_from_dcp_into_a_sharded_model_checks_the_fit_from_the_metadata(source, world_of_one):
     d, state = source
-    wide = fsdp.shard(MLP(20, (32,), 2), 1, torch.device("cpu"))
+    wide = MLP(20, (32,), 2)
+    fsdp.shard(wide, 1, torch.device("cpu"))
     with pytest.raises(ConfigError, match=r"does not fit the model: of another shape: hidden.0.weight \(16, 20\)"):
         weights.init_sharded(wide, d / "dcp")
-    head = fsdp.shard(MLP(20, (16,), 5), 1, torch.device("cpu"))
+    head = MLP(20, (16,), 5)
+    fsdp.shard(head, 1, torch.device("cpu"))
     note = weights.init_sharded(head, d / "dcp", r"^output\.")
     assert "found at 'model'" in note and "2 left fresh by --init-skip: output.weight, output.bias" in note
     loaded = fsdp.full_model_state(head)

@@ -40,3 +40,19 @@ class Payload:
 
     def __reduce__(self):
         return (open, (self.path, "w"))
+
+
+class TwoHeads(nn.Module):
+    """A model with several outputs, as many are: a dict (``as_tuple``: a tuple) of class scores, a regression
+    value and an embedding per input."""
+
+    def __init__(self, as_tuple: bool = False) -> None:
+        super().__init__()
+        self.as_tuple = as_tuple
+        self.body = nn.Linear(20, 8)
+        self.classes, self.value = nn.Linear(8, 3), nn.Linear(8, 1)
+
+    def forward(self, x: torch.Tensor):
+        h = self.body(x)
+        out = {"scores": self.classes(h), "value": self.value(h), "embedding": h}
+        return tuple(out.values()) if self.as_tuple else out

@@ -200,18 +200,27 @@ def from_state_dict(state: dict[str, torch.Tensor]) -> CharLM:
     return CharLM(state["vocab"], block, layers, int(state["heads"]), embd, dropout=0.0)
 
 
-@torch.no_grad()
-def generate(model: CharLM, prompt: str, chars: int, temperature: float = 1.0, seed: int = 0) -> str:
+def generate(model: CharLM, prompt: str, chars: int, temperature: float = 1.0, seed: int = 0, top_k: int = 0) -> str:
     """``prompt`` continued by ``chars`` sampled characters (unknown prompt characters are dropped)."""
-    model.eval()
     vocab = [chr(c) for c in model.vocab.tolist()]
     index = {c: i for i, c in enumerate(vocab)}
+    ids = sample(model, [index[c] for c in prompt if c in index] or [0], chars, temperature, top_k, seed)
+    return "".join(vocab[i] for i in ids)
+
+
+@torch.no_grad()
+def sample(model: CharLM, ids: list[int], n: int, temperature: float = 1.0, top_k: int = 0, seed: int = 0) -> list[int]:
+    """``ids`` continued by ``n`` token ids, each drawn from the softmax of the logits over ``temperature`` (below 1:
+    safer choices), among the ``top_k`` likeliest only where ``top_k`` > 0 (nanoGPT's ``generate``)."""
+    model.eval()
     block = model.pos.num_embeddings
     device = model.vocab.device
-    ids = [index[c] for c in prompt if c in index] or [0]
+    ids = list(ids)
     g = torch.Generator(device=device).manual_seed(seed)
-    for _ in range(chars):
+    for _ in range(n):
         x = torch.tensor([ids[-block:]], device=device)
         logits = model(x)[0, -1].double() / max(temperature, 1e-6)
+        if 0 < top_k < len(logits):
+            logits[logits < torch.topk(logits, top_k).values[-1]] = -math.inf
         ids.append(int(torch.multinomial(torch.softmax(logits, 0), 1, generator=g)))
-    return "".join(vocab[i] for i in ids)
+    return ids
