@@ -7,6 +7,13 @@ worker then runs them alone at the end. Longest first, the two workers end toget
 
 from __future__ import annotations
 
+import torch
+
+# One thread per test worker, as every job the tests launch has (tests/helpers.py): 2 workers on 2 cores, and the
+# jobs they start, share the cores; torch's default of a thread per core made in-process runs spin against them
+# (3.2 s alone, 9.5 s beside two busy processes; 4.9 s with one thread).
+torch.set_num_threads(1)
+
 # Seconds of a full run on 2 cores (summed ``pytest --durations=0``), longest first; files not named follow
 # in their own order. Refresh it when a file's share changes much.
 LONGEST_FIRST = [
@@ -18,6 +25,7 @@ LONGEST_FIRST = [
     "test_equivalence.py",  # 53
     "test_stream.py",  # 52
     "test_run_folder.py",  # 49
+    "test_hf.py",  # 27
     "test_fsdp.py",  # 49
     "test_snapshot.py",  # 44
     "test_docs.py",  # 35

@@ -57,8 +57,8 @@ def runs(saved, tmp_path_factory):
     init = ["--init-from", str(saved[0] / "model.safetensors")]
     ddp_out = ok(torchrun(2, *TASK, *init, "--out", str(d / "ddp")))
     killed = {"DDP_FAULT": "kill:rank=1:step=5"}
-    fsdp_out = ok(torchrun(2, *TASK, *init, "--strategy", "fsdp", "--out", str(d / "fsdp"), restarts=1,
-                           extra_env=killed))  # fmt: skip
+    fsdp_out = ok(torchrun(2, *TASK, *init, "--strategy", "fsdp", "--snapshot-every", "1", "--out", str(d / "fsdp"),
+                           restarts=1, extra_env=killed))  # fmt: skip
     return d, ddp_out, fsdp_out
 
 
@@ -111,6 +111,9 @@ def test_a_save_pretrained_folder_is_read_as_it_is(saved, capsys, tmp_path):
     assert code == 0 and "outputs identical" in text, text
     code, text = ddp(capsys, "inspect", folder)
     assert code == 0 and "transformer.wte.weight" in text, text
+    fresh = GPT2LMHeadModel(hf_task.config(96, 16, 2))  # what --init-from does before training
+    assert f"1 tied, stored once in the file: {TIED}" in weights.init_model(fresh, folder / "model.safetensors")
+    assert torch.equal(hf_logits(fresh, ids), hf_logits(model, ids))
     # --init-skip of the head: the head is the embedding, which was loaded: not "left fresh"
     note = weights.init_model(GPT2LMHeadModel(hf_task.config(96, 16, 2)), folder, skip=r"^lm_head\.")
     assert f"tied to a loaded weight, holding it: {TIED}" in note and "fresh" not in note
