@@ -42,6 +42,7 @@ from ddp.checkpoint_files import (
     read_state,
     read_train,
     remove_all,
+    shard_entries,
     stage,
     step_dir,
     validate,
@@ -115,6 +116,8 @@ class Checkpointer:
         self.time_due = False  # the ranks agreed that --checkpoint-every-seconds has passed
         self.snapshots = self._snapshots()  # the tier in host memory (ddp.snapshot), or None
         self.async_mode = self._async_mode()  # how --async-save writes: off, thread or process
+        # FSDP's async saves plan and gather on a group of their own, beside the training's collectives
+        self.side_group = group.side_group() if sharded and self.async_mode != "off" else None
         self.guarded, self.proven_finite = guarded, False
 
     def _snapshots(self) -> snapshot.Snapshots | None:
@@ -130,15 +133,15 @@ class Checkpointer:
         return snaps
 
     def _async_mode(self) -> str:
-        """``--async-save`` resolved. auto: from the snapshot, on a thread; in step where there is no snapshot
-        to write from (a crash during a background write would lose that checkpoint with nothing in memory to
-        cover it), and under FSDP (DCP writes each rank's 1/N)."""
+        """``--async-save`` resolved. auto: on a thread (from the snapshot; under FSDP, from DCP's staged copy of
+        each rank's shards); in step where there is no snapshot (a crash during a background write would lose that
+        checkpoint with nothing in memory to cover it)."""
         if self.cfg.async_save != "auto":
             if self.cfg.async_save == "process" and self.snapshots is None:
                 self.say("note: --async-save process writes from the snapshots in host memory, which are off: a "
                          "thread writes")  # fmt: skip
             return self.cfg.async_save
-        return "thread" if self.snapshots is not None and not self.sharded else "off"
+        return "thread" if self.snapshots is not None else "off"
 
     def _local_snapshots(self) -> snapshot.Snapshots | None:
         every = self.cfg.snapshot_every
@@ -390,7 +393,7 @@ class Checkpointer:
             live = {b.data_ptr() for b in self.model.buffers()}
             self.snapshots.take(step, (files, own, shards), live, built_s=time.perf_counter() - start)
         if due:
-            self.save(step)
+            self.save(step, last_step)
 
     def keep_best(self, step: int) -> None:
         """Called by every rank after an evaluation of ``step`` that is the best so far: its checkpoint is saved
@@ -452,10 +455,11 @@ class Checkpointer:
 
     # -- saving --
 
-    def save(self, step: int) -> None:
+    def save(self, step: int, last_step: bool = False) -> None:
         """Write a checkpoint of the state now, as that of ``step``: in step, or under ``--async-save`` from the
-        snapshot of ``step`` (``ddp.persist``), or staged and written on a thread where no snapshot holds it;
-        committed by ``commit`` once every rank has written."""
+        snapshot of ``step`` (``ddp.persist``), or staged and written on a thread where no snapshot holds it (under
+        FSDP: by DCP, each rank its shards); committed by ``commit`` once every rank has written. ``auto`` writes
+        the ``last_step``'s in step: the export follows it."""
         self.wait()
         if not (self.guarded and self.proven_finite):
             self._refuse_nonfinite(step)
@@ -463,8 +467,9 @@ class Checkpointer:
         self.last_save_time, self.time_due = time.monotonic(), False
         self.pending_step = step
         mode = self.async_mode
-        pinned = None if mode == "off" or self.snapshots is None else self.snapshots.pin(step)
-        if mode != "off" and not all(group.all_gather_objects(pinned is not None)):  # every rank, or none:
+        pinned = None if mode == "off" or self.snapshots is None or self.sharded else self.snapshots.pin(step)
+        agree = mode != "off" and not self.sharded  # from a snapshot on every rank, or on none:
+        if agree and not all(group.all_gather_objects(pinned is not None)):
             pinned = self.snapshots.unpin() if pinned is not None else None  # state() below is a collective
         if pinned is not None:  # written from the snapshot of this step, in memory: no copy of the live state
             data, record, ready = pinned
@@ -474,11 +479,29 @@ class Checkpointer:
             return
         replicated, own, sharded = self.state()
         files = rank_files(replicated, own, group.rank(), group.world_size())
-        if sharded is not None or mode == "off" or self.cfg.async_save == "auto":  # auto: async from snapshots only
+        auto_in_step = self.cfg.async_save == "auto" and (last_step or not self.sharded)  # DDP: from snapshots only
+        if mode == "off" or auto_in_step:
             self.writer.result = persist.outcome(lambda: self._write(step, files, sharded))
             self.commit()
+        elif sharded is not None:
+            self._write_shards_in_background(step, files, sharded)
         else:
             self._write_in_background(step, files)
+
+    def _write_shards_in_background(self, step: int, files: dict[str, Any], sharded: dict) -> None:
+        """Under FSDP: DCP stages this rank's shards into CPU memory now, then it and a thread of ours write."""
+        from ddp import dcp  # torch.distributed.checkpoint: imported when used (see ddp/fsdp.py)
+
+        folder = self._tmp(step) / SHARDED
+        future = dcp.save_sharded_async(sharded, folder, self.side_group)
+
+        def write() -> dict[str, dict]:
+            dcp.finish_sharded(future, folder)
+            written = shard_entries(folder)
+            written.update({name: write_file(self._tmp(step) / name, obj) for name, obj in files.items()})
+            return written
+
+        self.writer.start(write)
 
     def _write_in_background(self, step: int, files: dict[str, Any]) -> None:
         """``--async-save`` without a snapshot to write from: stage into reused CPU buffers now, write them on a

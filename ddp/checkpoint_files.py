@@ -151,6 +151,12 @@ def write_shards(folder: Path, state: dict[str, Any]) -> dict:
     from ddp import dcp  # torch.distributed.checkpoint: 0.6 s to import, only FSDP runs need it
 
     dcp.save_sharded(state, folder)
+    return shard_entries(folder)
+
+
+def shard_entries(folder: Path) -> dict:
+    """The manifest entries of this rank's files of the shards written into ``folder`` (rank 0's: and the
+    metadata), once every rank's are written."""
     rank = group.rank()
     mine = sorted(
         p for p in folder.iterdir() if p.name.startswith(f"__{rank}_") or (rank == 0 and not p.name.startswith("__"))

@@ -256,6 +256,21 @@ def save_sharded(state: dict[str, Any], folder: str | os.PathLike) -> None:
         raise CheckpointError(f"writing the shards into {folder} failed: {_reasons(e)}") from None
 
 
+def save_sharded_async(state: dict[str, Any], folder: str | os.PathLike, process_group: Any) -> Any:
+    """Called by every rank: ``save_sharded`` in the background. This rank's shards are copied into CPU memory
+    now (what training waits for), then written on DCP's thread, its collectives on ``process_group`` (a gloo
+    group of their own: the training's collectives go on beside them); a future of the write."""
+    return dcp.async_save(state, storage_writer=FileSystemWriter(folder), process_group=process_group)
+
+
+def finish_sharded(future: Any, folder: str | os.PathLike) -> None:
+    """Wait for a ``save_sharded_async``; a rank's write error reaches every rank as a CheckpointError naming it."""
+    try:
+        future.result()
+    except CheckpointException as e:
+        raise CheckpointError(f"writing the shards into {folder} failed: {_reasons(e)}") from None
+
+
 def tensor_shapes(folder: str | os.PathLike, prefix: str = "") -> dict[str, torch.Size]:
     """The whole shape of each tensor whose key starts with ``prefix`` (removed), as the metadata records it."""
     entries = check_files(Path(folder)).state_dict_metadata.items()

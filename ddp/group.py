@@ -285,6 +285,12 @@ def active() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def side_group() -> Any:
+    """Called by every rank: a gloo group of all ranks beside the default one, for collectives made on another
+    thread while training's go on (DCP's async save plans and gathers its metadata on it)."""
+    return dist.new_group(backend="gloo")
+
+
 def rank() -> int:
     """Global rank (0 without a process group)."""
     return dist.get_rank() if active() else 0

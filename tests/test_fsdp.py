@@ -14,7 +14,16 @@ from ddp.tasks.charlm import CharLM
 from ddp.train import main
 from ddp.weights import read
 
-from .helpers import assert_same_training, max_diff, model_state, ok, stopped_after, torchrun, train_alone
+from .helpers import (
+    assert_same_training,
+    assert_tree_equal,
+    max_diff,
+    model_state,
+    ok,
+    stopped_after,
+    torchrun,
+    train_alone,
+)
 from .tied_task import TiedNet
 
 FSDP = ["--strategy", "fsdp", "--samples", "1024", "--batch-size", "32", "--log-every", "1"]
@@ -75,6 +84,17 @@ def test_fsdp_trains_a_users_task_with_tied_weights_as_one_process_does(tmp_path
     assert "strategy 'ddp' -> 'fsdp'" in out and "continuing at step 21" in out and "verify: 2/2 ranks" in out
 
 
+def test_an_async_sharded_checkpoint_holds_what_one_written_in_step_does(tmp_path):
+    # --async-save auto (the default) under FSDP: DCP stages the shards, its thread and ours write them
+    args = ["--strategy", "fsdp", "--samples", "512", "--steps", "6", "--checkpoint-every", "3", "--optimizer", "adamw"]
+    ok(train_alone(*args, "--no-async-save", "--out", str(tmp_path / "sync")))
+    ok(train_alone(*args, "--out", str(tmp_path / "async")))
+    (a, ta), (b, tb) = model_state(tmp_path / "async", 3), model_state(tmp_path / "sync", 3)
+    assert_tree_equal(a, b)
+    assert_tree_equal(ta["optimizer"], tb["optimizer"])
+    assert ta.pop("config")["checkpoint"]["async_save"] == "auto" and ta["step"] == tb["step"] == 3
+
+
 def test_default_blocks_open_containers_and_leave_tied_weights_to_the_root():
     mlp = MLP(20, (8, 8), 3)
     assert default_blocks(mlp) == [mlp.hidden[0], mlp.hidden[2], mlp.output]
@@ -95,6 +115,6 @@ def test_a_block_holding_one_half_of_a_tied_pair_is_refused_by_name():
 
 
 def test_ddp_only_options_are_refused_under_fsdp(tmp_path, capsys):
-    assert main(["--strategy", "fsdp", "--static-graph", "--async-save", "--out", str(tmp_path)]) == 2
+    assert main(["--strategy", "fsdp", "--static-graph", "--async-save", "process", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert "--strategy fsdp does not take --static-graph" in err and "--async-save" in err
+    assert "--strategy fsdp does not take --static-graph" in err and "--async-save process" in err
