@@ -47,7 +47,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from ddp import group
 from ddp import optim as ddp_optim
-from ddp.checkpoint import Checkpointer
+from ddp.checkpoint import Checkpointer, restorable
 from ddp.checkpoint_files import MODEL, TRAIN, nbytes, read_state, stage, validate
 from ddp.config import CheckpointConfig, Config
 from ddp.data import make_loader
@@ -711,7 +711,7 @@ def snapshot_table(args, out: Path) -> dict:
         drop_cache(folder)
         disk = resume_load(folder, model, opt)
         start = time.perf_counter()
-        files, _, _ = snaps.load(step)
+        files, _, _ = restorable(snaps.load(step, copy=False))  # as the Checkpointer restores: model tensors in place
         model.load_state_dict(files[MODEL])
         opt.load_state_dict(files[TRAIN]["optimizer"])
         memory = time.perf_counter() - start

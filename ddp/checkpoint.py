@@ -324,7 +324,7 @@ class Checkpointer:
         """(the files of the snapshot of ``step``, this rank's own state or None, its shards under FSDP): from
         this rank's memory, or, for a rank without it, the replicated files sent by the first rank that holds
         it (DDP only)."""
-        mine = self.snapshots.load(step) if group.rank() in holders else None
+        mine = restorable(self.snapshots.load(step, copy=False)) if group.rank() in holders else None
         if len(holders) == group.world_size():
             return mine
         lost = [r for r in range(group.world_size()) if r not in holders]
@@ -641,3 +641,24 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     """This rank's part of a tensor: a DTensor's local shard, else the tensor."""
     to_local = getattr(t, "to_local", None)
     return to_local() if to_local is not None else t.detach()
+
+
+def restorable(state: tuple) -> tuple:
+    """A snapshot's state (views of its slot) as a restore keeps it: the tensors that are only copied into the
+    model or into FSDP's shards stay views, saving a copy of the model's bytes; every other tensor is copied out,
+    since the optimizer and the RNGs keep the tensors they are given and a later snapshot rewrites the slot."""
+    files, own, shards = state
+    files = {k: v if k == MODEL else _copied(v) for k, v in files.items()}
+    return files, _copied(own), None if shards is None else _copied(shards, views=fsdp.LOCAL)
+
+
+def _copied(obj: Any, views: str | None = None) -> Any:
+    """``obj`` with each tensor cloned, but for those under the key ``views`` (FSDP's local shards: copied into
+    their DTensors by ``fsdp.fill``)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.clone()
+    if isinstance(obj, dict):
+        return {k: v if k == views else _copied(v, views) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_copied(v, views) for v in obj)
+    return obj

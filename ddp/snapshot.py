@@ -469,8 +469,9 @@ class Snapshots:
             self.say(f"warning: the snapshot in {self.dir} slot {slot} is damaged; it is not used")
         return whole
 
-    def load(self, step: int) -> Any:
-        """The state of this rank's snapshot of ``step``, as ``take`` was given it (tensors on the CPU)."""
+    def load(self, step: int, copy: bool = True) -> Any:
+        """The state of this rank's snapshot of ``step``, as ``take`` was given it (tensors on the CPU): copies, or
+        without ``copy`` views of a private mapping of the slot, valid until the slot is written again."""
         slot = next(k for k, s in self.slots.items() if s["step"] == step)
         blob = (self.dir / f"meta-{slot}").read_bytes()
         if xxhash.xxh3_128_hexdigest(blob) != self.slots[slot]["meta"]:
@@ -480,8 +481,8 @@ class Snapshots:
         if mm.shape[0] < record["size"]:
             raise OSError(f"{self.dir / f'data-{slot}'} is shorter than its snapshot")
         data = torch.from_numpy(mm)
-        tensors = [_view(data, place).clone() for place in record["places"]]
-        return unflatten(record["meta"], tensors)
+        tensors = [_view(data, place) for place in record["places"]]
+        return unflatten(record["meta"], [t.clone() for t in tensors] if copy else tensors)
 
     def nbytes(self) -> int:
         """Host memory the slots take."""

@@ -2,14 +2,14 @@
 
 ``--dist loadfile`` gives each worker whole files, the next one as it runs out; xdist would
 order them by their number of tests, which puts the files of a few long jobs last, and one
-worker then runs them alone at the end. Longest first, the two workers end together.
+worker then runs them alone at the end. Longest first, the workers end together.
 """
 
 from __future__ import annotations
 
 import torch
 
-# One thread per test worker, as every job the tests launch has (tests/helpers.py): 3 workers on 2 cores, and the
+# One thread per test worker, as every job the tests launch has (tests/helpers.py): 2 workers on 2 cores, and the
 # jobs they start, share the cores; torch's default of a thread per core made in-process runs spin against them
 # (3.2 s alone, 9.5 s beside two busy processes; 4.9 s with one thread).
 torch.set_num_threads(1)
