@@ -337,8 +337,10 @@ def test_disk_full_during_a_save_fails_every_rank_and_keeps_the_previous_checkpo
     assert all(torch.equal(kept[0][k], expected[0][k]) for k in expected[0])  # loads, bitwise equal
 
 
-def test_an_async_save_that_fails_mid_run_stops_every_rank_at_the_next_step(tmp_path):
-    args = [*ARGS, "--steps", "8", "--checkpoint-every", "4", "--async-save", "--log-every", "100"]
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])  # fsdp: DCP's thread writes the shards, ours the rank's files
+def test_an_async_save_that_fails_mid_run_stops_every_rank_at_the_next_step(tmp_path, strategy):
+    args = [*ARGS, "--steps", "8", "--checkpoint-every", "4", "--async-save", "--log-every", "100",
+            "--strategy", strategy]  # fmt: skip
     proc = torchrun(2, *args, "--out", str(tmp_path), extra_env={"DDP_FAULT": "enospc:rank=1:save=1:linger=5"})
     assert proc.returncode != 0
     for r in (0, 1):
