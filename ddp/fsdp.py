@@ -127,8 +127,9 @@ def shard(
     device: torch.device,
     blocks: Callable[[nn.Module], Iterable[nn.Module]] | None = None,
     precision: str = "fp32",
-) -> list[str]:
-    """``fully_shard`` each block (deepest first), then the root, over a 1-D mesh of all ranks; the blocks' names.
+) -> str:
+    """``fully_shard`` each block (deepest first), then the root, over a 1-D mesh of all ranks; the log line that
+    names the units (``describe_units``: their classes, before sharding renames them).
 
     bf16 and fp16 run the forward and backward in that dtype with fp32 master weights
     and fp32 gradient reduction, FSDP's own mixed precision.
@@ -140,10 +141,11 @@ def shard(
     dtype = autocast_dtype(precision)
     policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32 if dtype else None)
     names = resolve_blocks(model, blocks)
+    units = describe_units(model, names)
     for name in names:
         fully_shard(model.get_submodule(name), mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
-    return names
+    return units
 
 
 def sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:

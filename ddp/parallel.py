@@ -121,8 +121,8 @@ class Parallel:
 
     def _wrap(self, world: group.World) -> nn.Module:
         if self.sharded:  # in place: the model's parameters become this rank's shards (DTensors)
-            group.log(world, fsdp.describe_units(self.model, fsdp.resolve_blocks(self.model, self.task.blocks)))
-            fsdp.shard(self.model, world.world_size, self.device, self.task.blocks, self.cfg.optim.precision)
+            units = fsdp.shard(self.model, world.world_size, self.device, self.task.blocks, self.cfg.optim.precision)
+            group.log(world, units)
             if self.cfg.compute.compile:
                 self.model.compile()  # compiled in place: the module stays the FSDP module it is
             return self.model
