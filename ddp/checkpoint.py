@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from ddp import fsdp, group, persist, rng, snapshot
+from ddp import fsdp, group, persist, replicas, rng, snapshot
 from ddp.checkpoint_files import (
     FORMAT_VERSION,
     MANIFEST,
@@ -115,9 +115,11 @@ class Checkpointer:
         self.last_save_time = time.monotonic()  # for --checkpoint-every-seconds
         self.time_due = False  # the ranks agreed that --checkpoint-every-seconds has passed
         self.snapshots = self._snapshots()  # the tier in host memory (ddp.snapshot), or None
+        timeout_s = None if config is None else max(config.dist.timeout, config.dist.startup_timeout)
+        self.replicas = self._replicas(timeout_s)  # copies of them on a partner node (ddp.replicas), or None
         self.async_mode = self._async_mode()  # how --async-save writes: off, thread or process
         # FSDP's async saves plan and gather on a group of their own, beside the training's collectives
-        self.side_group = group.side_group() if sharded and self.async_mode != "off" else None
+        self.side_group = group.side_group(timeout_s) if sharded and self.async_mode != "off" else None
         self.guarded, self.proven_finite = guarded, False
 
     def _snapshots(self) -> snapshot.Snapshots | None:
@@ -131,6 +133,12 @@ class Checkpointer:
                      "--snapshot-dir)")  # fmt: skip
             return None
         return snaps
+
+    def _replicas(self, timeout_s: float | None) -> replicas.Replicas | None:
+        """Called by every rank: this rank's side of the ring of snapshot replicas, or None."""
+        if self.snapshots is None or not self.cfg.snapshot_replicas or group.world_size() == 1:
+            return None
+        return replicas.Replicas.plan(self.snapshots, timeout_s, self.say)
 
     def _async_mode(self) -> str:
         """``--async-save`` resolved. auto: on a thread (from the snapshot; under FSDP, from DCP's staged copy of
@@ -292,15 +300,17 @@ class Checkpointer:
         folder = self.find(resume)
         if self.snapshots is not None and self.run_id is not None:  # a run's folder was claimed: snapshots are its
             self.snapshots.open(self.run_id, os.environ.get("LOCAL_RANK", "0") == "0", self.config_dict)
+            if self.replicas is not None:
+                self.replicas.open(self.run_id)
         choice = self._memory_choice(folder) if resume == "auto" else None
         if choice is None:
             if folder is not None:
                 self.restore(folder)
             return folder
-        step, holders = choice
-        files, own, shards = self._memory_state(step, holders)
+        step = choice[0]
+        files, own, shards = self._memory_state(*choice)
         train = {**files[TRAIN], "config": self.snapshots.saved_config}
-        if shards is not None:  # FSDP: every rank its own shards (memory_choice: every rank holds the step)
+        if shards is not None:  # FSDP: every rank its own shards (memory_choice: every rank holds the step now)
             live = fsdp.sharded_state(self.model, self.optimizer)  # the layout, the optimizer's state made
             fsdp.load_state(self.model, self.optimizer, fsdp.fill(live, shards))
         else:
@@ -309,21 +319,33 @@ class Checkpointer:
         self.last_saved = None if folder is None else read_manifest(folder)["step"]
         return f"the snapshot in host memory ({self.snapshots.root / self.run_id}), step {step}"
 
-    def _memory_choice(self, folder: Path | None) -> tuple[int, list[int]] | None:
-        """Called by every rank: (the step to restore from host memory, the ranks that hold it), or None where
-        the newest checkpoint on disk (``folder``) is as new.
+    def _memory_choice(self, folder: Path | None) -> tuple[int, list[int], list[int]] | None:
+        """Called by every rank: (the step to restore from host memory, the ranks that hold it, the ranks whose
+        partners hold it for them), or None where the newest checkpoint on disk (``folder``) is as new.
 
         Under FSDP every rank needs its own shards: the newest step every rank holds. Under DDP every rank
         holds the same model and optimizer, so one rank's snapshot can serve a rank that lost its own.
         """
         held = [] if self.snapshots is None else self.snapshots.held(group.world_size())
+        kept = [] if self.replicas is None else self.replicas.held()
+        rows = group.all_gather_objects((held, kept))
         disk = None if folder is None else read_manifest(folder)["step"]
-        return memory_choice(group.all_gather_objects(held), disk, peers=not self.sharded)
+        kept = [[] for _ in rows] if self.replicas is None else [rows[p][1] for p in self.replicas.partner_of]
+        choice = memory_choice([row[0] for row in rows], disk, peers=not self.sharded, kept=kept)
+        if choice is None:
+            return None
+        step, holders = choice
+        return step, holders, [r for r in range(len(rows)) if r not in holders and step in kept[r]]
 
-    def _memory_state(self, step: int, holders: list[int]) -> tuple[dict, dict | None, dict | None]:
+    def _memory_state(self, step: int, holders: list[int], returned: list[int]) -> tuple[dict, dict | None, Any]:
         """(the files of the snapshot of ``step``, this rank's own state or None, its shards under FSDP): from
-        this rank's memory, or, for a rank without it, the replicated files sent by the first rank that holds
-        it (DDP only)."""
+        this rank's memory; for a rank without it, its own snapshot sent back by its partner (``ddp.replicas``),
+        or else the replicated files sent by the first rank that holds it (DDP only)."""
+        if returned:
+            self.replicas.restore(step, returned)
+            holders = sorted([*holders, *returned])
+            self.say(f"rank(s) {returned} hold no snapshot of step {step} (a replaced node?): their partners on "
+                     "another node sent them back their own (--snapshot-replicas)")  # fmt: skip
         mine = restorable(self.snapshots.load(step, copy=False)) if group.rank() in holders else None
         if len(holders) == group.world_size():
             return mine
@@ -392,6 +414,8 @@ class Checkpointer:
             shards = None if shards is None else fsdp.local_shards(shards)  # this rank's own part
             live = {b.data_ptr() for b in self.model.buffers()}
             self.snapshots.take(step, (files, own, shards), live, built_s=time.perf_counter() - start)
+            if self.replicas is not None:
+                self.replicas.send(step)
         if due:
             self.save(step, last_step)
 
@@ -416,6 +440,8 @@ class Checkpointer:
         nothing will resume from."""
         self.wait()
         self.writer.close()
+        if self.replicas is not None:
+            self.replicas.close(remove=True)
         if self.snapshots is not None:
             self.snapshots.close(remove=True)
 
@@ -622,17 +648,21 @@ class Checkpointer:
             self.pruner.start()
 
 
-def memory_choice(held: list[list[int]], disk: int | None, peers: bool) -> tuple[int, list[int]] | None:
+def memory_choice(
+    held: list[list[int]], disk: int | None, peers: bool, kept: list[list[int]] | None = None
+) -> tuple[int, list[int]] | None:
     """(the step to restore from memory, the ranks that hold it) given the steps each rank's snapshots ``held``
     and the newest checkpoint on ``disk``; None where disk is as new.
 
-    The newest step every rank holds comes first: each rank restores its own state, bitwise. Only where no
-    such step is newer than disk, and with ``peers`` (DDP: every rank holds the same model and optimizer),
-    does the newest step any rank holds serve the ranks without it.
+    The newest step every rank holds, itself or in its partner's ``kept`` copies (``--snapshot-replicas``),
+    comes first: each rank restores its own state, bitwise. Only where no such step is newer than disk, and
+    with ``peers`` (DDP: every rank holds the same model and optimizer), does the newest step any rank holds
+    serve the ranks without it.
     """
     sets = [set(h) for h in held]
-    newer = {s for s in set.union(*sets) if disk is None or s > disk}
-    common = newer.intersection(*sets)
+    cover = [s | set(k) for s, k in zip(sets, kept or [[] for _ in sets], strict=True)]
+    newer = {s for s in set.union(*cover) if disk is None or s > disk}
+    common = newer.intersection(*cover)
     step = max(common) if common else (max(newer) if peers and newer else None)
     return None if step is None else (step, [r for r, h in enumerate(sets) if step in h])
 

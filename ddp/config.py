@@ -176,6 +176,10 @@ class CheckpointConfig:
     (losing at most one step): auto (every step while a copy costs under 2 % of the time), N, or 0 (off)."""
     snapshot_dir: str | None = None
     """Where snapshots live (default /dev/shm): a folder in memory that outlives the process, not a disk."""
+    snapshot_replicas: int = 0
+    """1: each rank's snapshots are also kept by a rank on another node, so a lost node's ranks resume from their
+    partners' memory, bitwise (under FSDP, the only way a lost node does not send the job back to disk); costs as
+    much host memory again and a transfer of each snapshot, in the background. 0: off."""
     keep_last: int = 3
     """Complete checkpoints to keep; older ones are deleted after a newer one commits."""
     resume: str = "auto"
@@ -193,6 +197,7 @@ class CheckpointConfig:
 
     def __post_init__(self) -> None:
         _check(self.checkpoint_every >= 0, "checkpoint_every", "cannot be negative")
+        _check(self.snapshot_replicas in (0, 1), "snapshot_replicas", f"use 0 or 1, got {self.snapshot_replicas}")
         self.snapshot_every = str(self.snapshot_every)  # a TOML file may give a number
         _check(self.async_save in ASYNC_SAVES, "async_save", f"use {', '.join(ASYNC_SAVES)}, got {self.async_save!r}")
         _check(

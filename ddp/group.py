@@ -285,10 +285,13 @@ def active() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def side_group() -> Any:
+def side_group(timeout_s: float | None = None) -> Any:
     """Called by every rank: a gloo group of all ranks beside the default one, for collectives made on another
-    thread while training's go on (DCP's async save plans and gathers its metadata on it)."""
-    return dist.new_group(backend="gloo")
+    thread while training's go on (DCP's async save plans and gathers its metadata on it; ``ddp.replicas`` sends
+    snapshots on another). ``timeout_s``: how long its collectives wait for a missing rank (gloo's 30 min
+    default otherwise)."""
+    timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
+    return dist.new_group(backend="gloo", timeout=timeout)
 
 
 def rank() -> int:

@@ -208,18 +208,21 @@ class Snapshots:
         self.disabled = False
         self.announced = False  # whether the memory the snapshots take was said
         self.saved_config: dict | None = None  # the settings the run's snapshots were taken under
+        self.readers: dict[int, threading.Event] = {}  # slot -> set once another thread has read it (ddp.replicas)
+        self.failed: set[int] = set()  # steps whose copy failed: never sent to a partner
+        self.off = "snapshots in host memory are off: {}; disk checkpoints only"  # the log's warning, once
 
     # -- where --
 
-    def open(self, run_id: str, clean: bool, config: dict | None = None) -> None:
+    def open(self, run_id: str, clean: bool, config: dict | None = None, name: str | None = None) -> None:
         """Use the folder of run ``run_id``; with ``clean`` (one rank per host), remove the folders of runs that
         can no longer resume: another run now holds their ``--out``, or their ``--out`` is gone.
 
         ``config``: this launch's settings, recorded once for the run's snapshots (``saved_config`` is what the
-        launch before it recorded).
+        launch before it recorded). ``name``: the folder's name in the run's, ``rank-<r>`` unless given.
         """
         run_dir = self.root / run_id
-        self.dir = run_dir / f"rank-{self.rank}"
+        self.dir = run_dir / (name or f"rank-{self.rank}")
         if clean:
             self._clean_stale(run_id)
         try:
@@ -261,7 +264,7 @@ class Snapshots:
 
     def _disable(self, why: str) -> None:
         if not self.disabled:
-            self.say(f"warning: snapshots in host memory are off: {why}; disk checkpoints only")
+            self.say("warning: " + self.off.format(why))
         self.disabled = True
 
     # -- taking --
@@ -286,6 +289,9 @@ class Snapshots:
         meta = _flatten(state, tensors)
         places, size = _places(tensors)
         slot = self._free_slot()
+        reader = self.readers.pop(slot, None)
+        if reader is not None:  # a partner is still being sent this slot's older snapshot
+            reader.wait()
         if not self._room(slot, size):
             return
         self.slots.pop(str(slot), None)
@@ -339,6 +345,42 @@ class Snapshots:
         """The checkpoint written from the pinned slot is committed (or failed): the slot may be reused."""
         self.pinned = None
 
+    def data(self, slot: int, size: int) -> torch.Tensor:
+        """The first ``size`` bytes of a slot's data file, mapped: what a partner is sent (``ddp.replicas``)."""
+        return self._map(slot, size)[:size]
+
+    def receive_slot(self, size: int) -> tuple[int, torch.Tensor] | None:
+        """(a free slot, its data file's first ``size`` bytes, mapped) for a snapshot received whole, which
+        ``commit_slot`` then names; None where there is no room for it."""
+        if self.disabled or self.dir is None:
+            return None
+        slot = self._free_slot()
+        if not self._room(slot, size):
+            return None
+        self.slots.pop(str(slot), None)
+        try:
+            self._write_head()
+            return slot, self.data(slot, size)
+        except OSError as e:
+            self._disable(f"{self.dir}: {e.strerror or e}")
+            return None
+
+    def commit_slot(self, slot: int, step: int, blob: bytes) -> bool:
+        """Name ``slot``, whose data is complete, in the head as the snapshot of ``step`` (``blob``: its meta
+        record); False where it could not be written (snapshots are then off)."""
+        try:
+            (self.dir / f"meta-{slot}").write_bytes(blob)
+            self.slots[str(slot)] = {
+                "step": step,
+                "meta": xxhash.xxh3_128_hexdigest(blob),
+                "world_size": group.world_size(),
+            }
+            self._write_head()
+        except OSError as e:
+            self._disable(f"{self.dir}: {e.strerror or e}")
+            return False
+        return True
+
     def _room(self, slot: int, size: int) -> bool:
         """Whether a slot of ``size`` bytes fits in the folder's free space and in the host's available memory,
         with room to spare for every rank on the host (the slot's old file counts as free)."""
@@ -383,6 +425,7 @@ class Snapshots:
                 self._copy(pairs, step)
             except BaseException as e:  # reported by wait, on the training thread
                 self.error = e
+                self.failed.add(step)
             done.set()
 
     def _copy(self, pairs: tuple[list, list], step: int) -> None:
@@ -404,17 +447,7 @@ class Snapshots:
             error, self.error = self.error, None
             self._disable(f"the copy of step {step} failed ({error})")
             return
-        blob = meta_bytes(record)
-        try:
-            (self.dir / f"meta-{slot}").write_bytes(blob)
-            self.slots[str(slot)] = {
-                "step": step,
-                "meta": xxhash.xxh3_128_hexdigest(blob),
-                "world_size": group.world_size(),
-            }
-            self._write_head()
-        except OSError as e:
-            self._disable(f"{self.dir}: {e.strerror or e}")
+        if not self.commit_slot(slot, step, meta_bytes(record)):
             return
         self.cost["blocked"] += time.perf_counter() - start
         self.cost["taken"] += 1
@@ -472,17 +505,23 @@ class Snapshots:
     def load(self, step: int, copy: bool = True) -> Any:
         """The state of this rank's snapshot of ``step``, as ``take`` was given it (tensors on the CPU): copies, or
         without ``copy`` views of a private mapping of the slot, valid until the slot is written again."""
+        blob, data = self.raw(step)
+        record = meta_record(blob)
+        tensors = [_view(data, place) for place in record["places"]]
+        return unflatten(record["meta"], [t.clone() for t in tensors] if copy else tensors)
+
+    def raw(self, step: int) -> tuple[bytes, torch.Tensor]:
+        """(the meta record, the data) of the snapshot of ``step``, as stored: the data a private mapping of the
+        slot's file, as long as the snapshot."""
         slot = next(k for k, s in self.slots.items() if s["step"] == step)
         blob = (self.dir / f"meta-{slot}").read_bytes()
         if xxhash.xxh3_128_hexdigest(blob) != self.slots[slot]["meta"]:
             raise OSError(f"{self.dir / f'meta-{slot}'} does not match its checksum in {HEAD}")
-        record = meta_record(blob)
+        size = meta_record(blob)["size"]
         mm = np.memmap(self.dir / f"data-{slot}", dtype=np.uint8, mode="c")
-        if mm.shape[0] < record["size"]:
+        if mm.shape[0] < size:
             raise OSError(f"{self.dir / f'data-{slot}'} is shorter than its snapshot")
-        data = torch.from_numpy(mm)
-        tensors = [_view(data, place) for place in record["places"]]
-        return unflatten(record["meta"], [t.clone() for t in tensors] if copy else tensors)
+        return blob, torch.from_numpy(mm)[:size]
 
     def nbytes(self) -> int:
         """Host memory the slots take."""

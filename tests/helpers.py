@@ -126,6 +126,13 @@ def stopped_after(output: str, signalled: int, name: str = "SIGTERM") -> int:
     return step
 
 
+def start(cmd: list[str], log: Path, **extra: str) -> subprocess.Popen:
+    """Start ``cmd`` (a launch script: ``PYTHON`` is this interpreter) in the background, its output in ``log``."""
+    f = open(log, "w")
+    extra = {"PYTHON": sys.executable, **extra}
+    return subprocess.Popen(cmd, cwd=ROOT, env=env(**extra), stdout=f, stderr=subprocess.STDOUT)
+
+
 def free_port() -> int:
     """A port nobody listens on right now."""
     with socket.socket() as s:

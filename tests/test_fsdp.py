@@ -17,9 +17,11 @@ from ddp.weights import read
 from .helpers import (
     assert_same_training,
     assert_tree_equal,
+    free_port,
     max_diff,
     model_state,
     ok,
+    start,
     stopped_after,
     torchrun,
     train_alone,
@@ -29,10 +31,21 @@ from .tied_task import TiedNet
 FSDP = ["--strategy", "fsdp", "--samples", "1024", "--batch-size", "32", "--log-every", "1"]
 
 
-def test_sigkilled_fsdp_rank_restarts_and_ends_bitwise_equal(tmp_path):
-    # BatchNorm: each rank's running statistics are its own under FSDP; the checkpoint must hold rank 0's
-    args = [*FSDP, "--steps", "20", "--optimizer", "adamw", "--lr", "0.01", "--batchnorm"]
-    ok(torchrun(2, *args, "--out", str(tmp_path / "ref")))
+# BatchNorm: each rank's running statistics are its own under FSDP; a checkpoint must hold rank 0's, a snapshot
+# each rank's own
+KILLED = [*FSDP, "--steps", "20", "--optimizer", "adamw", "--lr", "0.01", "--batchnorm"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The run that the killed ones must end equal to, never killed."""
+    out = tmp_path_factory.mktemp("ref")
+    ok(torchrun(2, *KILLED, "--out", str(out)))
+    return out
+
+
+def test_sigkilled_fsdp_rank_restarts_and_ends_bitwise_equal(tmp_path, reference):
+    args = KILLED
     run = [*args, "--checkpoint-every", "5", "--snapshot-every", "1", "--out", str(tmp_path / "run")]
     seed = random.randrange(10**6)
     rng = random.Random(seed)
@@ -47,7 +60,32 @@ def test_sigkilled_fsdp_rank_restarts_and_ends_bitwise_equal(tmp_path):
     assert [int(n) for n in re.findall(r"continuing at step (\d+)", proc.output)] == steps, context
     from_memory = {int(n) for n in re.findall(r"host memory \(.*?\), step (\d+)", proc.output)}
     assert from_memory >= {s - 1 for s in steps if (s - 1) % 5}, context
-    assert_same_training(tmp_path / "run", tmp_path / "ref")  # across the epoch boundary at step 14 too
+    assert_same_training(tmp_path / "run", reference)  # across the epoch boundary at step 14 too
+
+
+def test_a_replaced_node_gets_its_shards_back_from_its_partners_copy_and_ends_bitwise_equal(tmp_path, reference):
+    # Two nodes on this host (two torchrun agents, one rank each), each with its own host memory. Rank 1 dies
+    # with its node's memory: its snapshots and its copy of rank 0's. Under FSDP no other rank holds its shards;
+    # with --snapshot-replicas 1 rank 0 keeps a copy of rank 1's snapshots and sends them back, so the job
+    # resumes from memory, not from the checkpoint of step 5 on disk.
+    port, step = free_port(), random.randrange(7, 10)
+    launcher = ["--head", "127.0.0.1", "--port", str(port), "--nnodes", "2", "--nproc", "1", "--rdzv-id", "partner",
+                "--max-restarts", "1"]  # fmt: skip
+    args = [*KILLED, "--checkpoint-every", "5", "--snapshot-every", "1", "--snapshot-replicas", "1"]
+    nodes = []
+    for i in range(2):
+        shm = tmp_path / f"shm{i}"
+        cmd = ["bash", "launch/multinode.sh", *launcher, "--", *args, "--snapshot-dir", str(shm), "--out",
+               str(tmp_path / "run")]  # fmt: skip
+        nodes.append(start(cmd, tmp_path / f"node{i}.log", DDP_FAULT=f"lose-memory:rank=1:step={step}:dir={shm}"))
+    for node in nodes:
+        node.wait(timeout=150)
+    logs = "".join((tmp_path / f"node{i}.log").read_text() for i in range(2))
+    assert all(node.returncode == 0 for node in nodes), f"step {step}:\n{logs[-4000:]}"
+    assert re.search(r"rank\(s\) \[1\] hold no snapshot of step \d+ \(a replaced node\?\): their partners", logs)
+    resumed = re.search(r"resumed from the snapshot in host memory \(.*\), step (\d+): continuing", logs)
+    assert resumed and int(resumed[1]) in (step - 1, step), f"step {step}:\n{logs[-4000:]}"
+    assert_same_training(tmp_path / "run", reference)
 
 
 def test_fsdp_bf16_sigterm_saves_then_resumes_on_three_ranks_past_a_damaged_checkpoint(tmp_path):

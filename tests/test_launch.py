@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from .helpers import ROOT, assert_same_training, env, free_port, ok, run, torchrun
+from .helpers import ROOT, assert_same_training, free_port, ok, run, start, torchrun
 
 SCRIPTS = sorted((ROOT / "launch").iterdir())
 ARGS = ["--samples", "512", "--batch-size", "16", "--steps", "6"]
@@ -29,12 +29,6 @@ def test_make_train_ddp_runs_nproc_cpu_workers_and_passes_arguments_through(tmp_
     out = ok(run(["make", "--no-print-directory", "train-ddp", "NPROC=1", f"ARGS={' '.join(ARGS)} --out {tmp_path}",
                   f"PY={sys.executable}", f"VENV={Path(sys.executable).parent.parent}"]))  # fmt: skip
     assert "verify: 1/1 ranks" in out and (tmp_path / "mlp.params").exists()  # launch/train_ddp.sh, NPROC=1
-
-
-def start(cmd: list[str], log: Path, **extra: str) -> subprocess.Popen:
-    f = open(log, "w")
-    extra = {"PYTHON": sys.executable, **extra}
-    return subprocess.Popen(cmd, cwd=ROOT, env=env(**extra), stdout=f, stderr=subprocess.STDOUT)
 
 
 def kill_node(pid: int) -> None:

@@ -10,6 +10,7 @@ import torch
 from ddp import snapshot
 from ddp.checkpoint import Checkpointer, memory_choice
 from ddp.config import CheckpointConfig
+from ddp.replicas import partners
 from ddp.snapshot import Snapshots
 
 from .helpers import assert_same_training, assert_tree_equal, model_state, ok, torchrun
@@ -60,6 +61,17 @@ def test_a_restart_takes_the_newest_step_every_rank_holds_before_one_another_ran
     # nothing in memory newer than disk: the disk serves
     assert memory_choice([[6, 5], [6, 5]], disk=6, peers=True) is None
     assert memory_choice([[], []], disk=None, peers=True) is None
+    # --snapshot-replicas: rank 1's partner kept its steps 9 and 8, so FSDP restores step 9 from memory too
+    assert memory_choice([[9, 8], []], disk=5, peers=False, kept=[[], [9, 8]]) == (9, [0])
+    assert memory_choice([[9, 8], []], disk=5, peers=False, kept=[[], [8]]) == (8, [0])
+
+
+def test_each_ranks_partner_is_at_its_place_on_the_next_node_and_none_where_nodes_cannot_pair():
+    assert partners(["a", "a", "b", "b"]) == [2, 3, 0, 1]
+    assert partners(["a", "b", "c"]) == [1, 2, 0]
+    assert partners(["a", "b", "a", "b"]) == [1, 0, 3, 2]  # ranks interleaved across nodes
+    assert "one node" in partners(["a", "a"])
+    assert "different numbers of ranks (2, 1)" in partners(["a", "a", "b"])
 
 
 @pytest.mark.parametrize("mode", ["thread", "process"])
