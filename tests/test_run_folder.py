@@ -167,16 +167,6 @@ def test_exported_weights_verify_and_predict_without_the_training_data(tmp_path,
 # ---- a log that reads as one run -------------------------------------------------------
 
 
-def test_after_a_sigkill_restart_the_log_reads_as_one_run(tmp_path):
-    args = [*SMALL, "--steps", "30", "--log-every", "1", "--checkpoint-every", "10", "--out", str(tmp_path)]
-    ok(torchrun(1, *args, restarts=1, extra_env={"DDP_FAULT": "kill:step=16"}))  # rank 0 alone writes the log
-    train_records = [r for r in records(tmp_path) if r["kind"] == "train"]
-    assert [r["step"] for r in train_records] == list(range(1, 31))  # steps 11-16 of the first attempt: dropped
-    times = [r["time"] for r in train_records]
-    assert times == sorted(times) and times[10] > 0  # the clock goes on from the checkpoint's
-    assert len({r["run"] for r in records(tmp_path)}) == 1 and len(runs_of(records(tmp_path))) == 1
-
-
 def test_the_logged_loss_is_the_mean_over_the_interval_and_ranks_and_epochs_are_the_steps_own(tmp_path):
     # 922 samples on 2 ranks of batch 32: 14 steps an epoch; logging every 5 and every step
     base = ["--samples", "1024", "--batch-size", "32", "--epochs", "2"]
