@@ -358,9 +358,10 @@ def test_kill_during_a_save_keeps_the_previous_checkpoint_and_cleans_up(tmp_path
     args = [*ARGS, "--steps", "8", "--checkpoint-every", "4", "--snapshot-every", "0", "--out", str(tmp_path)]
     before = None
     for rank, write in ((0, 8), (1, 2)):  # rank 0's manifest; after a relaunch at step 5, rank 1's optimizer share
+        start = time.monotonic()
         proc = torchrun(2, *args, extra_env={"DDP_FAULT": f"kill-in-save:rank={rank}:save={write}"})
-        assert proc.returncode != 0
-        assert f"rank      : {rank} (local_rank: {rank})" in proc.output and "exitcode  : -9" in proc.output
+        assert proc.returncode != 0 and time.monotonic() - start < 60  # a SIGKILLed rank fails the job fast,
+        assert f"rank      : {rank} (local_rank: {rank})" in proc.output and "exitcode  : -9" in proc.output  # named
         folders = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
         assert folders == [".tmp-step-00000008", "step-00000004"]
         before = before or sha256_tree(tmp_path / "checkpoints" / "step-00000004")
@@ -372,17 +373,14 @@ def test_kill_during_a_save_keeps_the_previous_checkpoint_and_cleans_up(tmp_path
     assert sha256_tree(tmp_path / "checkpoints" / "step-00000004") == before
 
 
-@pytest.mark.parametrize("kind", ["kill", "raise"])
-def test_a_rank_that_dies_during_training_fails_the_job_fast_naming_it(tmp_path, kind):
+def test_a_rank_that_raises_during_training_fails_the_job_fast_naming_it(tmp_path):
+    # a SIGKILLed rank: test_kill_during_a_save_keeps_the_previous_checkpoint_and_cleans_up
     start = time.monotonic()
     proc = torchrun(2, *ARGS, "--steps", "50", "--timeout", "20", "--out", str(tmp_path),
-                    extra_env={"DDP_FAULT": f"{kind}:rank=1:step=5"})  # fmt: skip
+                    extra_env={"DDP_FAULT": "raise:rank=1:step=5"})  # fmt: skip
     assert proc.returncode != 0 and time.monotonic() - start < 60
     assert "rank      : 1 (local_rank: 1)" in proc.output  # torchrun's report names the failing rank
-    if kind == "raise":
-        assert "injected fault on rank 1 at step 5" in proc.output
-    else:
-        assert "exitcode  : -9" in proc.output
+    assert "injected fault on rank 1 at step 5" in proc.output
 
 
 def stopped_processes() -> list[int]:
@@ -435,7 +433,7 @@ def test_a_stalled_rank_is_named_by_the_others_within_the_timeout_with_a_flight_
 def test_the_first_step_may_take_longer_than_timeout(tmp_path):
     # compiling, loading, resuming: the start-up timeout covers them; --timeout starts after the first step
     ok(torchrun(2, *ARGS, "--steps", "3", "--timeout", "2", "--out", str(tmp_path),
-                extra_env={"DDP_FAULT": "sleep:rank=1:step=1:seconds=5"}))  # fmt: skip
+                extra_env={"DDP_FAULT": "sleep:rank=1:step=1:seconds=3.5"}))  # fmt: skip
 
 
 def test_two_jobs_on_one_host_both_run(tmp_path):

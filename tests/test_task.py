@@ -63,16 +63,6 @@ def test_users_task_killed_mid_run_restarts_and_ends_bitwise_equal(reference, tm
     assert_tree_equal(final(tmp_path), final(reference[0]))
 
 
-def test_users_task_resumes_from_2_ranks_on_1_with_a_warning(tmp_path):
-    args = [*USER, "--batch-size", "16", "--checkpoint-every", "4", "--no-async-save", "--out", str(tmp_path)]
-    crashed = torchrun(2, *args, extra_env={"DDP_FAULT": "raise:rank=0:step=6"})
-    assert crashed.returncode != 0
-    out = ok(train_alone(*args))
-    assert "warning: checkpoint written by 2 rank(s), resuming on 1" in out and "continuing at step 5" in out
-    assert "the RNG state of ranks [1] was not used" in out
-    assert "verify: 1/1 ranks" in out and model_state(tmp_path)[1]["step"] == 20
-
-
 def test_task_options_from_a_toml_table_are_saved_a_change_of_lr_warns_and_of_them_is_another_run(tmp_path):
     (tmp_path / "run.toml").write_text(
         '[task]\nspec = "tests/user_task.py:make"\n[task.args]\nnoise = 0.2\nsamples = 256\n'
