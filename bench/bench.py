@@ -158,6 +158,7 @@ def step_functions(cfg: Config, cfg_dict: dict, world, variants: list[str]) -> t
             if changed.cfg.checkpoint.snapshot_every == "1":  # a trainer never resumed has opened no snapshots
                 changed.checkpointer.snapshots.open(f"bench-{uuid.uuid4().hex[:8]}", clean=False)
                 fns[f"{v} (close)"] = functools.partial(changed.checkpointer.snapshots.close, remove=True)
+                fns[f"{v} (cost)"] = changed.checkpointer.snapshots.cost  # what its copies took, on either thread
             fns[v] = ablated(changed, C_VARIANTS[v][1]) if C_VARIANTS[v] and C_VARIANTS[v][0] == "ablate" else (
                 trainer_step(changed))  # fmt: skip
     return fns, trainer
@@ -190,17 +191,31 @@ def _measure(cfg: Config, cfg_dict: dict, world, block_s: float, repeats: int, v
     per_step = max(group.all_gather_objects(timed(fns["c"], 5, warmup=3) / 5))
     steps = max(5, round(block_s / per_step))
     results: dict[str, list[float]] = {v: [] for v in variants}
+    spent = dict.fromkeys(variants, 0.0)
     for rep in range(repeats):
         for v in variants if rep % 2 == 0 else variants[::-1]:  # alternate the order: no drift bias
             group.barrier()
             seconds = timed(fns[v], steps, warmup=3)
+            spent[v] += seconds
             slowest = max(group.all_gather_objects(seconds))  # a step is as slow as the slowest rank
             results[v].append(steps * global_batch / slowest)
     for name, close in fns.items():
         if name.endswith("(close)"):
             close()
     return {"samples_per_s": {v: median(r) for v, r in results.items()}, "raw": results, "steps_per_block": steps,
-            **where_time_goes(trainer, fns["c"])}  # fmt: skip
+            **snapshot_shares(fns, spent, steps * repeats), **where_time_goes(trainer, fns["c"])}  # fmt: skip
+
+
+def snapshot_shares(fns: dict, spent: dict, steps: int) -> dict:
+    """With a snapshot every step: what one snapshot's copy took (on the thread or not) and what it blocked
+    training, each as a share of that variant's step (the slowest rank's)."""
+    cost = fns.get("c snapshot every step (cost)")
+    if cost is None or not cost["taken"]:
+        return {}
+    step_s = spent["c snapshot every step"] / steps
+    shares = [cost["copy"] / cost["taken"] / step_s, cost["blocked"] / cost["taken"] / step_s]
+    copy, blocked = (max(column) for column in zip(*group.all_gather_objects(shares), strict=True))
+    return {"snapshot_copy_share": copy, "snapshot_blocked_share": blocked}
 
 
 def where_time_goes(trainer: Trainer, step_c) -> dict:
@@ -271,7 +286,8 @@ def training_table(args, out: Path) -> list[dict]:
                "step_ms_b": 1000 * global_batch / s["b"], "step_ms_c": 1000 * global_batch / s["c"],
                "allreduce_ms": res["allreduce_ms"], "grad_mb": res["grad_mb"],
                "allreduce_p50_ms": res["allreduce_p50_ms"], "allreduce_p90_ms": res["allreduce_p90_ms"],
-               "steps_per_block": res["steps_per_block"], "repeats": args.repeats}  # fmt: skip
+               "steps_per_block": res["steps_per_block"], "repeats": args.repeats,
+               **{k: res[k] for k in ("snapshot_copy_share", "snapshot_blocked_share") if k in res}}  # fmt: skip
         if "d" in s:
             row["c/d"] = paired(raw, "c", "d")
         for v in C_VARIANTS:
@@ -886,6 +902,10 @@ def print_tables(r: dict) -> None:
     for v in C_VARIANTS:
         cells = [ratio_text(row[f"{v} / c"]) if f"{v} / c" in row else "-" for row in r["training"] if "c/d" in row]
         print(f"| {v} | " + " | ".join(cells) + " |")
+        if v == "c snapshot every step":  # beside it, what the copy takes: the target (0.95) holds where it is <= 5 %
+            for key, what in (("snapshot_copy_share", "its copy"), ("snapshot_blocked_share", "training it blocks")):
+                cells = [f"{row[key]:.1%}" if key in row else "-" for row in r["training"] if "c/d" in row]
+                print(f"| {what}, share of a step | " + " | ".join(cells) + " |")
     cells = [
         ratio_text(row["figures every step / none"]) for row in r["training"] if "figures every step / none" in row
     ]

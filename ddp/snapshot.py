@@ -204,7 +204,9 @@ class Snapshots:
         self.pending: tuple[int, int, dict] | None = None  # (slot, step, meta) of the copy under way
         self.pinned: int | None = None  # the slot a checkpoint is being written from (ddp.persist)
         self.error: BaseException | None = None
-        self.cost = {"blocked": 0.0, "taken": 0, "since": time.perf_counter()}  # since the last tune
+        # since the last tune: seconds training was blocked, snapshots committed, seconds spent copying (on either
+        # thread: the copy's share of a step, which the bench reports)
+        self.cost = {"blocked": 0.0, "taken": 0, "copy": 0.0, "since": time.perf_counter()}
         self.disabled = False
         self.announced = False  # whether the memory the snapshots take was said
         self.saved_config: dict | None = None  # the settings the run's snapshots were taken under
@@ -429,11 +431,13 @@ class Snapshots:
             done.set()
 
     def _copy(self, pairs: tuple[list, list], step: int) -> None:
+        start = time.perf_counter()
         destinations, sources = pairs
         half = (len(sources) + 1) // 2
         _copy_all(destinations[:half], sources[:half])
         faults.in_snapshot(self.rank, step)  # a kill half-way through the copy, for the tests
         _copy_all(destinations[half:], sources[half:])
+        self.cost["copy"] += time.perf_counter() - start
 
     def wait(self) -> None:
         """Finish the copy under way and commit it: its meta file, then the head that names it."""
@@ -481,7 +485,7 @@ class Snapshots:
         if share > BUDGET:
             self.every *= 2 ** math.ceil(math.log2(share / BUDGET))
             self.say(f"snapshots cost {100 * share:.1f}% of training time: one every {self.every} steps from now")
-        self.cost.update(blocked=0.0, taken=0, since=time.perf_counter())
+        self.cost.update(blocked=0.0, taken=0, copy=0.0, since=time.perf_counter())
 
     # -- reading back --
 
