@@ -303,6 +303,8 @@ class Checkpointer:
             if self.replicas is not None:
                 self.replicas.open(self.run_id)
         choice = self._memory_choice(folder) if resume == "auto" else None
+        if choice is not None and choice[2] and not self.replicas.restore(choice[0], choice[2]):
+            choice = None  # said: the disk serves
         if choice is None:
             if folder is not None:
                 self.restore(folder)
@@ -341,8 +343,7 @@ class Checkpointer:
         """(the files of the snapshot of ``step``, this rank's own state or None, its shards under FSDP): from
         this rank's memory; for a rank without it, its own snapshot sent back by its partner (``ddp.replicas``),
         or else the replicated files sent by the first rank that holds it (DDP only)."""
-        if returned:
-            self.replicas.restore(step, returned)
+        if returned:  # given back by their partners (resume): now as if they had kept them
             holders = sorted([*holders, *returned])
             self.say(f"rank(s) {returned} hold no snapshot of step {step} (a replaced node?): their partners on "
                      "another node sent them back their own (--snapshot-replicas)")  # fmt: skip

@@ -49,6 +49,12 @@ def partners(nodes: list[str]) -> list[int] | str:
     return partner
 
 
+def _parts(data: torch.Tensor, meta: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
+    """What a snapshot's transfer sends, each with its tag: its data (none for a state without tensors), its meta
+    record."""
+    return [(t, tag) for t, tag in ((data, DATA), (meta, META)) if t.numel()]
+
+
 class Replicas:
     """This rank's side of the ring: it sends its snapshots to ``partner`` and keeps those of ``source``."""
 
@@ -90,7 +96,7 @@ class Replicas:
         if pending is not None and pending[1] == step:
             slot, _, record = pending
             read = self.snaps.readers[slot] = threading.Event()
-            job = (slot, record, self.snaps.done, read)
+            job = (self.snaps.data(slot, record["size"]), record, self.snaps.done, read)  # the slot's bytes, mapped
         if self.thread is None:
             self.thread = threading.Thread(target=self._run, name="ddp-replicas", daemon=True)
             self.thread.start()
@@ -112,7 +118,7 @@ class Replicas:
     def _exchange(self, step: int, job: tuple | None) -> None:
         size, blob = -1, b""
         if job is not None:
-            slot, record, copied, _ = job
+            data, record, copied, _ = job
             copied.wait()
             if step not in self.snaps.failed:
                 size, blob = record["size"], snapshot.meta_bytes(record)
@@ -122,10 +128,10 @@ class Replicas:
         accepted = self._pair(torch.tensor([int(into is not None)]), to=self.source, frm=self.partner, tag=ANSWER)
         works = []
         if size >= 0 and accepted.item():
-            works += self._sends(self.snaps.data(slot, size), blob, self.partner)
+            works += self._sends(data, blob, self.partner)
         meta = torch.empty(their_len, dtype=torch.uint8)
         if into is not None:
-            works += [dist.irecv(t, self.source, group=self.pg, tag=tag) for t, tag in ((into[1], DATA), (meta, META))]
+            works += [dist.irecv(t, self.source, group=self.pg, tag=tag) for t, tag in _parts(into[1], meta)]
         for work in works:
             work.wait()
         if into is not None:
@@ -141,7 +147,7 @@ class Replicas:
 
     def _sends(self, data: torch.Tensor, blob: bytes, to: int) -> list:
         meta = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
-        return [dist.isend(t, to, group=self.pg, tag=tag) for t, tag in ((data, DATA), (meta, META))]
+        return [dist.isend(t, to, group=self.pg, tag=tag) for t, tag in _parts(data, meta)]
 
     # -- on a restart --
 
@@ -149,25 +155,31 @@ class Replicas:
         """The steps of the source's snapshots kept here, newest first."""
         return self.store.held(group.world_size()) if self.store.dir is not None else []
 
-    def restore(self, step: int, lost: list[int]) -> None:
+    def restore(self, step: int, lost: list[int]) -> bool:
         """Called by every rank before the restore: each rank in ``lost`` is sent its own snapshot of ``step`` by
-        its partner, and keeps it as its own (``Snapshots.load`` then reads it)."""
+        its partner, and keeps it as its own (``Snapshots.load`` then reads it). False on every rank, with a
+        warning naming the ranks and what failed, if any rank could not: the restore then reads the disk."""
         error = None
         try:
             works = []
             if self.source in lost:
-                blob, data = self.store.raw(step)
-                header = torch.tensor([data.numel(), len(blob)])
+                try:
+                    blob, data = self.store.raw(step)
+                except OSError as e:  # the header says so: the source must not wait for bytes that never come
+                    error, blob, data = e, b"", torch.empty(0, dtype=torch.uint8)
+                header = torch.tensor([-1 if error else data.numel(), len(blob)])
                 works += [dist.isend(header, self.source, group=self.pg, tag=HEADER)]
                 works += self._sends(data, blob, self.source)
             if group.rank() in lost:
                 header = torch.empty(2, dtype=torch.int64)
                 dist.recv(header, self.partner, group=self.pg, tag=HEADER)
                 size, length = header.tolist()
+                if size < 0:
+                    raise OSError(f"its partner, rank {self.partner}, could not read the copy it keeps")
                 into = self.snaps.receive_slot(size)
                 meta = torch.empty(length, dtype=torch.uint8)
-                data = torch.empty(size, dtype=torch.uint8) if into is None else into[1]  # received either way:
-                for t, tag in ((data, DATA), (meta, META)):  # the partner's sends must not wait for a timeout
+                data = torch.empty(size, dtype=torch.uint8) if into is None else into[1]
+                for t, tag in _parts(data, meta):  # received either way: the partner's sends must not wait
                     dist.recv(t, self.partner, group=self.pg, tag=tag)
                 if into is None:
                     raise OSError(f"no room in {self.snaps.dir} for its snapshot ({size:,} bytes), sent by its partner")
@@ -175,9 +187,14 @@ class Replicas:
                     raise OSError(f"cannot write {self.snaps.dir}")
             for work in works:
                 work.wait()
-        except Exception as e:  # every rank raises: a restore that cannot finish must not hang the others
+        except Exception as e:  # not raised: every rank must come to the agreement below, not wait for a timeout
             error = e
-        group.raise_if_any_failed(error, f"restoring rank(s) {lost}'s snapshots of step {step} from their partners")
+        failures = [(r, m) for r, m in enumerate(group.all_gather_objects(None if error is None else str(error))) if m]
+        if failures:
+            detail = "; ".join(f"rank {r}: {m}" for r, m in failures)
+            self.say(f"warning: rank(s) {lost} could not be sent their snapshots of step {step} by their partners "
+                     f"({detail}); resuming from disk instead (its newest checkpoint, if any)")  # fmt: skip
+        return not failures
 
     def close(self, remove: bool) -> None:
         """Finish the transfers queued (every rank has the same), end the thread; with ``remove``, delete the

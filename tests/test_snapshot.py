@@ -13,7 +13,8 @@ from ddp.config import CheckpointConfig
 from ddp.replicas import partners
 from ddp.snapshot import Snapshots
 
-from .helpers import assert_same_training, assert_tree_equal, model_state, ok, torchrun
+from . import workers
+from .helpers import assert_same_training, assert_tree_equal, model_state, ok, spawn, torchrun
 
 # 922 training samples, batch 32 on 2 ranks: 14 steps an epoch; the run crosses an epoch boundary.
 ARGS = ["--samples", "1024", "--batch-size", "32", "--steps", "20", "--log-every", "1", "--checkpoint-every", "6"]
@@ -59,6 +60,20 @@ def test_a_restart_takes_the_newest_step_every_rank_holds_before_one_another_ran
     # --snapshot-replicas: rank 1's partner kept its steps 9 and 8, so FSDP restores step 9 from memory too
     assert memory_choice([[9, 8], []], disk=5, peers=False, kept=[[], [9, 8]]) == (9, [0])
     assert memory_choice([[9, 8], []], disk=5, peers=False, kept=[[], [8]]) == (8, [0])
+
+
+def test_a_rank_whose_memory_is_gone_is_sent_its_own_snapshot_back_by_its_partner_or_the_disk_serves(tmp_path):
+    ranks = spawn(workers.replica_ring, 2, str(tmp_path))
+    assert ranks[0]["kept"] == ranks[1]["kept"] == [2, 1]  # each keeps its source's two newest
+    said = "\n".join(ranks[0]["said"])
+    assert "each rank's snapshots are also kept by a rank on the next node (2 nodes; rank 0's by rank 1)" in said
+    # step 1: rank 0's copy is damaged; every rank learns it, and the restore falls back to disk, said once
+    assert not ranks[0]["step 1"] and not ranks[1]["step 1"]
+    warning = next(line for line in ranks[0]["said"] if "could not be sent" in line)
+    assert "rank(s) [1] could not be sent their snapshots of step 1" in warning
+    assert "rank 1: its partner, rank 0, could not read the copy it keeps" in warning
+    assert ranks[0]["step 2"] and ranks[1]["step 2"]
+    assert_tree_equal(ranks[1]["restored"], ranks[1]["expected"])  # rank 1's own state, not rank 0's
 
 
 def test_each_ranks_partner_is_at_its_place_on_the_next_node_and_none_where_nodes_cannot_pair():

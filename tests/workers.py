@@ -102,3 +102,54 @@ def save_dcp(folder: str, state_file: str) -> None:
         tdist.barrier()
     finally:
         tdist.destroy_process_group()
+
+
+def replica_ring(root: str) -> dict:
+    """Each rank alone on its node (``GROUP_RANK``, as torchrun sets it on two nodes), snapshotting a state of its
+    own at steps 1 and 2, which its partner keeps a copy of. Then rank 1's node is replaced: its memory is gone.
+    Rank 0's copy of step 1 is damaged first, so that step cannot be sent back; step 2's is."""
+    import os
+    import shutil
+    from pathlib import Path
+
+    import torch
+
+    from ddp.config import DistConfig
+    from ddp.replicas import Replicas
+    from ddp.snapshot import Snapshots
+
+    os.environ["GROUP_RANK"] = os.environ["RANK"]
+    group.init(DistConfig())
+    try:
+        rank, said = group.rank(), []
+        memory = Path(root) / f"node{rank}"
+
+        def opened() -> tuple[Snapshots, Replicas | None]:
+            snaps = Snapshots(memory, 1, rank, out=Path(root), say=said.append)
+            snaps.open("run", clean=False)
+            return snaps, Replicas.plan(snaps, 60, say=said.append)
+
+        snaps, replicas = opened()
+        replicas.open("run")
+        states = {step: {"w": torch.full((1000,), 10.0 * rank + step), "rank": rank} for step in (1, 2)}
+        for step, state in states.items():
+            snaps.take(step, state, live=set())
+            replicas.send(step)
+            snaps.wait()
+        replicas.close(remove=False)
+        kept = replicas.held()
+        group.barrier()
+        if rank == 1:
+            shutil.rmtree(memory)
+        else:
+            slot = next(k for k, s in replicas.store.slots.items() if s["step"] == 1)
+            (replicas.store.dir / f"meta-{slot}").write_bytes(b"J{}")
+        snaps, replicas = opened()
+        replicas.open("run")
+        result = {"kept": kept, "step 1": replicas.restore(1, [1]), "step 2": replicas.restore(2, [1])}
+        result["restored"] = snaps.load(2) if rank == 1 else None
+        result["said"], result["expected"] = said, states[2]
+        group.barrier()
+        return result
+    finally:
+        group.shutdown()
