@@ -81,6 +81,9 @@ def check(words: list[str]) -> None:
         for target in (w for w in rest if "=" not in w):
             assert target in targets, f"make {target}: no such target"
         return None
+    if head == "bash" and rest[0].startswith("bench/"):  # a benchmark's script: takes no arguments
+        assert (ROOT / rest[0]).is_file() and len(rest) == 1, f"{rest}: no such script, or arguments it ignores"
+        return None
     if head in ("bash", "sbatch"):
         script = next(w for w in rest if w.startswith("launch/"))
         assert (ROOT / script).is_file(), f"{script} does not exist"
