@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from .helpers import ROOT, assert_same_training, free_port, ok, run, start, torchrun
+from .helpers import ROOT, assert_same_training, free_port, ok, run, start
 
 SCRIPTS = sorted((ROOT / "launch").iterdir())
 ARGS = ["--samples", "512", "--batch-size", "16", "--steps", "6"]
@@ -49,16 +49,28 @@ def kill_node(pid: int) -> None:
             os.kill(p, signal.SIGKILL)
 
 
-def test_two_nodes_rendezvous_on_one_host_and_rank_0_writes_the_shared_files(tmp_path):
-    port, writes = free_port(), tmp_path / "writes.log"
+TWO_NODES = [*ARGS, "--steps", "10", "--checkpoint-every", "3"]
+
+
+@pytest.fixture(scope="module")
+def two_nodes(tmp_path_factory):
+    """(the run's folder, its logs, the files each rank wrote) of a job on two nodes of this host, one rank each,
+    never killed: 10 steps, a checkpoint every 3."""
+    out = tmp_path_factory.mktemp("two-nodes")
+    port, writes = free_port(), out / "writes.log"
     # one rank a node: node 1's rank 1 has local rank 0, which must not make it write what rank 0 writes
     launcher = ["--head", "127.0.0.1", "--port", str(port), "--nnodes", "2", "--nproc", "1", "--rdzv-id", "two"]
-    cmd = ["bash", "launch/multinode.sh", *launcher, "--", *ARGS, "--checkpoint-every", "3", "--out", str(tmp_path)]
-    nodes = [start(cmd, tmp_path / f"node{i}.log", DDP_FAULT=f"log-writes:file={writes}") for i in range(2)]
+    cmd = ["bash", "launch/multinode.sh", *launcher, "--", *TWO_NODES, "--out", str(out / "run")]
+    nodes = [start(cmd, out / f"node{i}.log", DDP_FAULT=f"log-writes:file={writes}") for i in range(2)]
     for node in nodes:
         node.wait(timeout=150)
-    logs = "".join((tmp_path / f"node{i}.log").read_text() for i in range(2))
+    logs = "".join((out / f"node{i}.log").read_text() for i in range(2))
     assert all(node.returncode == 0 for node in nodes), logs[-4000:]
+    return out / "run", logs, writes
+
+
+def test_two_nodes_rendezvous_on_one_host_and_rank_0_writes_the_shared_files(two_nodes):
+    _, logs, writes = two_nodes
     assert "verify: 2/2 ranks reloaded" in logs
     by_file: dict[str, set[str]] = {}
     for line in writes.read_text().splitlines():
@@ -72,14 +84,14 @@ def test_two_nodes_rendezvous_on_one_host_and_rank_0_writes_the_shared_files(tmp
     assert set().union(*shares.values()) == {"0", "1"}
 
 
-def test_a_node_replaced_after_a_kill_gets_the_snapshot_from_the_other_node_and_ends_bitwise_equal(tmp_path):
+def test_a_node_replaced_after_a_kill_gets_the_snapshot_from_the_other_node_and_ends_bitwise_equal(tmp_path, two_nodes):
     # Each node's agent counts its own restarts (the killed node's reaches 1, the other's may
     # stay 0), so a restart cannot be told apart by TORCHELASTIC_RESTART_COUNT: it must still join.
     # Rank 1 dies with its node's host memory (its snapshots): under DDP rank 0's serves both.
     port = free_port()
     launcher = ["--head", "127.0.0.1", "--port", str(port), "--nnodes", "2", "--nproc", "1", "--rdzv-id", "kill",
                 "--max-restarts", "1"]  # fmt: skip
-    args = [*ARGS, "--steps", "10", "--checkpoint-every", "3", "--no-async-save", "--snapshot-every", "1"]
+    args = [*TWO_NODES, "--no-async-save", "--snapshot-every", "1"]
     nodes = []
     for i in range(2):
         shm = tmp_path / f"shm{i}"  # each node's own memory
@@ -102,8 +114,7 @@ def test_a_node_replaced_after_a_kill_gets_the_snapshot_from_the_other_node_and_
     assert re.search(r"warning: rank\(s\) \[1\] hold no snapshot of step [45] \(a replaced node\?\): rank 0 sent", logs)
     assert re.search(r"resumed from the snapshot in host memory \(.*\), step [45]: continuing at step [56]", logs)
     assert "verify: 2/2 ranks reloaded" in logs
-    ok(torchrun(2, *args, "--out", str(tmp_path / "ref")))  # the same job, never killed
-    assert_same_training(tmp_path, tmp_path / "ref")
+    assert_same_training(tmp_path, two_nodes[0])  # the same job, never killed
 
 
 def test_a_node_joins_a_running_elastic_job_then_leaves_it_and_the_job_goes_on_each_time(tmp_path):
