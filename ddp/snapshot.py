@@ -153,6 +153,17 @@ def _places(tensors: list[torch.Tensor]) -> tuple[list[tuple], int]:
     return places, size
 
 
+def _write(path: Path, data: bytes) -> None:
+    """``path`` holds ``data``: ``Path.write_bytes`` without its layers (twice a snapshot: 22 µs of 52 here)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:  # a write may take fewer bytes than it is given
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
+
+
 def _dense(t: torch.Tensor) -> bool:
     """Whether ``t``'s elements fill its memory without gaps or overlaps, in some order of its dimensions."""
     order = sorted(range(t.dim()), key=lambda d: t.stride(d))
@@ -371,7 +382,7 @@ class Snapshots:
         """Name ``slot``, whose data is complete, in the head as the snapshot of ``step`` (``blob``: its meta
         record); False where it could not be written (snapshots are then off)."""
         try:
-            (self.dir / f"meta-{slot}").write_bytes(blob)
+            _write(self.dir / f"meta-{slot}", blob)
             self.slots[str(slot)] = {
                 "step": step,
                 "meta": xxhash.xxh3_128_hexdigest(blob),
@@ -463,7 +474,7 @@ class Snapshots:
 
     def _write_head(self) -> None:
         tmp = self.dir / f".{HEAD}.tmp"
-        tmp.write_text(json.dumps({"rank": self.rank, "slots": self.slots}))
+        _write(tmp, json.dumps({"rank": self.rank, "slots": self.slots}).encode())
         os.replace(tmp, self.dir / HEAD)
 
     def share(self) -> float:
