@@ -232,7 +232,8 @@ class Snapshots:
         can no longer resume: another run now holds their ``--out``, or their ``--out`` is gone.
 
         ``config``: this launch's settings, recorded once for the run's snapshots (``saved_config`` is what the
-        launch before it recorded). ``name``: the folder's name in the run's, ``rank-<r>`` unless given.
+        launch before it recorded). ``name``: the folder's name in the run's, ``rank-<r>`` unless given: a
+        partner's copies (``ddp.replicas``), which leave the run's record to the rank's own snapshots.
         """
         run_dir = self.root / run_id
         self.dir = run_dir / (name or f"rank-{self.rank}")
@@ -244,10 +245,11 @@ class Snapshots:
             self.saved_config = None
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
-            record = {"run_id": run_id, "out": str(self.out), "config": config}
-            tmp = run_dir / f".{RUN}.{self.rank}.tmp"
-            tmp.write_text(json.dumps(record))
-            os.replace(tmp, run_dir / RUN)
+            if name is None:
+                record = {"run_id": run_id, "out": str(self.out), "config": config}
+                tmp = run_dir / f".{RUN}.{self.rank}.tmp"
+                tmp.write_text(json.dumps(record))
+                os.replace(tmp, run_dir / RUN)
         except OSError as e:
             self._disable(f"cannot write {self.dir} ({e.strerror})")
             return

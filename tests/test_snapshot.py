@@ -74,6 +74,7 @@ def test_a_rank_whose_memory_is_gone_is_sent_its_own_snapshot_back_by_its_partne
     assert "rank 1: its partner, rank 0, could not read the copy it keeps" in warning
     assert ranks[0]["step 2"] and ranks[1]["step 2"]
     assert_tree_equal(ranks[1]["restored"], ranks[1]["expected"])  # rank 1's own state, not rank 0's
+    assert ranks[0]["saved_config"] == {"launch": 1}  # the run's record is the rank's own snapshots' to write
 
 
 def test_each_ranks_partner_is_at_its_place_on_the_next_node_and_none_where_nodes_cannot_pair():

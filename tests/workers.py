@@ -126,7 +126,7 @@ def replica_ring(root: str) -> dict:
 
         def opened() -> tuple[Snapshots, Replicas | None]:
             snaps = Snapshots(memory, 1, rank, out=Path(root), say=said.append)
-            snaps.open("run", clean=False)
+            snaps.open("run", clean=False, config={"launch": 1})
             return snaps, Replicas.plan(snaps, 60, say=said.append)
 
         snaps, replicas = opened()
@@ -149,6 +149,7 @@ def replica_ring(root: str) -> dict:
         result = {"kept": kept, "step 1": replicas.restore(1, [1]), "step 2": replicas.restore(2, [1])}
         result["restored"] = snaps.load(2) if rank == 1 else None
         result["said"], result["expected"] = said, states[2]
+        result["saved_config"] = snaps.saved_config  # what the first launch recorded: not the replicas' nothing
         group.barrier()
         return result
     finally:
