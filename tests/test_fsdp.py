@@ -49,10 +49,12 @@ def test_sigkilled_fsdp_rank_restarts_and_ends_bitwise_equal(tmp_path, reference
     run = [*args, "--checkpoint-every", "5", "--snapshot-every", "1", "--out", str(tmp_path / "run")]
     seed = random.randrange(10**6)
     rng = random.Random(seed)
-    steps = sorted(rng.sample(range(2, 20), 2))  # a kill after a step, then one half-way through a snapshot's copy
-    kills = f"kill:attempt=0:rank={rng.randrange(2)}:step={steps[0]};" \
-            f"kill-in-snapshot:attempt=1:rank={rng.randrange(2)}:step={steps[1]}"  # fmt: skip
-    proc = torchrun(2, *run, restarts=2, extra_env={"DDP_FAULT": kills})
+    # two kills after a step, then one half-way through a snapshot's copy: with the replaced node below (step 7 to 9)
+    # and test_hf's kill (step 5), five SIGKILLs of an FSDP rank in every run of the suite, four at random steps
+    steps = sorted(rng.sample(range(2, 20), 3))
+    kinds = ["kill", "kill", "kill-in-snapshot"]
+    kills = ";".join(f"{kinds[i]}:attempt={i}:rank={rng.randrange(2)}:step={s}" for i, s in enumerate(steps))
+    proc = torchrun(2, *run, restarts=3, extra_env={"DDP_FAULT": kills})
     context = f"seed {seed}, DDP_FAULT={kills}"
     assert proc.returncode == 0, f"{context}:\n{proc.output[-4000:]}"
     # each restart continues at the step it died in: every rank's shards from its own memory (the other slot's
