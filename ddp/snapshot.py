@@ -303,15 +303,10 @@ class Snapshots:
         tensors: list[torch.Tensor] = []
         meta = _flatten(state, tensors)
         places, size = _places(tensors)
-        slot = self._free_slot()
-        reader = self.readers.pop(slot, None)
-        if reader is not None:  # a partner is still being sent this slot's older snapshot
-            reader.wait()
-        if not self._room(slot, size):
+        slot = self._claim(size)
+        if slot is None:
             return
-        self.slots.pop(str(slot), None)
         try:
-            self._write_head()  # first: a slot being overwritten is never named
             views = self._views(slot, places, size)
         except OSError as e:
             self._disable(f"{self.dir}: {e.strerror or e}")
@@ -369,16 +364,31 @@ class Snapshots:
         ``commit_slot`` then names; None where there is no room for it."""
         if self.disabled or self.dir is None:
             return None
-        slot = self._free_slot()
-        if not self._room(slot, size):
+        slot = self._claim(size)
+        if slot is None:
             return None
-        self.slots.pop(str(slot), None)
         try:
-            self._write_head()
             return slot, self.data(slot, size)
         except OSError as e:
             self._disable(f"{self.dir}: {e.strerror or e}")
             return None
+
+    def _claim(self, size: int) -> int | None:
+        """The slot the next snapshot of ``size`` bytes goes to, no longer named in the head (a kill while it is
+        written leaves the other slot whole); None where there is no room (snapshots are then off)."""
+        slot = self._free_slot()
+        reader = self.readers.pop(slot, None)
+        if reader is not None:  # a partner is still being sent this slot's older snapshot
+            reader.wait()
+        if not self._room(slot, size):
+            return None
+        self.slots.pop(str(slot), None)
+        try:
+            self._write_head()  # first: a slot being overwritten is never named
+        except OSError as e:
+            self._disable(f"{self.dir}: {e.strerror or e}")
+            return None
+        return slot
 
     def commit_slot(self, slot: int, step: int, blob: bytes) -> bool:
         """Name ``slot``, whose data is complete, in the head as the snapshot of ``step`` (``blob``: its meta
