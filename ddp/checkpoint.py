@@ -329,9 +329,10 @@ class Checkpointer:
         holds the same model and optimizer, so one rank's snapshot can serve a rank that lost its own.
         """
         held = [] if self.snapshots is None else self.snapshots.held(group.world_size())
-        kept = [] if self.replicas is None else self.replicas.held()
-        rows = group.all_gather_objects((held, kept))
+        keeping = [] if self.replicas is None else self.replicas.held()  # this rank's copies of its source's
+        rows = group.all_gather_objects((held, keeping))
         disk = None if folder is None else read_manifest(folder)["step"]
+        # each rank's steps that its partner keeps
         kept = [[] for _ in rows] if self.replicas is None else [rows[p][1] for p in self.replicas.partner_of]
         choice = memory_choice([row[0] for row in rows], disk, peers=not self.sharded, kept=kept)
         if choice is None:
