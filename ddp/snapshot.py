@@ -7,11 +7,12 @@ back in a fraction of a second instead of rereading ``checkpoints/`` from disk, 
 most the step it was in.
 
 Layout, per rank: ``<dir>/ddp-snapshots/<run id>/rank-<r>/`` holds two slots (``data-0``,
-``data-1``: every tensor, 64-byte aligned, back to back; ``meta-0``, ``meta-1``: the rest
-of the state, with each tensor's place, as JSON) and ``head.json``, which names the step each
-slot holds. Slots alternate. Before a slot is overwritten, the head stops naming it; after
-its copy is complete, the head names it with its new step. The head is replaced atomically,
-so a kill at any moment leaves the other slot whole and named. While a durable checkpoint is
+``data-1``: every tensor, 64-byte aligned, back to back; ``meta-0``, ``meta-1``: a header line
+naming the slot's step and the checksum of what follows, then the rest of the state, with each
+tensor's place, as JSON). Slots alternate. Before a slot is overwritten, its meta file is
+removed; after its copy is complete, the meta file is written, which names the slot's new step.
+So a kill at any moment leaves the other slot whole and named, and a slot is restored only with
+a whole meta file that matches its checksum. While a durable checkpoint is
 written from a slot (``ddp.persist``), that slot is pinned and the copies alternate between the
 other and a third (``data-2``).
 
@@ -42,10 +43,13 @@ import xxhash
 from ddp import faults, group
 
 ROOT = "ddp-snapshots"
-HEAD = "head.json"
+META = "meta-{}"  # a slot's meta file: its header line, then its record
 RUN = "run.json"
 ALIGN = 64  # every tensor starts at a multiple of this: any dtype can be viewed there
-TENSOR = "__ddp_snapshot_tensor__"  # a tensor's place in the meta structure: {TENSOR: its index}
+# in the meta record's JSON: a tensor ({TENSOR: its index}), a tuple, a dict whose keys are not all strings
+TENSOR, TUPLE, PAIRS = "__ddp_tensor__", "__ddp_tuple__", "__ddp_pairs__"
+_MARKERS = (TENSOR, TUPLE, PAIRS)  # a user's dict of one of these keys is stored as pairs: never read as a marker
+_PLAIN = frozenset((int, float, str, bool, type(None)))
 BUDGET = 0.02  # --snapshot-every auto: the share of a step a snapshot may cost
 SMALL = 4 << 20  # a state this small is copied at once: less than handing it to the thread costs
 
@@ -69,62 +73,55 @@ def _available_memory() -> int:
     return 1 << 62
 
 
-def _flatten(obj: Any, tensors: list[torch.Tensor], seen: dict | None = None) -> Any:
-    """``obj`` with each tensor replaced by its index in ``tensors`` (appended there); a tensor met twice (a tied
-    weight, under two names) is stored once, and restored as one."""
-    seen = {} if seen is None else seen
+def _flatten(obj: Any, tensors: list[torch.Tensor], seen: dict) -> Any:
+    """``obj`` as plain JSON, each tensor replaced by ``{TENSOR: its index in tensors}`` (appended there), each
+    tuple by ``{TUPLE: [...]}``, each dict with other keys than strings by ``{PAIRS: [[key, value], ...]}``;
+    anything else is left as it is (``meta_bytes`` then uses torch's format). One pass: the snapshot's cost
+    every step is mostly this walk. A tensor met twice (a tied weight, under two names) is stored once, and
+    restored as one."""
+    kind = type(obj)
+    if kind in _PLAIN:
+        return obj
     if isinstance(obj, torch.Tensor):
         key = (obj.data_ptr(), obj.dtype, tuple(obj.shape), obj.stride()) if obj.numel() else None
-        if key not in seen or key is None:
+        index = seen.get(key) if key is not None else None
+        if index is None:
             tensors.append(obj.detach())
-            seen[key] = len(tensors) - 1
-        return {TENSOR: seen[key] if key is not None else len(tensors) - 1}
+            index = seen[key] = len(tensors) - 1
+        return {TENSOR: index}
     if isinstance(obj, dict):
-        return {k: _flatten(v, tensors, seen) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_flatten(v, tensors, seen) for v in obj)
+        if all(type(k) is str for k in obj) and not (len(obj) == 1 and next(iter(obj)) in _MARKERS):
+            return {k: _flatten(v, tensors, seen) for k, v in obj.items()}
+        return {PAIRS: [[_flatten(k, tensors, seen), _flatten(v, tensors, seen)] for k, v in obj.items()]}
+    if isinstance(obj, tuple):
+        return {TUPLE: [_flatten(v, tensors, seen) for v in obj]}
+    if isinstance(obj, list):
+        return [_flatten(v, tensors, seen) for v in obj]
     return obj
 
 
 def unflatten(obj: Any, tensors: list[torch.Tensor]) -> Any:
-    if isinstance(obj, dict):
-        if set(obj) == {TENSOR}:
-            return tensors[obj[TENSOR]]
+    """What ``_flatten`` was given, with ``tensors`` in their places."""
+    if type(obj) is dict:
+        if len(obj) == 1:
+            ((key, value),) = obj.items()
+            if key == TENSOR:
+                return tensors[value]
+            if key == TUPLE:
+                return tuple(unflatten(v, tensors) for v in value)
+            if key == PAIRS:
+                return {unflatten(k, tensors): unflatten(v, tensors) for k, v in value}
         return {k: unflatten(v, tensors) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(unflatten(v, tensors) for v in obj)
-    return obj
-
-
-def _encode(obj: Any) -> Any:
-    """``obj`` (dicts with any keys, tuples, lists, numbers, strings, None) as plain JSON: every dict as its list
-    of pairs, every tuple marked; anything else raises TypeError."""
-    if isinstance(obj, dict):
-        return {"pairs": [[_encode(k), _encode(v)] for k, v in obj.items()]}
-    if isinstance(obj, tuple):
-        return {"tuple": [_encode(v) for v in obj]}
-    if isinstance(obj, list):
-        return [_encode(v) for v in obj]
-    if obj is None or type(obj) in (bool, int, float, str):
-        return obj
-    raise TypeError(f"{type(obj).__name__} is not plain data")
-
-
-def _decode(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        if "tuple" in obj:
-            return tuple(_decode(v) for v in obj["tuple"])
-        return {_decode(k): _decode(v) for k, v in obj["pairs"]}
-    if isinstance(obj, list):
-        return [_decode(v) for v in obj]
+    if type(obj) is list:
+        return [unflatten(v, tensors) for v in obj]
     return obj
 
 
 def meta_bytes(record: dict) -> bytes:
-    """A snapshot's meta record: JSON where it is plain data (fast; nothing in it can run), else torch's
-    format for the weights-only loader (a stream's own state may hold numpy scalars)."""
+    """A snapshot's meta record (its structure from ``_flatten``): JSON where it is plain data (fast; nothing in
+    it can run), else torch's format for the weights-only loader (a stream's own state may hold numpy scalars)."""
     try:
-        return b"J" + json.dumps(_encode(record)).encode()
+        return b"J" + json.dumps(record).encode()
     except TypeError:
         blob = io.BytesIO()
         torch.save(record, blob)
@@ -133,12 +130,12 @@ def meta_bytes(record: dict) -> bytes:
 
 def meta_record(blob: bytes) -> dict:
     if blob[:1] == b"J":
-        return _decode(json.loads(blob[1:]))
+        return json.loads(blob[1:])
     stream = io.BytesIO(blob[1:])
     return torch.load(stream, weights_only=True)
 
 
-def _places(tensors: list[torch.Tensor]) -> tuple[list[tuple], int]:
+def _places(tensors: list[torch.Tensor]) -> tuple[list[list], int]:
     """(offset, dtype, shape, strides) of each tensor in a slot's data file, and the file's size.
 
     Strides are kept where a tensor is dense in another order than row-major (a channels_last
@@ -148,7 +145,7 @@ def _places(tensors: list[torch.Tensor]) -> tuple[list[tuple], int]:
     places, size = [], 0
     for t in tensors:
         strides = None if t.is_contiguous() or not _dense(t) else list(t.stride())
-        places.append((size, str(t.dtype).removeprefix("torch."), list(t.shape), strides))
+        places.append([size, str(t.dtype).removeprefix("torch."), list(t.shape), strides])
         size += -(-t.numel() * t.element_size() // ALIGN) * ALIGN
     return places, size
 
@@ -206,7 +203,7 @@ class Snapshots:
         self.root, self.rank, self.out, self.say = Path(root) / ROOT, rank, Path(out).resolve(), say
         self.every, self.auto = every or 1, every is None
         self.dir: Path | None = None  # this rank's folder, once the run's id is known (open)
-        self.slots: dict[str, dict] = {}  # slot -> {"step", "meta"}: what the head names
+        self.slots: dict[str, dict] = {}  # slot -> the header of its meta file: {"step", "meta", "world_size"}
         self.maps: dict[int, tuple[np.memmap, torch.Tensor]] = {}  # slot -> its data file, mapped
         self.views: dict[int, tuple[list, list[torch.Tensor]]] = {}  # slot -> (its layout, a view per tensor)
         self.jobs: queue.Queue = queue.Queue()  # copies for the snapshot thread, one at a time
@@ -253,15 +250,16 @@ class Snapshots:
         except OSError as e:
             self._disable(f"cannot write {self.dir} ({e.strerror})")
             return
-        head = self.dir / HEAD
-        try:
-            self.slots = json.loads(head.read_text())["slots"] if head.is_file() else {}
-        except (OSError, ValueError, KeyError, TypeError):
-            self.slots = {}
+        self.slots = {}
+        for slot in range(3):
+            with contextlib.suppress(OSError, ValueError, TypeError):  # no slot there, or a torn header: not named
+                with open(self.dir / META.format(slot), "rb") as f:
+                    header = json.loads(f.readline())
+                self.slots[str(slot)] = {k: header[k] for k in ("step", "meta", "world_size")}
 
     def exists(self, run_id: str) -> bool:
         """Whether any rank on this host holds a snapshot of run ``run_id``."""
-        return any((self.root / run_id).glob(f"rank-*/{HEAD}"))
+        return any((self.root / run_id).glob(f"rank-*/{META.format('*')}"))
 
     def _clean_stale(self, run_id: str) -> None:
         for run_file in self.root.glob(f"*/{RUN}"):
@@ -301,7 +299,7 @@ class Snapshots:
         if self.disabled:
             return
         tensors: list[torch.Tensor] = []
-        meta = _flatten(state, tensors)
+        meta = _flatten(state, tensors, {})
         places, size = _places(tensors)
         slot = self._claim(size)
         if slot is None:
@@ -346,7 +344,7 @@ class Snapshots:
             slot = next((int(k) for k, s in self.slots.items() if s["step"] == step and self._whole(k)), None)
             if slot is None:
                 return None
-            record, ready = meta_record((self.dir / f"meta-{slot}").read_bytes()), threading.Event()
+            record, ready = meta_record(self._blob(str(slot))), threading.Event()
             ready.set()
         self.pinned = slot
         return self.dir / f"data-{slot}", record, ready
@@ -374,8 +372,8 @@ class Snapshots:
             return None
 
     def _claim(self, size: int) -> int | None:
-        """The slot the next snapshot of ``size`` bytes goes to, no longer named in the head (a kill while it is
-        written leaves the other slot whole); None where there is no room (snapshots are then off)."""
+        """The slot the next snapshot of ``size`` bytes goes to, its meta file removed (a kill while it is written
+        leaves the other slot whole and named); None where there is no room (snapshots are then off)."""
         slot = self._free_slot()
         reader = self.readers.pop(slot, None)
         if reader is not None:  # a partner is still being sent this slot's older snapshot
@@ -383,32 +381,31 @@ class Snapshots:
         if not self._room(slot, size):
             return None
         self.slots.pop(str(slot), None)
-        try:
-            self._write_head()  # first: a slot being overwritten is never named
+        try:  # first: a slot being overwritten is never named
+            (self.dir / META.format(slot)).unlink(missing_ok=True)
         except OSError as e:
             self._disable(f"{self.dir}: {e.strerror or e}")
             return None
         return slot
 
     def commit_slot(self, slot: int, step: int, blob: bytes) -> bool:
-        """Name ``slot``, whose data is complete, in the head as the snapshot of ``step`` (``blob``: its meta
-        record); False where it could not be written (snapshots are then off)."""
+        """Name ``slot``, whose data is complete, as the snapshot of ``step`` (``blob``: its meta record): one
+        write of its meta file, header first; False where it could not be written (snapshots are then off)."""
+        header = {"step": step, "meta": xxhash.xxh3_128_hexdigest(blob), "world_size": group.world_size()}
         try:
-            _write(self.dir / f"meta-{slot}", blob)
-            self.slots[str(slot)] = {
-                "step": step,
-                "meta": xxhash.xxh3_128_hexdigest(blob),
-                "world_size": group.world_size(),
-            }
-            self._write_head()
+            _write(self.dir / META.format(slot), json.dumps(header).encode() + b"\n" + blob)
         except OSError as e:
             self._disable(f"{self.dir}: {e.strerror or e}")
             return False
+        self.slots[str(slot)] = header
         return True
 
     def _room(self, slot: int, size: int) -> bool:
         """Whether a slot of ``size`` bytes fits in the folder's free space and in the host's available memory,
         with room to spare for every rank on the host (the slot's old file counts as free)."""
+        mapped = self.maps.get(slot)
+        if mapped is not None and mapped[1].numel() >= size:  # mapped at this size already: nothing to stat
+            return True
         path = self.dir / f"data-{slot}"
         held = path.stat().st_size if path.exists() else 0
         if held >= size:  # its blocks are reserved already (posix_fallocate): a copy into it takes no more memory
@@ -463,7 +460,7 @@ class Snapshots:
         self.cost["copy"] += time.perf_counter() - start
 
     def wait(self) -> None:
-        """Finish the copy under way and commit it: its meta file, then the head that names it."""
+        """Finish the copy under way and commit it: write its meta file, which names it."""
         if self.pending is None:
             return
         start = time.perf_counter()
@@ -483,11 +480,6 @@ class Snapshots:
             how = "every step, fewer if they cost over 2 %" if self.auto else f"every {self.every} step(s)"
             self.say(f"snapshots in host memory: {2 * record['size'] / 2**20:,.1f} MiB per rank (two slots; a "
                      f"third while a checkpoint is written from one) in {self.dir.parent}, {how}")  # fmt: skip
-
-    def _write_head(self) -> None:
-        tmp = self.dir / f".{HEAD}.tmp"
-        _write(tmp, json.dumps({"rank": self.rank, "slots": self.slots}).encode())
-        os.replace(tmp, self.dir / HEAD)
 
     def share(self) -> float:
         """The share of training time the snapshots blocked it since the last ``tune``; -1 before 8 of them."""
@@ -520,14 +512,20 @@ class Snapshots:
 
     def _whole(self, slot: str) -> bool:
         try:
-            blob = (self.dir / f"meta-{slot}").read_bytes()
-            whole = xxhash.xxh3_128_hexdigest(blob) == self.slots[slot]["meta"]
-            whole = whole and (self.dir / f"data-{slot}").stat().st_size >= meta_record(blob)["size"]
+            whole = (self.dir / f"data-{slot}").stat().st_size >= meta_record(self._blob(slot))["size"]
         except (OSError, ValueError, KeyError, TypeError, RuntimeError):
             whole = False
         if not whole:
             self.say(f"warning: the snapshot in {self.dir} slot {slot} is damaged; it is not used")
         return whole
+
+    def _blob(self, slot: str) -> bytes:
+        """The meta record of ``slot``, as written: OSError where its file no longer matches the header read."""
+        path = self.dir / META.format(slot)
+        header, _, blob = path.read_bytes().partition(b"\n")
+        if json.loads(header) != self.slots[slot] or xxhash.xxh3_128_hexdigest(blob) != self.slots[slot]["meta"]:
+            raise OSError(f"{path} does not match its checksum")
+        return blob
 
     def load(self, step: int, copy: bool = True) -> Any:
         """The state of this rank's snapshot of ``step``, as ``take`` was given it (tensors on the CPU): copies, or
@@ -540,10 +538,10 @@ class Snapshots:
     def raw(self, step: int) -> tuple[bytes, torch.Tensor]:
         """(the meta record, the data) of the snapshot of ``step``, as stored: the data a private mapping of the
         slot's file, as long as the snapshot."""
-        slot = next(k for k, s in self.slots.items() if s["step"] == step)
-        blob = (self.dir / f"meta-{slot}").read_bytes()
-        if xxhash.xxh3_128_hexdigest(blob) != self.slots[slot]["meta"]:
-            raise OSError(f"{self.dir / f'meta-{slot}'} does not match its checksum in {HEAD}")
+        slot = next((k for k, s in self.slots.items() if s["step"] == step), None)
+        if slot is None:
+            raise OSError(f"{self.dir} holds no snapshot of step {step}")
+        blob = self._blob(slot)
         size = meta_record(blob)["size"]
         mm = np.memmap(self.dir / f"data-{slot}", dtype=np.uint8, mode="c")
         if mm.shape[0] < size:
