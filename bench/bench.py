@@ -806,7 +806,10 @@ def lost_per_checkpoint(args, out: Path) -> dict:
             trainer = quiet(Trainer(Config.from_dict(c), group.world_from_env()))
             trainer.resume()  # claims the run folder and opens its snapshots, as ddp.train does
             step = trainer_step(trainer)
-            for _ in range(3 * args.every):  # steady state: pruning under way, buffers and writer process made
+            # steady state (pruning under way, buffers and writer process made), ending a step before a save: the
+            # window's checkpoints are due at its 1st, (every+1)th, ... step, and the last one's background write
+            # ends inside it, as training goes on after it. The wait after the window still counts what it does not
+            for _ in range(3 * args.every - 1):
                 step()
             trainer.checkpointer.wait()
             t0 = time.perf_counter()
