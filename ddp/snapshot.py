@@ -50,6 +50,7 @@ ALIGN = 64  # every tensor starts at a multiple of this: any dtype can be viewed
 TENSOR, TUPLE, PAIRS = "__ddp_tensor__", "__ddp_tuple__", "__ddp_pairs__"
 _MARKERS = (TENSOR, TUPLE, PAIRS)  # a user's dict of one of these keys is stored as pairs: never read as a marker
 _PLAIN = frozenset((int, float, str, bool, type(None)))
+OTHER = "other"  # in _flatten's ``seen``: a value of another type met (its tensors' keys are tuples)
 BUDGET = 0.02  # --snapshot-every auto: the share of a step a snapshot may cost
 SMALL = 4 << 20  # a state this small is copied at once: less than handing it to the thread costs
 
@@ -76,9 +77,9 @@ def _available_memory() -> int:
 def _flatten(obj: Any, tensors: list[torch.Tensor], seen: dict) -> Any:
     """``obj`` as plain JSON, each tensor replaced by ``{TENSOR: its index in tensors}`` (appended there), each
     tuple by ``{TUPLE: [...]}``, each dict with other keys than strings by ``{PAIRS: [[key, value], ...]}``;
-    anything else is left as it is (``meta_bytes`` then uses torch's format). One pass: the snapshot's cost
-    every step is mostly this walk. A tensor met twice (a tied weight, under two names) is stored once, and
-    restored as one."""
+    anything else is left as it is, and ``seen[OTHER]`` set (``meta_bytes`` then uses torch's format, which keeps
+    its type where JSON would not: a float's subclass would come back a float). One pass: the snapshot's cost every step
+    is mostly this walk. A tensor met twice (a tied weight, under two names) is stored once, and restored as one."""
     kind = type(obj)
     if kind in _PLAIN:
         return obj
@@ -97,6 +98,7 @@ def _flatten(obj: Any, tensors: list[torch.Tensor], seen: dict) -> Any:
         return {TUPLE: [_flatten(v, tensors, seen) for v in obj]}
     if isinstance(obj, list):
         return [_flatten(v, tensors, seen) for v in obj]
+    seen[OTHER] = True
     return obj
 
 
@@ -119,13 +121,13 @@ def unflatten(obj: Any, tensors: list[torch.Tensor]) -> Any:
 
 def meta_bytes(record: dict) -> bytes:
     """A snapshot's meta record (its structure from ``_flatten``): JSON where it is plain data (fast; nothing in
-    it can run), else torch's format for the weights-only loader (a stream's own state may hold numpy scalars)."""
-    try:
+    it can run), else (``record["plain"]`` False) torch's format for the weights-only loader (a state may hold a
+    dtype or a device)."""
+    if record.get("plain", True):
         return b"J" + json.dumps(record).encode()
-    except TypeError:
-        blob = io.BytesIO()
-        torch.save(record, blob)
-        return b"T" + blob.getvalue()
+    blob = io.BytesIO()
+    torch.save(record, blob)
+    return b"T" + blob.getvalue()
 
 
 def meta_record(blob: bytes) -> dict:
@@ -299,7 +301,8 @@ class Snapshots:
         if self.disabled:
             return
         tensors: list[torch.Tensor] = []
-        meta = _flatten(state, tensors, {})
+        seen: dict = {}
+        meta = _flatten(state, tensors, seen)
         places, size = _places(tensors)
         slot = self._claim(size)
         if slot is None:
@@ -316,7 +319,8 @@ class Snapshots:
             into[1].append(t)
         if now[0]:
             self._copy(now, step)
-        self.pending = (slot, step, {"step": step, "size": size, "places": places, "meta": meta})
+        record = {"step": step, "size": size, "places": places, "meta": meta, "plain": OTHER not in seen}
+        self.pending = (slot, step, record)
         self.done = threading.Event()  # its own: a checkpoint written from this copy waits on it (ddp.persist)
         if later[0]:
             if self.thread is None:

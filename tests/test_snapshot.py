@@ -48,6 +48,24 @@ def test_a_snapshot_round_trips_bitwise_and_the_other_slot_survives_a_copy_never
     assert not (tmp_path / snapshot.ROOT / "run").exists()
 
 
+@pytest.mark.parametrize("extra", [{}, {"dtype": torch.float16, "device": torch.device("cpu")}], ids=["json", "torch"])
+def test_a_snapshot_gives_back_each_value_of_its_own_type(tmp_path, extra):
+    """Tuples, dicts keyed by numbers, a dict whose one key is a marker's, NaN: as JSON; with values JSON has no
+    type for (a dtype, a device), in torch's format, which the weights-only loader reads."""
+    snaps = Snapshots(tmp_path, 1, rank=0, out=tmp_path)
+    snaps.open("run", clean=False)
+    state = {"pos": (3, [1, 2], {"k": (None,)}), "by_id": {0: {"step": torch.ones(1)}, 1.5: "x", (1, 2): True},
+             snapshot.TENSOR: 1, "fake": {snapshot.TENSOR: 0}, "nan": float("nan"), **extra}  # fmt: skip
+    snaps.take(1, state, live=set())
+    snaps.wait()
+    loaded = snaps.load(1)
+    assert (snaps.dir / "meta-0").read_bytes().partition(b"\n")[2][:1] == (b"T" if extra else b"J")
+    assert loaded["pos"] == (3, [1, 2], {"k": (None,)}) and loaded["fake"] == {snapshot.TENSOR: 0}
+    assert list(loaded["by_id"]) == [0, 1.5, (1, 2)] and torch.equal(loaded["by_id"][0]["step"], torch.ones(1))
+    assert loaded[snapshot.TENSOR] == 1 and loaded["nan"] != loaded["nan"]
+    assert all(type(loaded[k]) is type(v) and loaded[k] == v for k, v in extra.items())
+
+
 def test_a_restart_takes_the_newest_step_every_rank_holds_before_one_another_rank_must_send():
     # rank 1 died copying step 9: every rank holds 8, which restores bitwise from each rank's own memory
     assert memory_choice([[9, 8], [8, 7]], disk=5, peers=True) == (8, [0, 1])
