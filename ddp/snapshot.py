@@ -84,20 +84,20 @@ def _flatten(obj: Any, tensors: list[torch.Tensor], seen: dict) -> Any:
     if kind in _PLAIN:
         return obj
     if isinstance(obj, torch.Tensor):
-        key = (obj.data_ptr(), obj.dtype, tuple(obj.shape), obj.stride()) if obj.numel() else None
+        key = (obj.data_ptr(), obj.dtype, obj.shape, obj.stride()) if obj.numel() else None
         index = seen.get(key) if key is not None else None
         if index is None:
-            tensors.append(obj.detach())
+            tensors.append(obj.detach() if obj.requires_grad else obj)  # a state_dict's are detached: 1 us each
             index = seen[key] = len(tensors) - 1
         return {TENSOR: index}
-    if isinstance(obj, dict):
+    if isinstance(obj, dict):  # below, a plain value is taken as it is, without a call: half the walk's cost
         if all(type(k) is str for k in obj) and not (len(obj) == 1 and next(iter(obj)) in _MARKERS):
-            return {k: _flatten(v, tensors, seen) for k, v in obj.items()}
+            return {k: v if type(v) in _PLAIN else _flatten(v, tensors, seen) for k, v in obj.items()}
         return {PAIRS: [[_flatten(k, tensors, seen), _flatten(v, tensors, seen)] for k, v in obj.items()]}
     if isinstance(obj, tuple):
-        return {TUPLE: [_flatten(v, tensors, seen) for v in obj]}
+        return {TUPLE: [v if type(v) in _PLAIN else _flatten(v, tensors, seen) for v in obj]}
     if isinstance(obj, list):
-        return [_flatten(v, tensors, seen) for v in obj]
+        return [v if type(v) in _PLAIN else _flatten(v, tensors, seen) for v in obj]
     seen[OTHER] = True
     return obj
 
