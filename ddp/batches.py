@@ -86,6 +86,10 @@ class MapBatches(_Batches):
     def next(self, p: Progress) -> list[Batch]:
         """This rank's next ``--grad-accum`` micro-batches; each epoch starts a new pass over the loader."""
         if self.batches is None or self.batches_epoch != p.epoch:
+            if steps_per_epoch(len(self.dataset), self.global_batch, p.epoch_samples) == 0:
+                # a position saved by a world with a smaller global batch (an elastic job that grew): its epoch has
+                # fewer samples left than this world's step takes, which drop_last leaves out, as advance does
+                p.epoch, p.epoch_samples, p.order = p.epoch + 1, 0, ORDER
             self.sampler.set_position(p.epoch, p.epoch_samples, p.order)
             left = steps_per_epoch(len(self.dataset), self.global_batch, p.epoch_samples)
             self.start_epoch(p.epoch, min(left, self.total_steps - p.step))

@@ -46,6 +46,20 @@ def test_map_batches_move_to_the_next_epoch_at_its_end_and_count_the_run_in_step
     data.close()
 
 
+def test_a_position_with_less_than_a_step_left_in_its_epoch_starts_the_next_epoch(tmp_path, world):
+    """A checkpoint of a world with a smaller global batch (an elastic job that then grew) may leave fewer samples
+    in its epoch than this world's step takes: the loader had no batch for it (StopIteration); the next epoch
+    starts."""
+    cfg = config(tmp_path, data={"batch_size": 16}, run={"out": str(tmp_path), "epochs": 2})
+    task = mlp(samples=200, val_fraction=0.2).load_data()  # 160 training samples
+    started = []
+    data = batches.build(task, cfg, world, lambda epoch, steps: started.append((epoch, steps)), print)
+    p = Progress(step=19, epoch=0, epoch_samples=152)  # 8 left: 19 steps of 8, as a smaller world took them
+    [(x, _)] = data.next(p)
+    assert x.shape == (16, 20) and (p.epoch, p.epoch_samples) == (1, 0) and started == [(1, 1)]
+    data.close()
+
+
 def test_the_evaluator_is_due_at_epoch_ends_every_n_steps_and_at_the_last_never_twice(tmp_path, world):
     cfg = config(tmp_path, eval={"eval_every": 4})
     evaluator = Evaluator(mlp(samples=64).load_data(), cfg, world, torch.float32, metrics=None)
