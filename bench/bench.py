@@ -622,9 +622,9 @@ def checkpoint_table(args, out: Path) -> dict:
     group.init(Config().dist)
     torch.set_num_threads(os.cpu_count() or 1)
     results: dict = {}
-    lost_only = args.only == "lost"
+    lost_only, snapshots_only = args.only == "lost", args.only == "snapshots"
     try:
-        for size in [] if lost_only else args.sizes:
+        for size in [] if lost_only or snapshots_only else args.sizes:
             model, opt = big_state(size)
             keep = 2
             in_step = CheckpointConfig(keep_last=keep, async_save="off")
@@ -700,16 +700,27 @@ def checkpoint_table(args, out: Path) -> dict:
         # cache) is lost to training only where it has no core of its own
         cores = os.cpu_count() or 1
         results["lost_per_checkpoint"] = [
-            lost_per_checkpoint(args, out, n) for n in sorted({cores, max(1, cores - 1)})[::-1]
+            lost_per_checkpoint(args, out, n) for n in sorted({cores, max(1, cores - 1)})[::-1] if not snapshots_only
         ]
         if not lost_only:
             results["snapshots"] = snapshot_table(args, out)
     finally:
         group.shutdown()
     # two launches of fresh processes: most of a quick run's time for no figure worth reading
-    if not args.quick and not lost_only:
+    if not args.quick and not lost_only and not snapshots_only:
         results["spread_save"] = spread_save_table(args, out)
     return results
+
+
+def touched(opt: torch.optim.Optimizer) -> float:
+    """Seconds to read each tensor of the optimizer's state once: what its first step pays for the part of a
+    restore left mapped, not read (a checkpoint's ``train.pt`` is loaded with ``mmap``)."""
+    start = time.perf_counter()
+    for state in opt.state.values():
+        for value in state.values():
+            if isinstance(value, torch.Tensor):
+                value.sum()
+    return time.perf_counter() - start
 
 
 def snapshot_table(args, out: Path) -> dict:
@@ -733,12 +744,12 @@ def snapshot_table(args, out: Path) -> dict:
         save = timed(lambda s=step: ckpt.save(s), 1, 0)
         folder = out / "snap" / f"step-{step:08d}"
         drop_cache(folder)
-        disk = resume_load(folder, model, opt)
+        disk = resume_load(folder, model, opt) + touched(opt)  # its optimizer state is mapped: read in the 1st step
         start = time.perf_counter()
         files, _, _ = restorable(snaps.load(step, copy=False))  # as the Checkpointer restores: model tensors in place
         model.load_state_dict(files[MODEL])
         opt.load_state_dict(files[TRAIN]["optimizer"])
-        memory = time.perf_counter() - start
+        memory = time.perf_counter() - start + touched(opt)
         if rep >= 0:
             add(t, tuple(t), (copy, snap, save, memory, disk))
     snaps.close(remove=True)
@@ -849,7 +860,8 @@ def main() -> None:
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--output", default=str(ROOT / "bench" / "results.json"))
     p.add_argument("--only", default="", help="run only the training cases whose name contains this ('loader': "
-                   "only the input pipeline table; 'lost': only the training time lost per checkpoint)")  # fmt: skip
+                   "only the input pipeline table; 'lost': only the training time lost per checkpoint; "
+                   "'snapshots': only the snapshot's copy and restore)")  # fmt: skip
     p.add_argument("--block-s", type=float, help="seconds per timed block of steps (default 0.5, quick 0.02)")
     p.add_argument("--repeats", type=int, help="interleaved blocks per variant (default 11, quick 1)")
     p.add_argument("--no-checkpoints", action="store_true", help="skip the checkpoint benchmarks")
@@ -967,7 +979,7 @@ def print_tables(r: dict) -> None:
                  f"{c['load/checksum pass']['median']:.2f}; {c['load/checksum pass, cold']['median']:.2f}",
                  ratio_text(c["async_stall/copy"])]  # fmt: skip
         print("| " + " | ".join(cells) + " |")
-    for lost in r["checkpoints"]["lost_per_checkpoint"]:
+    for lost in r["checkpoints"].get("lost_per_checkpoint", []):
         print(f"\ntraining time lost per checkpoint ({lost['state_mb']:.0f} MB state, {lost['checkpoints']} "
               f"checkpoints in {lost['window_steps']} steps of {lost['step_s']:.3f} s, {lost['training_threads']} "
               f"training thread(s) on {os.cpu_count()} cores): sync {lost['sync_lost_per_ckpt_s']:.3f} s, "

@@ -56,11 +56,11 @@ class MetricsWriter:
             atomic_write(self.path, lambda f: f.write("".join(line for line, _ in kept).encode()))
         return [r for _, r in kept if r.get("kind") == "eval" and r.get("run") == run]
 
-    def write(self, kind: str, **values: Any) -> None:
-        """Record one event ('train' or 'eval') with its values and the training time."""
+    def write(self, kind: str, at: float | None = None, **values: Any) -> None:
+        """Record one event ('train' or 'eval') with its values and the training time: now, or ``at``."""
         if not self.enabled:
             return
-        record = {"kind": kind, "run": self.run, **values, "time": round(self.elapsed(), 4)}
+        record = {"kind": kind, "run": self.run, **values, "time": round(self.elapsed() if at is None else at, 4)}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         for tracker in self.trackers:
@@ -274,8 +274,9 @@ class StepMetrics:
         n = self.world.world_size * self.loss_steps
         self.last_loss = self.loss_total / n if n else math.nan
 
-    def log(self, step: int, lr: float, logged: bool) -> None:
-        """After every step: the display; at a logged step, a ``train`` record too."""
+    def log(self, step: int, lr: float, logged: bool, elapsed: float) -> None:
+        """After every step: the display; at a logged step, a ``train`` record too, at the training time the step
+        ended (``elapsed``: what its checkpoint records, so a resumed run's clock goes on from the record's)."""
         now = time.monotonic()
         t0, s0 = self.tick
         rate = (step - s0) * self.global_batch / max(now - t0, 1e-9)
@@ -284,7 +285,7 @@ class StepMetrics:
         if not logged:
             return
         tokens = {"tokens_per_s": round(rate * self.tokens_per_sample, 1)} if self.tokens_per_sample else {}
-        self.writer.write("train", step=step, epoch=self.step_epoch, loss=self.last_loss, lr=lr,
+        self.writer.write("train", at=elapsed, step=step, epoch=self.step_epoch, loss=self.last_loss, lr=lr,
                           grad_norm=self.last_grad_norm, samples_per_s=round(rate, 1), **tokens, **figures)  # fmt: skip
         self.timing = {"step": 0.0, "data": 0.0, "steps": 0}
         self.tick = (now, step)
