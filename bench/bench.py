@@ -699,9 +699,8 @@ def checkpoint_table(args, out: Path) -> dict:
         # CPU does not train): the writer's own CPU time (reading the slot, hashing, copying into the page
         # cache) is lost to training only where it has no core of its own
         cores = os.cpu_count() or 1
-        results["lost_per_checkpoint"] = [
-            lost_per_checkpoint(args, out, n) for n in sorted({cores, max(1, cores - 1)})[::-1] if not snapshots_only
-        ]
+        threads = [cores] if args.quick else sorted({cores, max(1, cores - 1)})[::-1]
+        results["lost_per_checkpoint"] = [lost_per_checkpoint(args, out, n) for n in threads if not snapshots_only]
         if not lost_only:
             results["snapshots"] = snapshot_table(args, out)
     finally:
