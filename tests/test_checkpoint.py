@@ -12,7 +12,8 @@ from ddp.checkpoint_files import MODEL, TRAIN, model_file, nbytes, optim_file, r
 from ddp.config import CheckpointConfig, DistConfig
 from ddp.trainer import Progress
 
-from .helpers import assert_tree_equal
+from . import workers
+from .helpers import assert_tree_equal, spawn
 
 
 def replicated(sizes: dict[str, int], optimizer: bool = True) -> dict:
@@ -95,6 +96,15 @@ def training_state(seed: int):
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=10)
     return model, optimizer, scheduler, Progress()
+
+
+def test_every_rank_checkpoints_rank_0s_buffers_in_one_broadcast_per_dtype_and_keeps_its_own(tmp_path):
+    """Any rank may write model.pt, so each holds rank 0's buffers (as exported weights do); the model's own stay."""
+    for rank, buffers in spawn(workers.rank0_buffers, 2, str(tmp_path)).items():
+        assert {saved.dtype for saved, _ in buffers.values()} == {torch.float32, torch.float64, torch.int64}
+        for name, (saved, own) in buffers.items():
+            assert saved.shape == own.shape and saved.dtype == own.dtype, name
+            assert torch.equal(saved, torch.full_like(own, 10)) and torch.equal(own, torch.full_like(own, 10 + rank))
 
 
 def test_the_checkpointer_restores_everything_it_was_handed_into_fresh_objects(tmp_path, world_of_one):

@@ -154,3 +154,28 @@ def replica_ring(root: str) -> dict:
         return result
     finally:
         group.shutdown()
+
+
+def rank0_buffers(root: str) -> dict:
+    """This rank's checkpoint state of a model whose buffers differ per rank (BatchNorm's, after each rank's own
+    forward), in three dtypes: {name: (the buffer in the state, the model's own)}."""
+    from pathlib import Path
+
+    import torch
+
+    from ddp.checkpoint import MODEL, Checkpointer
+    from ddp.config import CheckpointConfig, DistConfig
+
+    group.init(DistConfig())
+    try:
+        rank = group.rank()
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.BatchNorm1d(3).double())
+        with torch.no_grad():
+            for buffer in model.buffers():
+                buffer.fill_(10 + rank)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        state = Checkpointer(Path(root), CheckpointConfig(), model, optimizer, say=lambda _: None).state()[0][MODEL]
+        group.barrier()
+        return {name: (state[name].clone(), buffer.clone()) for name, buffer in model.named_buffers()}
+    finally:
+        group.shutdown()
