@@ -254,7 +254,7 @@ class Snapshots:
             return
         self.slots = {}
         for slot in range(3):
-            with contextlib.suppress(OSError, ValueError, TypeError):  # no slot there, or a torn header: not named
+            with contextlib.suppress(OSError, ValueError, TypeError, KeyError):  # no slot there, or a torn header
                 with open(self.dir / META.format(slot), "rb") as f:
                     header = json.loads(f.readline())
                 self.slots[str(slot)] = {k: header[k] for k in ("step", "meta", "world_size")}
