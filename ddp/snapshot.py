@@ -527,7 +527,11 @@ class Snapshots:
         """The meta record of ``slot``, as written: OSError where its file no longer matches the header read."""
         path = self.dir / META.format(slot)
         header, _, blob = path.read_bytes().partition(b"\n")
-        if json.loads(header) != self.slots[slot] or xxhash.xxh3_128_hexdigest(blob) != self.slots[slot]["meta"]:
+        try:
+            named = json.loads(header)
+        except ValueError:
+            named = None  # torn since it was read: an OSError like any other mismatch, which every caller handles
+        if named != self.slots[slot] or xxhash.xxh3_128_hexdigest(blob) != self.slots[slot]["meta"]:
             raise OSError(f"{path} does not match its checksum")
         return blob
 
