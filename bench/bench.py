@@ -700,7 +700,8 @@ def checkpoint_table(args, out: Path) -> dict:
         # cache) is lost to training only where it has no core of its own
         cores = os.cpu_count() or 1
         threads = [cores] if args.quick else sorted({cores, max(1, cores - 1)})[::-1]
-        results["lost_per_checkpoint"] = [lost_per_checkpoint(args, out, n) for n in threads if not snapshots_only]
+        runs = [] if snapshots_only else [*((n, "ddp") for n in threads), (threads[-1], "fsdp")]
+        results["lost_per_checkpoint"] = [lost_per_checkpoint(args, out, n, strategy) for n, strategy in runs]
         if not lost_only:
             results["snapshots"] = snapshot_table(args, out)
     finally:
@@ -797,11 +798,12 @@ def spread_save_table(args, out: Path) -> dict:
     return result
 
 
-def lost_per_checkpoint(args, out: Path, threads: int) -> dict:
+def lost_per_checkpoint(args, out: Path, threads: int, strategy: str = "ddp") -> dict:
     """Training time lost per durable checkpoint over a window of steps, each saved where the trainer's own
     schedule (``--checkpoint-every``) makes it due: none, in step (sync), and ``--async-save thread`` and
     ``process``, which write from the step's snapshot. No other snapshots (``--snapshot-every`` far above the
-    window): the async modes pay for the one they take. ``threads``: torch's intra-op threads in training."""
+    window): the async modes pay for the one they take. ``threads``: torch's intra-op threads in training;
+    ``strategy``: ddp, or fsdp (its shards written through DCP)."""
     torch.set_num_threads(threads)
     width = args.window_width
     cfg = {
@@ -809,6 +811,7 @@ def lost_per_checkpoint(args, out: Path, threads: int) -> dict:
         "data": {"batch_size": 64},
         "optim": {"schedule": "constant"},
         "run": {"steps": 10**9},
+        "dist": {"strategy": strategy},
         "checkpoint": {"resume": "never", "keep_last": 2, "snapshot_every": str(10**9),
                        "checkpoint_every_seconds": 0},
     }  # fmt: skip
@@ -818,7 +821,7 @@ def lost_per_checkpoint(args, out: Path, threads: int) -> dict:
     for rep in range(args.window_repeats):
         for mode in list(times) if rep % 2 == 0 else list(times)[::-1]:
             c = json.loads(json.dumps(cfg))
-            c["run"]["out"] = str(out / f"window-{mode}-{rep}")
+            c["run"]["out"] = str(out / f"window-{strategy}-{mode}-{rep}")
             c["checkpoint"].update(async_save=modes[mode], checkpoint_every=0 if mode == "none" else args.every)
             trainer = quiet(Trainer(Config.from_dict(c), group.world_from_env()))
             trainer.resume()  # claims the run folder and opens its snapshots, as ddp.train does
@@ -836,11 +839,13 @@ def lost_per_checkpoint(args, out: Path, threads: int) -> dict:
             times[mode].append(time.perf_counter() - t0)
             trainer.checkpointer.finish()
             shutil.rmtree(c["run"]["out"], ignore_errors=True)
-    state_mb = nbytes(trainer.checkpointer.state()[0]) / 2**20
+    files, _, shards = trainer.checkpointer.state()
+    state_mb = nbytes([files, shards]) / 2**20
     base = median(times["none"])
     lost = {f"{mode}_lost_per_ckpt_s": (median(times[mode]) - base) / n_ckpt for mode in ("sync", "thread", "process")}
     torch.set_num_threads(os.cpu_count() or 1)
     return {
+        "strategy": strategy,
         "training_threads": threads,
         "state_mb": state_mb,
         "window_steps": args.window,
@@ -979,7 +984,8 @@ def print_tables(r: dict) -> None:
                  ratio_text(c["async_stall/copy"])]  # fmt: skip
         print("| " + " | ".join(cells) + " |")
     for lost in r["checkpoints"].get("lost_per_checkpoint", []):
-        print(f"\ntraining time lost per checkpoint ({lost['state_mb']:.0f} MB state, {lost['checkpoints']} "
+        kind = lost.get("strategy", "ddp")
+        print(f"\ntraining time lost per checkpoint ({kind}, {lost['state_mb']:.0f} MB state, {lost['checkpoints']} "
               f"checkpoints in {lost['window_steps']} steps of {lost['step_s']:.3f} s, {lost['training_threads']} "
               f"training thread(s) on {os.cpu_count()} cores): sync {lost['sync_lost_per_ckpt_s']:.3f} s, "
               f"--async-save thread {lost['thread_lost_per_ckpt_s']:.3f} s ({ratio_text(lost['thread/sync'])} of "

@@ -141,8 +141,8 @@ class Checkpointer:
         return replicas.Replicas.plan(self.snapshots, timeout_s, self.say)
 
     def _async_mode(self) -> str:
-        """``--async-save`` resolved. auto: on a thread (from the snapshot; under FSDP, from DCP's staged copy of
-        each rank's shards); in step where there is no snapshot (a crash during a background write would lose that
+        """``--async-save`` resolved. auto: on a thread, from the snapshot (under FSDP too: each rank's shards,
+        through DCP); in step where there is no snapshot (a crash during a background write would lose that
         checkpoint with nothing in memory to cover it)."""
         if self.cfg.async_save != "auto":
             if self.cfg.async_save == "process" and self.snapshots is None:
@@ -501,15 +501,21 @@ class Checkpointer:
         self.last_save_time, self.time_due = time.monotonic(), False
         self.pending_step = step
         mode = self.async_mode
-        pinned = None if mode == "off" or self.snapshots is None or self.sharded else self.snapshots.pin(step)
-        agree = mode != "off" and not self.sharded  # from a snapshot on every rank, or on none:
-        if agree and not all(group.all_gather_objects(pinned is not None)):
-            pinned = self.snapshots.unpin() if pinned is not None else None  # state() below is a collective
+        in_step = mode == "off" or (self.cfg.async_save == "auto" and last_step and self.sharded)
+        pinned = None if in_step or self.snapshots is None else self.snapshots.pin(step)
+        # from a snapshot on every rank, or on none: state() below is a collective, and so is DCP's plan
+        if not in_step and not all(group.all_gather_objects(pinned is not None)):
+            pinned = self.snapshots.unpin() if pinned is not None else None
         if pinned is not None:  # written from the snapshot of this step, in memory: no copy of the live state
             data, record, ready = pinned
             job = {"data": str(data), "record": record, "rank": group.rank(), "world_size": group.world_size(),
                    "tmp": str(self._tmp(step)), "config": self.config_dict}  # fmt: skip
-            self.writer.start(self.writer.from_slot(job, mode), ready)
+            if self.sharded:  # the live DTensors give DCP the layout of the slot's shards
+                layout = fsdp.sharded_state(self.model, self.optimizer)
+                write = self.writer.shards_from_slot(job, mode, layout, self.side_group)
+            else:
+                write = self.writer.from_slot(job, mode)
+            self.writer.start(write, ready)
             return
         replicated, own, sharded = self.state()
         files = rank_files(replicated, own, group.rank(), group.world_size())
@@ -523,7 +529,8 @@ class Checkpointer:
             self._write_in_background(step, files)
 
     def _write_shards_in_background(self, step: int, files: dict[str, Any], sharded: dict) -> None:
-        """Under FSDP: DCP stages this rank's shards into CPU memory now, then it and a thread of ours write."""
+        """Under FSDP without a snapshot to write from: DCP stages this rank's shards into CPU memory now, then it
+        and a thread of ours write."""
         from ddp import dcp  # torch.distributed.checkpoint: imported when used (see ddp/fsdp.py)
 
         folder = self._tmp(step) / SHARDED

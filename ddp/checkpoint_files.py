@@ -29,6 +29,7 @@ import os
 import re
 import shutil
 import threading
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any
@@ -154,16 +155,18 @@ def write_shards(folder: Path, state: dict[str, Any]) -> dict:
     return shard_entries(folder)
 
 
-def shard_entries(folder: Path) -> dict:
+def shard_entries(folder: Path, known: dict[str, dict] | None = None) -> dict:
     """The manifest entries of this rank's files of the shards written into ``folder`` (rank 0's: and the
-    metadata), once every rank's are written."""
-    rank = group.rank()
+    metadata), once every rank's are written; ``known``: entries by file name, from the process that wrote them."""
+    rank, known = group.rank(), known or {}
     mine = sorted(
         p for p in folder.iterdir() if p.name.startswith(f"__{rank}_") or (rank == 0 and not p.name.startswith("__"))
     )
     if rank == 0:
         fsync_dir(folder)
-    return {f"{SHARDED}/{p.name}": {"size": p.stat().st_size, DIGEST: file_digest(p)} for p in mine}
+    return {
+        f"{SHARDED}/{p.name}": known.get(p.name) or {"size": p.stat().st_size, DIGEST: file_digest(p)} for p in mine
+    }
 
 
 def optimizer_by_index(state: dict[str, Any]) -> dict[str, Any]:
@@ -229,6 +232,28 @@ def write_file(path: Path, obj: Any) -> dict:
 
     write_durable(path, write)
     return entry
+
+
+def write_parts(path: Path, parts: Iterable[Any]) -> tuple[list[list[int]], dict]:
+    """Write ``parts`` one after another into a file, durably, as DCP lays out a data file (a tensor by
+    ``torch.save``, bytes as they are); ([offset, length] of each part, the file's manifest entry)."""
+    spans: list[list[int]] = []
+    entry: dict = {}
+
+    def write(f: IO[bytes]) -> None:
+        w = HashingWriter(f)
+        for part in parts:
+            start = w.size
+            if isinstance(part, bytes):
+                w.write(part)
+            else:
+                with _no_zip_crc():
+                    torch.save(part, w)
+            spans.append([start, w.size - start])
+        entry.update({"size": w.size, DIGEST: w.hash.hexdigest()})
+
+    write_durable(path, write)
+    return spans, entry
 
 
 def _no_zip_crc() -> contextlib.AbstractContextManager:

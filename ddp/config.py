@@ -187,8 +187,8 @@ class CheckpointConfig:
     async_save: str = field(default="auto", metadata={"bare": "thread", "negated": "off"})
     """Write checkpoints off the training thread: thread, or process (a writer process, off the GIL); from the
     step's snapshot in host memory where there is one, so training stalls only for that copy. off: in step.
-    auto (the default): thread where snapshots are taken (under FSDP: DCP's copy of the shards, written on its
-    thread), in step without them; the last step's checkpoint in step. --async-save alone: thread."""
+    auto (the default): thread where snapshots are taken (under FSDP too: each rank's shards, through DCP), in
+    step without them; the last step's checkpoint in step. --async-save alone: thread."""
     init_from: str | None = None
     """Start from the weights in this file or folder (any format ddp inspect reads): a fresh optimizer, step 0.
     A checkpoint of this run in --out takes precedence: a restarted fine-tune resumes, it does not start over."""

@@ -11,6 +11,7 @@ non-tensor entries through the weights-only loader; tensors are read by PyTorch'
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import io
 import itertools
@@ -19,7 +20,7 @@ import pickle
 import pickletools
 import shutil
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +30,12 @@ from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint._traverse import get_element, set_element
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, _EmptyStateDictLoadPlanner
+from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX, _StorageInfo
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta, TensorStorageMetadata
+from torch.distributed.checkpoint.planner import SavePlan, SavePlanner
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+from torch.distributed.checkpoint.storage import WriteResult
+from torch.futures import Future
 
 from ddp.errors import (
     CheckpointCorruptError,
@@ -245,15 +250,66 @@ def load_into(state: dict[str, Any], folder: str | os.PathLike) -> tuple[int, in
     return reader.bytes_read, reader.bytes_stored
 
 
-def save_sharded(state: dict[str, Any], folder: str | os.PathLike) -> None:
-    """Called by every rank: each writes its own shards of ``state`` into ``folder``, rank 0 the metadata.
+def save_sharded(
+    state: dict[str, Any], folder: str | os.PathLike, process_group: Any = None, writer: FileSystemWriter | None = None
+) -> None:
+    """Called by every rank: each writes its own shards of ``state`` into ``folder``, rank 0 the metadata; planned
+    on ``process_group`` (the default group if None), written by ``writer`` (DCP's own if None).
 
     A rank's write error (a full disk) reaches every rank as a CheckpointError naming it.
     """
     try:
-        dcp.save(state, storage_writer=FileSystemWriter(folder))
+        dcp.save(state, storage_writer=writer or FileSystemWriter(folder), process_group=process_group)
     except CheckpointException as e:
         raise CheckpointError(f"writing the shards into {folder} failed: {_reasons(e)}") from None
+
+
+class SlotWriter(FileSystemWriter):
+    """DCP's file writer, but for this rank's data file, which another process writes (``--async-save process``,
+    ``ddp.persist``'s writer) from the snapshot slot that the state's tensors are mapped from: off this process's
+    GIL, in the layout DCP's own writer gives it.
+
+    ``places``: each of the slot's tensors (by its data pointer here) -> its place in the slot's file ``data``;
+    ``send(job)`` hands the writer process a job and returns its result. Where DCP's planner hands over a tensor
+    that is not one of them, this rank's file is written here instead, by DCP's own code.
+    """
+
+    def __init__(
+        self, folder: str | os.PathLike, data: Path, places: dict[int, list], send: Callable[[dict], Any]
+    ) -> None:
+        super().__init__(folder, thread_count=1)
+        self.data, self.places, self.send = data, places, send
+        self.entries: dict[str, dict] = {}  # file name -> its manifest entry, as the writer process hashed it
+
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
+        parts = [self._part(planner.resolve_data(item)) for item in plan.items]
+        if any(part is None for part in parts):
+            return super().write_data(plan, planner)
+        name = f"{plan.storage_data.prefix}0{DEFAULT_SUFFIX}"  # DCP's name for a rank's one data file
+        job = {"kind": "distcp", "path": str(Path(self.path) / name), "data": str(self.data), "parts": parts}
+        spans, self.entries[name] = self.send(job)
+        future: Future[list[WriteResult]] = Future()
+        future.set_result(
+            [
+                WriteResult(index=item.index, size_in_bytes=length, storage_data=_StorageInfo(name, offset, length))
+                for item, (offset, length) in zip(plan.items, spans, strict=True)
+            ]
+        )
+        return future
+
+    def _part(self, data: torch.Tensor | io.BytesIO) -> dict | None:
+        """How the writer process finds ``data``: its bytes, an empty tensor's dtype and shape, or its place in
+        the slot; None where it is not one of the slot's tensors whole."""
+        if isinstance(data, io.BytesIO):
+            return {"bytes": base64.b64encode(data.getvalue()).decode()}
+        if data.numel() == 0:
+            return {"empty": [str(data.dtype).removeprefix("torch."), list(data.shape)]}
+        place = self.places.get(data.data_ptr())
+        strides = None if place is None or len(place) < 4 else place[3]
+        whole = place is not None and list(data.shape) == list(place[2])
+        if not whole or (list(data.stride()) != list(strides) if strides is not None else not data.is_contiguous()):
+            return None
+        return {"place": place}
 
 
 def save_sharded_async(state: dict[str, Any], folder: str | os.PathLike, process_group: Any) -> Any:

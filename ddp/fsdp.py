@@ -188,6 +188,18 @@ def fill(live: Any, saved: Any) -> Any:
     return saved
 
 
+def rewrap(live: Any, saved: Any) -> Any:
+    """``saved`` (``local_shards``'s, of the same world size) as DTensors laid out as ``live``'s, each holding its
+    saved shard itself, not a copy: a sharded state for DCP to write, read from a snapshot in host memory."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(live, DTensor):  # the constructor DCP's own staging uses: from_local would move a CPU shard
+        return DTensor(saved[LOCAL], live._spec, requires_grad=False)
+    if isinstance(live, dict) and isinstance(saved, dict):
+        return {k: rewrap(live[k], v) if k in live else v for k, v in saved.items()}
+    return saved
+
+
 def load_state(
     model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any], *, full: bool = False
 ) -> None:

@@ -6,6 +6,8 @@ writes the checkpoint's files from it, so training stalls for the snapshot alone
 writes on a thread of the training process; ``process`` in a separate process that reads the
 snapshot's slot from shared memory by its path, so the writing never holds the training
 process's GIL. The slot is pinned until the checkpoint commits: later snapshots go to the others.
+Under FSDP the slot holds each rank's shards: DCP plans the sharded folder with every rank on a
+thread, and each rank's data file is written by the same thread or process, from the slot.
 
 The writer process serves one job at a time over a pipe, one JSON line each way, and ends when
 the pipe closes (its trainer ended, or was killed: then it finishes the file under way, which
@@ -28,38 +30,94 @@ from typing import Any
 import numpy as np
 import torch
 
-from ddp import snapshot
-from ddp.checkpoint_files import TRAIN, rank_files, write_file
+from ddp import fsdp, snapshot
+from ddp.checkpoint_files import SHARDED, TRAIN, rank_files, shard_entries, write_file, write_parts
 from ddp.errors import CheckpointError
 
 
-def slot_state(data: Path, record: dict) -> Any:
-    """The state a snapshot slot holds, its tensors read in place from ``data`` (mapped, not copied).
+def slot_tensors(data: Path, record: dict) -> list[torch.Tensor]:
+    """The tensors a snapshot slot holds, in its record's order, read in place from ``data`` (mapped, not copied).
 
     Each tensor gets its own mapping: views of one mapping would share one storage, and
     ``torch.save`` writes a tensor's whole storage.
     """
-    tensors = []
-    for place in record["places"]:
-        offset, dtype, shape = place[:3]
-        dt = getattr(torch, dtype)
-        count = int(np.prod(shape, dtype=np.int64))
-        if count == 0:
-            tensors.append(torch.empty(shape, dtype=dt))
-            continue
-        raw = np.memmap(data, dtype=np.uint8, mode="c", offset=offset, shape=(count * dt.itemsize,))
-        tensors.append(snapshot.shaped(torch.frombuffer(raw, dtype=dt), place))
-    return snapshot.unflatten(record["meta"], tensors)
+    return [slot_tensor(data, place) for place in record["places"]]
+
+
+def slot_tensor(data: Path, place: list) -> torch.Tensor:
+    """The tensor at ``place`` (offset, dtype, shape, strides) in a slot's file ``data``, mapped."""
+    offset, dtype, shape = place[:3]
+    dt = getattr(torch, dtype)
+    count = int(np.prod(shape, dtype=np.int64))
+    if count == 0:
+        return torch.empty(shape, dtype=dt)
+    raw = np.memmap(data, dtype=np.uint8, mode="c", offset=offset, shape=(count * dt.itemsize,))
+    return snapshot.shaped(torch.frombuffer(raw, dtype=dt), place)
+
+
+def slot_state(data: Path, record: dict) -> Any:
+    """The state a snapshot slot holds, its tensors read in place from ``data``."""
+    return snapshot.unflatten(record["meta"], slot_tensors(data, record))
 
 
 def write_from_slot(job: dict) -> dict[str, dict]:
     """Write this rank's files of a checkpoint from a snapshot slot; {file name: its manifest entry}."""
     replicated, own, _ = slot_state(Path(job["data"]), job["record"])
+    return _write_files(job, replicated, own)
+
+
+def _write_files(job: dict, replicated: dict, own: dict) -> dict[str, dict]:
     replicated[TRAIN] = {**replicated[TRAIN], "config": job["config"]}  # a snapshot leaves the run's config out
     tmp = Path(job["tmp"])
     tmp.mkdir(parents=True, exist_ok=True)
     files = rank_files(replicated, own, job["rank"], job["world_size"])
     return {name: write_file(tmp / name, obj) for name, obj in files.items()}
+
+
+def write_shards_from_slot(
+    job: dict, layout: dict, process_group: Any, send: Callable[[dict], Any] | None
+) -> dict[str, dict]:
+    """Called by every rank (FSDP): write this rank's files of a checkpoint from a snapshot slot; {file name: its
+    manifest entry}.
+
+    The slot's shards, rewrapped as ``layout``'s DTensors (not copied), go through DCP, which plans them with every
+    rank on ``process_group`` and writes ``sharded/``. ``send``: the writer process writes this rank's data file and
+    other files (``--async-save process``); without it, this thread does.
+    """
+    from ddp import dcp  # torch.distributed.checkpoint: imported when used (see ddp/fsdp.py)
+
+    data = Path(job["data"])
+    tensors = slot_tensors(data, job["record"])
+    replicated, own, local = snapshot.unflatten(job["record"]["meta"], tensors)
+    folder = Path(job["tmp"]) / SHARDED
+    if send is None:
+        writer = dcp.FileSystemWriter(folder)
+    else:
+        places = {t.data_ptr(): place for t, place in zip(tensors, job["record"]["places"], strict=True) if t.numel()}
+        writer = dcp.SlotWriter(folder, data, places, send)
+    dcp.save_sharded(fsdp.rewrap(layout, local), folder, process_group, writer)
+    written = shard_entries(folder, getattr(writer, "entries", None))
+    written.update(_write_files(job, replicated, own) if send is None else send({**job, "kind": "files"}))
+    return written
+
+
+def write_distcp(job: dict) -> tuple[list[list[int]], dict]:
+    """The writer process's part of ``dcp.SlotWriter``: one rank's DCP data file, from the slot's file ``data``;
+    ([offset, length] of each part, the file's manifest entry)."""
+    data = Path(job["data"])
+
+    def part(p: dict) -> Any:
+        if "bytes" in p:
+            return base64.b64decode(p["bytes"])
+        if "empty" in p:
+            return torch.empty(p["empty"][1], dtype=getattr(torch, p["empty"][0]))
+        return slot_tensor(data, p["place"])
+
+    return write_parts(Path(job["path"]), (part(p) for p in job["parts"]))
+
+
+JOBS = {"files": write_from_slot, "distcp": write_distcp}
+"""What the writer process does, by a job's ``kind``."""
 
 
 def outcome(write: Callable[[], dict[str, dict]]) -> dict:
@@ -87,7 +145,13 @@ class Writer:
 
     def from_slot(self, job: dict, mode: str) -> Callable[[], dict[str, dict]]:
         """The write of ``job`` (``write_from_slot``'s) in this process (``thread``) or the writer process."""
-        return (lambda: write_from_slot(job)) if mode == "thread" else (lambda: self._in_process(job))
+        return (lambda: write_from_slot(job)) if mode == "thread" else (lambda: self.request({**job, "kind": "files"}))
+
+    def shards_from_slot(self, job: dict, mode: str, layout: dict, process_group: Any) -> Callable[[], dict[str, dict]]:
+        """The write of ``job`` under FSDP (``write_shards_from_slot``'s), its files written in this process
+        (``thread``) or the writer process."""
+        send = None if mode == "thread" else self.request
+        return lambda: write_shards_from_slot(job, layout, process_group, send)
 
     @property
     def busy(self) -> bool:
@@ -105,14 +169,16 @@ class Writer:
             ready.wait()
         self.result = outcome(write)
 
-    def _in_process(self, job: dict) -> dict[str, dict]:
+    def request(self, job: dict) -> Any:
+        """What the writer process answers to ``job`` (a ``JOBS`` kind), started at the first."""
         if self.process is None or self.process.poll() is not None:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "ddp.persist"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
             )
         try:
-            record = base64.b64encode(snapshot.meta_bytes(job["record"])).decode()
-            self.process.stdin.write(json.dumps({**job, "record": record}) + "\n")
+            if "record" in job:
+                job = {**job, "record": base64.b64encode(snapshot.meta_bytes(job["record"])).decode()}
+            self.process.stdin.write(json.dumps(job) + "\n")
             self.process.stdin.flush()
             reply = self.process.stdout.readline()
         except OSError as e:
@@ -123,7 +189,7 @@ class Writer:
         answer = json.loads(reply)
         if answer.get("error"):
             raise CheckpointError(answer["error"])
-        return answer["files"]
+        return answer["result"]
 
     def close(self) -> None:
         """Wait for the write under way; end the writer process."""
@@ -149,10 +215,11 @@ def serve() -> None:
             break
         try:
             job = json.loads(line)
-            job["record"] = snapshot.meta_record(base64.b64decode(job["record"]))
-            answer = {"files": write_from_slot(job), "error": None}
+            if "record" in job:
+                job["record"] = snapshot.meta_record(base64.b64decode(job["record"]))
+            answer = {"result": JOBS[job["kind"]](job), "error": None}
         except (OSError, CheckpointError, ValueError, KeyError) as e:
-            answer = {"files": {}, "error": str(e)}
+            answer = {"result": None, "error": str(e)}
         try:
             sys.stdout.write(json.dumps(answer) + "\n")
             sys.stdout.flush()

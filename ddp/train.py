@@ -124,8 +124,6 @@ def check_fsdp_settings(cfg: Config) -> None:
     d, refused = cfg.dist, []
     if d.static_graph or d.bucket_cap_mb is not None or not d.gradient_as_bucket_view:
         refused.append("--static-graph, --bucket-cap-mb and --no-gradient-as-bucket-view tune DDP's buckets")
-    if cfg.checkpoint.async_save == "process":
-        refused.append("--async-save process: a sharded checkpoint is written on DCP's thread (--async-save thread)")
     if cfg.compute.sync_bn:
         refused.append("--sync-bn: SyncBatchNorm is for DDP")
     if refused:

@@ -46,7 +46,9 @@ def reference(tmp_path_factory):
 
 def test_sigkilled_fsdp_rank_restarts_and_ends_bitwise_equal(tmp_path, reference):
     args = KILLED
-    run = [*args, "--checkpoint-every", "5", "--snapshot-every", "1", "--out", str(tmp_path / "run")]
+    # --async-save process: a killed rank's writer process may be mid-file at the kill
+    run = [*args, "--checkpoint-every", "5", "--snapshot-every", "1", "--async-save", "process",
+           "--out", str(tmp_path / "run")]  # fmt: skip
     seed = random.randrange(10**6)
     rng = random.Random(seed)
     # two kills after a step, then one half-way through a snapshot's copy: with the replaced node below (step 7 to 9)
@@ -127,15 +129,27 @@ def test_fsdp_trains_a_users_task_with_tied_weights_as_one_process_does(tmp_path
     assert "strategy 'ddp' -> 'fsdp'" in out and "continuing at step 21" in out and "verify: 2/2 ranks" in out
 
 
-def test_an_async_sharded_checkpoint_holds_what_one_written_in_step_does(tmp_path):
-    # --async-save auto (the default) under FSDP: DCP stages the shards, its thread and ours write them
-    args = ["--strategy", "fsdp", "--samples", "512", "--steps", "6", "--checkpoint-every", "3", "--optimizer", "adamw"]
-    ok(train_alone(*args, "--no-async-save", "--out", str(tmp_path / "sync")))
-    ok(train_alone(*args, "--out", str(tmp_path / "async")))
-    (a, ta), (b, tb) = model_state(tmp_path / "async", 3), model_state(tmp_path / "sync", 3)
-    assert_tree_equal(a, b)
-    assert_tree_equal(ta["optimizer"], tb["optimizer"])
-    assert ta.pop("config")["checkpoint"]["async_save"] == "auto" and ta["step"] == tb["step"] == 3
+def test_async_sharded_checkpoints_from_the_snapshot_hold_what_one_written_in_step_does(tmp_path):
+    # --async-save thread and process under FSDP: each rank's shards, read in place from the snapshot of step 3,
+    # are planned by DCP and written by a thread, or by each rank's writer process; sizes (7, 5) that 2 ranks do
+    # not divide. The last step's checkpoint is written in step.
+    args = ["--strategy", "fsdp", "--samples", "512", "--steps", "6", "--checkpoint-every", "3", "--optimizer",
+            "adamw", "--hidden", "7", "--out-features", "5", "--batch-size", "16"]  # fmt: skip
+    for mode in ("off", "thread", "process"):
+        ok(torchrun(2, *args, "--async-save", mode, "--out", str(tmp_path / mode)))
+    (a, ta), (b, tb) = model_state(tmp_path / "off", 3), model_state(tmp_path / "thread", 3)
+    c, tc = model_state(tmp_path / "process", 3)
+    for model, train in ((b, tb), (c, tc)):
+        assert_tree_equal(model, a)
+        assert_tree_equal(train["optimizer"], ta["optimizer"])
+        assert train["step"] == 3
+    assert tc["config"]["checkpoint"]["async_save"] == "process"
+    for rank in (0, 1):  # rank 1's file written by its own writer process: the records carry no CRC32, as model.pt
+        data = [
+            tmp_path / m / "checkpoints" / "step-00000003" / "sharded" / f"__{rank}_0.distcp"
+            for m in ("off", "process")
+        ]
+        assert data[0].stat().st_size == data[1].stat().st_size and data[0].read_bytes() != data[1].read_bytes()
 
 
 def test_default_blocks_open_containers_and_leave_tied_weights_to_the_root():
@@ -158,6 +172,41 @@ def test_a_block_holding_one_half_of_a_tied_pair_is_refused_by_name():
 
 
 def test_ddp_only_options_are_refused_under_fsdp(tmp_path, capsys):
-    assert main(["--strategy", "fsdp", "--static-graph", "--async-save", "process", "--out", str(tmp_path)]) == 2
+    assert main(["--strategy", "fsdp", "--static-graph", "--bucket-cap-mb", "1", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert "--strategy fsdp does not take --static-graph" in err and "--async-save process" in err
+    assert "--strategy fsdp does not take --static-graph, --bucket-cap-mb" in err
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # no_dist: one process, as meant
+@pytest.mark.parametrize("held", ["all", "one missing"])
+def test_the_writer_process_writes_a_dcp_data_file_that_dcp_reads_back(tmp_path, held):
+    # ddp.dcp.SlotWriter: tensors read in place from a slot's file, a channels_last and an empty one among them,
+    # and values DCP stores as bytes. Where DCP hands over a tensor that is not the slot's, DCP's own writer writes.
+    from ddp import dcp, persist, snapshot
+
+    tensors = [torch.randn(3, 5), torch.randn(2, 4, 3, 3).to(memory_format=torch.channels_last),
+               torch.arange(6, dtype=torch.int64), torch.empty(0, 4)]  # fmt: skip
+    places, size = snapshot._places(tensors)
+    data = tmp_path / "slot"
+    with open(data, "wb") as f:
+        f.truncate(size)
+        for t, place in zip(tensors, places, strict=True):
+            f.seek(place[0])
+            f.write(t.permute(0, 2, 3, 1).contiguous().numpy().tobytes() if place[3] else t.numpy().tobytes())
+    mapped = persist.slot_tensors(data, {"places": places})
+    places_by_pointer = {t.data_ptr(): p for t, p in zip(mapped, places, strict=True) if t.numel()}
+    state = {"w": mapped[0], "conv": mapped[1], "n": mapped[2], "none": mapped[3], "lr": 0.1, "names": ["a", "b"]}
+    if held == "one missing":
+        state["copy"] = mapped[0].clone()
+    writer = persist.Writer()
+    try:
+        slot_writer = dcp.SlotWriter(tmp_path / "out", data, places_by_pointer, writer.request)
+        torch.distributed.checkpoint.save(state, storage_writer=slot_writer, no_dist=True)
+    finally:
+        writer.close()
+    back, _ = dcp.load(tmp_path / "out")
+    assert_tree_equal(back, {**state, "conv": tensors[1]})  # the channels_last one read back by its strides
+    # the process hashed what it wrote: its entry is the one a manifest records
+    assert bool(slot_writer.entries) == (held == "all")
+    for name, entry in slot_writer.entries.items():
+        assert entry["size"] == (tmp_path / "out" / name).stat().st_size
