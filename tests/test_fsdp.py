@@ -131,10 +131,10 @@ def test_fsdp_trains_a_users_task_with_tied_weights_as_one_process_does(tmp_path
 
 def test_async_sharded_checkpoints_from_the_snapshot_hold_what_one_written_in_step_does(tmp_path):
     # --async-save thread and process under FSDP: each rank's shards, read in place from the snapshot of step 3,
-    # are planned by DCP and written by a thread, or by each rank's writer process; sizes (7, 5) that 2 ranks do
-    # not divide. The last step's checkpoint is written in step.
-    args = ["--strategy", "fsdp", "--samples", "512", "--steps", "6", "--checkpoint-every", "3", "--optimizer",
-            "adamw", "--hidden", "7", "--out-features", "5", "--batch-size", "16"]  # fmt: skip
+    # are planned by DCP and written by a thread, or by each rank's writer process; a user's task with tied
+    # weights and sizes (13, 6) that 2 ranks do not divide. The last step's checkpoint is written in step.
+    args = ["--strategy", "fsdp", "--task", "tests/tied_task.py:make", "--steps", "6", "--checkpoint-every", "3",
+            "--optimizer", "adamw", "--batch-size", "16"]  # fmt: skip
     for mode in ("off", "thread", "process"):
         ok(torchrun(2, *args, "--async-save", mode, "--out", str(tmp_path / mode)))
     (a, ta), (b, tb) = model_state(tmp_path / "off", 3), model_state(tmp_path / "thread", 3)

@@ -3,11 +3,12 @@
 
 import json
 import shutil
+import threading
 
 import pytest
 import torch
 
-from ddp import snapshot
+from ddp import faults, snapshot
 from ddp.checkpoint import Checkpointer, memory_choice
 from ddp.config import CheckpointConfig
 from ddp.replicas import partners
@@ -28,22 +29,34 @@ def reference(tmp_path_factory):
     return out
 
 
-def test_a_snapshot_round_trips_bitwise_and_the_other_slot_survives_a_copy_never_committed(tmp_path):
+def test_a_snapshot_round_trips_bitwise_and_the_other_slot_survives_a_copy_never_committed(tmp_path, monkeypatch):
     snaps = Snapshots(tmp_path, 1, rank=0, out=tmp_path, say=lambda _: None)
     snaps.open("run", clean=False)
     states = [{"w": torch.randn(3, 5), "b": torch.arange(4, dtype=torch.bfloat16), "n": i, "s": [torch.ones(2)]}
               for i in range(3)]  # fmt: skip
+    states[2]["big"] = torch.randn(2**21)  # 8 MiB: copied on the snapshot thread, beside the next step
     for step, state in enumerate(states[:2], start=1):
         snaps.take(step, state, live=set())
         snaps.wait()
     assert snaps.held(1) == [2, 1]
     assert_tree_equal(snaps.load(1), states[0])
-    snaps.take(3, states[2], live=set())  # overwrites step 1's slot; killed before wait commits it:
+    halfway, go_on = threading.Event(), threading.Event()
+
+    def pause(rank: int, step: int) -> None:  # the fault hook half-way through a copy: here a pause, not a kill
+        halfway.set()
+        go_on.wait(30)
+
+    monkeypatch.setattr(faults, "in_snapshot", pause)
+    snaps.take(3, states[2], live=set())  # overwrites step 1's slot; seen half-way, as a kill would leave it:
+    assert halfway.wait(30)
     reopened = Snapshots(tmp_path, 1, rank=0, out=tmp_path)
     reopened.open("run", clean=False)
     assert reopened.held(1) == [2]  # the slot being written is never named
     assert_tree_equal(reopened.load(2), states[1])
+    go_on.set()
     snaps.wait()
+    assert snaps.held(1) == [3, 2]  # named once the copy is whole
+    assert_tree_equal(snaps.load(3), states[2])
     snaps.close(remove=True)
     assert not (tmp_path / snapshot.ROOT / "run").exists()
 
