@@ -2,7 +2,8 @@
 
 ``Parallel`` builds the task's model from a seeded RNG, loads ``--init-from``, applies
 activation checkpointing, and wraps it: ``DistributedDataParallel`` (every rank holds the
-whole model), or FSDP2's ``fully_shard`` (each rank holds 1/N), compiled if asked. It
+whole model), or FSDP2's ``fully_shard`` (each rank holds 1/N), compiled if asked; a world of
+one trains the model itself, as DDP over one rank would, without DDP's hooks. It
 hides which of the two it holds: the Trainer asks it for the model to step, the model to
 evaluate, gradient sync on or off, and rank 0's buffers on every rank.
 """
@@ -127,6 +128,8 @@ class Parallel:
                 self.model.compile()  # compiled in place: the module stays the FSDP module it is
             return self.model
         model = torch.compile(self.model) if self.cfg.compute.compile else self.model
+        if world.world_size == 1:  # DDP over one rank changes no number (an all-reduce of one, a division by 1)
+            return model  # and costs its hooks: 1.6x the textbook MLP's step on a CPU
         d = self.cfg.dist
         return DDP(
             model,
@@ -152,7 +155,7 @@ class Parallel:
     @property
     def eval_model(self) -> nn.Module:
         """The model to evaluate: compiled if it was, without DDP's forward hooks (FSDP's are its collectives)."""
-        return self.wrapped if self.sharded else self.wrapped.module
+        return self.wrapped.module if isinstance(self.wrapped, DDP) else self.wrapped
 
     @property
     def unwrapped(self) -> nn.Module:
@@ -164,7 +167,9 @@ class Parallel:
         if self.sharded:
             self.model.set_requires_gradient_sync(last)  # unsharded gradients accumulate until then
             return contextlib.nullcontext()
-        return contextlib.nullcontext() if last else self.wrapped.no_sync()
+        if last or not isinstance(self.wrapped, DDP):  # a world of one has no sync to skip
+            return contextlib.nullcontext()
+        return self.wrapped.no_sync()
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """bf16 or fp16 autocast under ``--precision``; nothing in fp32 and fp64."""
