@@ -463,25 +463,33 @@ class Checkpointer:
         """Whether an async save is written or waits for its commit: the ranks then agree at every step."""
         return self.pending_step is not None
 
-    def row(self) -> list[float]:
-        """This rank's part of the trainer's agreement: (a timed save is due, still writing, failed, the share of
-        time its snapshots cost).
+    def riders(self) -> list[int]:
+        """This rank's riders on the stop vote (``ddp.stopping``), which every rank reads at the same step,
+        however seldom steps are logged: a timed save is due, and the share of time its snapshots cost (in
+        millionths; -1 before there is a measure).
 
         Rank 0's clock alone decides the timed save, so that every rank saves at the same step; the slowest
         rank's snapshot cost sets the interval of every rank's.
         """
         every_s = self.cfg.checkpoint_every_seconds
         due = group.rank() == 0 and every_s > 0 and time.monotonic() - self.last_save_time >= every_s
-        cost = self.snapshots.share() if self.snapshots is not None else 0.0
-        return [float(due), *map(float, self.status()), cost]
+        share = self.snapshots.share() if self.snapshots is not None else -1.0
+        return [int(due), round(share * 1e6) if share >= 0 else -1]
+
+    def voted(self, agreed: list[int]) -> None:
+        """The riders agreed (each the largest over the ranks): note a timed save; tune the snapshots' interval."""
+        self.time_due = self.time_due or agreed[0] > 0
+        if self.snapshots is not None:
+            self.snapshots.tune(agreed[1] / 1e6 if agreed[1] >= 0 else -1.0)
+
+    def row(self) -> list[float]:
+        """This rank's part of the trainer's agreement: (still writing, failed) of the save in flight."""
+        return [float(flag) for flag in self.status()]
 
     def settle(self, rows: list[list[float]]) -> None:
-        """Every rank's ``row``: note a timed save; commit the async save once every rank wrote it, or raise its
-        error on every rank; tune the snapshots' interval."""
-        due, writing, failed = (sum(row[i] for row in rows) for i in range(3))
-        self.time_due = due > 0
-        if self.snapshots is not None:
-            self.snapshots.tune(max(row[3] for row in rows))
+        """Every rank's ``row``: commit the async save once every rank wrote it, or raise its error on every
+        rank."""
+        writing, failed = (sum(row[i] for row in rows) for i in range(2))
         if failed:
             self.wait()  # raises on every rank, naming the rank and the error
         elif self.pending_step is not None and not writing:

@@ -6,7 +6,9 @@ a collective of its own (on gloo about 0.5 ms, a quarter of a small model's step
 ranks vote every ``interval`` steps: the fewest steps that last ``VOTE_SECONDS``, measured
 and agreed at each vote, at most ``MAX_INTERVAL``. The ranks stop together, on the same step,
 within two intervals of the signal (about 0.2 s, or two steps where a step takes longer),
-whatever ``--log-every`` is; they save a checkpoint and exit 0. Outside the steps (an
+whatever ``--log-every`` is; they save a checkpoint and exit 0. Other decisions that must not
+wait for a logged step ride on the same vote (``riders``: a timed checkpoint is due, the cost of
+the snapshots), each agreed as its largest value over the ranks. Outside the steps (an
 evaluation, the final export and verify) the ranks agree between batches and between phases
 (``check``); the last step's checkpoint is durable before either begins. A second SIGINT
 exits at once. Under torchrun a Ctrl-C reaches the launcher, which forwards one SIGINT to
@@ -20,7 +22,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -46,35 +48,42 @@ class StopSignals:
         self.next_vote = 0  # the step of the next vote: the same on every rank
         self.interval = 1  # the steps from the last vote to the next
         self.last_vote = (0, time.perf_counter())  # (step, time) of this rank's last vote
+        self.agreed: list[int] | None = None  # the riders of the last vote read, until ``agree`` returns them
 
-    def agree(self, step: int) -> bool:
-        """Called by every rank at the end of every step: whether the ranks stop now.
+    def agree(self, step: int, riders: Callable[[], list[int]] = list) -> list[int] | None:
+        """Called by every rank at the end of every step: ``requested`` is then set where the ranks stop now.
 
-        At a vote step, a rank reads the previous vote (the signal, and the agreed interval to the next
-        vote) and starts the next, which carries its signal and the interval its steps suggest.
+        At a vote step, a rank reads the previous vote (the signal, the agreed interval to the next
+        vote, and the riders) and starts the next, which carries its signal, the interval its steps
+        suggest and ``riders()``. Returns the riders read, each the largest over the ranks and the
+        same on every rank; None where no vote was read (in a world of one: this rank's, every step).
         """
         if self.world.world_size == 1:
             self._stop_on(self.received)
-            return self.requested
+            return riders()
         if step < self.next_vote:
-            return False
+            return None
         proposed = self.interval  # where ``check`` read the last vote: the interval goes on
         if self.vote is not None:
             proposed = -self._read()[1]  # the MAX of the negated proposals: the smallest, so no rank waits longer
+        agreed, self.agreed = self.agreed, None  # read here, or by ``check`` (an evaluation) since the last vote
         self.interval = min(proposed, 2 * self.interval)  # growing from 1 step: short runs vote often
         self.next_vote = step + self.interval
-        flag = torch.tensor([self.received, -self._proposal(step)], dtype=torch.int64, device=group.control_device())
+        mine = [self.received, -self._proposal(step), *riders()]
+        flag = torch.tensor(mine, dtype=torch.int64, device=group.control_device())
         self.vote = (flag, dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True))
-        return self.requested
+        return agreed
 
     def _read(self) -> list[int]:
-        """The vote in flight, done: (the highest signal number of any rank, the negated smallest proposal)."""
+        """The vote in flight, done: (the highest signal number of any rank, the negated smallest proposal, the
+        largest value of each rider)."""
         flag, work = self.vote
         work.wait()
         self.vote = None
-        signum, negated = (int(v) for v in flag.tolist())
-        self._stop_on(signum)
-        return [signum, negated]
+        read = [int(v) for v in flag.tolist()]
+        self._stop_on(read[0])
+        self.agreed = read[2:]
+        return read
 
     def _proposal(self, step: int) -> int:
         """The steps that last about ``VOTE_SECONDS`` at this rank's pace since its last vote."""

@@ -199,7 +199,9 @@ class Trainer:
         p.elapsed = self.metrics.elapsed()  # as a checkpoint of this step records it
         self.data.advance(p)
         faults.at_step(self.world.rank, p.step)
-        self.stop.agree(p.step)
+        agreed = self.stop.agree(p.step, self.checkpointer.riders)
+        if agreed is not None:
+            self.checkpointer.voted(agreed)
         self._after_step()
         self.metrics.ready()
         return loss
@@ -233,7 +235,8 @@ class Trainer:
         """Log, and checkpoint or snapshot when due (a stop's checkpoint comes after the loop, in ``train``).
 
         The ranks agree through one small collective at each logged step, and at every step
-        while an async save is in flight; in between, a step adds only the stop vote, about every 0.1 s.
+        while an async save is in flight; in between, a step adds only the stop vote, about every 0.1 s,
+        which also carries whether a timed checkpoint is due and what the snapshots cost.
         """
         step, last = self.progress.step, self.data.total_steps
         logged = self.metrics.due(step, last)

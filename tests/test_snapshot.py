@@ -2,6 +2,7 @@
 (SIGKILLs at random steps and during a copy: test_resume, test_fsdp, test_stream)."""
 
 import json
+import re
 import shutil
 import threading
 
@@ -15,7 +16,7 @@ from ddp.replicas import partners
 from ddp.snapshot import Snapshots
 
 from . import workers
-from .helpers import assert_same_training, assert_tree_equal, model_state, ok, spawn, torchrun
+from .helpers import assert_same_training, assert_tree_equal, model_state, ok, spawn, torchrun, train_alone
 
 # 922 training samples, batch 32 on 2 ranks: 14 steps an epoch; the run crosses an epoch boundary.
 ARGS = ["--samples", "1024", "--batch-size", "32", "--steps", "20", "--log-every", "1", "--checkpoint-every", "6"]
@@ -166,6 +167,20 @@ def test_auto_grows_the_interval_at_once_to_what_brings_the_cost_under_its_budge
     snaps.tune(0.019)  # under the budget: kept
     snaps.tune(0.021)  # just over: twice as far apart
     assert snaps.every == 32 and len(said) == 2
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_timed_checkpoints_and_the_snapshot_interval_do_not_wait_for_a_logged_step(tmp_path, nproc):
+    # Both ride on the stop vote (every ~0.1 s of steps, read by every rank at the same step), not on the log's
+    # agreement: with a log line every 10^5 steps, a run still saves every half second of training and widens the
+    # interval of snapshots that cost more than 2 %; an evaluation every epoch (28 steps) reads the vote in flight,
+    # whose riders then come at the next vote. A world of one decides both at every step, alone.
+    args = ["--steps", "2000", "--log-every", "100000", "--checkpoint-every-seconds", "0.5", "--keep-last", "100",
+            "--out", str(tmp_path)]  # fmt: skip
+    out = ok(torchrun(2, *args)) if nproc == 2 else ok(train_alone(*args))
+    saved = sorted(int(p.name.split("-")[1]) for p in (tmp_path / "checkpoints").iterdir())
+    assert len(saved) >= 2 and saved[-1] == 2000, saved  # timed ones, then the last step's
+    assert re.search(r"snapshots cost [\d.]+% of training time: one every \d+ steps from now", out), out[-2000:]
 
 
 def test_a_tied_weight_is_stored_once_and_restored_as_one_tensor(tmp_path):
