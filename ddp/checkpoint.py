@@ -16,8 +16,8 @@ import datetime
 import json
 import os
 import shutil
-import threading
 import time
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -27,11 +27,13 @@ from torch import nn
 from ddp import fsdp, group, persist, replicas, rng, snapshot
 from ddp.checkpoint_files import (
     FORMAT_VERSION,
+    HASHER,
     MANIFEST,
     MODEL,
     PRUNED,
     SHARDED,
     TRAIN,
+    Worker,
     clean_stale,
     complete_checkpoints,
     fsync_dir,
@@ -110,7 +112,9 @@ class Checkpointer:
         self.pending_step: int | None = None
         self.last_saved: int | None = None
         self.best_step: int | None = None  # --keep-best: the checkpoint pruning keeps
-        self.pruner: threading.Thread | None = None
+        self.pruner: Future | None = None  # the deletion of the checkpoints retired by the last commit
+        for worker in (PRUNER, persist.WRITER, HASHER):  # now: before any DataLoader forks (see Worker)
+            worker.start()
         self.run_id: str | None = None  # the folder's run (ddp.run_folder): written in manifests, resumed alone
         self.last_save_time = time.monotonic()  # for --checkpoint-every-seconds
         self.time_due = False  # the ranks agreed that --checkpoint-every-seconds has passed
@@ -598,7 +602,7 @@ class Checkpointer:
         if self.pending_step is not None:
             self.commit()
         if self.pruner is not None:
-            self.pruner.join()
+            self.pruner.result()
             self.pruner = None
 
     def commit(self) -> None:
@@ -657,7 +661,7 @@ class Checkpointer:
         leaves a ``.pruned-`` folder that ``clean_stale`` removes at the next start.
         """
         if self.pruner is not None:
-            self.pruner.join()
+            self.pruner.result()
         retired = []
         best = None if self.best_step is None else step_dir(self.root, self.best_step)
         for folder in complete_checkpoints(self.root)[: -self.cfg.keep_last]:
@@ -667,8 +671,11 @@ class Checkpointer:
             retired.append(folder.with_name(f"{PRUNED}{folder.name}.{os.getpid()}"))  # never an existing name
             os.replace(folder, retired[-1])
         if retired:
-            self.pruner = threading.Thread(target=remove_all, args=(retired,), name="ddp-prune")
-            self.pruner.start()
+            self.pruner = PRUNER.submit(remove_all, retired)
+
+
+PRUNER = Worker("ddp-prune")
+"""The thread that deletes retired checkpoints beside training: one per process, for its whole life."""
 
 
 def memory_choice(

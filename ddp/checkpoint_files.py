@@ -26,11 +26,12 @@ import hashlib
 import json
 import mmap
 import os
+import queue
 import re
 import shutil
 import threading
-from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any
 
@@ -187,6 +188,45 @@ DIGEST = "xxh3_128"
 DIGESTS = {"xxh3_128": xxhash.xxh3_128, "sha256": hashlib.sha256}  # sha256: manifests written before xxh3
 
 
+class Worker:
+    """One daemon thread, started once and kept, that runs the jobs it is given in turn; ``submit`` returns a job's
+    future.
+
+    Background work (hashing beside a write, pruning, an async save) runs on threads that live as long as the
+    process, never on one started and ended per job: a thread ending while a DataLoader forks its workers can
+    leave a worker stuck for good in CPython's thread bookkeeping after the fork (seen under load: a worker
+    deadlocked in ``PyOS_AfterFork_Child``, its rank waiting for its batches, the job hung). A forked child
+    starts its own thread at its first job.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name, self.jobs, self.pid = name, queue.SimpleQueue(), None
+
+    def start(self) -> None:
+        """Start the thread now, if this process has none (its start is then not during another's fork)."""
+        if self.pid != os.getpid():
+            self.jobs, self.pid = queue.SimpleQueue(), os.getpid()  # a fork's child has no thread, nor its jobs
+            threading.Thread(target=self._run, name=self.name, daemon=True).start()
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        self.start()
+        future: Future = Future()
+        self.jobs.put((future, fn, args))
+        return future
+
+    def _run(self) -> None:
+        while True:
+            future, fn, args = self.jobs.get()
+            try:
+                future.set_result(fn(*args))
+            except BaseException as e:  # the caller's: raised by future.result()
+                future.set_exception(e)
+
+
+HASHER = Worker("ddp-hash")
+"""The thread that hashes a large write beside it (``HashingWriter``): one per process, for its whole life."""
+
+
 class HashingWriter:
     """A write-only file wrapper that hashes and counts the bytes as they pass.
 
@@ -205,12 +245,11 @@ class HashingWriter:
         if len(data) < self.OVERLAP:
             self.hash.update(data)
             return self.f.write(data)
-        hasher = threading.Thread(target=self.hash.update, args=(data,))
-        hasher.start()
+        hashed = HASHER.submit(self.hash.update, data)
         try:
             return self.f.write(data)
         finally:
-            hasher.join()  # before returning: torch may free or reuse ``data`` once write returns
+            hashed.result()  # before returning: torch may free or reuse ``data`` once write returns
 
     def flush(self) -> None:
         self.f.flush()

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 
 from ddp import fsdp, snapshot
-from ddp.checkpoint_files import SHARDED, TRAIN, rank_files, shard_entries, write_file, write_parts
+from ddp.checkpoint_files import SHARDED, TRAIN, Worker, rank_files, shard_entries, write_file, write_parts
 from ddp.errors import CheckpointError
 
 
@@ -128,20 +129,23 @@ def outcome(write: Callable[[], dict[str, dict]]) -> dict:
         return {"files": {}, "error": e}
 
 
+WRITER = Worker("ddp-persist")
+"""The thread that writes checkpoints off the training thread: one per process, for its whole life."""
+
+
 class Writer:
     """Writes one checkpoint at a time off the training thread: on a thread, or through a writer process."""
 
     def __init__(self) -> None:
-        self.thread: threading.Thread | None = None
+        self.future: Future | None = None  # the write under way
         self.result: dict = {}
         self.process: subprocess.Popen | None = None
 
     def start(self, write: Callable[[], dict[str, dict]], ready: threading.Event | None = None) -> None:
-        """Run ``write`` on a thread once ``ready`` is set (the snapshot's copy is complete); ``result`` then
+        """Run ``write`` on the thread once ``ready`` is set (the snapshot's copy is complete); ``result`` then
         holds ``{"files": its manifest entries, "error": None or the error}``."""
         self.result = {}
-        self.thread = threading.Thread(target=self._run, args=(write, ready), name="ddp-persist", daemon=True)
-        self.thread.start()
+        self.future = WRITER.submit(self._run, write, ready)
 
     def from_slot(self, job: dict, mode: str) -> Callable[[], dict[str, dict]]:
         """The write of ``job`` (``write_from_slot``'s) in this process (``thread``) or the writer process."""
@@ -155,13 +159,13 @@ class Writer:
 
     @property
     def busy(self) -> bool:
-        return self.thread is not None and self.thread.is_alive()
+        return self.future is not None and not self.future.done()
 
     def join(self) -> dict:
         """Wait for the write under way; its result."""
-        if self.thread is not None:
-            self.thread.join()
-            self.thread = None
+        if self.future is not None:
+            future, self.future = self.future, None
+            future.result()  # raises what ``outcome`` does not turn into a result
         return self.result
 
     def _run(self, write: Callable[[], dict[str, dict]], ready: threading.Event | None) -> None:
