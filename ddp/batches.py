@@ -37,6 +37,13 @@ def build(task: Task, cfg: Config, world: group.World, start_epoch: StartEpoch, 
     return kind(task, cfg, world, start_epoch, say)
 
 
+def worker_timeout(cfg: Config) -> float:
+    """Seconds a DataLoader worker may take to deliver a batch before the run fails, naming the wait: a worker
+    that never answers (stuck, or gone without a trace) would otherwise keep its rank, and the job, waiting for
+    good. The longer of the two collective timeouts: a first batch may have a slow dataset to open."""
+    return max(cfg.dist.timeout, cfg.dist.startup_timeout)
+
+
 class _Batches:
     """What both kinds share: the settings, the loader, and the pass over it of the current epoch."""
 
@@ -80,7 +87,8 @@ class MapBatches(_Batches):
         super().__init__(task, cfg, world, start_epoch, say)
         self.sampler = ResumableSampler(self.dataset, world.world_size, world.rank, cfg.run.seed)
         pin = world.device.type == "cuda"
-        self.loader = make_loader(task, self.sampler, cfg.data.batch_size, cfg.data.workers, pin, cfg.run.seed)
+        self.loader = make_loader(task, self.sampler, cfg.data.batch_size, cfg.data.workers, pin, cfg.run.seed,
+                                  worker_timeout(cfg))  # fmt: skip
         self.total_steps = self._length(len(self.dataset))
 
     def next(self, p: Progress) -> list[Batch]:
@@ -113,8 +121,9 @@ class StreamBatches(_Batches):
         # its own generator: each pass over a loader draws a seed, which must not come from training's RNG
         generator = torch.Generator().manual_seed(cfg.run.seed)
         self.loader = DataLoader(
-            self.stream, batch_size=None, num_workers=cfg.data.workers, collate_fn=stream.as_is, generator=generator
-        )
+            self.stream, batch_size=None, num_workers=cfg.data.workers, collate_fn=stream.as_is, generator=generator,
+            timeout=worker_timeout(cfg) if cfg.data.workers else 0,
+        )  # fmt: skip
         self.position = StreamPosition()  # the stream's state as of the last step
         self.total_steps = self._total_steps()
 

@@ -98,7 +98,8 @@ class DataConfig:
     batch_size: int = 64
     """Samples per rank per micro-batch; the global batch is this x ranks x --grad-accum."""
     workers: int = 0
-    """DataLoader worker processes per rank (0 loads in the training process)."""
+    """DataLoader worker processes per rank (0 loads in the training process). A batch a worker does not deliver
+    within the longer of --timeout and --startup-timeout fails the run rather than waiting for good."""
     stream_replay: bool = False
     """Resume a stream by reading past the samples already trained on, even where its state was saved (a stream
     that splits itself, resumed on another world size)."""

@@ -115,6 +115,13 @@ class Watchdog:
         try:
             yield
         except RuntimeError as e:
+            if str(e).startswith("DataLoader timed out"):  # the rank's own workers, not a collective
+                raise DistributedError(
+                    f"rank {self.world.rank}: after step {progress.step} its DataLoader workers delivered no batch "
+                    f"({first_line(e)}, the longer of --timeout and --startup-timeout): a worker is stuck (a read "
+                    "that never returns, a deadlock); run with --workers 0 to see where, or raise the timeouts for "
+                    "a dataset this slow"
+                ) from e
             if not group.is_timeout(e):  # a rank that died closes its connections: torchrun names it
                 raise
             raise self.stalled(e, progress.step, last_saved()) from e

@@ -495,3 +495,41 @@ def test_a_safetensors_file_whose_header_length_begins_with_0x80_is_not_taken_fo
             break
     assert path.read_bytes()[0] == 0x80
     assert ddp.io.detect_format(path) == "safetensors" and torch.equal(ddp.load(path)["w"], torch.arange(3.0))
+
+
+STUCK_TASK = '''
+import time
+import torch
+from torch.utils.data import Dataset, get_worker_info
+import ddp
+from ddp.model import MLP
+
+
+class Stuck(Dataset):
+    """A user's Dataset whose DataLoader workers never deliver a batch (a stuck read, a deadlocked worker)."""
+
+    def __len__(self):
+        return 256
+
+    def __getitem__(self, i):
+        if get_worker_info() is not None:
+            time.sleep(3600)
+        return torch.randn(20), i % 10
+
+
+def make():
+    return ddp.Task(model=lambda: MLP(), train_data=Stuck(), name="stuck")
+'''
+
+
+def test_a_dataloader_worker_that_never_delivers_fails_the_run_instead_of_hanging_it(tmp_path):
+    task = tmp_path / "stuck_task.py"
+    task.write_text(STUCK_TASK)
+    start = time.monotonic()
+    proc = train_alone("--task", f"{task}:make", "--workers", "1", "--timeout", "3", "--startup-timeout", "3",
+                       "--steps", "2", "--out", str(tmp_path / "run"), timeout=90)  # fmt: skip
+    assert proc.returncode != 0 and time.monotonic() - start < 60, proc.output[-3000:]
+    assert (
+        "rank 0: after step 0 its DataLoader workers delivered no batch (DataLoader timed out after 3.0 seconds"
+        in proc.output
+    ), proc.output[-3000:]
