@@ -27,13 +27,12 @@ from torch import nn
 from ddp import fsdp, group, persist, replicas, rng, snapshot
 from ddp.checkpoint_files import (
     FORMAT_VERSION,
-    HASHER,
     MANIFEST,
     MODEL,
     PRUNED,
+    PRUNER,
     SHARDED,
     TRAIN,
-    Worker,
     clean_stale,
     complete_checkpoints,
     fsync_dir,
@@ -113,8 +112,6 @@ class Checkpointer:
         self.last_saved: int | None = None
         self.best_step: int | None = None  # --keep-best: the checkpoint pruning keeps
         self.pruner: Future | None = None  # the deletion of the checkpoints retired by the last commit
-        for worker in (PRUNER, persist.WRITER, HASHER):  # now: before any DataLoader forks (see Worker)
-            worker.start()
         self.run_id: str | None = None  # the folder's run (ddp.run_folder): written in manifests, resumed alone
         self.last_save_time = time.monotonic()  # for --checkpoint-every-seconds
         self.time_due = False  # the ranks agreed that --checkpoint-every-seconds has passed
@@ -672,10 +669,6 @@ class Checkpointer:
             os.replace(folder, retired[-1])
         if retired:
             self.pruner = PRUNER.submit(remove_all, retired)
-
-
-PRUNER = Worker("ddp-prune")
-"""The thread that deletes retired checkpoints beside training: one per process, for its whole life."""
 
 
 def memory_choice(

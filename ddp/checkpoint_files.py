@@ -225,6 +225,8 @@ class Worker:
 
 HASHER = Worker("ddp-hash")
 """The thread that hashes a large write beside it (``HashingWriter``): one per process, for its whole life."""
+PRUNER = Worker("ddp-prune")
+"""The thread that deletes retired checkpoints (``remove_all``) beside training: one per process, likewise."""
 
 
 class HashingWriter:

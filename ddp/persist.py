@@ -32,7 +32,17 @@ import numpy as np
 import torch
 
 from ddp import fsdp, snapshot
-from ddp.checkpoint_files import SHARDED, TRAIN, Worker, rank_files, shard_entries, write_file, write_parts
+from ddp.checkpoint_files import (
+    HASHER,
+    PRUNER,
+    SHARDED,
+    TRAIN,
+    Worker,
+    rank_files,
+    shard_entries,
+    write_file,
+    write_parts,
+)
 from ddp.errors import CheckpointError
 
 
@@ -137,6 +147,8 @@ class Writer:
     """Writes one checkpoint at a time off the training thread: on a thread, or through a writer process."""
 
     def __init__(self) -> None:
+        for worker in (WRITER, HASHER, PRUNER):  # now, with the Checkpointer: before any DataLoader forks (Worker)
+            worker.start()
         self.future: Future | None = None  # the write under way
         self.result: dict = {}
         self.process: subprocess.Popen | None = None
