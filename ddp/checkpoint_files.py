@@ -200,13 +200,16 @@ class Worker:
     """
 
     def __init__(self, name: str) -> None:
-        self.name, self.jobs, self.pid = name, queue.SimpleQueue(), None
+        self.name, self.jobs, self.pid, self.lock = name, queue.SimpleQueue(), None, threading.Lock()
 
     def start(self) -> None:
         """Start the thread now, if this process has none (its start is then not during another's fork)."""
-        if self.pid != os.getpid():
-            self.jobs, self.pid = queue.SimpleQueue(), os.getpid()  # a fork's child has no thread, nor its jobs
-            threading.Thread(target=self._run, name=self.name, daemon=True).start()
+        if self.pid == os.getpid():
+            return
+        with self.lock:  # two threads of a new process must not start two, one with jobs nobody takes
+            if self.pid != os.getpid():
+                self.jobs, self.pid = queue.SimpleQueue(), os.getpid()  # a fork's child has no thread, nor its jobs
+                threading.Thread(target=self._run, name=self.name, daemon=True).start()
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
         self.start()
