@@ -3,12 +3,16 @@ of the training state: what it is handed comes back whole into fresh objects."""
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+import threading
+
 import pytest
 import torch
 
 from ddp import group
 from ddp.checkpoint import PROGRESS, Checkpointer
-from ddp.checkpoint_files import MODEL, TRAIN, model_file, nbytes, optim_file, read_model, spread
+from ddp.checkpoint_files import MODEL, TRAIN, Worker, model_file, nbytes, optim_file, read_model, spread
 from ddp.config import CheckpointConfig, DistConfig
 from ddp.trainer import Progress
 
@@ -129,3 +133,25 @@ def test_the_checkpointer_restores_everything_it_was_handed_into_fresh_objects(t
     assert fresh_scheduler.state_dict() == scheduler.state_dict() and fresh_progress == progress
     assert torch.equal(torch.rand(4), draws)  # the RNG state is the Checkpointer's too
     assert loader.last_saved == 3
+
+
+BACKGROUND = Worker("test-worker")
+
+
+def _submit_in_child(results) -> None:
+    results.put(BACKGROUND.submit(os.getpid).result(timeout=10))
+
+
+def test_a_background_worker_runs_jobs_on_one_kept_thread_and_a_forked_child_starts_its_own():
+    # ddp.checkpoint_files.Worker: the thread is started once and kept (no thread ends while a DataLoader forks);
+    # a fork's child has no copy of it, and starts its own at its first job rather than queueing to nobody
+    names = {BACKGROUND.submit(lambda: threading.current_thread().name).result(timeout=10) for _ in range(3)}
+    assert names == {"test-worker"} and sum(t.name == "test-worker" for t in threading.enumerate()) == 1
+    with pytest.raises(ZeroDivisionError):
+        BACKGROUND.submit(lambda: 1 / 0).result(timeout=10)  # a job's error reaches its caller
+    ctx = multiprocessing.get_context("fork")
+    results = ctx.Queue()
+    child = ctx.Process(target=_submit_in_child, args=(results,))
+    child.start()
+    child.join(timeout=30)
+    assert child.exitcode == 0 and results.get(timeout=5) == child.pid
