@@ -40,8 +40,9 @@ def build(task: Task, cfg: Config, world: group.World, start_epoch: StartEpoch, 
 def worker_timeout(cfg: Config) -> float:
     """Seconds a DataLoader worker may take to deliver a batch before the run fails, naming the wait: a worker
     that never answers (stuck, or gone without a trace) would otherwise keep its rank, and the job, waiting for
-    good. The longer of the two collective timeouts: a first batch may have a slow dataset to open."""
-    return max(cfg.dist.timeout, cfg.dist.startup_timeout)
+    good. The longer of the two collective timeouts: a first batch may have a slow dataset to open. 0 (DataLoader's
+    "none") without workers, which it requires."""
+    return max(cfg.dist.timeout, cfg.dist.startup_timeout) if cfg.data.workers else 0.0
 
 
 class _Batches:
@@ -122,7 +123,7 @@ class StreamBatches(_Batches):
         generator = torch.Generator().manual_seed(cfg.run.seed)
         self.loader = DataLoader(
             self.stream, batch_size=None, num_workers=cfg.data.workers, collate_fn=stream.as_is, generator=generator,
-            timeout=worker_timeout(cfg) if cfg.data.workers else 0,
+            timeout=worker_timeout(cfg),
         )  # fmt: skip
         self.position = StreamPosition()  # the stream's state as of the last step
         self.total_steps = self._total_steps()

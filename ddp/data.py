@@ -217,7 +217,7 @@ def make_loader(
     timeout: float = 0.0,
 ) -> DataLoader:
     """This rank's training batches, in the order ``sampler`` gives; a batch that ``workers`` do not deliver within
-    ``timeout`` seconds (0: no limit) is an error, not a wait forever.
+    ``timeout`` seconds (0: no limit, which no workers require) is an error, not a wait forever.
 
     A TensorDataset without a custom collate is indexed with a whole batch at once (no
     per-sample calls, no collate); any other dataset is read sample by sample through
@@ -228,7 +228,7 @@ def make_loader(
         "num_workers": workers,
         "pin_memory": pin_memory,
         "persistent_workers": workers > 0,
-        "timeout": timeout if workers else 0,
+        "timeout": timeout,
         "worker_init_fn": rng.seed_worker if workers else None,
         "generator": torch.Generator().manual_seed(seed),
     }

@@ -277,8 +277,7 @@ def is_comm_failure(e: BaseException) -> bool:
 def is_timeout(e: BaseException) -> bool:
     """True for a collective that timed out waiting for a rank (as opposed to one whose peer closed the
     connection by dying)."""
-    loader = str(e).startswith("DataLoader timed out")  # its own worker's wait, not a collective's
-    return is_comm_failure(e) and not loader and any(c in str(e) for c in ("timeout", "Timed out", "timed out"))
+    return is_comm_failure(e) and any(c in str(e) for c in ("timeout", "Timed out", "timed out"))
 
 
 def active() -> bool:
