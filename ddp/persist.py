@@ -107,7 +107,7 @@ def write_shards_from_slot(
         places = {t.data_ptr(): place for t, place in zip(tensors, job["record"]["places"], strict=True) if t.numel()}
         writer = dcp.SlotWriter(folder, data, places, send)
     dcp.save_sharded(fsdp.rewrap(layout, local), folder, process_group, writer)
-    written = shard_entries(folder, getattr(writer, "entries", None))
+    written = shard_entries(folder, None if send is None else writer.entries)  # hashed as the process wrote them
     written.update(_write_files(job, replicated, own) if send is None else send({**job, "kind": "files"}))
     return written
 
