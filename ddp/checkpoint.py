@@ -410,11 +410,7 @@ class Checkpointer:
         """Called by every rank after each step: save when one is due. Every ``--checkpoint-every`` steps, when
         the ranks agreed that ``--checkpoint-every-seconds`` passed, and at a run's ``last_step`` (its end, or a
         stop); a snapshot in host memory every ``--snapshot-every`` steps."""
-        every = self.cfg.checkpoint_every
-        if last_step:
-            due = self.last_saved != step
-        else:
-            due = (every > 0 and step % every == 0) or self.time_due
+        due = self.due(step, last_step)
         snap = self.snapshots is not None and not last_step
         if snap and self.snapshots.due(step, force=due and self.async_mode != "off"):
             start = time.perf_counter()
@@ -427,6 +423,13 @@ class Checkpointer:
                 self.replicas.send(step)
         if due:
             self.save(step, last_step)
+
+    def due(self, step: int, last_step: bool = False) -> bool:
+        """Whether ``save_if_due`` writes a checkpoint of ``step`` (on disk; a snapshot is not one)."""
+        if last_step:
+            return self.last_saved != step
+        every = self.cfg.checkpoint_every
+        return (every > 0 and step % every == 0) or self.time_due
 
     def keep_best(self, step: int) -> None:
         """Called by every rank after an evaluation of ``step`` that is the best so far: its checkpoint is saved

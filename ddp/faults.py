@@ -3,6 +3,7 @@
 Tests set ``DDP_FAULT`` in a worker's environment, e.g. ``kill:rank=1:step=7`` or
 ``enospc:rank=1:save=2`` (the second file rank 1 writes fails with ENOSPC),
 ``kill-in-snapshot:rank=1:step=7`` (rank 1 dies half-way through copying its snapshot of step 7),
+``kill-in-step:rank=1:step=7`` (rank 1 dies in step 7, after its forward, before its backward),
 ``sigint:rank=1:at=eval`` (rank 1 is sent SIGINT as an evaluation starts; ``at=export``: in the export),
 ``lose-memory:rank=1:step=9:dir=D`` (rank 1 deletes folder D, its snapshots, and dies: a replaced node),
 ``nan:rank=1:step=12`` (rank 1's loss in step 12 is NaN),
@@ -85,6 +86,14 @@ def in_snapshot(rank: int, step: int) -> None:
     """Called half-way through copying a snapshot: ``kill-in-snapshot`` SIGKILLs the rank there."""
     spec = _spec()
     if spec is not None and spec["kind"] == "kill-in-snapshot" and _mine(spec, rank) and spec.get("step") == str(step):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def in_step(rank: int, step: int) -> None:
+    """Called in optimizer step ``step`` after the first forward, before its backward: ``kill-in-step`` SIGKILLs
+    the rank there, before it writes the record of the step before (``Trainer.flush``)."""
+    spec = _spec()
+    if spec is not None and spec["kind"] == "kill-in-step" and _mine(spec, rank) and spec.get("step") == str(step):
         os.kill(os.getpid(), signal.SIGKILL)
 
 

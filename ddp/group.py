@@ -327,13 +327,24 @@ def all_sum(values: list[float]) -> list[float]:
 
 def all_gather_floats(values: list[float]) -> list[list[float]]:
     """Every rank's few numbers, in rank order: one tensor collective (no pickling, as all_gather_objects does)."""
+    return start_all_gather_floats(values)()
+
+
+def start_all_gather_floats(values: list[float]) -> Callable[[], list[list[float]]]:
+    """``all_gather_floats``, started now: the returned function waits for it and gives its rows, so the caller
+    works on while the ranks' numbers travel."""
     mine = torch.tensor(values, dtype=torch.float64, device=control_device())
     if world_size() == 1:
-        return [mine.tolist()]
+        return lambda: [mine.tolist()]
     out = torch.empty(world_size() * len(values), dtype=torch.float64, device=mine.device)
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.13
-    gather(out, mine)
-    return out.view(world_size(), len(values)).tolist()
+    work = gather(out, mine, async_op=True)
+
+    def rows() -> list[list[float]]:
+        work.wait()
+        return out.view(world_size(), len(values)).tolist()
+
+    return rows
 
 
 def broadcast(tensor: torch.Tensor, src: int = 0) -> None:

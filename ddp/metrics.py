@@ -8,7 +8,7 @@ import math
 import shutil
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -129,7 +129,15 @@ class ProgressDisplay:
         desc = f"{self.prefix} epoch {epoch}"
         self.bar = tqdm(total=steps, desc=desc, unit="step", ncols=size.columns, nrows=size.lines)
 
-    def update(
+    def advance(self, loss: float, samples_per_s: float, grad_norm: float = math.nan) -> None:
+        """After every optimizer step: the bar moves on, showing the figures last agreed."""
+        if self.bar is not None:
+            self.bar.set_postfix(
+                loss=f"{loss:.4f}", grad_norm=f"{grad_norm:.3g}", samples_s=f"{samples_per_s:,.0f}", refresh=False
+            )
+            self.bar.update(1)
+
+    def line(
         self,
         step: int,
         epoch: int,
@@ -139,15 +147,13 @@ class ProgressDisplay:
         grad_norm: float = math.nan,
         figures: dict | None = None,
     ) -> None:
-        """Advance by one optimizer step; ``figures`` (``step_figures``) at a logged step end its line."""
+        """A logged step's figures, once the ranks agreed on them: the bar's, or a line ending in ``figures``
+        (``step_figures``)."""
         if not self.enabled:
             return
         if self.bar is not None:
-            self.bar.set_postfix(
-                loss=f"{loss:.4f}", grad_norm=f"{grad_norm:.3g}", samples_s=f"{samples_per_s:,.0f}", refresh=False
-            )
-            self.bar.update(1)
-        elif step % self.log_every == 0:
+            self.bar.set_postfix(loss=f"{loss:.4f}", grad_norm=f"{grad_norm:.3g}", samples_s=f"{samples_per_s:,.0f}")
+        else:
             print(
                 f"{self.prefix} step {step} epoch {epoch} loss {loss:.4f} lr {lr:.4g} grad_norm {grad_norm:.4g} "
                 f"{samples_per_s:,.0f} samples/s{_figures_text(figures or {})}",
@@ -192,9 +198,10 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 class StepMetrics:
     """The figures of training steps: the loss sums, the timings and FLOPs, the display, the log and the trackers.
 
-    It takes part in the one collective of a logged step: ``row`` is its part of this rank's
-    row (the loss sum since the last record, then ``step_timing``), ``settle`` reads every
-    rank's. Between logged steps it only adds on the device, with no host sync.
+    It takes part in the one collective of a logged step: ``taken`` gives this rank's part of
+    the row (the loss sum since the last record, then ``step_timing``) and the function that
+    writes the record from every rank's. Between logged steps it only adds on the device, with
+    no host sync.
     """
 
     def __init__(self, cfg: Any, world: Any, global_batch: int, tokens_per_sample: int | None, trackers=None) -> None:
@@ -261,35 +268,48 @@ class StepMetrics:
         """Whether ``step`` is a logged step: every ``--log-every``, and the last."""
         return step % self.cfg.log.log_every == 0 or step == last_step
 
-    def row(self) -> list[float]:
-        """This rank's part of the agreement's row: its loss sum, then its ``step_timing``."""
-        mine = 0.0 if self.loss_sum is None else self.loss_sum.item()
-        return [mine, *step_timing(self.timing, self.device)]
-
-    def settle(self, rows: list[list[float]]) -> None:
-        """Every rank's ``row``, in rank order: the mean loss and the step figures of the next record."""
+    def settle(self, rows: list[list[float]], grad_norm: torch.Tensor, steps: int) -> None:
+        """Every rank's ``row``, in rank order, of a record of ``steps`` steps whose last gradient norm was
+        ``grad_norm``: the mean loss and the step figures of that record."""
         self.loss_total = math.fsum(row[0] for row in rows)
         self.rank_timing = [row[1:] for row in rows]
-        self.last_grad_norm = self.grad_norm.item()
-        n = self.world.world_size * self.loss_steps
+        self.last_grad_norm = grad_norm.item()
+        n = self.world.world_size * steps
         self.last_loss = self.loss_total / n if n else math.nan
 
-    def log(self, step: int, lr: float, logged: bool, elapsed: float) -> None:
-        """After every step: the display; at a logged step, a ``train`` record too, at the training time the step
-        ended (``elapsed``: what its checkpoint records, so a resumed run's clock goes on from the record's)."""
-        now = time.monotonic()
+    def log(self, step: int) -> None:
+        """After every step: the bar moves on (the figures of a logged step come with its ``record``)."""
+        self.display.advance(self.last_loss, self._rate(step, time.monotonic()), self.last_grad_norm)
+
+    def _rate(self, step: int, now: float) -> float:
         t0, s0 = self.tick
-        rate = (step - s0) * self.global_batch / max(now - t0, 1e-9)
-        figures = step_figures(self.rank_timing, self.step_flops, self.peak) if logged else {}
-        self.display.update(step, self.step_epoch, self.last_loss, rate, lr, self.last_grad_norm, figures)
-        if not logged:
-            return
-        tokens = {"tokens_per_s": round(rate * self.tokens_per_sample, 1)} if self.tokens_per_sample else {}
-        self.writer.write("train", at=elapsed, step=step, epoch=self.step_epoch, loss=self.last_loss, lr=lr,
-                          grad_norm=self.last_grad_norm, samples_per_s=round(rate, 1), **tokens, **figures)  # fmt: skip
+        return (step - s0) * self.global_batch / max(now - t0, 1e-9)
+
+    def taken(self, step: int, lr: float, elapsed: float) -> tuple[list[float], Callable[[list[list[float]]], None]]:
+        """A logged ``step`` ended now, at training time ``elapsed``: this rank's row for the ranks'
+        agreement (its loss sum since the last record, then its ``step_timing``), and the function that,
+        given every rank's row in rank order, writes the record and its line. This rank's counters start
+        again for the next record now.
+
+        The rows may be read later, while the next step computes, but before anything saves or
+        evaluates a later step: the record still holds ``step``'s figures, timed as ``step`` ended.
+        """
+        row = [0.0 if self.loss_sum is None else self.loss_sum.item(), *step_timing(self.timing, self.device)]
+        now, step_epoch, grad_norm, steps = time.monotonic(), self.step_epoch, self.grad_norm, self.loss_steps
+        rate, self.tick = self._rate(step, now), (now, step)
         self.timing = {"step": 0.0, "data": 0.0, "steps": 0}
-        self.tick = (now, step)
         self.loss_sum, self.loss_steps = None, 0  # the next record averages the steps after this one
+
+        def record(rows: list[list[float]]) -> None:
+            self.settle(rows, grad_norm, steps)
+            figures = step_figures(self.rank_timing, self.step_flops, self.peak)
+            self.display.line(step, step_epoch, self.last_loss, rate, lr, self.last_grad_norm, figures)
+            tokens = {"tokens_per_s": round(rate * self.tokens_per_sample, 1)} if self.tokens_per_sample else {}
+            self.writer.write("train", at=elapsed, step=step, epoch=step_epoch, loss=self.last_loss, lr=lr,
+                              grad_norm=self.last_grad_norm, samples_per_s=round(rate, 1), **tokens,
+                              **figures)  # fmt: skip
+
+        return row, record
 
     def ready(self) -> None:
         """The step's bookkeeping (logging, saving) is over: the next step's time starts now."""

@@ -13,6 +13,7 @@ Every concern is a component with its own state, and the Trainer calls it:
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +94,7 @@ class Trainer:
         self.evaluator = Evaluator(self.task, cfg, world, self.parallel.dtype, self.metrics)
         self.watchdog = Watchdog(world, cfg.dist)
         self.stop = StopSignals(world)  # SIGTERM, SIGINT: the ranks agree at a step, save and exit
+        self.agreement: Callable[[], None] | None = None  # a logged step's, still travelling: ``flush`` reads it
 
     @property
     def model(self) -> torch.nn.Module:
@@ -143,6 +145,7 @@ class Trainer:
         try:
             with self.watchdog.watching(self.progress, lambda: self.checkpointer.last_saved):
                 self._steps()
+            self.flush()
             self.stop.finish()
             self.parallel.sync_buffers()
             self.checkpointer.save_if_due(self.progress.step, last_step=True)
@@ -173,6 +176,7 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """The task's metrics on the held-out split, at the current step (``ddp.evaluate``); a stop signal ends it
         early, unrecorded. The checkpoint of a best evaluation is kept (``--keep-best``)."""
+        self.flush()  # the last step's record comes first
         means = self.evaluator.run(self.parallel.eval_model, self.progress.step, self.stop)
         if self.evaluator.best.improved and self.cfg.eval.keep_best:
             self.checkpointer.keep_best(self.progress.step)
@@ -220,6 +224,9 @@ class Trainer:
                     loss = faults.poison_loss(self.world.rank, self.progress.step + 1, loss)
                     if k > 1:
                         loss = loss / k
+                if i == 0:
+                    faults.in_step(self.world.rank, self.progress.step + 1)
+                    self.flush()  # before this step's gradients sync: see ``_agree``
                 self.scaler.scale(loss).backward()
             total = loss.detach() if total is None else total + loss.detach()
         self.scaler.unscale_(self.optimizer)  # fp16: the true gradients, to measure and clip (else a no-op)
@@ -241,15 +248,42 @@ class Trainer:
         step, last = self.progress.step, self.data.total_steps
         logged = self.metrics.due(step, last)
         if logged or self.checkpointer.in_flight:
-            self._agree()
-        self.metrics.log(step, self.optimizer.param_groups[0]["lr"], logged, self.progress.elapsed)
+            self._agree(step, logged)
+        self.metrics.log(step)
         if step < last and not self.stop.requested:  # the last step's save, and a stop's, come after the loop
             self.checkpointer.save_if_due(step)
 
-    def _agree(self) -> None:
-        """The collective every rank calls at the same step: each component fills its part of the row."""
-        ours, theirs = self.metrics.row(), self.checkpointer.row()
-        rows = group.all_gather_floats(ours + theirs)
-        self.metrics.settle([row[: len(ours)] for row in rows])
-        self.guard.check_mean_loss(self.metrics.loss_total, ours[0], self.progress.step, self.checkpointer.committed)
-        self.checkpointer.settle([row[len(ours) :] for row in rows])
+    def _agree(self, step: int, logged: bool) -> None:
+        """The collective every rank calls at the same step: each component fills its part of the row.
+
+        A logged step's alone is not waited for here: the next step reads it (``flush``) after its
+        forward, before its backward. Its record is so written before any rank's gradients of the
+        next step sync, and so before any rank commits this step's snapshot, which waits for them.
+        It is waited for where a checkpoint of this step is due, an async save's status rides
+        on it, snapshot replicas send this step's snapshot before the next step, or the world is one.
+        """
+        lr = self.optimizer.param_groups[0]["lr"]
+        ours, record = self.metrics.taken(step, lr, self.progress.elapsed) if logged else ([], None)
+        theirs = self.checkpointer.row() if self.checkpointer.in_flight else []
+        rows = group.start_all_gather_floats(ours + theirs)
+
+        def settle() -> None:
+            got = rows()
+            if record is not None:
+                record([row[: len(ours)] for row in got])
+                self.guard.check_mean_loss(self.metrics.loss_total, ours[0], step, self.checkpointer.committed)
+            if theirs:
+                self.checkpointer.settle([row[len(ours) :] for row in got])
+
+        self.agreement = settle
+        alone = self.world.world_size == 1  # nothing to wait for
+        if alone or theirs or self.checkpointer.due(step) or self.checkpointer.replicas is not None:
+            self.flush()
+
+    def flush(self) -> None:
+        """Read the agreement of the last logged step, if it is still travelling, and write its record (every
+        rank calls it at the same point). ``train`` and ``step`` call it where due; a caller that drives
+        ``step`` itself calls it to see the last step's record now."""
+        settle, self.agreement = self.agreement, None
+        if settle is not None:
+            settle()

@@ -3,6 +3,7 @@ agreement, and when the Checkpointer saves. In one process, no launcher: what ea
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -75,10 +76,15 @@ def test_step_metrics_log_the_mean_loss_of_the_steps_taken_and_every_ranks_times
     for loss in (1.0, 3.0):
         metrics.stepped(torch.tensor(loss), torch.tensor(0.5), skipped=False, epoch=0)
     metrics.stepped(torch.tensor(math.nan), torch.tensor(math.nan), skipped=True, epoch=0)  # not in the mean
-    row = metrics.row()
+    row, record = metrics.taken(3, lr=0.1, elapsed=1.5)
     assert row[0] == 4.0 and len(row) == 5  # the loss sum, then step_timing
-    metrics.settle([row])  # every rank's row: here, a world of one
+    metrics.stepped(torch.tensor(10.0), torch.tensor(2.0), skipped=False, epoch=1)  # the next step, before the rows
+    record([row])  # every rank's row: here, a world of one
     assert metrics.last_loss == 4.0 / 2 and metrics.rank_timing == [row[1:]]
+    assert math.isnan(metrics.last_grad_norm)  # step 3's, the skipped one: not the next step's 2.0
+    (written,) = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert (written["step"], written["epoch"], written["loss"], written["time"]) == (3, 0, 2.0, 1.5)
+    assert metrics.taken(4, lr=0.1, elapsed=2.0)[0][0] == 10.0  # the next record sums the steps after step 3
     metrics.close()
 
 
