@@ -195,6 +195,7 @@ class Trainer:
         Gradients sync on the last micro-batch only. Then the progress advances (to the next
         epoch at its end, before any save, so that a resume starts that epoch), the ranks agree
         on stopping, and the step is logged and checkpointed where due. Returns this rank's loss.
+        Over several ranks a logged step's record is written during the next step (``flush``).
         """
         loss, grad_norm, skipped = self._optimize(micro)
         p = self.progress
