@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
 import re
 import shlex
@@ -249,8 +250,10 @@ def command(contestant: str, case: str, steps: int, nproc: int, out: Path, extra
     return [*launch, str(Path(__file__)), "--loop", contestant, "--case", case, "--steps", str(steps)]
 
 
-def timed_launch(cmd: list[str], steps: int, nproc: int) -> tuple[float, float, float]:
-    """Seconds from the launch to the lines of the middle step and of the last, and to the launcher's exit."""
+def timed_launch(cmd: list[str], steps: int, nproc: int) -> tuple[float, float, float, bool]:
+    """Seconds from the launch to the lines of the middle step and of the last, and to the launcher's exit; and
+    whether the job exited cleanly (a rank that aborts at exit, after its last step, fails the job but not its
+    timings)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{HERE}{os.pathsep}{ROOT}"}
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
@@ -269,12 +272,16 @@ def timed_launch(cmd: list[str], steps: int, nproc: int) -> tuple[float, float, 
     timer.cancel()
     end = time.perf_counter() - start
     worlds = {int(w) for w in re.findall(r"peer step \d+ done, world (\d+)", "".join(lines))}
-    if proc.returncode != 0 or len(seen) != 2 or worlds - {nproc}:
+    if len(seen) != 2 or worlds - {nproc}:
         raise RuntimeError(f"{' '.join(cmd)} failed (exit {proc.returncode}):\n{''.join(lines[-40:])}")
-    return seen[steps // 2], seen[steps], end
+    if proc.returncode != 0:
+        print(f"    exit {proc.returncode} after the last step: {''.join(lines[-3:]).strip()[-300:]}", flush=True)
+    return seen[steps // 2], seen[steps], end, proc.returncode == 0
 
 
 def quartiles(xs: list[float]) -> dict:
+    if not xs:  # no launch gave the figure (every exit crashed)
+        return {"median": math.nan, "q1": math.nan, "q3": math.nan}
     q = statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
     return {"median": statistics.median(xs), "q1": q[0], "q3": q[2]}
 
@@ -282,19 +289,21 @@ def quartiles(xs: list[float]) -> dict:
 def measure(case: str, contestants: list[str], steps: int, nproc: int, repeats: int, tmp: str,
             extra: Sequence[str] = ()) -> dict:  # fmt: skip
     """Per contestant and repeat: samples/s from the N and 2N runs, start-up and exit seconds."""
-    raw = {c: {"samples_per_s": [], "startup_s": [], "exit_s": []} for c in contestants}
+    raw = {c: {"samples_per_s": [], "startup_s": [], "exit_s": [], "failed_exits": 0} for c in contestants}
     batch = TOKENS["batch"] if case == "tokens" else BATCH
     for rep in range(repeats):
         for c in contestants if rep % 2 == 0 else contestants[::-1]:  # alternating: no drift bias
             out = Path(tmp) / f"{c}-{case}-{nproc}-{rep}"
             launch = command(c, case, 2 * steps, nproc, out, extra if c == "ours" else ())
-            middle, last, end = timed_launch(launch, 2 * steps, nproc)
+            middle, last, end, clean = timed_launch(launch, 2 * steps, nproc)
             step_s = (last - middle) / steps  # steps N+1 to 2N: warm, start-up and exit outside
             raw[c]["samples_per_s"].append(batch * nproc / step_s)
             raw[c]["startup_s"].append(middle - steps * step_s)
-            raw[c]["exit_s"].append(end - last)
+            if clean:  # a crash at exit is counted, not timed
+                raw[c]["exit_s"].append(end - last)
+            raw[c]["failed_exits"] += not clean
             print(f"  {case} ({nproc}) {c} repeat {rep + 1}: {raw[c]['samples_per_s'][-1]:,.0f} samples/s", flush=True)
-    row = {c: {k: quartiles(v) for k, v in figures.items()} for c, figures in raw.items()}
+    row = {c: {k: quartiles(v) if isinstance(v, list) else v for k, v in figures.items()} for c, figures in raw.items()}
     peers = [c for c in contestants if c != "ours"]
     if "ours" in contestants and peers:
         ratios = [raw["ours"]["samples_per_s"][r] / max(raw[p]["samples_per_s"][r] for p in peers)
@@ -305,18 +314,29 @@ def measure(case: str, contestants: list[str], steps: int, nproc: int, repeats: 
 
 
 def table(rows: list[dict]) -> str:
-    """The results as a Markdown table: samples/s (median, quartiles), then start-up and exit seconds."""
+    """The results as a Markdown table: samples/s (median, quartiles), start-up and exit seconds, and the launches
+    whose exit crashed (a rank aborting after its last step), of those made."""
     columns = [c for c in CONTESTANTS if any(c in row["contestants"] for row in rows)]
     lines = ["| case | " + " | ".join(columns) + " | ours / best peer |", "|---|" + "---:|" * (len(columns) + 1)]
     for row in rows:
         for label, key, shown in (("samples/s", "samples_per_s", "{median:,.0f} ({q1:,.0f}–{q3:,.0f})"),
                                   ("launch to first step, s", "startup_s", "{median:.2f}"),
-                                  ("last step to exit, s", "exit_s", "{median:.2f}")):  # fmt: skip
-            cells = [shown.format(**row[c][key]) if c in row["contestants"] else "–" for c in columns]
+                                  ("last step to exit, s", "exit_s", "{median:.2f}"),
+                                  ("exits that crashed", "failed_exits", "{}")):  # fmt: skip
+            cells = [_cell(row, c, key, shown) for c in columns]
             ratio = row.get("ours / best peer") if key == "samples_per_s" else None
             last = "{median:.2f} ({q1:.2f}–{q3:.2f})".format(**ratio) if ratio else ""
             lines.append(f"| {row['case']}: {label} | " + " | ".join(cells) + f" | {last} |")
     return "\n".join(lines)
+
+
+def _cell(row: dict, contestant: str, key: str, shown: str) -> str:
+    if contestant not in row["contestants"]:
+        return "–"
+    value = row[contestant][key]
+    if isinstance(value, int):
+        return f"{value} of {len(row['raw'][contestant]['samples_per_s'])}"
+    return "–" if math.isnan(value["median"]) else shown.format(**value)
 
 
 def available(contestants: list[str]) -> list[str]:
