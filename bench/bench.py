@@ -10,6 +10,8 @@ Training (samples/s, same model, data and global batch):
   b  N ranks, each training its shard with no gradient sync (the ideal for DDP here)
   c  N ranks with DDP as ddp.train runs it (Trainer.step)
   d  the plain tutorial loop: DataLoader + DistributedSampler, DDP and the model as they come
+  e  a bare step: c's model (its memory format), DDP and batches, forward, backward and SGD, nothing
+     else; c/e is what the loop around the step costs (issue 34's target: at most 2 % on the wide MLP)
   c ... the same trainer with one setting changed; "c again" is c itself: the noise floor
 
 These machines are noisy (steps of a few ms stall for ~4 ms now and then), so b, c, d and
@@ -24,6 +26,7 @@ lost-time window: medians of 5).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import gc
@@ -147,13 +150,28 @@ def step_functions(cfg: Config, cfg_dict: dict, world, variants: list[str]) -> t
             (F.cross_entropy(solo(x), y) / k).backward()
         solo_opt.step()
 
+    # e: the bare step, on c's own model layout and batches (DDP as c wraps it: over 2+ ranks)
+    bare = local_model(trainer.task, cfg, torch.device("cpu"))
+    bare.load_state_dict(trainer.model.state_dict())
+    bare_ddp = DDP(bare, gradient_as_bucket_view=True) if world.world_size > 1 else bare
+    bare_opt = torch.optim.SGD(bare.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum)
+    own = [iter(trainer.data.loader), trainer.data.loader]
+
+    def step_e():
+        bare_opt.zero_grad(set_to_none=True)
+        for i in range(k):
+            x, y = next_batch(own)
+            with bare_ddp.no_sync() if i < k - 1 and bare_ddp is not bare else contextlib.nullcontext():
+                (F.cross_entropy(bare_ddp(x), y) / k).backward()
+        bare_opt.step()
+
     def step_d():
         x, y = next_batch(theirs)
         tutorial_opt.zero_grad()
         F.cross_entropy(tutorial(x), y).backward()
         tutorial_opt.step()
 
-    fns = {"b": step_b, "c": trainer_step(trainer), "d": step_d}
+    fns = {"b": step_b, "c": trainer_step(trainer), "d": step_d, "e": step_e}
     for v in variants:
         if v in C_VARIANTS:  # the same trainer with one setting changed
             changed = quiet(Trainer(variant_config(cfg_dict, v), world))
@@ -275,7 +293,7 @@ def training_table(args, out: Path) -> list[dict]:
             "run": {"steps": 10**9, "out": str(out / "train")},
             "dist": {"backend": "gloo"},
         }
-        variants = ["b", "c"]
+        variants = ["b", "c", "e"]
         if not optim:  # the tutorial and the settings tried, on the plain cases
             variants += ["d", *(v for v in C_VARIANTS if v != "c contiguous" or spec[0] == "cnn")]
         res = launch(throughput_worker, args.nproc, cfg, args.block_s, args.repeats, variants)
@@ -290,6 +308,7 @@ def training_table(args, out: Path) -> list[dict]:
                "allreduce_p50_ms": res["allreduce_p50_ms"], "allreduce_p90_ms": res["allreduce_p90_ms"],
                "steps_per_block": res["steps_per_block"], "repeats": args.repeats,
                **{k: res[k] for k in ("snapshot_copy_share", "snapshot_blocked_share") if k in res}}  # fmt: skip
+        row["c/e"] = paired(raw, "c", "e")
         if "d" in s:
             row["c/d"] = paired(raw, "c", "d")
         for v in C_VARIANTS:
@@ -918,14 +937,14 @@ def main() -> None:
 def print_tables(r: dict) -> None:
     print(f"\nmachine: {r['machine']}")
     print("ratios: median over repeats of the ratio within each repeat (quartiles in brackets)")
-    print("| case | a: 1 proc | b: no sync | c: ddp | d: tutorial | c/b | c/d | step ms b / c | all-reduce ms (MB) "
-          "| verify / epoch |")  # fmt: skip
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| case | a: 1 proc | b: no sync | c: ddp | d: tutorial | c/b | c/d | c/e: loop | step ms b / c "
+          "| all-reduce ms (MB) | verify / epoch |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in r["training"]:
         d = f"{row['d']:,.0f}" if "d" in row else "-"
         cd = ratio_text(row["c/d"]) if "c/d" in row else "-"
         print(f"| {row['case']} | {row['a']:,.0f} | {row['b']:,.0f} | {row['c']:,.0f} | {d} | {ratio_text(row['c/b'])} "
-              f"| {cd} | {row['step_ms_b']:.2f} / {row['step_ms_c']:.2f} "
+              f"| {cd} | {ratio_text(row['c/e'])} | {row['step_ms_b']:.2f} / {row['step_ms_c']:.2f} "
               f"| {row['allreduce_ms']:.2f} ({row['grad_mb']:.2f}) | {row['verify_share_of_epoch']:.1%} |")  # fmt: skip
     print("\n| setting vs c | " + " | ".join(row["case"] for row in r["training"] if "c/d" in row) + " |")
     print("|---|" + "---:|" * sum("c/d" in row for row in r["training"]))
