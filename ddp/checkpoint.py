@@ -469,8 +469,8 @@ class Checkpointer:
 
     def riders(self) -> list[int]:
         """This rank's riders on the stop vote (``ddp.stopping``), which every rank reads at the same step,
-        however seldom steps are logged: a timed save is due, and the share of time its snapshots cost (in
-        millionths; -1 before there is a measure).
+        however seldom steps are logged: a timed save is due, the share of time its snapshots cost (in
+        millionths; -1 before there is a measure), and the interval they were taken at.
 
         Rank 0's clock alone decides the timed save, so that every rank saves at the same step; the slowest
         rank's snapshot cost sets the interval of every rank's.
@@ -478,13 +478,19 @@ class Checkpointer:
         every_s = self.cfg.checkpoint_every_seconds
         due = group.rank() == 0 and every_s > 0 and time.monotonic() - self.last_save_time >= every_s
         share = self.snapshots.share() if self.snapshots is not None else -1.0
-        return [int(due), round(share * 1e6) if share >= 0 else -1]
+        every = self.snapshots.every if self.snapshots is not None else 0
+        return [int(due), round(share * 1e6) if share >= 0 else -1, every]
 
     def voted(self, agreed: list[int]) -> None:
-        """The riders agreed (each the largest over the ranks): note a timed save; tune the snapshots' interval."""
-        self.time_due = self.time_due or agreed[0] > 0
-        if self.snapshots is not None:
-            self.snapshots.tune(agreed[1] / 1e6 if agreed[1] >= 0 else -1.0)
+        """The riders agreed (each the largest over the ranks): note a timed save; tune the snapshots' interval.
+
+        A vote is read at the next one, which may carry a share measured before the last vote's changed the
+        interval: that share is stale, and not applied a second time.
+        """
+        due, share, every = agreed
+        self.time_due = self.time_due or due > 0
+        if self.snapshots is not None and every == self.snapshots.every:
+            self.snapshots.tune(share / 1e6 if share >= 0 else -1.0)
 
     def row(self) -> list[float]:
         """This rank's part of the trainer's agreement: (still writing, failed) of the save in flight."""

@@ -74,6 +74,16 @@ def _available_memory() -> int:
     return 1 << 62
 
 
+def spare_core() -> bool:
+    """Whether this host has a core beyond those its training ranks compute on (``LOCAL_WORLD_SIZE`` ranks of
+    ``torch.get_num_threads()`` threads each), for a background copy to run on."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return cores > int(os.environ.get("LOCAL_WORLD_SIZE", "1")) * torch.get_num_threads()
+
+
 def _flatten(obj: Any, tensors: list[torch.Tensor], seen: dict) -> Any:
     """``obj`` as plain JSON, each tensor replaced by ``{TENSOR: its index in tensors}`` (appended there), each
     tuple by ``{TUPLE: [...]}``, each dict with other keys than strings by ``{PAIRS: [[key, value], ...]}``;
@@ -215,8 +225,11 @@ class Snapshots:
         self.pinned: int | None = None  # the slot a checkpoint is being written from (ddp.persist)
         self.error: BaseException | None = None
         # since the last tune: seconds training was blocked, snapshots committed, seconds spent copying (on either
-        # thread: the copy's share of a step, which the bench reports)
-        self.cost = {"blocked": 0.0, "taken": 0, "copy": 0.0, "since": time.perf_counter()}
+        # thread: the copy's share of a step, which the bench reports), CPU seconds the snapshot thread copied,
+        # and seconds of the blocked ones training waited for it
+        self.cost = {"blocked": 0.0, "taken": 0, "copy": 0.0, "thread": 0.0, "waited": 0.0}
+        self.cost["since"] = time.perf_counter()
+        self.spare_core = spare_core()  # else the snapshot thread's copies take CPU time from training
         self.disabled = False
         self.announced = False  # whether the memory the snapshots take was said
         self.saved_config: dict | None = None  # the settings the run's snapshots were taken under
@@ -447,8 +460,10 @@ class Snapshots:
         released for the whole copy, not taken back between tensors (a wait of up to 5 ms each)."""
         while True:
             pairs, step, done = self.jobs.get()
+            start = time.thread_time()
             try:
                 self._copy(pairs, step)
+                self.cost["thread"] += time.thread_time() - start
             except BaseException as e:  # reported by wait, on the training thread
                 self.error = e
                 self.failed.add(step)
@@ -469,6 +484,7 @@ class Snapshots:
             return
         start = time.perf_counter()
         self.done.wait()
+        self.cost["waited"] += time.perf_counter() - start
         slot, step, record = self.pending
         self.pending = None
         if self.error is not None:
@@ -486,11 +502,14 @@ class Snapshots:
                      f"third while a checkpoint is written from one) in {self.dir.parent}, {how}")  # fmt: skip
 
     def share(self) -> float:
-        """The share of training time the snapshots blocked it since the last ``tune``; -1 before 8 of them."""
+        """The share of training time the snapshots took since the last ``tune``; -1 before 8 of them: the time
+        they blocked training; where no core is spare, the copies on the snapshot thread run in training's
+        place: their CPU time counts, whether training waited for it or worked beside it."""
         c = self.cost
         if not self.auto or c["taken"] < 8:
             return -1.0
-        return c["blocked"] / max(time.perf_counter() - c["since"], 1e-9)
+        took = c["blocked"] if self.spare_core else c["blocked"] - c["waited"] + max(c["waited"], c["thread"])
+        return took / max(time.perf_counter() - c["since"], 1e-9)
 
     def tune(self, share: float) -> None:
         """``auto``, called by every rank with the same ``share`` (the most any rank's cost): take snapshots less
@@ -504,7 +523,7 @@ class Snapshots:
         if share > BUDGET:
             self.every *= 2 ** math.ceil(math.log2(share / BUDGET))
             self.say(f"snapshots cost {100 * share:.1f}% of training time: one every {self.every} steps from now")
-        self.cost.update(blocked=0.0, taken=0, copy=0.0, since=time.perf_counter())
+        self.cost.update(blocked=0.0, taken=0, copy=0.0, thread=0.0, waited=0.0, since=time.perf_counter())
 
     # -- reading back --
 

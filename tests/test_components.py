@@ -88,6 +88,19 @@ def test_step_metrics_log_the_mean_loss_of_the_steps_taken_and_every_ranks_times
     metrics.close()
 
 
+def test_a_snapshot_cost_is_applied_once_at_the_interval_it_was_measured_at(tmp_path, world):
+    model = torch.nn.Linear(4, 2)
+    cfg = CheckpointConfig(snapshot_every="auto", snapshot_dir=str(tmp_path / "shm"), async_save="off")
+    said = []
+    ckpt = Checkpointer(tmp_path / "checkpoints", cfg, model, torch.optim.SGD(model.parameters(), lr=0.1),
+                        say=said.append)  # fmt: skip
+    ckpt.voted([0, 300_000, 1])  # 30 % at one snapshot a step: 16 steps apart
+    ckpt.voted([0, 300_000, 1])  # the next vote's, measured before that change: stale, not applied again
+    assert ckpt.snapshots.every == 16 and len(said) == 1, said
+    ckpt.voted([0, 30_000, 16])  # 3 % at the new interval: twice as far apart
+    assert ckpt.snapshots.every == 32
+
+
 def test_the_checkpointer_saves_every_n_steps_when_the_ranks_agreed_time_passed_and_at_the_last(tmp_path, world):
     model = torch.nn.Linear(4, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -96,7 +109,7 @@ def test_the_checkpointer_saves_every_n_steps_when_the_ranks_agreed_time_passed_
     for step in range(1, 6):
         ckpt.save_if_due(step)
     assert ckpt.last_saved == 3
-    ckpt.voted([1, -1])  # the stop vote's riders: rank 0's clock says an hour passed (no snapshot cost measured)
+    ckpt.voted([1, -1, 0])  # the stop vote's riders: rank 0's clock says an hour passed (no snapshot cost measured)
     ckpt.save_if_due(4)
     assert ckpt.last_saved == 4 and not ckpt.time_due  # saved, and the clock starts again
     ckpt.save_if_due(5, last_step=True)

@@ -5,6 +5,7 @@ import json
 import re
 import shutil
 import threading
+import time
 
 import pytest
 import torch
@@ -167,6 +168,22 @@ def test_auto_grows_the_interval_at_once_to_what_brings_the_cost_under_its_budge
     snaps.tune(0.019)  # under the budget: kept
     snaps.tune(0.021)  # just over: twice as far apart
     assert snaps.every == 32 and len(said) == 2
+
+
+def test_auto_counts_the_snapshot_threads_copies_where_no_core_is_spare_for_them(tmp_path):
+    snaps = Snapshots(tmp_path, None, rank=0, out=tmp_path)
+    snaps.open("run", clean=False)
+    big = torch.randn(snapshot.SMALL // 4 + 1)  # over SMALL: copied on the snapshot thread
+    for step in range(1, 9):
+        snaps.take(step, {"w": big}, live=set())
+    snaps.wait()
+    assert snaps.cost["taken"] == 8 and snaps.cost["thread"] > 0  # the thread's CPU seconds
+    snaps.cost.update(blocked=0.010, waited=0.004, thread=0.020, since=time.perf_counter() - 1.0)  # in 1 s
+    snaps.spare_core = True  # the copies ran beside training: only what blocked it counts
+    assert snaps.share() == pytest.approx(0.010, rel=1e-3)
+    snaps.spare_core = False  # they ran in its place: training waited for 4 ms of the 20 ms they took
+    assert snaps.share() == pytest.approx(0.026, rel=1e-3)
+    snaps.close(remove=True)
 
 
 @pytest.mark.parametrize("nproc", [1, 2])
