@@ -94,6 +94,8 @@ C_VARIANTS = {
     # a part of the step taken out (issue 34's breakdown): what the stop vote and the gradient norm cost
     "c no stop vote": ("ablate", "stop vote", None),
     "c no grad norm": ("ablate", "grad norm", None),
+    # the logged step's gather read right after the step, as before issue 34's change (c reads it in the next step)
+    "c gather read at once": ("ablate", "gather at once", None),
     "c again": None,
 }
 MODELS = {  # the built-in task and its settings (--task-arg)
@@ -186,11 +188,19 @@ def step_functions(cfg: Config, cfg_dict: dict, world, variants: list[str]) -> t
 
 def ablated(trainer: Trainer, part: str):
     """A step of ``trainer`` without one of its parts: the stop vote, or the gradient norm (then 0, never
-    non-finite). Benchmark only: the loop's guarantees need both."""
+    non-finite), or with the logged step's gather read at once. Benchmark only: the loop's guarantees need the
+    first two."""
     step = trainer_step(trainer)
     if part == "stop vote":
         trainer.stop.agree = lambda step, riders=list: None
         return step
+    if part == "gather at once":
+
+        def then_flush() -> None:
+            step()
+            trainer.flush()
+
+        return then_flush
 
     def without_norm() -> None:
         real = ddp_optim.clip_gradients
