@@ -277,7 +277,7 @@ class StepMetrics:
         n = self.world.world_size * steps
         self.last_loss = self.loss_total / n if n else math.nan
 
-    def log(self, step: int) -> None:
+    def advance(self, step: int) -> None:
         """After every step: the bar moves on (the figures of a logged step come with its ``record``)."""
         self.display.advance(self.last_loss, self._rate(step, time.monotonic()), self.last_grad_norm)
 

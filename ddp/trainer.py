@@ -250,7 +250,7 @@ class Trainer:
         logged = self.metrics.due(step, last)
         if logged or self.checkpointer.in_flight:
             self._agree(step, logged)
-        self.metrics.log(step)
+        self.metrics.advance(step)
         if step < last and not self.stop.requested:  # the last step's save, and a stop's, come after the loop
             self.checkpointer.save_if_due(step)
 
