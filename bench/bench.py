@@ -132,12 +132,6 @@ def variant_config(cfg_dict: dict, variant: str) -> Config:
 def step_functions(cfg: Config, cfg_dict: dict, world, variants: list[str]) -> tuple[dict, Trainer]:
     """One optimizer step of each variant, closures over their own model, optimizer and data."""
     trainer = quiet(Trainer(cfg, world))
-    k = cfg.optim.grad_accum
-    # b: this project's model (same layout as c) on each rank, no communication at all
-    solo = local_model(trainer.task, cfg, torch.device("cpu"))
-    solo.load_state_dict(trainer.model.state_dict())
-    solo_opt = torch.optim.SGD(solo.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum)
-    shard = [iter(trainer.data.loader), trainer.data.loader]
     # d: the tutorial, as written there: per-sample DataLoader, DDP and the model as they come
     theirs_loader = DataLoader(trainer.task.train_data, batch_size=cfg.data.batch_size,
                                sampler=DistributedSampler(trainer.task.train_data, shuffle=True, seed=0))  # fmt: skip
@@ -145,35 +139,13 @@ def step_functions(cfg: Config, cfg_dict: dict, world, variants: list[str]) -> t
     tutorial = DDP(trainer.task.model())
     tutorial_opt = torch.optim.SGD(tutorial.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum)
 
-    def step_b():
-        solo_opt.zero_grad()
-        for _ in range(k):
-            x, y = next_batch(shard)
-            (F.cross_entropy(solo(x), y) / k).backward()
-        solo_opt.step()
-
-    # e: the bare step, on c's own model layout and batches (DDP as c wraps it: over 2+ ranks)
-    bare = local_model(trainer.task, cfg, torch.device("cpu"))
-    bare.load_state_dict(trainer.model.state_dict())
-    bare_ddp = DDP(bare, gradient_as_bucket_view=True) if world.world_size > 1 else bare
-    bare_opt = torch.optim.SGD(bare.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum)
-    own = [iter(trainer.data.loader), trainer.data.loader]
-
-    def step_e():
-        bare_opt.zero_grad(set_to_none=True)
-        for i in range(k):
-            x, y = next_batch(own)
-            with bare_ddp.no_sync() if i < k - 1 and bare_ddp is not bare else contextlib.nullcontext():
-                (F.cross_entropy(bare_ddp(x), y) / k).backward()
-        bare_opt.step()
-
     def step_d():
         x, y = next_batch(theirs)
         tutorial_opt.zero_grad()
         F.cross_entropy(tutorial(x), y).backward()
         tutorial_opt.step()
 
-    fns = {"b": step_b, "c": trainer_step(trainer), "d": step_d, "e": step_e}
+    fns = {"b": bare_step(trainer, sync=False), "c": trainer_step(trainer), "d": step_d, "e": bare_step(trainer)}
     for v in variants:
         if v in C_VARIANTS:  # the same trainer with one setting changed
             changed = quiet(Trainer(variant_config(cfg_dict, v), world))
@@ -184,6 +156,29 @@ def step_functions(cfg: Config, cfg_dict: dict, world, variants: list[str]) -> t
             fns[v] = ablated(changed, C_VARIANTS[v][1]) if C_VARIANTS[v] and C_VARIANTS[v][0] == "ablate" else (
                 trainer_step(changed))  # fmt: skip
     return fns, trainer
+
+
+def bare_step(trainer: Trainer, sync: bool = True):
+    """A bare step on the trainer's model layout and batches: forward, backward and SGD, nothing else. b: no
+    gradient sync at all (the ideal for DDP); e: under DDP as c wraps it (over 2+ ranks), so c/e is what the
+    loop around the step costs."""
+    cfg, k = trainer.cfg, trainer.cfg.optim.grad_accum
+    model = local_model(trainer.task, cfg, torch.device("cpu"))
+    model.load_state_dict(trainer.model.state_dict())
+    wrapped = DDP(model, gradient_as_bucket_view=True) if sync and trainer.world.world_size > 1 else model
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum)
+    batches = [iter(trainer.data.loader), trainer.data.loader]
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        for i in range(k):
+            x, y = next_batch(batches)
+            skip = i < k - 1 and wrapped is not model  # DDP syncs the last micro-batch's gradients only
+            with wrapped.no_sync() if skip else contextlib.nullcontext():
+                (F.cross_entropy(wrapped(x), y) / k).backward()
+        opt.step()
+
+    return step
 
 
 def ablated(trainer: Trainer, part: str):
