@@ -178,10 +178,11 @@ def test_auto_counts_the_snapshot_threads_copies_where_no_core_is_spare_for_them
         snaps.take(step, {"w": big}, live=set())
     snaps.wait()
     assert snaps.cost["taken"] == 8 and snaps.cost["thread"] > 0  # the thread's CPU seconds
-    snaps.cost.update(blocked=0.010, waited=0.004, thread=0.020, since=time.perf_counter() - 1.0)  # in 1 s
+    # in 1000 s (long enough that a stall of this busy host before share() reads the clock moves nothing)
+    snaps.cost.update(blocked=10.0, waited=4.0, thread=20.0, since=time.perf_counter() - 1000.0)
     snaps.spare_core = True  # the copies ran beside training: only what blocked it counts
     assert snaps.share() == pytest.approx(0.010, rel=1e-3)
-    snaps.spare_core = False  # they ran in its place: training waited for 4 ms of the 20 ms they took
+    snaps.spare_core = False  # they ran in its place: training waited for 4 s of the 20 s they took
     assert snaps.share() == pytest.approx(0.026, rel=1e-3)
     snaps.close(remove=True)
 
