@@ -7,12 +7,14 @@ back in a fraction of a second instead of rereading ``checkpoints/`` from disk, 
 most the step it was in.
 
 Layout, per rank: ``<dir>/ddp-snapshots/<run id>/rank-<r>/`` holds two slots (``data-0``,
-``data-1``: every tensor, 64-byte aligned, back to back; ``meta-0``, ``meta-1``: a header line
-naming the slot's step and the checksum of what follows, then the rest of the state, with each
-tensor's place, as JSON). Slots alternate. Before a slot is overwritten, its meta file is
-removed; after its copy is complete, the meta file is written, which names the slot's new step.
-So a kill at any moment leaves the other slot whole and named, and a slot is restored only with
-a whole meta file that matches its checksum. While a durable checkpoint is
+``data-1``: every tensor, 64-byte aligned, back to back; ``meta-0``, ``meta-1``: a header naming
+the slot's step and the checksum of what follows, then the rest of the state, with each tensor's
+place, as JSON). Slots alternate. Both files are mapped once and written in place: before a slot
+is overwritten, its header's first 8 bytes (``MAGIC``) are zeroed; after its copy is complete, the
+record is written, then the header, then ``MAGIC`` last, which names the slot's new step. Memory
+written to a shared mapping outlives the process at once, with no system call. So a kill at any
+moment leaves the other slot whole and named, and a slot is restored only with a header that
+matches its checksum. While a durable checkpoint is
 written from a slot (``ddp.persist``), that slot is pinned and the copies alternate between the
 other and a third (``data-2``).
 
@@ -31,6 +33,7 @@ import math
 import os
 import queue
 import shutil
+import struct
 import threading
 import time
 from pathlib import Path
@@ -43,7 +46,10 @@ import xxhash
 from ddp import faults, group
 
 ROOT = "ddp-snapshots"
-META = "meta-{}"  # a slot's meta file: its header line, then its record
+META = "meta-{}"  # a slot's meta file: its header (HEADER, at 0), then its record (at RECORD)
+MAGIC = b"DDPSNAP2"  # a named slot's meta file begins with it; zeros while the slot is written
+HEADER = struct.Struct("<8sQqI4x16s")  # MAGIC, the record's length, step, world size, xxh3-128 (of the rest)
+RECORD = 64  # where the record starts in a meta file
 RUN = "run.json"
 ALIGN = 64  # every tensor starts at a multiple of this: any dtype can be viewed there
 # in the meta record's JSON: a tensor ({TENSOR: its index}), a tuple, a dict whose keys are not all strings
@@ -162,15 +168,28 @@ def _places(tensors: list[torch.Tensor]) -> tuple[list[list], int]:
     return places, size
 
 
-def _write(path: Path, data: bytes) -> None:
-    """``path`` holds ``data``: ``Path.write_bytes`` without its layers (twice a snapshot: 22 µs of 52 here)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        view = memoryview(data)
-        while view:  # a write may take fewer bytes than it is given
-            view = view[os.write(fd, view) :]
-    finally:
-        os.close(fd)
+def _digest(step: int, world_size: int, blob: bytes) -> bytes:
+    """The checksum in a meta file's header: of the step and world size it names, and of its record."""
+    hasher = xxhash.xxh3_128(struct.pack("<qI", step, world_size))
+    hasher.update(blob)
+    return hasher.digest()
+
+
+class Damaged(ValueError):
+    """A slot's meta file names a snapshot but does not match its checksum."""
+
+
+def read_meta(path: Path) -> tuple[dict, bytes]:
+    """(the header: step, checksum, world size; the record) of a slot's meta file. ValueError where it names no
+    snapshot (the slot was being written), ``Damaged`` where it does not match its checksum."""
+    raw = path.read_bytes()
+    if len(raw) < RECORD or raw[: len(MAGIC)] != MAGIC:
+        raise ValueError(f"{path} names no snapshot")
+    _, length, step, world, digest = HEADER.unpack_from(raw)
+    blob = raw[RECORD : RECORD + length]
+    if len(blob) != length or _digest(step, world, blob) != digest:
+        raise Damaged(f"{path} does not match its checksum")
+    return {"step": step, "meta": digest.hex(), "world_size": world}, blob
 
 
 def _dense(t: torch.Tensor) -> bool:
@@ -217,6 +236,7 @@ class Snapshots:
         self.dir: Path | None = None  # this rank's folder, once the run's id is known (open)
         self.slots: dict[str, dict] = {}  # slot -> the header of its meta file: {"step", "meta", "world_size"}
         self.maps: dict[int, tuple[np.memmap, torch.Tensor]] = {}  # slot -> its data file, mapped
+        self.metas: dict[int, np.ndarray] = {}  # slot -> its meta file, mapped (a plain view: memmap slices cost)
         self.views: dict[int, tuple[list, list[torch.Tensor]]] = {}  # slot -> (its layout, a view per tensor)
         self.jobs: queue.Queue = queue.Queue()  # copies for the snapshot thread, one at a time
         self.thread: threading.Thread | None = None  # started at the first snapshot, for the whole run
@@ -265,16 +285,22 @@ class Snapshots:
         except OSError as e:
             self._disable(f"cannot write {self.dir} ({e.strerror})")
             return
-        self.slots = {}
+        self.slots, self.metas = {}, {}
         for slot in range(3):
-            with contextlib.suppress(OSError, ValueError, TypeError, KeyError):  # no slot there, or a torn header
-                with open(self.dir / META.format(slot), "rb") as f:
-                    header = json.loads(f.readline())
-                self.slots[str(slot)] = {k: header[k] for k in ("step", "meta", "world_size")}
+            try:
+                self.slots[str(slot)] = read_meta(self.dir / META.format(slot))[0]
+            except Damaged:
+                self.say(f"warning: the snapshot in {self.dir} slot {slot} is damaged; it is not used")
+            except (OSError, ValueError):  # no slot there, or one being written when the process died
+                pass
 
     def exists(self, run_id: str) -> bool:
         """Whether any rank on this host holds a snapshot of run ``run_id``."""
-        return any((self.root / run_id).glob(f"rank-*/{META.format('*')}"))
+        for path in (self.root / run_id).glob(f"rank-*/{META.format('*')}"):
+            with contextlib.suppress(OSError), open(path, "rb") as f:
+                if f.read(len(MAGIC)) == MAGIC:
+                    return True
+        return False
 
     def _clean_stale(self, run_id: str) -> None:
         for run_file in self.root.glob(f"*/{RUN}"):
@@ -389,7 +415,7 @@ class Snapshots:
             return None
 
     def _claim(self, size: int) -> int | None:
-        """The slot the next snapshot of ``size`` bytes goes to, its meta file removed (a kill while it is written
+        """The slot the next snapshot of ``size`` bytes goes to, its name cleared (a kill while it is written
         leaves the other slot whole and named); None where there is no room (snapshots are then off)."""
         slot = self._free_slot()
         reader = self.readers.pop(slot, None)
@@ -399,23 +425,43 @@ class Snapshots:
             return None
         self.slots.pop(str(slot), None)
         try:  # first: a slot being overwritten is never named
-            (self.dir / META.format(slot)).unlink(missing_ok=True)
+            self._meta_map(slot, 0)[: len(MAGIC)] = 0
         except OSError as e:
             self._disable(f"{self.dir}: {e.strerror or e}")
             return None
         return slot
 
     def commit_slot(self, slot: int, step: int, blob: bytes) -> bool:
-        """Name ``slot``, whose data is complete, as the snapshot of ``step`` (``blob``: its meta record): one
-        write of its meta file, header first; False where it could not be written (snapshots are then off)."""
-        header = {"step": step, "meta": xxhash.xxh3_128_hexdigest(blob), "world_size": group.world_size()}
+        """Name ``slot``, whose data is complete, as the snapshot of ``step`` (``blob``: its meta record): the
+        record, then the header, then its ``MAGIC``, written into the mapped meta file; False where it could not
+        be written (snapshots are then off)."""
+        world = group.world_size()
+        digest = _digest(step, world, blob)
         try:
-            _write(self.dir / META.format(slot), json.dumps(header).encode() + b"\n" + blob)
+            mm = self._meta_map(slot, len(blob))
         except OSError as e:
             self._disable(f"{self.dir}: {e.strerror or e}")
             return False
-        self.slots[str(slot)] = header
+        mm[RECORD : RECORD + len(blob)] = np.frombuffer(blob, dtype=np.uint8)
+        head = np.frombuffer(HEADER.pack(MAGIC, len(blob), step, world, digest), dtype=np.uint8)
+        mm[len(MAGIC) : HEADER.size] = head[len(MAGIC) :]
+        mm[: len(MAGIC)] = head[: len(MAGIC)]  # last: names the slot
+        self.slots[str(slot)] = {"step": step, "meta": digest.hex(), "world_size": world}
         return True
+
+    def _meta_map(self, slot: int, record: int) -> np.ndarray:
+        """The slot's meta file, mapped, with room for a record of ``record`` bytes (grown in powers of two)."""
+        mm = self.metas.get(slot)
+        if mm is None or mm.shape[0] < RECORD + record:
+            size = max(4096, 1 << (RECORD + record - 1).bit_length())
+            path = self.dir / META.format(slot)
+            with open(path, "a+b") as f:  # the blocks reserved now: a full tmpfs is ENOSPC here, not SIGBUS later
+                if hasattr(os, "posix_fallocate"):  # Linux
+                    os.posix_fallocate(f.fileno(), 0, size)
+                elif os.fstat(f.fileno()).st_size < size:
+                    f.truncate(size)
+            mm = self.metas[slot] = np.memmap(path, dtype=np.uint8, mode="r+", shape=(size,)).view(np.ndarray)
+        return mm
 
     def _room(self, slot: int, size: int) -> bool:
         """Whether a slot of ``size`` bytes fits in the folder's free space and in the host's available memory,
@@ -545,12 +591,11 @@ class Snapshots:
     def _blob(self, slot: str) -> bytes:
         """The meta record of ``slot``, as written: OSError where its file no longer matches the header read."""
         path = self.dir / META.format(slot)
-        header, _, blob = path.read_bytes().partition(b"\n")
         try:
-            named = json.loads(header)
+            named, blob = read_meta(path)
         except ValueError:
             named = None  # torn since it was read: an OSError like any other mismatch, which every caller handles
-        if named != self.slots[slot] or xxhash.xxh3_128_hexdigest(blob) != self.slots[slot]["meta"]:
+        if named != self.slots[slot]:
             raise OSError(f"{path} does not match its checksum")
         return blob
 
@@ -583,6 +628,7 @@ class Snapshots:
         """Finish the copy under way; with ``remove``, delete this rank's snapshots (the run ended)."""
         self.wait()
         self.maps.clear()
+        self.metas.clear()
         self.views.clear()
         if remove and self.dir is not None:
             shutil.rmtree(self.dir, ignore_errors=True)

@@ -55,8 +55,8 @@ class Progress:
         return self.epoch - 1 if self.step and not self.epoch_samples else self.epoch
 
     def state_dict(self) -> dict[str, int]:
-        """The counters, by name."""
-        return dataclasses.asdict(self)
+        """The counters, by name (``dataclasses.asdict`` deep-copies each: a fifth of a snapshot's state)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Take the counters from ``state`` (which may hold other entries too; one it lacks stays at its default)."""

@@ -74,7 +74,7 @@ def test_a_snapshot_gives_back_each_value_of_its_own_type(tmp_path, extra):
     snaps.take(1, state, live=set())
     snaps.wait()
     loaded = snaps.load(1)
-    assert (snaps.dir / "meta-0").read_bytes().partition(b"\n")[2][:1] == (b"T" if extra else b"J")
+    assert snapshot.read_meta(snaps.dir / "meta-0")[1][:1] == (b"T" if extra else b"J")
     assert loaded["pos"] == (3, [1, 2], {"k": (None,)}) and loaded["fake"] == {snapshot.TENSOR: 0}
     assert list(loaded["by_id"]) == [0, 1.5, (1, 2)] and torch.equal(loaded["by_id"][0]["step"], torch.ones(1))
     assert loaded[snapshot.TENSOR] == 1 and loaded["nan"] != loaded["nan"]
@@ -218,8 +218,10 @@ def test_a_damaged_slot_is_not_offered_to_a_restart(tmp_path):
     for step in (1, 2):
         snaps.take(step, {"w": torch.full((8,), float(step))}, live=set())
         snaps.wait()
-    meta = snaps.dir / "meta-1"
-    meta.write_bytes(meta.read_bytes()[:-3])  # step 2's record, torn
+    _, record = snapshot.read_meta(snaps.dir / "meta-1")
+    with open(snaps.dir / "meta-1", "r+b") as f:  # step 2's record, torn: its last bytes never written
+        f.seek(snapshot.RECORD + len(record) - 3)
+        f.write(b"\0\0\0")
     said = []
     reopened = Snapshots(tmp_path, 1, rank=0, out=tmp_path, say=said.append)
     reopened.open("run", clean=False)
@@ -228,7 +230,7 @@ def test_a_damaged_slot_is_not_offered_to_a_restart(tmp_path):
     (snaps.dir / "meta-0").write_bytes(b"{torn")  # after the restart read it: an OSError, which ddp.replicas reports
     with pytest.raises(OSError, match="does not match its checksum"):
         reopened.raw(1)
-    (snaps.dir / "meta-0").write_bytes(b'{"step": 1}\nJ{}')  # a header missing its fields: not named, no crash
+    (snaps.dir / "meta-0").write_bytes(b'{"step": 1}\nJ{}')  # the format before this one's: not named, no crash
     reopened.open("run", clean=False)
     assert reopened.held(1) == []
 
