@@ -201,6 +201,25 @@ def test_timed_checkpoints_and_the_snapshot_interval_do_not_wait_for_a_logged_st
     assert re.search(r"snapshots cost [\d.]+% of training time: one every \d+ steps from now", out), out[-2000:]
 
 
+def test_a_record_that_outgrows_its_meta_file_is_named_whole_and_a_smaller_one_after_it_too(tmp_path):
+    # a slot's meta file is mapped once at 4 KiB and grown to fit; the header's length, not the file's, bounds the
+    # record: a short record written over a long one reads back short
+    snaps = Snapshots(tmp_path, 1, rank=0, out=tmp_path)
+    snaps.open("run", clean=False)
+    states = {1: {"w": torch.ones(2), "log": list(range(3000))}, 2: {"w": torch.ones(2), "log": []},
+              3: {"w": torch.zeros(2), "log": [7]}}  # fmt: skip
+    for step, state in states.items():
+        snaps.take(step, state, live=set())
+        snaps.wait()
+    assert (snaps.dir / "meta-0").stat().st_size > 4096  # step 1's record, then step 3's in the same slot
+    reopened = Snapshots(tmp_path, 1, rank=0, out=tmp_path)
+    reopened.open("run", clean=False)
+    assert reopened.held(1) == [3, 2]
+    assert_tree_equal(reopened.load(3), states[3])
+    assert_tree_equal(reopened.load(2), states[2])
+    snaps.close(remove=True)
+
+
 def test_a_tied_weight_is_stored_once_and_restored_as_one_tensor(tmp_path):
     snaps = Snapshots(tmp_path, 1, rank=0, out=tmp_path)
     snaps.open("run", clean=False)
