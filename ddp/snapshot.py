@@ -168,6 +168,17 @@ def _places(tensors: list[torch.Tensor]) -> tuple[list[list], int]:
     return places, size
 
 
+def _mapped(path: Path, size: int) -> np.memmap:
+    """The first ``size`` bytes of ``path`` (created or grown), mapped for writing. Its blocks are reserved first,
+    so that a full tmpfs is ENOSPC here, not SIGBUS at a later write into the mapping."""
+    with open(path, "a+b") as f:
+        if hasattr(os, "posix_fallocate"):  # Linux
+            os.posix_fallocate(f.fileno(), 0, size)
+        elif os.fstat(f.fileno()).st_size < size:
+            f.truncate(size)
+    return np.memmap(path, dtype=np.uint8, mode="r+", shape=(size,))
+
+
 def _digest(step: int, world_size: int, blob: bytes) -> bytes:
     """The checksum in a meta file's header: of the step and world size it names, and of its record."""
     hasher = xxhash.xxh3_128(struct.pack("<qI", step, world_size))
@@ -454,13 +465,7 @@ class Snapshots:
         mm = self.metas.get(slot)
         if mm is None or mm.shape[0] < RECORD + record:
             size = max(4096, 1 << (RECORD + record - 1).bit_length())
-            path = self.dir / META.format(slot)
-            with open(path, "a+b") as f:  # the blocks reserved now: a full tmpfs is ENOSPC here, not SIGBUS later
-                if hasattr(os, "posix_fallocate"):  # Linux
-                    os.posix_fallocate(f.fileno(), 0, size)
-                elif os.fstat(f.fileno()).st_size < size:
-                    f.truncate(size)
-            mm = self.metas[slot] = np.memmap(path, dtype=np.uint8, mode="r+", shape=(size,)).view(np.ndarray)
+            mm = self.metas[slot] = _mapped(self.dir / META.format(slot), size).view(np.ndarray)
         return mm
 
     def _room(self, slot: int, size: int) -> bool:
@@ -491,13 +496,7 @@ class Snapshots:
     def _map(self, slot: int, size: int) -> torch.Tensor:
         mapped = self.maps.get(slot)
         if mapped is None or mapped[1].numel() < size:
-            path = self.dir / f"data-{slot}"
-            with open(path, "a+b") as f:  # the blocks reserved now: a full tmpfs is ENOSPC here, not SIGBUS later
-                if hasattr(os, "posix_fallocate"):  # Linux
-                    os.posix_fallocate(f.fileno(), 0, max(size, 1))
-                else:
-                    f.truncate(max(size, 1))
-            mm = np.memmap(path, dtype=np.uint8, mode="r+", shape=(max(size, 1),))
+            mm = _mapped(self.dir / f"data-{slot}", max(size, 1))
             mapped = self.maps[slot] = (mm, torch.from_numpy(mm))
         return mapped[1]
 
