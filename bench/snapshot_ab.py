@@ -1,0 +1,87 @@
+"""A snapshot every step, side by side with the snapshot code of an older commit, in one launch.
+
+Three trainers on 2 gloo ranks, one process each: no snapshots, a snapshot every step with
+``ddp.snapshot`` as it is, and the same with ``ddp/snapshot.py`` of ``--against`` (read with
+``git show``, loaded beside the current one). Blocks of steps alternate between them, so the
+host's slow spells hit all three alike; ratios are of throughput, per block, median and quartiles.
+
+    python bench/snapshot_ab.py --against f2ba27c                 # the textbook MLP
+    python bench/snapshot_ab.py --against f2ba27c --hidden 1024 1024
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import subprocess
+import tempfile
+import uuid
+from pathlib import Path
+
+import torch
+
+from ddp import group
+from ddp.config import Config
+from ddp.trainer import Trainer
+
+from common import ROOT, launch, median, paired, quiet, timed, trainer_step
+
+
+def old_snapshots(source: str, like):
+    """A ``Snapshots`` of the older module in ``source``, with the settings of ``like`` (a current one)."""
+    spec = importlib.util.spec_from_file_location("snapshot_then", source)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.Snapshots(like.root.parent, 1, like.rank, like.out, like.say)
+
+
+def worker(source: str, hidden: list[int], repeats: int, block_s: float, out: str) -> dict:
+    torch.set_num_threads(1)
+    task = {"spec": "mlp", "args": {"samples": 8192, **({"hidden": hidden} if hidden else {})}}
+    cfg = {"task": task, "data": {"batch_size": 64}, "optim": {"schedule": "constant"},
+           "checkpoint": {"resume": "never"}, "run": {"steps": 10**9, "out": out},
+           "dist": {"backend": "gloo"}}  # fmt: skip
+    world = group.init(Config.from_dict(cfg).dist)
+    none = quiet(Trainer(Config.from_dict(cfg), world))
+    cfg["checkpoint"]["snapshot_every"] = "1"
+    now, then = (quiet(Trainer(Config.from_dict(cfg), world)) for _ in range(2))
+    then.checkpointer.snapshots = old_snapshots(source, now.checkpointer.snapshots)
+    run = f"ab-{uuid.uuid4().hex[:8]}"  # never resumed: opened by hand, as bench.py's snapshot variants are
+    for name, trainer in (("now", now), ("then", then)):
+        trainer.checkpointer.snapshots.open(f"{run}-{name}", clean=False)
+    fns = {"none": trainer_step(none), "now": trainer_step(now), "then": trainer_step(then)}
+    steps = max(5, round(block_s / max(group.all_gather_objects(timed(fns["none"], 20, 5) / 20))))
+    seconds: dict[str, list[float]] = {k: [] for k in fns}
+    for rep in range(repeats):
+        for k in list(fns) if rep % 2 == 0 else list(fns)[::-1]:
+            group.barrier()
+            seconds[k].append(max(group.all_gather_objects(timed(fns[k], steps, 3))))
+    for trainer in (now, then):
+        trainer.checkpointer.snapshots.close(remove=True)
+    group.barrier()
+    group.shutdown()
+    # throughput ratios: the other's seconds over this one's, block by block
+    return {"step_ms": {k: 1000 * median(v) / steps for k, v in seconds.items()},
+            "now / none": paired(seconds, "none", "now"), "then / none": paired(seconds, "none", "then"),
+            "now / then": paired(seconds, "then", "now")}  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--against", required=True, help="the commit whose ddp/snapshot.py is measured beside this one")
+    p.add_argument("--hidden", type=int, nargs="*", default=[], help="the MLP's hidden widths (default: textbook)")
+    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--block-s", type=float, default=0.5)
+    args = p.parse_args()
+    code = subprocess.run(["git", "show", f"{args.against}:ddp/snapshot.py"], cwd=ROOT, check=True,
+                          capture_output=True, text=True).stdout  # fmt: skip
+    with tempfile.TemporaryDirectory(dir=ROOT / "bench") as tmp:
+        source = Path(tmp) / "snapshot_then.py"
+        source.write_text(code)
+        result = launch(worker, 2, str(source), args.hidden, args.repeats, args.block_s, str(Path(tmp) / "out"))
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
