@@ -12,7 +12,8 @@ the snapshots), each agreed as its largest value over the ranks. Outside the ste
 evaluation, the final export and verify) the ranks agree between batches and between phases
 (``check``); the last step's checkpoint is durable before either begins. A second SIGINT
 exits at once. Under torchrun a Ctrl-C reaches the launcher, which forwards one SIGINT to
-every worker and kills them 30 s later.
+every worker and kills them 30 s later. A worker whose launcher was killed outright (SIGKILL,
+the out-of-memory killer) finds itself orphaned at the next vote and stops as on SIGTERM.
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ class StopSignals:
         self.interval = 1  # the steps from the last vote to the next
         self.last_vote = (0, time.perf_counter())  # (step, time) of this rank's last vote
         self.agreed: list[int] | None = None  # the riders of the last vote read, until ``agree`` returns them
+        # under torchrun, this worker's agent: a worker it no longer parents was orphaned (the agent was killed)
+        self.agent = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None
 
     def agree(self, step: int, riders: Callable[[], list[int]] = list) -> list[int] | None:
         """Called by every rank at the end of every step: ``requested`` is then set where the ranks stop now.
@@ -59,10 +62,12 @@ class StopSignals:
         same on every rank; None where no vote was read (in a world of one: this rank's, every step).
         """
         if self.world.world_size == 1:
+            self._orphaned()
             self._stop_on(self.received)
             return riders()
         if step < self.next_vote:
             return None
+        self._orphaned()
         proposed = self.interval  # where ``check`` read the last vote: the interval goes on
         if self.vote is not None:
             proposed = -self._read()[1]  # the MAX of the negated proposals: the smallest, so no rank waits longer
@@ -97,6 +102,7 @@ class StopSignals:
         """Called by every rank at the same point outside the step loop (between evaluation batches, between the
         export's phases): whether any rank was signalled. One blocking all-reduce of one number."""
         self.finish()
+        self._orphaned()
         if self.world.world_size == 1:
             self._stop_on(self.received)
             return self.requested
@@ -104,6 +110,14 @@ class StopSignals:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         self._stop_on(int(flag.item()))
         return self.requested
+
+    def _orphaned(self) -> None:
+        """A worker whose torchrun agent is gone (SIGKILLed, or killed for memory) stops as on SIGTERM, with a
+        checkpoint, instead of training on unsupervised while a relaunch races it for ``--out``."""
+        if self.agent is not None and not self.received and os.getppid() != self.agent:
+            print(f"{self.world.prefix()} warning: torchrun's agent (pid {self.agent}) is gone: stopping as on "
+                  "SIGTERM", file=sys.stderr, flush=True)  # fmt: skip
+            self.received = signal.SIGTERM
 
     def _stop_on(self, signum: int) -> None:
         if signum and not self.requested:

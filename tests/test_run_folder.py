@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -95,6 +97,34 @@ def test_ctrl_c_to_torchrun_stops_every_rank_with_a_checkpoint(tmp_path):
     assert stopped and 10 <= stopped[0] <= 13, output[-3000:]  # the step in progress, or the one after it
     assert "stopping on SIGINT" in output and "KeyboardInterrupt" not in output
     assert (tmp_path / "checkpoints" / f"step-{stopped[0]:08d}").is_dir()
+
+
+def test_workers_whose_torchrun_is_sigkilled_stop_together_with_a_checkpoint(tmp_path):
+    # torchrun killed outright (the out-of-memory killer, a scheduler's SIGKILL) tells its workers nothing: each
+    # finds itself orphaned at the next vote and stops as on SIGTERM, every rank at the same step, with a checkpoint
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "ddp.train",
+           "--samples", "1024", "--batch-size", "32", "--steps", "100000", "--log-every", "1",
+           "--out", str(tmp_path)]  # fmt: skip
+    agent = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    workers: list[int] = []
+    try:
+        seen = []
+        for line in agent.stdout:
+            seen.append(line)
+            if "step 5 " in line:
+                workers = [int(p) for p in open(f"/proc/{agent.pid}/task/{agent.pid}/children").read().split()]
+                agent.kill()
+                break
+        rest, _ = agent.communicate(timeout=60)  # the pipe ends once the last worker holding it exits
+    finally:
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    output = "".join(seen) + rest
+    assert len(workers) == 2 and output.count("is gone: stopping as on SIGTERM") == 2, output[-3000:]
+    stopped = {int(line.split("after step ")[1].split(":")[0]) for line in output.splitlines() if "stopping on" in line}
+    assert len(stopped) == 1, output[-3000:]  # the ranks agreed on the step
+    assert (tmp_path / "checkpoints" / f"step-{stopped.pop():08d}" / "manifest.json").is_file()
 
 
 def test_a_second_sigint_exits_at_once(tmp_path):
