@@ -375,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
             steps = (QUICK_STEPS if args.quick else STEPS)[case]
             peers = PEERS.get(case, [c for c in CONTESTANTS if c not in PEERS["tokens"][1:]])
             here = [c for c in contestants if c in peers]
-            for nproc in (1, args.nproc) if case == "tokens" else (args.nproc,):  # nanoGPT alone and under DDP
+            for nproc in sorted({1, args.nproc}) if case == "tokens" else (args.nproc,):  # nanoGPT alone and under DDP
                 rows.append(measure(case, here, steps, nproc, repeats, tmp, shlex.split(args.ours_args)))
     print(table(rows))
     args.output.write_text(json.dumps({"rows": rows, "quick": args.quick}, indent=1))
