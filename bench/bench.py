@@ -456,16 +456,23 @@ def scale_table(args, out: Path) -> list[dict]:
 
 
 def tokens_worker(path: str, out: str, block_s: float, repeats: int) -> dict:
-    """One process: samples/s of Trainer.step on --task tokens (the real loader) and of nanoGPT's loop, alternating."""
+    """One process: samples/s of Trainer.step on --task tokens (the real loader) and of nanoGPT's loop, alternating;
+    and of Trainer.step with a snapshot every step (AdamW: 117 tensors), with what one snapshot blocks."""
     torch.set_num_threads(1)
     block, batch = 64, 32
     settings = {"train": path, "vocab": 256, "block": block, "layers": 2, "heads": 4, "embd": 64, "dropout": 0.0}
-    cfg = Config.from_dict({"task": {"spec": "tokens", "args": settings}, "data": {"batch_size": batch},
-                            "optim": {"optimizer": "adamw", "lr": 1e-3, "schedule": "constant"},
-                            "run": {"steps": 10**9, "out": out}, "checkpoint": {"resume": "never"}})  # fmt: skip
+    cfg_dict = {"task": {"spec": "tokens", "args": settings}, "data": {"batch_size": batch},
+                "optim": {"optimizer": "adamw", "lr": 1e-3, "schedule": "constant"},
+                "run": {"steps": 10**9, "out": out}, "checkpoint": {"resume": "never"}}  # fmt: skip
+    cfg = Config.from_dict(cfg_dict)
     world = group.init(cfg.dist)
     try:
         ours = trainer_step(quiet(Trainer(cfg, world)))
+        cfg_dict["checkpoint"]["snapshot_every"] = "1"
+        snapshotted = quiet(Trainer(Config.from_dict(cfg_dict), world))
+        snaps = snapshotted.checkpointer.snapshots
+        snaps.open(f"bench-{uuid.uuid4().hex[:8]}", clean=False)  # never resumed: opened by hand
+        every_step = trainer_step(snapshotted)
         data = np.memmap(path, dtype=np.uint16, mode="r")
         model = CharLM(torch.arange(256), block, 2, 4, 64, 0.0)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -480,12 +487,18 @@ def tokens_worker(path: str, out: str, block_s: float, repeats: int) -> dict:
             opt.step()
 
         steps = max(3, round(block_s / (timed(theirs, 3, warmup=2) / 3)))
-        t: dict[str, list[float]] = {"ours": [], "nanogpt": []}
+        fns = {"ours": ours, "nanogpt": theirs, "snapshot every step": every_step}
+        t: dict[str, list[float]] = {name: [] for name in fns}
         for rep in range(repeats):
-            for name in ("ours", "nanogpt") if rep % 2 == 0 else ("nanogpt", "ours"):
-                t[name].append(steps * batch / timed(ours if name == "ours" else theirs, steps, warmup=1))
+            for name in list(fns) if rep % 2 == 0 else list(fns)[::-1]:
+                t[name].append(steps * batch / timed(fns[name], steps, warmup=1))
+        cost, snapshot_step_s = snaps.cost, batch / median(t["snapshot every step"])
+        snaps.close(remove=True)
         return {"ours_samples_per_s": median(t["ours"]), "nanogpt_samples_per_s": median(t["nanogpt"]),
-                "ours / nanogpt": paired(t, "ours", "nanogpt"), "steps_per_block": steps}  # fmt: skip
+                "ours / nanogpt": paired(t, "ours", "nanogpt"), "steps_per_block": steps,
+                "snapshot every step / none": paired(t, "snapshot every step", "ours"),
+                "snapshot_copy_share": cost["copy"] / max(cost["taken"], 1) / snapshot_step_s,
+                "snapshot_blocked_share": cost["blocked"] / max(cost["taken"], 1) / snapshot_step_s}  # fmt: skip
     finally:
         group.shutdown()
 
@@ -496,7 +509,9 @@ def tokens_table(args, out: Path) -> dict:
     np.random.default_rng(0).integers(0, 256, 2_000_000).astype("<u2").tofile(path)
     result = launch(tokens_worker, 1, str(path), str(out / "tokens"), args.block_s * 2, args.side_repeats)
     print(f"  --task tokens {result['ours_samples_per_s']:,.0f} samples/s, nanoGPT's get_batch "
-          f"{result['nanogpt_samples_per_s']:,.0f}: {ratio_text(result['ours / nanogpt'])}", flush=True)  # fmt: skip
+          f"{result['nanogpt_samples_per_s']:,.0f}: {ratio_text(result['ours / nanogpt'])}; a snapshot every step / "
+          f"none {ratio_text(result['snapshot every step / none'])}, its copy {result['snapshot_copy_share']:.1%} of "
+          f"a step, blocking {result['snapshot_blocked_share']:.1%}", flush=True)  # fmt: skip
     return result
 
 
@@ -996,7 +1011,9 @@ def print_tables(r: dict) -> None:
         t = r["tokens"]
         ours, theirs = t["ours_samples_per_s"], t["nanogpt_samples_per_s"]
         print(f"\ntoken files: --task tokens {ours:,.0f} samples/s, nanoGPT's get_batch {theirs:,.0f} "
-              f"(same model, one process): {ratio_text(t['ours / nanogpt'])}")  # fmt: skip
+              f"(same model, one process): {ratio_text(t['ours / nanogpt'])}; a snapshot every step / none "
+              f"{ratio_text(t['snapshot every step / none'])}, its copy {t['snapshot_copy_share']:.1%} of a step, "
+              f"blocking {t['snapshot_blocked_share']:.1%}")  # fmt: skip
     if r["scale"]:
         print("\ndataset size: time to the first step and peak RSS growth of rank 0 (the sampler holds no index list):")
         print("| samples | first step (s) | peak RSS growth (MB) |\n|---:|---:|---:|")

@@ -26,6 +26,7 @@ def test_bench_quick_runs_and_writes_results(tmp_path):
     assert results["activation_checkpointing"]["step_s_full"] > 0 and "| --ac |" in out
     assert [row["samples"] for row in results["scale"]] == [10**6, 10**10] and "| samples |" in out
     assert results["tokens"]["ours_samples_per_s"] > 0 and "nanoGPT's get_batch" in out
+    assert results["tokens"]["snapshot_blocked_share"] > 0 and "a snapshot every step / none" in out
 
 
 def test_the_peers_task_trains_as_a_users_task_does_its_cnn_in_channels_last(tmp_path):
