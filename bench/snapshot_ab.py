@@ -7,6 +7,7 @@ host's slow spells hit all three alike; ratios are of throughput, per block, med
 
     python bench/snapshot_ab.py --against f2ba27c                 # the textbook MLP
     python bench/snapshot_ab.py --against f2ba27c --hidden 1024 1024
+    python bench/snapshot_ab.py --against f2ba27c --case tokens --nproc 1
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from ddp.config import Config
 from ddp.trainer import Trainer
 
 from common import ROOT, launch, median, paired, quiet, timed, trainer_step
+from peer_task import write_tokens
 
 
 def old_snapshots(source: str, like):
@@ -36,12 +38,23 @@ def old_snapshots(source: str, like):
     return module.Snapshots(like.root.parent, 1, like.rank, like.out, like.say)
 
 
-def worker(source: str, hidden: list[int], repeats: int, block_s: float, out: str) -> dict:
+def settings(args: argparse.Namespace, tmp: Path) -> dict:
+    """The trainers' configuration: the MLP (``--hidden``), or ``--task tokens`` on a file of random bytes."""
+    if args.case == "tokens":
+        write_tokens(tmp / "tokens.bin")
+        model = {"vocab": 256, "block": 64, "layers": 2, "heads": 4, "embd": 64, "dropout": 0.0}
+        task = {"spec": "tokens", "args": {"train": str(tmp / "tokens.bin"), **model}}
+        data, optim = {"batch_size": 32}, {"optimizer": "adamw", "lr": 1e-3}
+    else:
+        task = {"spec": "mlp", "args": {"samples": 8192, **({"hidden": args.hidden} if args.hidden else {})}}
+        data, optim = {"batch_size": 64}, {}
+    return {"task": task, "data": data, "optim": {**optim, "schedule": "constant"},
+            "checkpoint": {"resume": "never"}, "run": {"steps": 10**9, "out": str(tmp / "out")},
+            "dist": {"backend": "gloo"}}  # fmt: skip
+
+
+def worker(source: str, cfg: dict, repeats: int, block_s: float) -> dict:
     torch.set_num_threads(1)
-    task = {"spec": "mlp", "args": {"samples": 8192, **({"hidden": hidden} if hidden else {})}}
-    cfg = {"task": task, "data": {"batch_size": 64}, "optim": {"schedule": "constant"},
-           "checkpoint": {"resume": "never"}, "run": {"steps": 10**9, "out": out},
-           "dist": {"backend": "gloo"}}  # fmt: skip
     world = group.init(Config.from_dict(cfg).dist)
     none = quiet(Trainer(Config.from_dict(cfg), world))
     cfg["checkpoint"]["snapshot_every"] = "1"
@@ -70,7 +83,9 @@ def worker(source: str, hidden: list[int], repeats: int, block_s: float, out: st
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--against", required=True, help="the commit whose ddp/snapshot.py is measured beside this one")
+    p.add_argument("--case", choices=("mlp", "tokens"), default="mlp", help="the MLP, or charlm's GPT (AdamW)")
     p.add_argument("--hidden", type=int, nargs="*", default=[], help="the MLP's hidden widths (default: textbook)")
+    p.add_argument("--nproc", type=int, default=2, help="ranks (1: a core is left to the snapshot thread)")
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--block-s", type=float, default=0.5)
     args = p.parse_args()
@@ -79,7 +94,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=ROOT / "bench") as tmp:
         source = Path(tmp) / "snapshot_then.py"
         source.write_text(code)
-        result = launch(worker, 2, str(source), args.hidden, args.repeats, args.block_s, str(Path(tmp) / "out"))
+        cfg = settings(args, Path(tmp))
+        result = launch(worker, args.nproc, str(source), cfg, args.repeats, args.block_s)
     print(json.dumps(result, indent=1))
 
 
