@@ -443,9 +443,12 @@ class Checkpointer:
         return self.snapshots is not None and self.cfg.resume == "auto" and self.snapshots.exists(run_id)
 
     def before_update(self) -> None:
-        """Before the optimizer changes the state: the snapshot of the last step must be complete."""
+        """Before the optimizer changes the state: the snapshot of the last step must be complete, and with
+        replicas kept by the partner."""
         if self.snapshots is not None:
             self.snapshots.wait()
+        if self.replicas is not None:
+            self.replicas.wait()
 
     def finish(self) -> None:
         """After the last save: wait for it, end the writer process, and remove this run's snapshots, which

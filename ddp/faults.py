@@ -15,7 +15,9 @@ A fault fires in one attempt of an elastic job: the first (``TORCHELASTIC_RESTAR
 change restarts an elastic job without counting an attempt). Several faults, one per attempt, are separated by ``;``:
 ``kill:rank=1:step=7;kill:attempt=1:rank=0:step=12`` kills twice, then runs clean.
 Any fault may add ``linger=S``: its rank then takes S seconds more to leave the process
-group, as a rank on a loaded host does; ``linger:rank=1:seconds=S`` does only that.
+group, as a rank on a loaded host does; ``linger:rank=1:seconds=S`` does only that. Any fault
+may add ``replica_delay=S``: each of its rank's exchanges of snapshot replicas then starts S
+seconds late, as over a slow network.
 Unset, every hook here is a no-op.
 """
 
@@ -121,6 +123,13 @@ def before_save_write(rank: int, path: os.PathLike | str) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
     if spec["kind"] == "kill-in-save":
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def before_exchange(rank: int) -> None:
+    """Called before each exchange of snapshot replicas (``ddp.replicas``): ``replica_delay=S`` delays it."""
+    spec = _spec()
+    if spec is not None and _mine(spec, rank) and "replica_delay" in spec:
+        time.sleep(float(spec["replica_delay"]))
 
 
 def before_leave(rank: int) -> None:

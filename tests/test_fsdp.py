@@ -73,7 +73,8 @@ def test_a_replaced_node_gets_its_shards_back_from_its_partners_copy_and_ends_bi
     # with --snapshot-replicas 1 rank 0 keeps a copy of rank 1's snapshots and sends them back, so the job
     # resumes from memory, not from the checkpoint of step 5 on disk. With torchrun's store not shared with the
     # workers (what launch scripts exported until the restart fix: rank 0 hosts each attempt's store), the
-    # restart must still join; the shared store's restarts are the other kill tests'.
+    # restart must still join; the shared store's restarts are the other kill tests'. Rank 1's exchanges start
+    # late, as over a slow network: each snapshot's must still be over before the next step ends (it once lagged).
     port, step = free_port(), random.randrange(7, 10)
     launcher = ["--head", "127.0.0.1", "--port", str(port), "--nnodes", "2", "--nproc", "1", "--rdzv-id", "partner",
                 "--max-restarts", "1"]  # fmt: skip
@@ -83,7 +84,7 @@ def test_a_replaced_node_gets_its_shards_back_from_its_partners_copy_and_ends_bi
         shm = tmp_path / f"shm{i}"
         cmd = ["bash", "launch/multinode.sh", *launcher, "--", *args, "--snapshot-dir", str(shm), "--out",
                str(tmp_path / "run")]  # fmt: skip
-        lost = f"lose-memory:rank=1:step={step}:dir={shm}"
+        lost = f"lose-memory:rank=1:step={step}:dir={shm}:replica_delay=0.3"
         nodes.append(start(cmd, tmp_path / f"node{i}.log", DDP_FAULT=lost, TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1"))
     for node in nodes:
         node.wait(timeout=150)
