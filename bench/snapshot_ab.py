@@ -27,7 +27,7 @@ from ddp.config import Config
 from ddp.trainer import Trainer
 
 from common import ROOT, launch, median, paired, quiet, timed, trainer_step
-from peer_task import write_tokens
+from peer_task import TOKENS, write_tokens
 
 
 def old_snapshots(source: str, like):
@@ -42,9 +42,9 @@ def settings(args: argparse.Namespace, tmp: Path) -> dict:
     """The trainers' configuration: the MLP (``--hidden``), or ``--task tokens`` on a file of random bytes."""
     if args.case == "tokens":
         write_tokens(tmp / "tokens.bin")
-        model = {"vocab": 256, "block": 64, "layers": 2, "heads": 4, "embd": 64, "dropout": 0.0}
-        task = {"spec": "tokens", "args": {"train": str(tmp / "tokens.bin"), **model}}
-        data, optim = {"batch_size": 32}, {"optimizer": "adamw", "lr": 1e-3}
+        model = {k: TOKENS[k] for k in ("vocab", "block", "layers", "heads", "embd")}  # bench/peers.py's tokens case
+        task = {"spec": "tokens", "args": {"train": str(tmp / "tokens.bin"), **model, "dropout": 0.0}}
+        data, optim = {"batch_size": TOKENS["batch"]}, {"optimizer": "adamw", "lr": TOKENS["lr"]}
     else:
         task = {"spec": "mlp", "args": {"samples": 8192, **({"hidden": args.hidden} if args.hidden else {})}}
         data, optim = {"batch_size": 64}, {}

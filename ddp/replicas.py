@@ -116,7 +116,7 @@ class Replicas:
         start = time.perf_counter()
         self.exchanged.wait()
         self.exchanged = None
-        self.snaps.cost["blocked"] += time.perf_counter() - start
+        self.snaps.charge(time.perf_counter() - start)
 
     def _run(self) -> None:
         while (item := self.jobs.get()) is not None:

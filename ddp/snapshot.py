@@ -301,9 +301,16 @@ class Snapshots:
             try:
                 self.slots[str(slot)] = read_meta(self.dir / META.format(slot))[0]
             except Damaged:
-                self.say(f"warning: the snapshot in {self.dir} slot {slot} is damaged; it is not used")
+                self._say_damaged(slot)
             except (OSError, ValueError):  # no slot there, or one being written when the process died
                 pass
+
+    def _say_damaged(self, slot: int | str) -> None:
+        self.say(f"warning: the snapshot in {self.dir} slot {slot} is damaged; it is not used")
+
+    def charge(self, seconds: float) -> None:
+        """Count ``seconds`` that training waited on the snapshots' behalf (a replica's exchange) in their cost."""
+        self.cost["blocked"] += seconds
 
     def exists(self, run_id: str) -> bool:
         """Whether any rank on this host holds a snapshot of run ``run_id``."""
@@ -584,7 +591,7 @@ class Snapshots:
         except (OSError, ValueError, KeyError, TypeError, RuntimeError):
             whole = False
         if not whole:
-            self.say(f"warning: the snapshot in {self.dir} slot {slot} is damaged; it is not used")
+            self._say_damaged(slot)
         return whole
 
     def _blob(self, slot: str) -> bytes:
