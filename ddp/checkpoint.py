@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from ddp import fsdp, group, persist, replicas, rng, snapshot
+from ddp import fsdp, group, optim, persist, replicas, rng, snapshot
 from ddp.checkpoint_files import (
     FORMAT_VERSION,
     MANIFEST,
@@ -212,12 +212,13 @@ class Checkpointer:
     def restore(self, folder: Path) -> dict[str, Any]:
         """Load the checkpoint in ``folder`` into the model, optimizer, every stateful and the RNGs; its
         ``train.pt``."""
-        if self.sharded and is_sharded(read_manifest(folder)):
-            train, own, _ = read_train(folder, self.device)
-            self._load_shards(folder / SHARDED)
-        else:
-            train, own = read_state(folder, self.device if not self.sharded else "cpu")
-            self._load_whole(train, folder)
+        with optim.kernels_kept(self.optimizer):
+            if self.sharded and is_sharded(read_manifest(folder)):
+                train, own, _ = read_train(folder, self.device)
+                self._load_shards(folder / SHARDED)
+            else:
+                train, own = read_state(folder, self.device if not self.sharded else "cpu")
+                self._load_whole(train, folder)
         self._restore_rest(train, own)
         self.last_saved = train["step"]
         return train
@@ -319,11 +320,12 @@ class Checkpointer:
         step = choice[0]
         files, own, shards = self._memory_state(*choice)
         train = {**files[TRAIN], "config": self.snapshots.saved_config}
-        if shards is not None:  # FSDP: every rank its own shards (memory_choice: every rank holds the step now)
-            live = fsdp.sharded_state(self.model, self.optimizer)  # the layout, the optimizer's state made
-            fsdp.load_state(self.model, self.optimizer, fsdp.fill(live, shards))
-        else:
-            self._load_whole({**train, "model": files[MODEL]}, Path(f"the snapshot of step {step}"))
+        with optim.kernels_kept(self.optimizer):
+            if shards is not None:  # FSDP: every rank its own shards (memory_choice: every rank holds the step now)
+                live = fsdp.sharded_state(self.model, self.optimizer)  # the layout, the optimizer's state made
+                fsdp.load_state(self.model, self.optimizer, fsdp.fill(live, shards))
+            else:
+                self._load_whole({**train, "model": files[MODEL]}, Path(f"the snapshot of step {step}"))
         self._restore_rest(train, own)
         self.last_saved = None if folder is None else read_manifest(folder)["step"]
         return f"the snapshot in host memory ({self.snapshots.root / self.run_id}), step {step}"

@@ -11,7 +11,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from ddp import dcp, fsdp, group, weights
+from ddp import dcp, fsdp, group, optim, weights
 from ddp.checkpoint import Checkpointer
 from ddp.config import CheckpointConfig, DistConfig, OptimConfig
 from ddp.errors import CheckpointError, ConfigError, VerifyError
@@ -77,6 +77,17 @@ def test_matrices_decay_and_biases_norms_and_embeddings_do_not():
     assert decay["weight_decay"] == 0.1 and keep["weight_decay"] == 0.0
     assert len(decay["params"]) + len(keep["params"]) == len(list(lm.parameters()))  # the tied one once
     assert len(param_groups(lm, 0.1, decay_all=True)) == 1 and len(param_groups(lm, 0.0)) == 1
+
+
+def test_the_optimizer_is_fused_where_torch_can_and_a_load_keeps_this_runs_choice():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    sgd = optim.build(model, OptimConfig())
+    assert [g["fused"] for g in sgd.param_groups] == [True]
+    assert optim.build(torch.nn.Embedding(5, 3, sparse=True), OptimConfig()).param_groups[0]["fused"] is not True
+    saved = torch.optim.SGD(model.parameters(), lr=0.1).state_dict()  # torch's default: its groups say fused None
+    with optim.kernels_kept(sgd):
+        sgd.load_state_dict(saved)
+    assert sgd.param_groups[0]["fused"] is True and sgd.param_groups[0]["lr"] == 0.1  # the rest is the saved state
 
 
 # ---- non-finite values never reach a checkpoint ----------------------------------------
