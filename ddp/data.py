@@ -220,8 +220,8 @@ def make_loader(
     ``timeout`` seconds (0: no limit, which no workers require) is an error, not a wait forever.
 
     A TensorDataset without a custom collate is indexed with a whole batch at once (no
-    per-sample calls, no collate); any other dataset is read sample by sample through
-    SeededSamples and collated.
+    per-sample calls, no collate); any other dataset is read through SeededSamples, sample
+    by sample, unless the task says it draws no random numbers, and collated.
     """
     batched = isinstance(task.train_data, TensorDataset) and task.collate is None
     options = {
@@ -236,12 +236,12 @@ def make_loader(
         batches = BatchSampler(sampler, batch_size, drop_last=True)
         # the sampler yields whole batches of indices
         return DataLoader(task.train_data, sampler=batches, batch_size=None, **options)
-    return DataLoader(
-        SeededSamples(task.train_data, seed),
-        batch_sampler=BatchSampler(EpochTagged(sampler), batch_size, drop_last=True),
-        collate_fn=task.collate or default_collate,
-        **options,
-    )
+    if not task.draws_random:  # the DataLoader reads each batch in one __getitems__ call where there is one
+        data, indices = task.train_data, sampler
+    else:
+        data, indices = SeededSamples(task.train_data, seed), EpochTagged(sampler)
+    batches = BatchSampler(indices, batch_size, drop_last=True)
+    return DataLoader(data, batch_sampler=batches, collate_fn=task.collate or default_collate, **options)
 
 
 def release_workers(loader: DataLoader) -> None:
@@ -264,7 +264,7 @@ def eval_batches(task: Task, rank: int, world_size: int, batch_size: int, seed: 
     if data is None:
         return
     mine = eval_indices(len(data), limit, seed)[rank::world_size]
-    if not (isinstance(data, TensorDataset) and task.collate is None):
+    if task.draws_random and not (isinstance(data, TensorDataset) and task.collate is None):
         data = SeededSamples(data, seed)
         mine = [(EVAL_EPOCH, i) for i in mine]
     for i in range(0, len(mine), batch_size):

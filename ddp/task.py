@@ -48,6 +48,12 @@ class Task:
     """Held-out samples, evaluated after each epoch (optional); a function returning them, like ``train_data``."""
     collate: Callable[[list], Batch] | None = None
     """Samples -> batch; default: torch's default_collate (tuples and dicts of tensors)."""
+    draws_random: bool = True
+    """Whether the datasets' ``__getitem__`` may draw from Python's, numpy's or torch's global generators
+    (augmentation, masking, crops). True, the safe default: each sample is read with every generator seeded for
+    it (``ddp.data.SeededSamples``, about 10 us a sample), so a resumed run reads what an uninterrupted one does.
+    False, for data that draws nothing: samples are read as they come, a whole batch in one call where the
+    dataset has ``__getitems__``."""
     loss: Callable[[nn.Module, Batch], torch.Tensor] | None = None
     """``loss(model, batch)`` -> scalar tensor; default: cross-entropy of ``model(x)`` against ``y``."""
     probe: Any = None

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
+import torch
 
 from ddp import cli, train
+from ddp.data import ResumableSampler, make_loader
 from ddp.tasks import tokens
 
 from .helpers import ROOT, ok, torchrun
@@ -44,6 +47,25 @@ def test_the_held_out_file_is_scored_in_windows_that_do_not_overlap_and_cover_it
     inputs = np.concatenate([val[i][0].numpy() for i in range(len(val))])
     targets = np.concatenate([val[i][1].numpy() for i in range(len(val))])
     assert inputs.tolist() == ids[: len(inputs)].tolist() and targets.tolist() == ids[1 : len(inputs) + 1].tolist()
+
+
+def test_token_windows_are_read_a_batch_in_one_gather_as_the_seeded_per_sample_path_reads_them(corpus):
+    d, _ = corpus
+    task = tokens.task(train=f"{d}/bytes/train.bin", block=32).load_data()
+    assert not task.draws_random  # windows of a file draw nothing: no per-sample seeding
+
+    def batches(task, start):
+        sampler = ResumableSampler(task.train_data, num_replicas=2, rank=1, seed=5)
+        sampler.set_position(epoch=3, start=start)
+        loader = iter(make_loader(task, sampler, batch_size=8, workers=0, pin_memory=False, seed=5))
+        return [next(loader) for _ in range(4)]
+
+    seeded = dataclasses.replace(task, draws_random=True)
+    for start in (0, 48):  # from an epoch's start, and resumed part-way into it
+        fast, slow = batches(task, start), batches(seeded, start)
+        assert all(torch.equal(a, b) for fb, sb in zip(fast, slow, strict=True) for a, b in zip(fb, sb, strict=True))
+    x, y = fast[0]
+    assert x.shape == y.shape == (8, 32) and torch.equal(x[:, 1:], y[:, :-1])  # y is x one token on
 
 
 def test_a_gpt_trains_on_the_token_files_with_workers_and_stands_alone_without_them(corpus, tmp_path, capsys):

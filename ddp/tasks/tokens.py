@@ -80,18 +80,24 @@ class TokenWindows(Dataset):
         return {**self.__dict__, "map": None}
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.__getitems__([i])[0]
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The windows at ``indices``, read in one gather (the DataLoader calls this once per batch), as
+        ``(tokens in, tokens out)`` pairs."""
         if self.map is None:
             self.map = np.memmap(self.path, dtype=DTYPES[self.dtype], mode="r")
-        i *= self.stride
-        window = torch.from_numpy(self.map[i : i + self.block + 1].astype(np.int64))
-        top = int(window.max())
+        starts = np.asarray(indices, dtype=np.int64) * self.stride
+        windows = self.map[starts[:, None] + np.arange(self.block + 1)].astype(np.int64)
+        top = int(windows.max())
         if top >= self.vocab:  # found here, named, not later as an embedding's index error
-            offset = i + int(window.argmax())
+            row, column = np.unravel_index(int(windows.argmax()), windows.shape)
             raise ConfigError(
-                f"--task-arg {self.arg}={self.path}: token id {top} at offset {offset} is not below vocab="
-                f"{self.vocab}; give the vocabulary's size (--task-arg vocab=N)"
+                f"--task-arg {self.arg}={self.path}: token id {top} at offset {int(starts[row]) + int(column)} is not "
+                f"below vocab={self.vocab}; give the vocabulary's size (--task-arg vocab=N)"
             )
-        return window[:-1], window[1:]
+        batch = torch.from_numpy(windows)
+        return list(zip(batch[:, :-1].contiguous().unbind(), batch[:, 1:].contiguous().unbind(), strict=True))
 
 
 def task(
@@ -127,6 +133,7 @@ def task(
         metrics=metrics,
         summarize=with_perplexity,
         blocks=lambda model: model.blocks,
+        draws_random=False,  # windows of a file: no per-sample seeding, a batch in one gather
         name="tokens",
         tokens_per_sample=block,
         model_args={"vocab": vocab, "dtype": dtype, **({"tokenizer": tokenizer} if tokenizer else {})},
