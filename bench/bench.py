@@ -10,8 +10,8 @@ Training (samples/s, same model, data and global batch):
   b  N ranks, each training its shard with no gradient sync (the ideal for DDP here)
   c  N ranks with DDP as ddp.train runs it (Trainer.step)
   d  the plain tutorial loop: DataLoader + DistributedSampler, DDP and the model as they come
-  e  a bare step: c's model (its memory format), DDP and batches, forward, backward and SGD, nothing
-     else; c/e is what the loop around the step costs (issue 34's target: at most 2 % on the wide MLP)
+  e  a bare step: c's model (its memory format), DDP, batches and optimizer, forward, backward and step,
+     nothing else; c/e is what the loop around the step costs (issue 34's target: at most 2 % on the wide MLP)
   c ... the same trainer with one setting changed; "c again" is c itself: the noise floor
 
 These machines are noisy (steps of a few ms stall for ~4 ms now and then), so b, c, d and
@@ -96,6 +96,8 @@ C_VARIANTS = {
     "c no grad norm": ("ablate", "grad norm", None),
     # the logged step's gather read right after the step, as before issue 34's change (c reads it in the next step)
     "c gather read at once": ("ablate", "gather at once", None),
+    # torch's default optimizer on a CPU (a Python loop over the parameters), which the tutorial and the peers run
+    "c optimizer not fused": ("ablate", "unfused", None),
     "c again": None,
 }
 MODELS = {  # the built-in task and its settings (--task-arg)
@@ -159,14 +161,14 @@ def step_functions(cfg: Config, cfg_dict: dict, world, variants: list[str]) -> t
 
 
 def bare_step(trainer: Trainer, sync: bool = True):
-    """A bare step on the trainer's model layout and batches: forward, backward and SGD, nothing else. b: no
-    gradient sync at all (the ideal for DDP); e: under DDP as c wraps it (over 2+ ranks), so c/e is what the
-    loop around the step costs."""
+    """A bare step on the trainer's model layout and batches: forward, backward and the trainer's optimizer,
+    nothing else. b: no gradient sync at all (the ideal for DDP); e: under DDP as c wraps it (over 2+ ranks), so
+    c/e is what the loop around the step costs."""
     cfg, k = trainer.cfg, trainer.cfg.optim.grad_accum
     model = local_model(trainer.task, cfg, torch.device("cpu"))
     model.load_state_dict(trainer.model.state_dict())
     wrapped = DDP(model, gradient_as_bucket_view=True) if sync and trainer.world.world_size > 1 else model
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum)
+    opt = ddp_optim.build(model, cfg.optim)  # c's optimizer (fused): c/e is the loop around it
     batches = [iter(trainer.data.loader), trainer.data.loader]
 
     def step() -> None:
@@ -183,9 +185,13 @@ def bare_step(trainer: Trainer, sync: bool = True):
 
 def ablated(trainer: Trainer, part: str):
     """A step of ``trainer`` without one of its parts: the stop vote, or the gradient norm (then 0, never
-    non-finite), or with the logged step's gather read at once. Benchmark only: the loop's guarantees need the
-    first two."""
+    non-finite), or the fused optimizer; or with the logged step's gather read at once. Benchmark only: the
+    loop's guarantees need the first two."""
     step = trainer_step(trainer)
+    if part == "unfused":
+        for param_group in trainer.optimizer.param_groups:  # read at every step: torch's default from now on
+            param_group["fused"] = False
+        return step
     if part == "stop vote":
         trainer.stop.agree = lambda step, riders=list: None
         return step
