@@ -203,15 +203,8 @@ def ablated(trainer: Trainer, part: str):
 
         return then_flush
 
-    def without_norm() -> None:
-        real = ddp_optim.clip_gradients
-        ddp_optim.clip_gradients = lambda model, max_norm: torch.zeros(())
-        try:
-            step()
-        finally:
-            ddp_optim.clip_gradients = real
-
-    return without_norm
+    trainer.grad_norm = lambda max_norm: torch.zeros(())
+    return step
 
 
 def _measure(cfg: Config, cfg_dict: dict, world, block_s: float, repeats: int, variants: list[str]) -> dict:

@@ -83,6 +83,7 @@ class Trainer:
         self.metrics = StepMetrics(cfg, world, global_batch, self.task.tokens_per_sample, trackers)
         self.data = batches.build(self.task, cfg, world, self.metrics.display.start_epoch, self._say)
         self.optimizer = optim.build(self.parallel.model, cfg.optim)
+        self.grad_norm = optim.GradNorm(self.optimizer)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.optim.precision == "fp16")
         shared, own = self.data.statefuls()
         self.checkpointer = Checkpointer(
@@ -231,7 +232,7 @@ class Trainer:
                 self.scaler.scale(loss).backward()
             total = loss.detach() if total is None else total + loss.detach()
         self.scaler.unscale_(self.optimizer)  # fp16: the true gradients, to measure and clip (else a no-op)
-        grad_norm = optim.clip_gradients(par.model, o.max_grad_norm)
+        grad_norm = self.grad_norm(o.max_grad_norm)
         skipped = self.guard.skip(grad_norm, total, self.progress, self.checkpointer.committed)
         self.checkpointer.before_update()  # the last step's snapshot must be whole before the state changes
         if not skipped:

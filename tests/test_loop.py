@@ -90,6 +90,21 @@ def test_the_optimizer_is_fused_where_torch_can_and_a_load_keeps_this_runs_choic
     assert sgd.param_groups[0]["fused"] is True and sgd.param_groups[0]["lr"] == 0.1  # the rest is the saved state
 
 
+@pytest.mark.parametrize("max_norm", [None, 0.5])
+def test_the_gradient_norm_is_torchs_to_the_bit_and_clips_as_torch_does(max_norm):
+    ours, theirs = MLP(6, [16, 8], 3), MLP(6, [16, 8], 3)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(5, 6)
+    for model in (ours, theirs):
+        model(x).square().sum().backward()
+        model.hidden[0].bias.grad = None  # a parameter without a gradient is left out, as torch leaves it
+    norm = optim.GradNorm(torch.optim.SGD(ours.parameters(), lr=0.1))(max_norm)
+    expected = torch.nn.utils.clip_grad_norm_(theirs.parameters(), max_norm if max_norm is not None else math.inf)
+    assert torch.equal(norm, expected)
+    pairs = zip(ours.parameters(), theirs.parameters(), strict=True)
+    assert all(a.grad is b.grad is None or torch.equal(a.grad, b.grad) for a, b in pairs)
+
+
 # ---- non-finite values never reach a checkpoint ----------------------------------------
 
 
