@@ -43,28 +43,37 @@ FUSED_DEVICES = ("cpu", "cuda")
 """Devices where torch has a fused kernel for SGD and AdamW, among those this project runs on."""
 
 
-def fusable(model: nn.Module) -> bool:
-    """Whether torch's fused kernel can update ``model``'s parameters: plain floating-point tensors on a CPU or a
-    GPU, with dense gradients (an FSDP shard is a DTensor, and an embedding may make sparse ones: both are left to
-    torch's default).
+def kernel(model: nn.Module, optimizer: str) -> dict[str, bool]:
+    """The implementation of ``optimizer`` that ``build`` asks torch for, given ``model``'s parameters.
 
-    On a CPU torch's default is a Python loop over the parameters; the fused kernel is one call that reads and
-    writes each tensor once: the wide MLP's SGD update in 0.65x the time, the tokens GPT's AdamW in 0.44x
-    (``bench/fused.py``)."""
-    dense = not any(getattr(m, "sparse", False) is True for m in model.modules())  # nn.Embedding(sparse=True)
-    return dense and all(
-        type(p) in (torch.Tensor, nn.Parameter) and p.device.type in FUSED_DEVICES and p.is_floating_point()
-        for p in model.parameters()
-    )
+    torch's fused kernel where it has one: plain floating-point tensors on a CPU or a GPU, with
+    dense gradients (an embedding may make sparse ones). FSDP's shards are DTensors, which have a
+    fused AdamW but no fused SGD: their SGD is the ``foreach`` one. Anything else: torch's default.
+    On a CPU that default is a Python loop over the parameters; the fused kernel is one call that
+    reads and writes each tensor once: the wide MLP's SGD update in 0.65x the time, the tokens
+    GPT's AdamW in 0.44x (``bench/fused.py``); over FSDP's shards, AdamW in 0.25x, SGD in 0.80x.
+    """
+    params = list(model.parameters())
+    if any(getattr(m, "sparse", False) is True for m in model.modules()):  # nn.Embedding(sparse=True)
+        return {}
+    if not all(p.device.type in FUSED_DEVICES and p.is_floating_point() for p in params):
+        return {}
+    if all(type(p) in (torch.Tensor, nn.Parameter) for p in params):
+        return {"fused": True}
+    from torch.distributed.tensor import DTensor  # FSDP's; imported only where a parameter is not a plain tensor
+
+    if all(isinstance(p, DTensor) for p in params):
+        return {"fused": True} if optimizer == "adamw" else {"foreach": True}
+    return {}
 
 
 def build(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """The optimizer ``--optimizer`` names, over ``param_groups``, fused where ``fusable``."""
+    """The optimizer ``--optimizer`` names, over ``param_groups``, in the implementation ``kernel`` chooses."""
     groups = param_groups(model, cfg.weight_decay, cfg.weight_decay_all)
-    fused = {"fused": True} if fusable(model) else {}
+    chosen = kernel(model, cfg.optimizer)
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, **fused)
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, **fused)
+        return torch.optim.AdamW(groups, lr=cfg.lr, **chosen)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, **chosen)
 
 
 KERNELS = ("fused", "foreach")

@@ -62,7 +62,7 @@ def losses(run_dir) -> list[float]:
 
 def maths(optimizer_state: dict) -> dict:
     """An optimizer's state without the implementation its groups name (fused under DDP; FSDP's shards have no
-    fused SGD, so they take torch's default): the same maths either way."""
+    fused SGD, so they take foreach): the same maths either way."""
     groups = [{k: v for k, v in g.items() if k not in optim.KERNELS} for g in optimizer_state["param_groups"]]
     return {**optimizer_state, "param_groups": groups}
 
