@@ -41,6 +41,8 @@ def param_groups(model: nn.Module, weight_decay: float, decay_all: bool = False)
 
 FUSED_DEVICES = ("cpu", "cuda")
 """Devices where torch has a fused kernel for SGD and AdamW, among those this project runs on."""
+PLAIN = (torch.Tensor, nn.Parameter)
+"""The types of a plain parameter (``type(p)``): not a tensor subclass such as FSDP's DTensor shards."""
 
 
 def kernel(model: nn.Module, optimizer: str) -> dict[str, bool]:
@@ -58,7 +60,7 @@ def kernel(model: nn.Module, optimizer: str) -> dict[str, bool]:
         return {}
     if not all(p.device.type in FUSED_DEVICES and p.is_floating_point() for p in params):
         return {}
-    if all(type(p) in (torch.Tensor, nn.Parameter) for p in params):
+    if all(type(p) in PLAIN for p in params):
         return {"fused": True}
     from torch.distributed.tensor import DTensor  # FSDP's; imported only where a parameter is not a plain tensor
 
@@ -128,7 +130,7 @@ class GradNorm:
     def __init__(self, optimizer: torch.optim.Optimizer) -> None:
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         kinds = {(p.device, p.dtype) for p in self.params}
-        self.uniform = len(kinds) == 1 and all(type(p) in (torch.Tensor, nn.Parameter) for p in self.params)
+        self.uniform = len(kinds) == 1 and all(type(p) in PLAIN for p in self.params)
 
     def __call__(self, max_norm: float | None) -> torch.Tensor:
         with_grad = [p for p in self.params if p.grad is not None]
