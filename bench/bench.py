@@ -779,7 +779,7 @@ def snapshot_table(args, out: Path) -> dict:
     for rep in range(-1, args.ckpt_repeats):  # round -1 warms the slots and the disk's blocks
         step = rep + 3
         copy = timed(lambda: [b.copy_(x) for b, x in zip(floor_buf, tensors(ckpt.state()[0]), strict=True)], 1, 0)
-        snap = timed(lambda s=step: (snaps.take(s, ckpt.state(), set()), snaps.wait()), 1, 0)
+        snap = timed(lambda s=step: (snaps.take(s, ckpt.state(), set), snaps.wait()), 1, 0)
         save = timed(lambda s=step: ckpt.save(s), 1, 0)
         folder = out / "snap" / f"step-{step:08d}"
         drop_cache(folder)

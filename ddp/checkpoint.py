@@ -419,12 +419,15 @@ class Checkpointer:
             files, own, shards = self.state()  # first: an async save is written from it
             files[TRAIN] = {k: v for k, v in files[TRAIN].items() if k != "config"}  # the run's, recorded once
             shards = None if shards is None else fsdp.local_shards(shards)  # this rank's own part
-            live = {b.data_ptr() for b in self.model.buffers()}
-            self.snapshots.take(step, (files, own, shards), live, built_s=time.perf_counter() - start)
+            self.snapshots.take(step, (files, own, shards), self._buffers, built_s=time.perf_counter() - start)
             if self.replicas is not None:
                 self.replicas.send(step)
         if due:
             self.save(step, last_step)
+
+    def _buffers(self) -> set[int]:
+        """The ``data_ptr`` of the model's buffers: the next forward may change them (``Snapshots.take``)."""
+        return {b.data_ptr() for b in self.model.buffers()}
 
     def due(self, step: int, last_step: bool = False) -> bool:
         """Whether ``save_if_due`` writes a checkpoint of ``step`` (on disk; a snapshot is not one)."""

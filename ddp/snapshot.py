@@ -30,12 +30,14 @@ import contextlib
 import io
 import json
 import math
+import operator
 import os
 import queue
 import shutil
 import struct
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +58,8 @@ ALIGN = 64  # every tensor starts at a multiple of this: any dtype can be viewed
 TENSOR, TUPLE, PAIRS = "__ddp_tensor__", "__ddp_tuple__", "__ddp_pairs__"
 _MARKERS = (TENSOR, TUPLE, PAIRS)  # a user's dict of one of these keys is stored as pairs: never read as a marker
 _PLAIN = frozenset((int, float, str, bool, type(None)))
+_STR = frozenset((str,))
+_IS_CPU = operator.attrgetter("is_cpu")
 OTHER = "other"  # in _flatten's ``seen``: a value of another type met (its tensors' keys are tuples)
 BUDGET = 0.02  # --snapshot-every auto: the share of a step a snapshot may cost
 SMALL = 4 << 20  # a state this small is copied at once: less than handing it to the thread costs
@@ -95,19 +99,23 @@ def _flatten(obj: Any, tensors: list[torch.Tensor], seen: dict) -> Any:
     tuple by ``{TUPLE: [...]}``, each dict with other keys than strings by ``{PAIRS: [[key, value], ...]}``;
     anything else is left as it is, and ``seen[OTHER]`` set (``meta_bytes`` then uses torch's format, which keeps
     its type where JSON would not: a float's subclass would come back a float). One pass: the snapshot's cost every step
-    is mostly this walk. A tensor met twice (a tied weight, under two names) is stored once, and restored as one."""
+    is mostly this walk. A tensor met twice (a tied weight, under two names) is stored once, and restored as one.
+    ``seen``'s keys, in order, are the tensors' (where, dtype, shape, strides): ``Snapshots._layout`` keys on them."""
     kind = type(obj)
     if kind in _PLAIN:
         return obj
     if isinstance(obj, torch.Tensor):
-        key = (obj.data_ptr(), obj.dtype, obj.shape, obj.stride()) if obj.numel() else None
-        index = seen.get(key) if key is not None else None
+        if obj.numel():
+            key = (obj.data_ptr(), obj.dtype, obj.shape, obj.stride())
+            index = seen.get(key)
+        else:  # no memory to share: a key of its own, so that ``seen`` names every tensor's layout
+            key, index = (None, obj.dtype, obj.shape, len(tensors)), None
         if index is None:
             tensors.append(obj.detach() if obj.requires_grad else obj)  # a state_dict's are detached: 1 us each
             index = seen[key] = len(tensors) - 1
         return {TENSOR: index}
     if isinstance(obj, dict):  # below, a plain value is taken as it is, without a call: half the walk's cost
-        if all(type(k) is str for k in obj) and not (len(obj) == 1 and next(iter(obj)) in _MARKERS):
+        if set(map(type, obj)) <= _STR and not (len(obj) == 1 and next(iter(obj)) in _MARKERS):  # map: a C loop
             return {k: v if type(v) in _PLAIN else _flatten(v, tensors, seen) for k, v in obj.items()}
         return {PAIRS: [[_flatten(k, tensors, seen), _flatten(v, tensors, seen)] for k, v in obj.items()]}
     if isinstance(obj, tuple):
@@ -135,12 +143,15 @@ def unflatten(obj: Any, tensors: list[torch.Tensor]) -> Any:
     return obj
 
 
-def meta_bytes(record: dict) -> bytes:
+def meta_bytes(record: dict, places: str | None = None) -> bytes:
     """A snapshot's meta record (its structure from ``_flatten``): JSON where it is plain data (fast; nothing in
     it can run), else (``record["plain"]`` False) torch's format for the weights-only loader (a state may hold a
-    dtype or a device)."""
+    dtype or a device). ``places``: ``record["places"]`` as JSON already, which is then not encoded again."""
     if record.get("plain", True):
-        return b"J" + json.dumps(record).encode()
+        if places is None:
+            return b"J" + json.dumps(record).encode()
+        rest = json.dumps({k: v for k, v in record.items() if k != "places"})
+        return b"J" + f'{rest[:-1]}, "places": {places}}}'.encode()
     blob = io.BytesIO()
     torch.save(record, blob)
     return b"T" + blob.getvalue()
@@ -216,7 +227,7 @@ def _dense(t: torch.Tensor) -> bool:
 
 def _copy_all(destinations: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
     """Copy each source into its destination: in one call where every tensor is on the CPU."""
-    if all(t.device.type == "cpu" for t in sources):
+    if all(map(_IS_CPU, sources)):
         if sources:
             torch._foreach_copy_(destinations, sources)
         return
@@ -249,6 +260,7 @@ class Snapshots:
         self.maps: dict[int, tuple[np.memmap, torch.Tensor]] = {}  # slot -> its data file, mapped
         self.metas: dict[int, np.ndarray] = {}  # slot -> its meta file, mapped (a plain view: memmap slices cost)
         self.views: dict[int, tuple[list, list[torch.Tensor]]] = {}  # slot -> (its layout, a view per tensor)
+        self.layout: tuple[tuple, list, int, str] | None = None  # the last state's (key, places, size, places' JSON)
         self.jobs: queue.Queue = queue.Queue()  # copies for the snapshot thread, one at a time
         self.thread: threading.Thread | None = None  # started at the first snapshot, for the whole run
         self.done = threading.Event()  # set when the copy under way is complete
@@ -346,12 +358,12 @@ class Snapshots:
         rank, which all build the state (a collective) even where ``take`` then finds snapshots off."""
         return self.dir is not None and (force or step % self.every == 0)
 
-    def take(self, step: int, state: Any, live: set[int], built_s: float = 0.0) -> None:
+    def take(self, step: int, state: Any, live: Callable[[], set[int]], built_s: float = 0.0) -> None:
         """Start the snapshot of ``state`` (``Checkpointer.state``) as that of ``step``.
 
-        ``live``: the ``data_ptr`` of tensors the next forward may change (buffers): copied now; the
-        others on a thread until ``wait``. ``built_s``: the seconds the caller took to build ``state``,
-        a part of the snapshot's cost (0.18 of about 1.2 ms for the textbook MLP).
+        ``live()``: the ``data_ptr`` of tensors the next forward may change (buffers): copied now; the
+        others on a thread until ``wait``. Asked only of a state over ``SMALL``, which is copied at once.
+        ``built_s``: the seconds the caller took to build ``state``, a part of the snapshot's cost.
         """
         start = time.perf_counter() - built_s
         self.wait()
@@ -360,7 +372,7 @@ class Snapshots:
         tensors: list[torch.Tensor] = []
         seen: dict = {}
         meta = _flatten(state, tensors, seen)
-        places, size = _places(tensors)
+        places, size = self._layout(tuple(key[1:] for key in seen), tensors)  # not where: fresh tensors (RNGs)
         slot = self._claim(size)
         if slot is None:
             return
@@ -369,11 +381,13 @@ class Snapshots:
         except OSError as e:
             self._disable(f"{self.dir}: {e.strerror or e}")
             return
-        now, later = ([], []), ([], [])  # (destinations, sources)
-        for t, view in zip(tensors, views, strict=True):
-            into = now if t.data_ptr() in live or size <= SMALL else later
-            into[0].append(view)
-            into[1].append(t)
+        now, later = (views, tensors), ([], [])  # (destinations, sources)
+        if size > SMALL:
+            now, buffers = ([], []), live()
+            for t, view in zip(tensors, views, strict=True):
+                into = now if t.data_ptr() in buffers else later
+                into[0].append(view)
+                into[1].append(t)
         if now[0]:
             self._copy(now, step)
         record = {"step": step, "size": size, "places": places, "meta": meta, "plain": OTHER not in seen}
@@ -387,6 +401,14 @@ class Snapshots:
         else:
             self.done.set()
         self.cost["blocked"] += time.perf_counter() - start
+
+    def _layout(self, key: tuple, tensors: list[torch.Tensor]) -> tuple[list, int]:
+        """(each tensor's place, the slot's size) for these tensors, whose dtypes, shapes and strides ``key``
+        names (from ``_flatten``'s ``seen``): worked out, and encoded, again only when they change."""
+        if self.layout is None or self.layout[0] != key:
+            places, size = _places(tensors)
+            self.layout = (key, places, size, json.dumps(places))
+        return self.layout[1], self.layout[2]
 
     def _free_slot(self) -> int:
         """The slot the next copy goes to: neither the newest committed one nor one a checkpoint is being
@@ -543,7 +565,8 @@ class Snapshots:
             error, self.error = self.error, None
             self._disable(f"the copy of step {step} failed ({error})")
             return
-        if not self.commit_slot(slot, step, meta_bytes(record)):
+        places = self.layout[3] if self.layout is not None and record["places"] is self.layout[1] else None
+        if not self.commit_slot(slot, step, meta_bytes(record, places)):
             return
         self.cost["blocked"] += time.perf_counter() - start
         self.cost["taken"] += 1
@@ -636,6 +659,7 @@ class Snapshots:
         self.maps.clear()
         self.metas.clear()
         self.views.clear()
+        self.layout = None
         if remove and self.dir is not None:
             shutil.rmtree(self.dir, ignore_errors=True)
             with contextlib.suppress(OSError):  # the last rank of the run on this host takes the run's folder too

@@ -38,7 +38,7 @@ def test_a_snapshot_round_trips_bitwise_and_the_other_slot_survives_a_copy_never
               for i in range(3)]  # fmt: skip
     states[2]["big"] = torch.randn(2**21)  # 8 MiB: copied on the snapshot thread, beside the next step
     for step, state in enumerate(states[:2], start=1):
-        snaps.take(step, state, live=set())
+        snaps.take(step, state, live=set)
         snaps.wait()
     assert snaps.held(1) == [2, 1]
     assert_tree_equal(snaps.load(1), states[0])
@@ -49,7 +49,7 @@ def test_a_snapshot_round_trips_bitwise_and_the_other_slot_survives_a_copy_never
         go_on.wait(30)
 
     monkeypatch.setattr(faults, "in_snapshot", pause)
-    snaps.take(3, states[2], live=set())  # overwrites step 1's slot; seen half-way, as a kill would leave it:
+    snaps.take(3, states[2], live=set)  # overwrites step 1's slot; seen half-way, as a kill would leave it:
     assert halfway.wait(30)
     reopened = Snapshots(tmp_path, 1, rank=0, out=tmp_path)
     reopened.open("run", clean=False)
@@ -71,7 +71,7 @@ def test_a_snapshot_gives_back_each_value_of_its_own_type(tmp_path, extra):
     snaps.open("run", clean=False)
     state = {"pos": (3, [1, 2], {"k": (None,)}), "by_id": {0: {"step": torch.ones(1)}, 1.5: "x", (1, 2): True},
              snapshot.TENSOR: 1, "fake": {snapshot.TENSOR: 0}, "nan": float("nan"), **extra}  # fmt: skip
-    snaps.take(1, state, live=set())
+    snaps.take(1, state, live=set)
     snaps.wait()
     loaded = snaps.load(1)
     assert snapshot.read_meta(snaps.dir / "meta-0")[1][:1] == (b"T" if extra else b"J")
@@ -175,7 +175,7 @@ def test_auto_counts_the_snapshot_threads_copies_where_no_core_is_spare_for_them
     snaps.open("run", clean=False)
     big = torch.randn(snapshot.SMALL // 4 + 1)  # over SMALL: copied on the snapshot thread
     for step in range(1, 9):
-        snaps.take(step, {"w": big}, live=set())
+        snaps.take(step, {"w": big}, live=set)
     snaps.wait()
     assert snaps.cost["taken"] == 8 and snaps.cost["thread"] > 0  # the thread's CPU seconds
     # in 1000 s (long enough that a stall of this busy host before share() reads the clock moves nothing)
@@ -209,7 +209,7 @@ def test_a_record_that_outgrows_its_meta_file_is_named_whole_and_a_smaller_one_a
     states = {1: {"w": torch.ones(2), "log": list(range(3000))}, 2: {"w": torch.ones(2), "log": []},
               3: {"w": torch.zeros(2), "log": [7]}}  # fmt: skip
     for step, state in states.items():
-        snaps.take(step, state, live=set())
+        snaps.take(step, state, live=set)
         snaps.wait()
     assert (snaps.dir / "meta-0").stat().st_size > 4096  # step 1's record, then step 3's in the same slot
     reopened = Snapshots(tmp_path, 1, rank=0, out=tmp_path)
@@ -224,18 +224,41 @@ def test_a_tied_weight_is_stored_once_and_restored_as_one_tensor(tmp_path):
     snaps = Snapshots(tmp_path, 1, rank=0, out=tmp_path)
     snaps.open("run", clean=False)
     tied = torch.randn(4)
-    snaps.take(1, {"embedding": tied, "head": tied}, live=set())
+    snaps.take(1, {"embedding": tied, "head": tied}, live=set)
     snaps.wait()
     loaded = snaps.load(1)
     assert torch.equal(loaded["head"], tied) and loaded["head"].data_ptr() == loaded["embedding"].data_ptr()
     assert (tmp_path / snapshot.ROOT / "run" / "rank-0" / "data-0").stat().st_size == snapshot.ALIGN
 
 
+def test_a_state_whose_layout_changes_between_steps_round_trips_at_each(tmp_path):
+    # the layout (places, size, their JSON) is worked out again only when a tensor's dtype, shape or strides
+    # change, or one comes or goes; each of those changes, and a tie made and undone, reads back exactly
+    snaps = Snapshots(tmp_path, 1, rank=0, out=tmp_path)
+    snaps.open("run", clean=False)
+    w = torch.randn(3, 4)
+    states = [{"w": w, "e": torch.zeros(0)}, {"w": w.clone(), "e": torch.zeros(0)},  # the same layout, new tensors
+              {"w": torch.randn(4, 3), "e": torch.zeros(0)}, {"w": torch.randn(3, 4).t(), "e": torch.zeros(0, 2)},
+              {"w": w.double(), "e": torch.zeros(0, 2)}, {"w": w, "v": w, "e": torch.zeros(0)},
+              {"w": w, "v": w.clone(), "e": torch.zeros(0)}, {"w": w}]  # fmt: skip
+    for step, state in enumerate(states, start=1):
+        snaps.take(step, state, live=set)
+        snaps.wait()
+        reopened = Snapshots(tmp_path, 1, rank=0, out=tmp_path)  # as a restart reads it: from the files
+        reopened.open("run", clean=False)
+        loaded = reopened.load(step)
+        assert_tree_equal(loaded, state)
+        assert all(loaded[k].stride() == v.stride() and loaded[k].dtype == v.dtype for k, v in state.items())
+        if "v" in state:  # tied at step 6, untied at step 7
+            assert (loaded["v"].data_ptr() == loaded["w"].data_ptr()) == (state["v"] is state["w"])
+    snaps.close(remove=True)
+
+
 def test_a_damaged_slot_is_not_offered_to_a_restart(tmp_path):
     snaps = Snapshots(tmp_path, 1, rank=0, out=tmp_path)
     snaps.open("run", clean=False)
     for step in (1, 2):
-        snaps.take(step, {"w": torch.full((8,), float(step))}, live=set())
+        snaps.take(step, {"w": torch.full((8,), float(step))}, live=set)
         snaps.wait()
     _, record = snapshot.read_meta(snaps.dir / "meta-1")
     with open(snaps.dir / "meta-1", "r+b") as f:  # step 2's record, torn: its last bytes never written
@@ -261,10 +284,10 @@ def test_too_little_shared_memory_warns_once_and_training_goes_on(tmp_path, monk
     monkeypatch.setattr(snapshot.shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(1 << 30, 1 << 30, 1024))
     for step in (1, 2):
         if snaps.due(step):
-            snaps.take(step, {"w": torch.zeros(1 << 16)}, live=set())
+            snaps.take(step, {"w": torch.zeros(1 << 16)}, live=set)
     assert len(said) == 1 and "snapshots in host memory are off: a snapshot needs 0.2 MiB" in said[0]
     assert snapshot._available_memory() > 1 << 20  # read from the host, not assumed
-    snaps.take(3, {"w": torch.zeros(1 << 16)}, live=set())  # due on every rank alike; off here, so nothing
+    snaps.take(3, {"w": torch.zeros(1 << 16)}, live=set)  # due on every rank alike; off here, so nothing
     assert snaps.held(1) == [] and snaps.pending is None and len(said) == 1
 
 
@@ -272,15 +295,15 @@ def test_a_slot_already_reserved_takes_its_snapshot_without_asking_for_room_agai
     snaps = Snapshots(tmp_path, 1, rank=0, out=tmp_path)
     snaps.open("run", clean=False)
     for step in (1, 2):  # both slots reserved, at the size of this state
-        snaps.take(step, {"w": torch.full((1 << 16,), float(step))}, live=set())
+        snaps.take(step, {"w": torch.full((1 << 16,), float(step))}, live=set)
         snaps.wait()
     monkeypatch.setattr(snapshot.shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(1 << 30, 1 << 30, 1024))
-    snaps.take(3, {"w": torch.full((1 << 16,), 3.0)}, live=set())  # into step 1's slot: no new memory needed
+    snaps.take(3, {"w": torch.full((1 << 16,), 3.0)}, live=set)  # into step 1's slot: no new memory needed
     snaps.wait()
     assert (
         not snaps.disabled and snaps.held(1) == [3, 2] and torch.equal(snaps.load(3)["w"], torch.full((1 << 16,), 3.0))
     )
-    snaps.take(4, {"w": torch.zeros(1 << 18)}, live=set())  # a larger state: the slot must grow, and cannot
+    snaps.take(4, {"w": torch.zeros(1 << 18)}, live=set)  # a larger state: the slot must grow, and cannot
     assert snaps.disabled
 
 

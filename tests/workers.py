@@ -133,7 +133,7 @@ def replica_ring(root: str) -> dict:
         replicas.open("run")
         states = {step: {"w": torch.full((1000,), 10.0 * rank + step), "rank": rank} for step in (1, 2)}
         for step, state in states.items():
-            snaps.take(step, state, live=set())
+            snaps.take(step, state, live=set)
             replicas.send(step)
             snaps.wait()
         replicas.close(remove=False)
