@@ -198,16 +198,17 @@ class Checkpointer:
         """
         if group.world_size() == 1:
             return
-        kinds: dict[tuple, list[str]] = {}  # one broadcast per dtype, not per buffer: a ResNet-50 has 161 of them
-        for name, _ in self.model.named_buffers():
+        places: dict[torch.device, list[str]] = {}  # one broadcast of their bytes, not one per buffer or dtype:
+        for name, _ in self.model.named_buffers():  # a ResNet-50 has 161 buffers, a BatchNorm two dtypes
             if name in model_state:  # persistent buffers only
-                kinds.setdefault((model_state[name].dtype, model_state[name].device), []).append(name)
-        for names in kinds.values():
-            flat = torch.cat([model_state[name].reshape(-1) for name in names])  # a copy: the model's stay as they are
+                places.setdefault(model_state[name].device, []).append(name)
+        for names in places.values():
+            buffers = [model_state[name] for name in names]
+            flat = torch.cat([b.reshape(-1).view(torch.uint8) for b in buffers])  # a copy: the model's stay as they are
             group.broadcast(flat, src=0)
-            parts = flat.split([model_state[name].numel() for name in names])
-            for name, part in zip(names, parts, strict=True):
-                model_state[name] = part.view(model_state[name].shape).clone()  # each its own storage, as before
+            parts = flat.split([b.numel() * b.element_size() for b in buffers])
+            for name, b, part in zip(names, buffers, parts, strict=True):  # each its own storage, aligned for its dtype
+                model_state[name] = part.clone().view(b.dtype).view(b.shape)
 
     def restore(self, folder: Path) -> dict[str, Any]:
         """Load the checkpoint in ``folder`` into the model, optimizer, every stateful and the RNGs; its

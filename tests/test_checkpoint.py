@@ -102,9 +102,11 @@ def training_state(seed: int):
     return model, optimizer, scheduler, Progress()
 
 
-def test_every_rank_checkpoints_rank_0s_buffers_in_one_broadcast_per_dtype_and_keeps_its_own(tmp_path):
-    """Any rank may write model.pt, so each holds rank 0's buffers (as exported weights do); the model's own stay."""
+def test_every_rank_checkpoints_rank_0s_buffers_in_one_broadcast_and_keeps_its_own(tmp_path):
+    """Any rank may write model.pt, so each holds rank 0's buffers (as exported weights do); the model's own stay.
+    One broadcast of their bytes, whatever their dtypes: every snapshot of a BatchNorm model makes it."""
     for rank, buffers in spawn(workers.rank0_buffers, 2, str(tmp_path)).items():
+        assert buffers.pop("broadcasts") == 1
         assert {saved.dtype for saved, _ in buffers.values()} == {torch.float32, torch.float64, torch.int64}
         for name, (saved, own) in buffers.items():
             assert saved.shape == own.shape and saved.dtype == own.dtype, name

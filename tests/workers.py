@@ -174,8 +174,13 @@ def rank0_buffers(root: str) -> dict:
             for buffer in model.buffers():
                 buffer.fill_(10 + rank)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        broadcast, calls = group.broadcast, []
+        group.broadcast = lambda *args, **kwargs: calls.append(args) or broadcast(*args, **kwargs)  # counted
         state = Checkpointer(Path(root), CheckpointConfig(), model, optimizer, say=lambda _: None).state()[0][MODEL]
+        group.broadcast = broadcast
         group.barrier()
-        return {name: (state[name].clone(), buffer.clone()) for name, buffer in model.named_buffers()}
+        return {"broadcasts": len(calls)} | {
+            name: (state[name].clone(), buffer.clone()) for name, buffer in model.named_buffers()
+        }
     finally:
         group.shutdown()
