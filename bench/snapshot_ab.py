@@ -4,6 +4,8 @@ Three trainers on 2 gloo ranks, one process each: no snapshots, a snapshot every
 ``ddp.snapshot`` as it is, and the same with ``ddp/snapshot.py`` of ``--against`` (read with
 ``git show``, loaded beside the current one). Blocks of steps alternate between them, so the
 host's slow spells hit all three alike; ratios are of throughput, per block, median and quartiles.
+Then the two snapshotting trainers take snapshots alone, in a loop between steps, in alternating
+blocks: what one costs, in microseconds, without the step's noise around it.
 
     python bench/snapshot_ab.py --against f2ba27c                 # the textbook MLP
     python bench/snapshot_ab.py --against f2ba27c --hidden 1024 1024
@@ -75,6 +77,7 @@ def worker(source: str, cfg: dict, repeats: int, block_s: float) -> dict:
         for k in list(fns) if rep % 2 == 0 else list(fns)[::-1]:
             group.barrier()
             seconds[k].append(max(group.all_gather_objects(timed(fns[k], steps, 3))))
+    alone = snapshots_alone({"now": now, "then": then}, repeats)
     for trainer in (now, then):
         trainer.checkpointer.snapshots.close(remove=True)
     group.barrier()
@@ -82,7 +85,28 @@ def worker(source: str, cfg: dict, repeats: int, block_s: float) -> dict:
     # throughput ratios: the other's seconds over this one's, block by block
     return {"step_ms": {k: 1000 * median(v) / steps for k, v in seconds.items()},
             "now / none": paired(seconds, "none", "now"), "then / none": paired(seconds, "none", "then"),
-            "now / then": paired(seconds, "then", "now")}  # fmt: skip
+            "now / then": paired(seconds, "then", "now"),
+            "snapshot alone, us (building the state, take, commit; in a loop, caches warm)": alone}  # fmt: skip
+
+
+def snapshots_alone(trainers: dict[str, Trainer], repeats: int, calls: int = 100) -> dict[str, float]:
+    """Microseconds per snapshot of each trainer's state, taken and committed in a loop between steps (as
+    ``save_if_due`` and ``before_update`` take one), in alternating blocks: the snapshot's own cost, which
+    in a step is larger (caches the step emptied) and hidden in the step's noise."""
+    step = [10**6]  # past any step the trainers took: a new snapshot each call
+
+    def snapshot(checkpointer) -> None:
+        step[0] += 1
+        checkpointer.save_if_due(step[0])
+        checkpointer.before_update()
+
+    seconds: dict[str, list[float]] = {k: [] for k in trainers}
+    for rep in range(repeats):
+        for k in list(trainers) if rep % 2 == 0 else list(trainers)[::-1]:
+            group.barrier()
+            ck = trainers[k].checkpointer
+            seconds[k].append(max(group.all_gather_objects(timed(lambda ck=ck: snapshot(ck), calls, 3))))
+    return {k: round(1e6 * median(v) / calls, 1) for k, v in seconds.items()}
 
 
 def main() -> None:
