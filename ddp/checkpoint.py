@@ -198,11 +198,11 @@ class Checkpointer:
         """
         if group.world_size() == 1:
             return
-        places: dict[torch.device, list[str]] = {}  # one broadcast of their bytes, not one per buffer or dtype:
+        by_device: dict[torch.device, list[str]] = {}  # one broadcast of their bytes, not one per buffer or dtype:
         for name, _ in self.model.named_buffers():  # a ResNet-50 has 161 buffers, a BatchNorm two dtypes
             if name in model_state:  # persistent buffers only
-                places.setdefault(model_state[name].device, []).append(name)
-        for names in places.values():
+                by_device.setdefault(model_state[name].device, []).append(name)
+        for names in by_device.values():
             buffers = [model_state[name] for name in names]
             flat = torch.cat([b.reshape(-1).view(torch.uint8) for b in buffers])  # a copy: the model's stay as they are
             group.broadcast(flat, src=0)
