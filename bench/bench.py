@@ -57,6 +57,7 @@ from ddp.data import make_loader
 from ddp.model import MLP
 from ddp.parallel import local_model
 from ddp.task import Task
+from ddp.tasks import resolve
 from ddp.tasks.charlm import CharLM
 from ddp.train import export_and_verify
 from ddp.trainer import Trainer
@@ -75,6 +76,7 @@ from common import (
     timed,
     trainer_step,
 )
+from peer_task import gpt
 from strategies import ac_table, peak_rss_bytes, print_ac, print_table, reset_peak_rss, rss_bytes, strategies_table
 
 # c with one setting changed (section, field, value); "c again" is c itself, the noise floor
@@ -742,6 +744,7 @@ def checkpoint_table(args, out: Path) -> dict:
         results["lost_per_checkpoint"] = [lost_per_checkpoint(args, out, n, strategy) for n, strategy in runs]
         if not lost_only:
             results["snapshots"] = snapshot_table(args, out)
+            results["snapshots"]["models"] = restore_rows(args, out) if results["snapshots"] else {}
     finally:
         group.shutdown()
     # two launches of fresh processes: most of a quick run's time for no figure worth reading
@@ -781,14 +784,7 @@ def snapshot_table(args, out: Path) -> dict:
         copy = timed(lambda: [b.copy_(x) for b, x in zip(floor_buf, tensors(ckpt.state()[0]), strict=True)], 1, 0)
         snap = timed(lambda s=step: (snaps.take(s, ckpt.state(), set), snaps.wait()), 1, 0)
         save = timed(lambda s=step: ckpt.save(s), 1, 0)
-        folder = out / "snap" / f"step-{step:08d}"
-        drop_cache(folder)
-        disk = resume_load(folder, model, opt) + touched(opt)  # its optimizer state is mapped: read in the 1st step
-        start = time.perf_counter()
-        files, _, _ = restorable(snaps.load(step, copy=False))  # as the Checkpointer restores: model tensors in place
-        model.load_state_dict(files[MODEL])
-        opt.load_state_dict(files[TRAIN]["optimizer"])
-        memory = time.perf_counter() - start + touched(opt)
+        disk, memory = restore_times(ckpt, step)
         least = restore_floor(model, floor_buf)
         if rep >= 0:
             add(t, tuple(t), (copy, snap, save, memory, disk, least))
@@ -804,6 +800,68 @@ def snapshot_table(args, out: Path) -> dict:
           f"{result['from_disk_s']:.3f} s ({ratio_text(result['disk/memory restore'])}x); restore floor "
           f"{result['restore_floor_s']:.3f} s", flush=True)  # fmt: skip
     return result
+
+
+def restore_times(ckpt: Checkpointer, step: int) -> tuple[float, float]:
+    """(from a cold disk, from memory): the checkpoint of ``step`` and its snapshot, each loaded into the
+    checkpointer's model and optimizer until the optimizer's state has been read once (a checkpoint's is mapped,
+    read in the first step)."""
+    model, opt = ckpt.model, ckpt.optimizer
+    folder = ckpt.root / f"step-{step:08d}"
+    drop_cache(folder)
+    disk = resume_load(folder, model, opt) + touched(opt)
+    start = time.perf_counter()
+    files, _, _ = restorable(ckpt.snapshots.load(step, copy=False))  # as the Checkpointer restores them
+    model.load_state_dict(files[MODEL])
+    opt.load_state_dict(files[TRAIN]["optimizer"])
+    return disk, time.perf_counter() - start + touched(opt)
+
+
+def bench_states() -> dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]]:
+    """The bench's models and the tokens case's GPT, each with its optimizer (SGD; the GPT's AdamW) after one step."""
+    configs = {
+        name: Config.from_dict({"task": {"spec": spec, "args": task_args}})
+        for name, (spec, task_args) in MODELS.items()
+    }
+    models = {name: resolve(cfg).model() for name, cfg in configs.items()}
+    models["tokens (charlm's GPT)"] = gpt()
+    configs["tokens (charlm's GPT)"] = Config.from_dict({"optim": {"optimizer": "adamw", "lr": 1e-3}})
+    states = {}
+    for name, model in models.items():
+        opt = ddp_optim.build(model, configs[name].optim)
+        for p in model.parameters():
+            p.grad = torch.full_like(p, 1e-3)
+        opt.step()  # its state (momentum, AdamW's moments) exists, as in a run
+        states[name] = (model, opt)
+    return states
+
+
+def restore_rows(args, out: Path) -> dict:
+    """Restoring each of the bench's models from memory against from a cold disk: in a run's restart, the same."""
+    rows = {}
+    for i, (name, (model, opt)) in enumerate(bench_states().items()):
+        cfg = CheckpointConfig(keep_last=2, snapshot_every="1", checkpoint_every_seconds=0, async_save="off")
+        ckpt = Checkpointer(out / f"restore-{i}", cfg, model, opt, say=lambda _: None)
+        ckpt.snapshots.open(f"bench-restore-{i}", clean=False)
+        t: dict[str, list[float]] = {"disk": [], "memory": []}
+        for rep in range(-1, args.ckpt_repeats):  # round -1 warms the slots and the disk's blocks
+            step = rep + 3
+            ckpt.snapshots.take(step, ckpt.state(), set)
+            ckpt.snapshots.wait()
+            ckpt.save(step)
+            if rep >= 0:
+                add(t, ("disk", "memory"), restore_times(ckpt, step))
+        ckpt.snapshots.close(remove=True)
+        mb = sum(x.numel() * x.element_size() for x in tensors(ckpt.state()[0])) / 2**20
+        rows[name] = {"state_mb": mb, "disk/memory restore": paired(t, "disk", "memory"),
+                      **{f"{k}_s": median(v) for k, v in t.items()}}  # fmt: skip
+        row = rows[name]
+        print(
+            f"  restore of {name} ({mb:,.2f} MB of state): from memory {1e3 * row['memory_s']:.2f} ms, from a "
+            f"cold disk {1e3 * row['disk_s']:.2f} ms ({ratio_text(row['disk/memory restore'])}x)",
+            flush=True,
+        )
+    return rows
 
 
 def restore_floor(model: torch.nn.Module, bufs: list[torch.Tensor]) -> float:

@@ -19,6 +19,9 @@ def test_bench_quick_runs_and_writes_results(tmp_path):
     )
     assert {(row["workers"], row["pin_memory"]) for row in results["loader"]} >= {(0, False), (1, False)}
     assert "lost_per_checkpoint" in results["checkpoints"] and "| case |" in out
+    restores = results["checkpoints"]["snapshots"]["models"]  # every model of the bench, from memory and from disk
+    assert {"mlp (textbook, 20-256-10)", "tokens (charlm's GPT)"} <= set(restores) and "restore of tokens" in out
+    assert all(row["memory_s"] > 0 and row["disk_s"] > 0 for row in restores.values())
     fsdp = next(row for row in results["strategies"] if row["strategy"] == "fsdp" and row["ranks"] == 2)
     assert fsdp["params / ddp"] == fsdp["grads / ddp"] == 0.5  # 2 ranks, sizes they divide: exactly half
     assert 0.5 <= fsdp["optimizer / ddp"] < 0.51  # AdamW's step counts are not sharded
