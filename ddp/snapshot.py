@@ -30,6 +30,7 @@ import contextlib
 import io
 import json
 import math
+import mmap
 import operator
 import os
 import queue
@@ -631,23 +632,30 @@ class Snapshots:
     def load(self, step: int, copy: bool = True) -> Any:
         """The state of this rank's snapshot of ``step``, as ``take`` was given it (tensors on the CPU): copies, or
         without ``copy`` views of a private mapping of the slot, valid until the slot is written again."""
-        blob, data = self.raw(step)
-        record = meta_record(blob)
+        _, record, data = self._read(step)
         tensors = [_view(data, place) for place in record["places"]]
         return unflatten(record["meta"], [t.clone() for t in tensors] if copy else tensors)
 
     def raw(self, step: int) -> tuple[bytes, torch.Tensor]:
         """(the meta record, the data) of the snapshot of ``step``, as stored: the data a private mapping of the
         slot's file, as long as the snapshot."""
+        blob, _, data = self._read(step)
+        return blob, data
+
+    def _read(self, step: int) -> tuple[bytes, dict, torch.Tensor]:
+        """(the meta record as stored, and read; the data, mapped privately): a restart's first reads. A plain
+        ``mmap``, not ``np.memmap``, which resolves the file's path at every call (a third of a small restore)."""
         slot = next((k for k, s in self.slots.items() if s["step"] == step), None)
         if slot is None:
             raise OSError(f"{self.dir} holds no snapshot of step {step}")
         blob = self._blob(slot)
-        size = meta_record(blob)["size"]
-        mm = np.memmap(self.dir / f"data-{slot}", dtype=np.uint8, mode="c")
-        if mm.shape[0] < size:
-            raise OSError(f"{self.dir / f'data-{slot}'} is shorter than its snapshot")
-        return blob, torch.from_numpy(mm)[:size]
+        record = meta_record(blob)
+        path = self.dir / f"data-{slot}"
+        with open(path, "rb") as f:
+            data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # copy-on-write: the slot itself stays as it is
+        if len(data) < record["size"]:
+            raise OSError(f"{path} is shorter than its snapshot")
+        return blob, record, torch.frombuffer(data, dtype=torch.uint8)[: record["size"]]
 
     def nbytes(self) -> int:
         """Host memory the slots take."""
