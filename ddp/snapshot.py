@@ -644,7 +644,7 @@ class Snapshots:
 
     def _read(self, step: int) -> tuple[bytes, dict, torch.Tensor]:
         """(the meta record as stored, and read; the data, mapped privately): a restart's first reads. A plain
-        ``mmap``, not ``np.memmap``, which resolves the file's path at every call (a third of a small restore)."""
+        ``mmap``, not ``np.memmap``, which resolves the file's path at every call (a sixth of a small restore)."""
         slot = next((k for k, s in self.slots.items() if s["step"] == step), None)
         if slot is None:
             raise OSError(f"{self.dir} holds no snapshot of step {step}")
