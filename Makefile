@@ -58,10 +58,11 @@ $(VENV)/.bench-installed: $(VENV)/.installed
 	$(PY) -m pip install --quiet -e '.[bench]' --no-compile
 	touch $@
 
-bench: $(VENV)/.bench-installed  ## benchmarks, then the peers table (accelerate, Lightning); bench/results.json, peers.json
+bench: $(VENV)/.bench-installed  ## benchmarks, the peers table (accelerate, Lightning), snapshots as users run them
 	$(PY) bench/bench.py $(ARGS)
 	$(PY) bench/peers.py $(PEERS_ARGS)
+	$(PY) bench/peers.py --snapshots --repeats 5
 
 clean:
-	rm -rf runs .pytest_cache .ruff_cache bench/results.json bench/peers.json *.egg-info
+	rm -rf runs .pytest_cache .ruff_cache bench/results.json bench/peers.json bench/snapshots.json *.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -3,6 +3,7 @@
     make bench                         # bench/bench.py, then this table (the `bench` extra: accelerate, Lightning)
     python bench/peers.py              # about 35 minutes on 2 cores; writes bench/peers.json
     python bench/peers.py --quick      # the textbook MLP, short runs, one repeat
+    python bench/peers.py --snapshots --repeats 5   # this project alone: snapshots off, auto, every step (15 min)
 
 Every contestant is a fresh ``torchrun --standalone --nproc-per-node 2`` job (gloo, one thread a rank) that
 trains the same model on the same in-memory data (``bench/peer_task.py``: 65,536 rows), per-rank batch 64,
@@ -27,6 +28,7 @@ per-repeat ratios against the fastest peer of that repeat.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import math
@@ -39,7 +41,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
 
@@ -54,6 +56,8 @@ STEPS = {"mlp": 2500, "wide": 300, "cnn": 80, "tokens": 120}  # N: about 5 s of 
 QUICK_STEPS = {"mlp": 100, "wide": 20, "cnn": 10, "tokens": 20}
 BATCH, LR, MOMENTUM = 64, 0.01, 0.9
 LAUNCH_TIMEOUT = 600
+SNAPSHOTS = {"none": ("--snapshot-every", "0"), "auto": (), "every step": ("--snapshot-every", "1")}  # --snapshots
+AUTO = re.compile(r"one every (\d+) steps from now")  # this project's line where auto widens the interval
 
 
 # ---- the contestants' loops (run by torchrun: python bench/peers.py --loop NAME) -------------------------
@@ -250,10 +254,10 @@ def command(contestant: str, case: str, steps: int, nproc: int, out: Path, extra
     return [*launch, str(Path(__file__)), "--loop", contestant, "--case", case, "--steps", str(steps)]
 
 
-def timed_launch(cmd: list[str], steps: int, nproc: int) -> tuple[float, float, float, bool]:
-    """Seconds from the launch to the lines of the middle step and of the last, and to the launcher's exit; and
+def timed_launch(cmd: list[str], steps: int, nproc: int) -> tuple[float, float, float, bool, str]:
+    """Seconds from the launch to the lines of the middle step and of the last, and to the launcher's exit;
     whether the job exited cleanly (a rank that aborts at exit, after its last step, fails the job but not its
-    timings)."""
+    timings); and what it printed."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{HERE}{os.pathsep}{ROOT}"}
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
@@ -276,7 +280,7 @@ def timed_launch(cmd: list[str], steps: int, nproc: int) -> tuple[float, float, 
         raise RuntimeError(f"{' '.join(cmd)} failed (exit {proc.returncode}):\n{''.join(lines[-40:])}")
     if proc.returncode != 0:
         print(f"    exit {proc.returncode} after the last step: {''.join(lines[-3:]).strip()[-300:]}", flush=True)
-    return seen[steps // 2], seen[steps], end, proc.returncode == 0
+    return seen[steps // 2], seen[steps], end, proc.returncode == 0, "".join(lines)
 
 
 def quartiles(xs: list[float]) -> dict:
@@ -286,31 +290,59 @@ def quartiles(xs: list[float]) -> dict:
     return {"median": statistics.median(xs), "q1": q[0], "q3": q[2]}
 
 
-def measure(case: str, contestants: list[str], steps: int, nproc: int, repeats: int, tmp: str,
-            extra: Sequence[str] = ()) -> dict:  # fmt: skip
-    """Per contestant and repeat: samples/s from the N and 2N runs, start-up and exit seconds."""
-    raw = {c: {"samples_per_s": [], "startup_s": [], "exit_s": [], "failed_exits": 0} for c in contestants}
+def runs(case: str, launches: dict[str, Callable[[int, Path], list[str]]], steps: int, nproc: int, repeats: int,
+         tmp: str) -> dict:  # fmt: skip
+    """Per launch and repeat, in alternating order: samples/s from steps N to 2N, start-up and exit seconds, and
+    the intervals ``--snapshot-every auto`` chose (this project's runs)."""
+    raw = {c: {"samples_per_s": [], "startup_s": [], "exit_s": [], "failed_exits": 0, "auto": []} for c in launches}
     batch = TOKENS["batch"] if case == "tokens" else BATCH
     for rep in range(repeats):
-        for c in contestants if rep % 2 == 0 else contestants[::-1]:  # alternating: no drift bias
-            out = Path(tmp) / f"{c}-{case}-{nproc}-{rep}"
-            launch = command(c, case, 2 * steps, nproc, out, extra if c == "ours" else ())
-            middle, last, end, clean = timed_launch(launch, 2 * steps, nproc)
+        for c in list(launches) if rep % 2 == 0 else list(launches)[::-1]:  # alternating: no drift bias
+            cmd = launches[c](steps=2 * steps, out=Path(tmp) / f"{c}-{case}-{nproc}-{rep}")
+            middle, last, end, clean, lines = timed_launch(cmd, 2 * steps, nproc)
             step_s = (last - middle) / steps  # steps N+1 to 2N: warm, start-up and exit outside
             raw[c]["samples_per_s"].append(batch * nproc / step_s)
             raw[c]["startup_s"].append(middle - steps * step_s)
             if clean:  # a crash at exit is counted, not timed
                 raw[c]["exit_s"].append(end - last)
             raw[c]["failed_exits"] += not clean
+            raw[c]["auto"].append(int((AUTO.findall(lines) or [1])[-1]))  # "... one every 16 steps from now"
             print(f"  {case} ({nproc}) {c} repeat {rep + 1}: {raw[c]['samples_per_s'][-1]:,.0f} samples/s", flush=True)
-    row = {c: {k: quartiles(v) if isinstance(v, list) else v for k, v in figures.items()} for c, figures in raw.items()}
+    return raw
+
+
+def ratios(raw: dict, top: str, bottoms: list[str]) -> dict:
+    """The median and quartiles of the per-repeat ratios of ``top``'s samples/s to the best of ``bottoms``'."""
+    top_s, repeats = raw[top]["samples_per_s"], len(raw[top]["samples_per_s"])
+    return quartiles([top_s[r] / max(raw[b]["samples_per_s"][r] for b in bottoms) for r in range(repeats)])
+
+
+def measure(case: str, contestants: list[str], steps: int, nproc: int, repeats: int, tmp: str,
+            extra: Sequence[str] = ()) -> dict:  # fmt: skip
+    """Per contestant and repeat: samples/s from the N and 2N runs, start-up and exit seconds."""
+    launches = {c: functools.partial(command, c, case, nproc=nproc, extra=extra if c == "ours" else ())
+                for c in contestants}  # fmt: skip
+    raw = runs(case, launches, steps, nproc, repeats, tmp)
+    row = {c: {k: quartiles(v) if isinstance(v, list) else v for k, v in figures.items() if k != "auto"}
+           for c, figures in raw.items()}  # fmt: skip
     peers = [c for c in contestants if c != "ours"]
     if "ours" in contestants and peers:
-        ratios = [raw["ours"]["samples_per_s"][r] / max(raw[p]["samples_per_s"][r] for p in peers)
-                  for r in range(repeats)]  # fmt: skip
-        row["ours / best peer"] = quartiles(ratios)
+        row["ours / best peer"] = ratios(raw, "ours", peers)
     name = case if case != "tokens" else f"tokens, {nproc} rank{'s' if nproc > 1 else ''}"
     return {"case": name, "steps": steps, "nproc": nproc, "contestants": contestants, "raw": raw, **row}
+
+
+def measure_snapshots(case: str, steps: int, nproc: int, repeats: int, tmp: str) -> dict:
+    """This project's runs with snapshots off, at their default (``auto``) and every step, as a user launches
+    them: what the snapshots cost through the whole path (``bench.py`` measures them inside one process)."""
+    launches = {name: functools.partial(command, "ours", case, nproc=nproc, extra=flags)
+                for name, flags in SNAPSHOTS.items()}  # fmt: skip
+    raw = runs(case, launches, steps, nproc, repeats, tmp)
+    row = {name: quartiles(raw[name]["samples_per_s"]) for name in SNAPSHOTS}
+    row.update({f"{name} / none": ratios(raw, name, ["none"]) for name in SNAPSHOTS if name != "none"})
+    row["auto: one every N steps"] = sorted(set(raw["auto"]["auto"]))
+    name = case if case != "tokens" else f"tokens, {nproc} rank{'s' if nproc > 1 else ''}"
+    return {"case": name, "steps": steps, "nproc": nproc, "raw": raw, **row}
 
 
 def table(rows: list[dict]) -> str:
@@ -327,6 +359,18 @@ def table(rows: list[dict]) -> str:
             ratio = row.get("ours / best peer") if key == "samples_per_s" else None
             last = "{median:.2f} ({q1:.2f}–{q3:.2f})".format(**ratio) if ratio else ""
             lines.append(f"| {row['case']}: {label} | " + " | ".join(cells) + f" | {last} |")
+    return "\n".join(lines)
+
+
+def snapshot_table(rows: list[dict]) -> str:
+    """The snapshot runs as a Markdown table: samples/s of each setting, the ratios to none, auto's interval."""
+    lines = ["| case | none | auto (the default) | every step | auto / none | every step / none | auto chose |",
+             "|---|---:|---:|---:|---:|---:|---|"]  # fmt: skip
+    for row in rows:
+        speeds = [f"{row[name]['median']:,.0f}" for name in SNAPSHOTS]
+        shares = ["{median:.2f} ({q1:.2f}–{q3:.2f})".format(**row[f"{name} / none"]) for name in ("auto", "every step")]
+        chose = ", ".join(f"every {n}" for n in row["auto: one every N steps"])
+        lines.append(f"| {row['case']} | " + " | ".join([*speeds, *shares, chose]) + " |")
     return "\n".join(lines)
 
 
@@ -357,16 +401,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--contestants", default=",".join(CONTESTANTS), help="comma-separated, of " + ", ".join(CONTESTANTS))
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--nproc", type=int, default=2)
-    p.add_argument("--output", type=Path, default=HERE / "peers.json")
+    p.add_argument("--output", type=Path, help="where the results go (default: bench/peers.json)")
     p.add_argument("--ours-args", default="", help="more flags for this project's runs, e.g. '--snapshot-every 0'")
+    p.add_argument("--snapshots", action="store_true", help="instead: this project's runs with snapshots off, auto "
+                   "and every step (writes bench/snapshots.json unless --output)")  # fmt: skip
     args = p.parse_args(argv)
     if args.loop:
         globals()[f"loop_{args.loop}"](args.case, args.steps)
         return 0
     cases = args.cases.split(",") if args.cases else ["mlp"] if args.quick else ["mlp", "wide", "cnn", "tokens"]
-    contestants = available(args.contestants.split(","))
+    contestants = ["ours"] if args.snapshots else available(args.contestants.split(","))
     repeats = 1 if args.quick else args.repeats
-    print(f"peers: {', '.join(contestants)}; {args.nproc} ranks on gloo, one thread each", flush=True)
+    what = "snapshots: none, auto, every step" if args.snapshots else f"peers: {', '.join(contestants)}"
+    print(f"{what}; {args.nproc} ranks on gloo, one thread each", flush=True)
     rows = []
     with tempfile.TemporaryDirectory(prefix="peers-") as tmp:
         os.environ["PEERS_TOKENS"] = str(Path(tmp) / "tokens.bin")  # read by the contestants of the tokens case
@@ -376,9 +423,13 @@ def main(argv: list[str] | None = None) -> int:
             peers = PEERS.get(case, [c for c in CONTESTANTS if c not in PEERS["tokens"][1:]])
             here = [c for c in contestants if c in peers]
             for nproc in sorted({1, args.nproc}) if case == "tokens" else (args.nproc,):  # nanoGPT alone and under DDP
-                rows.append(measure(case, here, steps, nproc, repeats, tmp, shlex.split(args.ours_args)))
-    print(table(rows))
-    args.output.write_text(json.dumps({"rows": rows, "quick": args.quick}, indent=1))
+                if args.snapshots:
+                    rows.append(measure_snapshots(case, steps, nproc, repeats, tmp))
+                else:
+                    rows.append(measure(case, here, steps, nproc, repeats, tmp, shlex.split(args.ours_args)))
+    print(snapshot_table(rows) if args.snapshots else table(rows))
+    output = args.output or HERE / ("snapshots.json" if args.snapshots else "peers.json")
+    output.write_text(json.dumps({"rows": rows, "quick": args.quick}, indent=1))
     return 0
 
 

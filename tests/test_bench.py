@@ -41,6 +41,17 @@ def test_the_peers_task_trains_as_a_users_task_does_its_cnn_in_channels_last(tmp
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
 
 
+def test_the_snapshots_bench_launches_as_a_user_does_and_reads_autos_interval(tmp_path):
+    """``peers.py --snapshots``: this project under torchrun with snapshots off, auto and every step, alternating;
+    auto widens the textbook MLP's interval (a snapshot there costs far over 2 % of a 2 ms step) and says so."""
+    cmd = [sys.executable, "bench/peers.py", "--snapshots", "--quick", "--output", str(tmp_path / "s.json")]
+    out = ok(run(cmd, timeout=180))
+    (row,) = json.loads((tmp_path / "s.json").read_text())["rows"]
+    assert all(row[name]["median"] > 0 for name in ("none", "auto", "every step"))
+    assert row["every step / none"]["median"] > 0 and row["auto / none"]["median"] > 0
+    assert row["auto: one every N steps"][-1] > 1 and "| mlp |" in out
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU case")
 def test_gpu_check_without_cuda_says_so_and_exits_0(tmp_path):
     proc = run([sys.executable, "bench/gpu_check.py", "--report", str(tmp_path / "r.json")], timeout=60)
