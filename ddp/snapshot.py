@@ -652,9 +652,9 @@ class Snapshots:
         record = meta_record(blob)
         path = self.dir / f"data-{slot}"
         with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size < record["size"]:  # an empty file would not even map (a ValueError)
+                raise OSError(f"{path} is shorter than its snapshot")
             data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # copy-on-write: the slot itself stays as it is
-        if len(data) < record["size"]:
-            raise OSError(f"{path} is shorter than its snapshot")
         return blob, record, torch.frombuffer(data, dtype=torch.uint8)[: record["size"]]
 
     def nbytes(self) -> int:

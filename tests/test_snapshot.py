@@ -269,6 +269,9 @@ def test_a_damaged_slot_is_not_offered_to_a_restart(tmp_path):
     reopened.open("run", clean=False)
     assert reopened.held(1) == [1] and "slot 1 is damaged; it is not used" in said[0]
     assert torch.equal(reopened.load(1)["w"], torch.full((8,), 1.0))
+    (snaps.dir / "data-0").write_bytes(b"")  # emptied after the restart named it: an OSError too, not a ValueError
+    with pytest.raises(OSError, match="data-0 is shorter than its snapshot"):
+        reopened.load(1)
     (snaps.dir / "meta-0").write_bytes(b"{torn")  # after the restart read it: an OSError, which ddp.replicas reports
     with pytest.raises(OSError, match="does not match its checksum"):
         reopened.raw(1)
