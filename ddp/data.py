@@ -187,19 +187,50 @@ class ResumableSampler(DistributedSampler):
         return (len(self.dataset) - self.start) // self.num_replicas
 
     def __iter__(self) -> Iterator[int]:
+        for chunk in self._chunks():
+            yield from chunk.tolist()
+
+    def batches(self, batch_size: int) -> Iterator[np.ndarray]:
+        """The same indices, ``batch_size`` at a time as int64 arrays, the last partial batch dropped. An array
+        indexes a TensorDataset's tensors at 3x the speed of a list (10 against 28 us for a batch of 64 and two
+        tensors), with no Python int made per index, and goes to a loader's workers as plain bytes, where a
+        tensor would take a shared-memory segment each."""
+        rest = np.empty(0, dtype=np.int64)
+        for chunk in self._chunks():
+            rest = np.concatenate([rest, chunk.astype(np.int64)])
+            whole = len(rest) - len(rest) % batch_size
+            yield from (rest[lo : lo + batch_size] for lo in range(0, whole, batch_size))
+            rest = rest[whole:]
+
+    def _chunks(self) -> Iterator[np.ndarray]:
+        """This rank's indices from the position set, in chunks of up to ``CHUNK``."""
         n, count = len(self.dataset), self._remaining()
         first = self.start + self.rank
         if self.shuffle and self.order == 1:  # an earlier version's epoch, resumed
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
-            yield from order[first : first + count * self.num_replicas : self.num_replicas]
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).numpy()
+            yield order[first : first + count * self.num_replicas : self.num_replicas]
             return
         permute = Permutation(n, self.seed + 1_000_003 * self.epoch) if self.shuffle else None
         for lo in range(0, count, self.CHUNK):
             positions = first + self.num_replicas * np.arange(lo, min(count, lo + self.CHUNK), dtype=np.uint64)
-            yield from (permute(positions) if permute is not None else positions).tolist()
+            yield permute(positions) if permute is not None else positions
 
     def __len__(self) -> int:
         return self._remaining()
+
+
+class IndexBatches(Sampler):
+    """A ResumableSampler's indices in batches, as int64 arrays (``ResumableSampler.batches``): what a
+    DataLoader hands a TensorDataset whole; ``BatchSampler(sampler, batch_size, drop_last=True)`` as lists."""
+
+    def __init__(self, sampler: ResumableSampler, batch_size: int) -> None:
+        self.sampler, self.batch_size = sampler, batch_size
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return self.sampler.batches(self.batch_size)
+
+    def __len__(self) -> int:
+        return len(self.sampler) // self.batch_size
 
 
 def steps_per_epoch(train_samples: int, global_batch: int, start: int = 0) -> int:
@@ -232,9 +263,10 @@ def make_loader(
         "worker_init_fn": rng.seed_worker if workers else None,
         "generator": torch.Generator().manual_seed(seed),
     }
-    if batched:
-        batches = BatchSampler(sampler, batch_size, drop_last=True)
-        # the sampler yields whole batches of indices
+    if batched:  # the sampler yields whole batches of indices: arrays, or lists for a subclass, whose own
+        # __getitem__ may take each index as a Python int (a dict's key)
+        exact = type(task.train_data) is TensorDataset
+        batches = IndexBatches(sampler, batch_size) if exact else BatchSampler(sampler, batch_size, drop_last=True)
         return DataLoader(task.train_data, sampler=batches, batch_size=None, **options)
     if not task.draws_random:  # the DataLoader reads each batch in one __getitems__ call where there is one
         data, indices = task.train_data, sampler

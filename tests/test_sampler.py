@@ -14,7 +14,7 @@ import torch
 import ddp
 from ddp import evaluate
 from ddp.config import EvalConfig
-from ddp.data import Permutation, ResumableSampler, eval_indices
+from ddp.data import IndexBatches, Permutation, ResumableSampler, eval_indices
 from ddp.train import main
 from ddp.trainer import Progress
 
@@ -66,14 +66,30 @@ def test_ranks_split_one_global_stream_from_any_position(ranks):
     assert interleaved == stream[start : start + per_rank * ranks]  # global batch j: the same samples for any N
 
 
+@pytest.mark.parametrize(("n", "ranks", "start", "batch", "order", "shuffle"), [
+    (10_000, 1, 0, 64, 2, True), (10_000, 3, 1_234, 100, 2, True),  # batches across the sampler's chunks of 4096
+    (9_000, 2, 17, 4096, 2, True), (5_000, 2, 0, 7, 2, False), (1_000, 2, 300, 32, 1, True),  # an earlier order
+    (50, 2, 0, 64, 2, True),  # fewer samples than a batch: none
+])  # fmt: skip
+def test_whole_batches_of_indices_are_the_samplers_own_in_its_order(n, ranks, start, batch, order, shuffle):
+    """What a TensorDataset is indexed with: arrays of the indices that ``BatchSampler`` gives as lists."""
+    for rank in range(ranks):
+        sampler = ResumableSampler(Sized(n), ranks, rank, seed=3, shuffle=shuffle)
+        sampler.set_position(2, start, order=order)
+        arrays = list(IndexBatches(sampler, batch))
+        assert [a.tolist() for a in arrays] == list(torch.utils.data.BatchSampler(sampler, batch, drop_last=True))
+        assert len(arrays) == len(IndexBatches(sampler, batch)) and all(a.dtype == np.int64 for a in arrays)
+
+
 @pytest.mark.parametrize("n", [10**10, 2**40 + 12_345])
 def test_a_corpus_of_ten_billion_samples_costs_no_memory_and_resumes_anywhere(n):
     sampler = ResumableSampler(Sized(n), 4, 3, seed=0)
     sampler.set_position(7, n // 2)  # resume at the middle of an epoch: no index before it is computed
     tracemalloc.start()
     try:
-        it = iter(sampler)
+        it, batches = iter(sampler), iter(IndexBatches(sampler, 1000))
         first = [next(it) for _ in range(10_000)]
+        assert np.concatenate([next(batches) for _ in range(10)]).tolist() == first  # what a TensorDataset is given
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()

@@ -33,7 +33,7 @@ def indices_per_rank(cfg_dict: dict, epoch: int) -> list[int]:
         data = trainer.data
         assert data.loader.batch_sampler is None and data.loader.sampler.sampler is data.sampler
         data.sampler.set_position(epoch, 0)
-        return [i for batch in data.loader.sampler for i in batch]
+        return [int(i) for batch in data.loader.sampler for i in batch]  # arrays of them, or lists for a subclass
 
     return _on_every_rank(cfg_dict, body)
 
