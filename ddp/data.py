@@ -203,7 +203,7 @@ class ResumableSampler(DistributedSampler):
             rest = rest[whole:]
 
     def _chunks(self) -> Iterator[np.ndarray]:
-        """This rank's indices from the position set, in chunks of up to ``CHUNK``."""
+        """This rank's indices from the position ``set_position`` gave, in chunks of up to ``CHUNK``."""
         n, count = len(self.dataset), self._remaining()
         first = self.start + self.rank
         if self.shuffle and self.order == 1:  # an earlier version's epoch, resumed

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import resource
+import sys
 
 import torch
 
@@ -58,13 +60,8 @@ def peak_memory_mb(device: torch.device) -> float:
     a CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
-    except (OSError, StopIteration):  # not Linux: the OS's own figure
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # VmHWM, in a system call, not /proc's text (18 us)
+    return peak / (2**20 if sys.platform == "darwin" else 1024)  # bytes on macOS, KiB on Linux
 
 
 # Dense peak TFLOP/s by GPU (matched in torch.cuda.get_device_name, first match wins) and dtype, from NVIDIA's
