@@ -233,6 +233,21 @@ class IndexBatches(Sampler):
         return len(self.sampler) // self.batch_size
 
 
+class TensorBatches:
+    """A TensorDataset's batches in the training process, without a DataLoader around them: with no workers to
+    feed and nothing to pin, its iterator, conversion and profiler range were 20 us a batch (against 19 for the
+    indexing itself), 1 % of the textbook MLP's step. ``sampler`` as a DataLoader names it."""
+
+    def __init__(self, dataset: TensorDataset, sampler: IndexBatches) -> None:
+        self.dataset, self.sampler = dataset, sampler
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        return map(self.dataset.__getitem__, self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
 def steps_per_epoch(train_samples: int, global_batch: int, start: int = 0) -> int:
     """Optimizer steps in an epoch (from sample ``start``) under the drop_last policy."""
     return (train_samples - start) // global_batch
@@ -246,13 +261,13 @@ def make_loader(
     pin_memory: bool,
     seed: int,
     timeout: float = 0.0,
-) -> DataLoader:
+) -> DataLoader | TensorBatches:
     """This rank's training batches, in the order ``sampler`` gives; a batch that ``workers`` do not deliver within
     ``timeout`` seconds (0: no limit, which no workers require) is an error, not a wait forever.
 
-    A TensorDataset without a custom collate is indexed with a whole batch at once (no
-    per-sample calls, no collate); any other dataset is read through SeededSamples, sample
-    by sample, unless the task says it draws no random numbers, and collated.
+    A TensorDataset without a custom collate is indexed with a whole batch at once (no per-sample calls, no
+    collate; with no workers and nothing to pin, no DataLoader); any other dataset is read through SeededSamples,
+    sample by sample, unless the task says it draws no random numbers, and collated.
     """
     batched = isinstance(task.train_data, TensorDataset) and task.collate is None
     options = {
@@ -267,6 +282,8 @@ def make_loader(
         # __getitem__ may take each index as a Python int (a dict's key)
         exact = type(task.train_data) is TensorDataset
         batches = IndexBatches(sampler, batch_size) if exact else BatchSampler(sampler, batch_size, drop_last=True)
+        if exact and not workers and not pin_memory:
+            return TensorBatches(task.train_data, batches)
         return DataLoader(task.train_data, sampler=batches, batch_size=None, **options)
     if not task.draws_random:  # the DataLoader reads each batch in one __getitems__ call where there is one
         data, indices = task.train_data, sampler

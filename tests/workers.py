@@ -31,7 +31,7 @@ def indices_per_rank(cfg_dict: dict, epoch: int) -> list[int]:
 
     def body(trainer: Trainer) -> list[int]:
         data = trainer.data
-        assert data.loader.batch_sampler is None and data.loader.sampler.sampler is data.sampler
+        assert data.loader.sampler.sampler is data.sampler  # whole batches of its indices
         data.sampler.set_position(epoch, 0)
         return [int(i) for batch in data.loader.sampler for i in batch]  # arrays of them, or lists for a subclass
 
