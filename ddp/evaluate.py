@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -27,16 +28,16 @@ class Evaluator:
         self.evaluated = -1  # the step of the last evaluation
         self.best = Best(cfg.eval)
 
-    def restore(self, records: list[dict], step: int) -> None:
-        """Resume at ``step`` from rank 0's eval records of this run up to it (``StepMetrics.resume``): the best
-        so far, and whether ``step`` itself was evaluated (a relaunch of a finished run evaluates it once)."""
-        error = None
+    def restore(self, records: Iterable[dict], step: int) -> None:
+        """Resume at ``step`` from rank 0's eval records of this run up to it (``StepMetrics.resume``), in one pass:
+        the best so far, and whether ``step`` itself was evaluated (a relaunch of a finished run evaluates it once)."""
+        error, evaluated = None, False
         try:
             for r in records:
                 self.best.update(r["step"], r)
+                evaluated = evaluated or r["step"] == step
         except ConfigError as e:  # on rank 0 alone, which holds the records: every rank must raise it
             error = str(e)
-        evaluated = any(r["step"] == step for r in records)
         mine = (error, evaluated, self.best.step, self.best.value, self.best.stale)
         error, evaluated, self.best.step, self.best.value, self.best.stale = group.broadcast_object(mine, src=0)
         if error is not None:

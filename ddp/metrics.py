@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
+import os
 import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -18,7 +20,6 @@ from torch.utils.flop_counter import FlopCounterMode
 from ddp import trackers
 from ddp.device import peak_memory_mb, peak_tflops
 from ddp.errors import DDPError
-from ddp.io import atomic_write
 
 METRICS = "metrics.jsonl"
 
@@ -43,18 +44,19 @@ class MetricsWriter:
         """Seconds of training, this attempt's and those before it."""
         return self.offset + time.monotonic() - self.start
 
-    def resume(self, run: str, step: int, elapsed: float) -> list[dict]:
+    def resume(self, run: str, step: int, elapsed: float) -> Iterator[dict]:
         """Continue the log of ``run`` from ``step``: later records go, the clock goes on from ``elapsed``.
-        The eval records of this run it keeps, in order."""
+        The eval records of this run up to ``step``, in order, read as they are iterated.
+
+        The log of a run of days holds millions of records, so it is never read whole: records are in step
+        order, and those past ``step`` are found from the end and cut off, with a line a power cut tore; the
+        eval records are picked out of the lines as they stream by.
+        """
         self.run, self.offset, self.start = run, elapsed, time.monotonic()
         if not self.enabled or not self.path.exists():
-            return []
-        lines = self.path.read_text().splitlines(keepends=True)
-        records = [(line, json.loads(line)) for line in lines if line.strip()]
-        kept = [(line, r) for line, r in records if r.get("step", 0) <= step]
-        if len(kept) != len(lines):
-            atomic_write(self.path, lambda f: f.write("".join(line for line, _ in kept).encode()))
-        return [r for _, r in kept if r.get("kind") == "eval" and r.get("run") == run]
+            return iter(())
+        cut_after(self.path, step)
+        return (r for r in records(self.path, b'"eval"') if r.get("kind") == "eval" and r.get("run") == run)
 
     def write(self, kind: str, at: float | None = None, **values: Any) -> None:
         """Record one event ('train' or 'eval') with its values and the training time: now, or ``at``."""
@@ -192,7 +194,62 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / METRICS
     if not path.exists():
         raise DDPError(f"{path} does not exist; is {run_dir} the --out folder of a training run?")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return list(records(path))
+
+
+def records(path: Path, having: bytes = b"") -> Iterator[dict]:
+    """The records of a metrics.jsonl, one line at a time; only lines ``having`` those bytes are decoded. A line
+    that is not a record (torn by a power cut) is skipped."""
+    with open(path, "rb") as f:
+        for line in f:
+            if having in line:
+                record = _record(line)
+                if record is not None:
+                    yield record
+
+
+def cut_after(path: Path, step: int) -> None:
+    """Cut a metrics.jsonl after its last record of ``step`` or before, reading from the end: this takes the time
+    of the lines cut, not of the log. The kept part ends with a newline, even where a power cut took it."""
+    with open(path, "r+b") as f:
+        size, keep = f.seek(0, os.SEEK_END), 0
+        for start, line in _lines_from_end(f):
+            record = _record(line)
+            if record is not None and record.get("step", 0) <= step:
+                keep = start + len(line) + 1
+                break
+        if keep == size:
+            return
+        if keep > size:  # the record kept is the last line, whose newline a power cut took
+            f.seek(size)
+            f.write(b"\n")
+        else:
+            f.truncate(keep)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _lines_from_end(f: IO[bytes], block: int = 1 << 16) -> Iterator[tuple[int, bytes]]:
+    """(its offset, the line without its newline) of each line of ``f``, the last first, read a block at a time."""
+    end, head = f.seek(0, os.SEEK_END), b""  # head: the start of a line that began in an earlier block
+    while True:
+        start = max(0, end - block)
+        f.seek(start)
+        lines = (f.read(end - start) + head).split(b"\n")
+        offsets = list(itertools.accumulate((len(line) + 1 for line in lines[:-1]), initial=start))
+        for i in range(len(lines) - 1, 0 if start else -1, -1):
+            yield offsets[i], lines[i]
+        if not start:
+            return
+        head, end = lines[0], start
+
+
+def _record(line: bytes) -> dict | None:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
 
 
 class StepMetrics:
@@ -225,9 +282,10 @@ class StepMetrics:
         self.tick = (time.monotonic(), 0)  # (time, step) the samples/s figure counts from
         self.step_end = time.perf_counter()  # when the last step's bookkeeping ended: the next step starts there
 
-    def resume(self, run_id: str, step: int, epoch: int, elapsed: float) -> list[dict]:
+    def resume(self, run_id: str, step: int, epoch: int, elapsed: float) -> Iterator[dict]:
         """Continue ``run_id``'s log from ``step`` of ``epoch`` (``MetricsWriter.resume``) and open the trackers
-        there. The log's eval records of this run up to ``step`` (on rank 0; none elsewhere)."""
+        there. The log's eval records of this run up to ``step``, read as they are iterated (on rank 0; none
+        elsewhere)."""
         evals = self.writer.resume(run_id, step, elapsed)
         if self.world.is_main:
             for tracker in trackers.open_all(self.cfg, self.cfg.run.out_dir, run_id, step, self.extra_trackers):

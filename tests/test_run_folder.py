@@ -10,11 +10,13 @@ import signal
 import subprocess
 import sys
 import time
+import tracemalloc
 
 import numpy as np
 import pytest
 
 from ddp import cli, train
+from ddp.metrics import MetricsWriter, read_metrics
 from ddp.plot import runs_of
 
 from .helpers import ROOT, env, ok, stopped_after, torchrun, train_alone
@@ -218,3 +220,28 @@ def test_plot_draws_one_line_per_run_even_in_an_old_interleaved_log(tmp_path):
     assert [len(run) for run in runs_of(old)] == [3, 1]
     pytest.importorskip("matplotlib")
     assert cli.main(["plot", str(tmp_path)]) == 0 and (tmp_path / "loss.png").stat().st_size > 0
+
+
+def test_a_resume_cuts_the_log_from_its_end_in_memory_that_does_not_grow_with_the_run(tmp_path):
+    # a run of days logs millions of records: 200,000 here (21 MB); the resume reads the lines it cuts and streams
+    # the rest for the eval records, holding neither (the code before held every record: 260 MB here)
+    train = '{"kind": "train", "run": "r1", "step": %d, "loss": 0.5, "lr": 0.01, "grad_norm": 1.0, "time": 1.0}\n'
+    evaluated = '{"kind": "eval", "run": "r1", "step": %d, "accuracy": 0.5, "time": 1.0}\n'
+    lines = [train % s + (evaluated % s if s % 10_000 == 0 else "") for s in range(10, 2_000_001, 10)]
+    log = tmp_path / "metrics.jsonl"
+    log.write_text("".join(lines))
+    writer = MetricsWriter(tmp_path, enabled=True)
+    tracemalloc.start()
+    evals = [r["step"] for r in writer.resume("r1", 1_500_000, elapsed=0.0)]
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert evals == list(range(10_000, 1_500_001, 10_000)) and peak < 4 << 20, peak
+    assert log.read_text() == "".join(lines[:150_000])
+    # a power cut: the last line torn, and the one before it without its newline; both resumes keep a log of lines
+    log.write_text("".join(lines[:3])[:-1] + '\n{"kind": "train", "run": "r1", "st')
+    assert list(writer.resume("r1", 30, elapsed=0.0)) == [] and log.read_text() == "".join(lines[:3])
+    log.write_text("".join(lines[:3])[:-1])
+    assert list(writer.resume("r1", 30, elapsed=0.0)) == [] and log.read_text() == "".join(lines[:3])
+    writer.write("train", step=31, loss=0.5)
+    assert [r["step"] for r in read_metrics(tmp_path)] == [10, 20, 30, 31]
+    assert list(writer.resume("r1", 5, elapsed=0.0)) == [] and log.read_text() == ""  # before the first record
