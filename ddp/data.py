@@ -312,12 +312,13 @@ def eval_batches(task: Task, rank: int, world_size: int, batch_size: int, seed: 
     data = task.val_data
     if data is None:
         return
-    mine = eval_indices(len(data), limit, seed)[rank::world_size]
-    if task.draws_random and not (isinstance(data, TensorDataset) and task.collate is None):
+    mine = eval_indices(len(data), limit, seed)[rank::world_size]  # a range where every sample is evaluated
+    seeded = task.draws_random and not (isinstance(data, TensorDataset) and task.collate is None)
+    if seeded:
         data = SeededSamples(data, seed)
-        mine = [(EVAL_EPOCH, i) for i in mine]
     for i in range(0, len(mine), batch_size):
-        yield task.batch_of(data, mine[i : i + batch_size])
+        batch = mine[i : i + batch_size]  # keyed per batch: a list of keys for a held-out set of 10^9 would not fit
+        yield task.batch_of(data, [(EVAL_EPOCH, j) for j in batch] if seeded else batch)
 
 
 def eval_batch_count(samples: int, rank: int, world_size: int, batch_size: int, limit: int = 0) -> int:

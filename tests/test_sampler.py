@@ -14,11 +14,12 @@ import torch
 import ddp
 from ddp import evaluate
 from ddp.config import EvalConfig
-from ddp.data import IndexBatches, Permutation, ResumableSampler, eval_indices
+from ddp.data import IndexBatches, Permutation, ResumableSampler, eval_batches, eval_indices
 from ddp.train import main
 from ddp.trainer import Progress
 
 from .helpers import assert_tree_equal, ddp_command, model_state, ok, torchrun, train_alone
+from .user_task import Computed, huge_val
 
 
 class Sized(torch.utils.data.Dataset):
@@ -135,6 +136,24 @@ def test_a_held_out_split_of_10_10_samples_is_scored_on_the_default_budget_named
     assert 0 < evals[0]["eval_time"] < evals[0]["time"]
     subset = eval_indices(10**10, 65_536, 0)
     assert len(set(subset)) == 65_536 and sorted(i for r in range(3) for i in subset[r::3]) == list(subset)
+
+
+def test_a_held_out_split_of_10_10_samples_scored_whole_is_keyed_a_batch_at_a_time():
+    # --eval-samples 0 scores every sample; a task that may draw random numbers (the default) reads each one under a
+    # seed of its own, keyed (epoch, index): per batch, never for the whole split at once
+    task = huge_val()
+    assert task.draws_random
+    tracemalloc.start()
+    try:
+        batches = eval_batches(task, rank=1, world_size=3, batch_size=64, seed=0)
+        first = [next(batches) for _ in range(3)]
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * 2**20
+    expected = [Computed()[i] for i in range(1, 3 * 64 * 3, 3)]  # rank 1's share: every third sample from 1
+    assert torch.equal(torch.cat([x for x, _ in first]), torch.from_numpy(np.stack([x for x, _ in expected])))
+    assert torch.cat([y for _, y in first]).tolist() == [y for _, y in expected]
 
 
 def eval_records(run_dir):
