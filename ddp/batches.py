@@ -117,6 +117,7 @@ class StreamBatches(_Batches):
 
     def __init__(self, task: Task, cfg: Config, world: group.World, start_epoch: StartEpoch, say) -> None:
         super().__init__(task, cfg, world, start_epoch, say)
+        _refuse_split_by_node(self.dataset, task.name)
         collate = task.collate or default_collate
         self.stream = RankStream(self.dataset, world.rank, world.world_size, cfg.data.batch_size, collate, cfg.run.seed)
         # its own generator: each pass over a loader draws a seed, which must not come from training's RNG
@@ -207,11 +208,12 @@ class StreamBatches(_Batches):
     def _start_epoch(self, p: Progress) -> None:
         saved = self.position.resume
         if p.epoch_samples:
+            lost = stream.lost_on_resume(self.dataset)
+            why = "it has no state_dict to continue from" if lost is None else f"its state_dict would lose {lost}"
             how = (
                 "from its saved state_dict"
                 if saved is not None
-                else f"by replay: reading past the {p.epoch_samples:,} samples already trained on "
-                "(it has no state_dict to continue from)"
+                else f"by replay: reading past the {p.epoch_samples:,} samples already trained on ({why})"
             )
             self.say(f"resuming epoch {p.epoch} of the stream at sample {p.epoch_samples:,} {how}")
         self.stream.set_position(p.epoch, p.epoch_samples, saved)
@@ -222,3 +224,16 @@ class StreamBatches(_Batches):
     def advance(self, p: Progress) -> None:
         """After a step: its samples are consumed (a stream's epoch ends when it runs dry, in ``next``)."""
         p.epoch_samples += self.global_batch
+
+
+def _refuse_split_by_node(dataset: Any, name: str) -> None:
+    """A stream the user split over the ranks already would be split again, each rank training on a share of its
+    share: refused, saying how to give it."""
+    split = stream.split_by_node(dataset)
+    if split is not None and split[1] > 1:
+        raise ConfigError(
+            f"task {name!r}: its stream is already split over {split[1]} nodes (datasets.distributed."
+            f"split_dataset_by_node, rank {split[0]}), and the trainer splits a stream over the ranks itself: give "
+            "the whole dataset; or, to have each rank read only its share, a class whose split_by_rank(rank, "
+            "world_size) returns split_dataset_by_node(dataset, rank, world_size)"
+        )

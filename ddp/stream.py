@@ -56,8 +56,36 @@ def is_stream(data: Any) -> bool:
 
 
 def has_state(data: Any) -> bool:
-    """Whether a stream can save and restore its position (``state_dict``, ``load_state_dict``)."""
-    return callable(getattr(data, "state_dict", None)) and callable(getattr(data, "load_state_dict", None))
+    """Whether a stream can save and restore its position exactly (``state_dict``, ``load_state_dict``): not one
+    whose state is known to lose samples (``lost_on_resume``), which is replayed instead."""
+    stateful = callable(getattr(data, "state_dict", None)) and callable(getattr(data, "load_state_dict", None))
+    return stateful and lost_on_resume(data) is None
+
+
+def lost_on_resume(data: Any) -> str | None:
+    """What a stream's own ``state_dict`` is known to lose on a resume; None where nothing is known.
+
+    Hugging Face's ``IterableDataset.shuffle`` keeps no shuffle buffer in its state (datasets warns as it loads
+    one and refills the buffer): the samples in the buffer at a checkpoint would never be trained on. Replay, read
+    with the epoch's same seed, is exact.
+    """
+    if type(data).__module__.split(".")[0] != "datasets":
+        return None
+    pending = [getattr(data, "_ex_iterable", None)]  # its pipeline: each step wraps the one before
+    while pending:
+        step = pending.pop()
+        if type(step).__name__ == "BufferShuffledExamplesIterable":
+            return "the shuffle buffer of datasets' IterableDataset.shuffle"
+        if step is not None:
+            pending += [getattr(step, "ex_iterable", None), *(getattr(step, "ex_iterables", None) or [])]
+    return None
+
+
+def split_by_node(data: Any) -> tuple[int, int] | None:
+    """(rank, world size) of a Hugging Face ``IterableDataset`` already split over the nodes
+    (``datasets.distributed.split_dataset_by_node``); None for any other stream."""
+    config = getattr(data, "_distributed", None) if type(data).__module__.split(".")[0] == "datasets" else None
+    return None if config is None else (config.rank, config.world_size)
 
 
 def splits_itself(data: Any) -> bool:

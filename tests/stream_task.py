@@ -72,11 +72,37 @@ class Sized(Records):
 KINDS = {"replay": Records, "state": Resumable, "split": SplitsItself, "sized": Sized}
 
 
+def model() -> nn.Module:
+    """A small MLP with dropout (training's own RNG)."""
+    return nn.Sequential(nn.Linear(FEATURES, 16), nn.ReLU(), nn.Dropout(0.1), nn.Linear(16, CLASSES))
+
+
 def make(n: int = 1000, kind: str = "replay") -> ddp.Task:
-    """The stream of ``n`` records, read as ``kind`` says; a small MLP with dropout (training's own RNG)."""
+    """The stream of ``n`` records, read as ``kind`` says."""
     return ddp.Task(
-        model=lambda: nn.Sequential(nn.Linear(FEATURES, 16), nn.ReLU(), nn.Dropout(0.1), nn.Linear(16, CLASSES)),
+        model=model,
         train_data=KINDS[kind](n),
         val_data=torch.utils.data.TensorDataset(*map(torch.stack, zip(*map(record, range(n, n + 64)), strict=True))),
         name="stream",
+    )
+
+
+def hf(n: int = 1000, shuffle: bool = True, split_by_node: bool = False) -> ddp.Task:
+    """The records as a Hugging Face ``datasets`` stream of dicts, as its users build one: 4 shards, shuffled through
+    a buffer of 64 samples; with ``split_by_node``, rank 0's half of 2 nodes."""
+    import datasets
+    import datasets.distributed
+
+    x, y = map(torch.stack, zip(*map(record, range(n)), strict=True))
+    data = datasets.Dataset.from_dict({"x": x.numpy(), "y": y.numpy()}).to_iterable_dataset(num_shards=4)
+    if shuffle:
+        data = data.shuffle(seed=0, buffer_size=64)
+    if split_by_node:
+        data = datasets.distributed.split_dataset_by_node(data, rank=0, world_size=2)
+    return ddp.Task(
+        model=model,
+        train_data=data.with_format("torch"),
+        loss=lambda net, batch: nn.functional.cross_entropy(net(batch["x"]), batch["y"]),
+        probe=torch.randn(4, FEATURES, generator=torch.Generator().manual_seed(0)),
+        name="hf-stream",
     )

@@ -110,6 +110,36 @@ def test_a_stream_killed_and_restarted_by_plain_torchrun_ends_bitwise_equal(
     assert_same_training(tmp_path, ref)  # with --workers 2 too: the batches do not depend on the workers
 
 
+@pytest.mark.parametrize(
+    ("shuffle", "said"),
+    [
+        # datasets keeps no shuffle buffer in the state_dict: the samples in it would be lost; replay is exact
+        (True, "at sample 192 by replay: reading past the 192 samples already trained on (its state_dict would lose "
+               "the shuffle buffer of datasets' IterableDataset.shuffle)"),
+        (False, "at sample 192 from its saved state_dict"),
+    ],
+)  # fmt: skip
+def test_a_hugging_face_stream_killed_and_restarted_by_plain_torchrun_ends_bitwise_equal(tmp_path, shuffle, said):
+    pytest.importorskip("datasets")
+    args = ["--task", "tests/stream_task.py:hf", "--task-arg", f"shuffle={str(shuffle).lower()}", "--steps", "24",
+            "--batch-size", "16", "--snapshot-every", "1"]  # fmt: skip
+    assert main([*args, "--out", str(tmp_path / "ref")]) == 0  # uninterrupted, in this process
+    # one rank: what is tested is the stream's own state
+    out = ok(torchrun(1, *args, "--out", str(tmp_path / "run"), restarts=1,
+                      extra_env={"DDP_FAULT": "kill:rank=0:step=13"}))  # fmt: skip
+    assert "step 12: continuing at step 13" in out and said in out
+    assert_same_training(tmp_path / "run", tmp_path / "ref")
+
+
+def test_a_hugging_face_stream_split_by_node_already_is_refused_naming_what_to_give(tmp_path, capsys):
+    pytest.importorskip("datasets")
+    args = ["--task", "tests/stream_task.py:hf", "--task-arg", "split_by_node=true", "--steps", "2", "--out"]
+    assert main([*args, str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "already split over 2 nodes (datasets.distributed.split_dataset_by_node, rank 0)" in err
+    assert "give the whole dataset" in err and "split_by_rank(rank, world_size)" in err
+
+
 def test_a_stream_that_splits_itself_resumes_exactly_and_refuses_another_world_size(tmp_path, capsys):
     args = [*RUN, "--task-arg", "kind=split"]  # workers: the other tests
     ok(torchrun(2, *args, "--out", str(tmp_path / "ref")))

@@ -185,7 +185,7 @@ def test_digits_trains_under_ddp_and_verifies(tmp_path):
 
 BAD_SPEC_IDS = ["missing-file", "missing-name", "import-error", "not-callable", "wrong-return", "no-len",
                 "endless-stream", "bad-arg", "unknown-builtin", "charlm-without-text", "npz-without-data",
-                "no-probe"]  # fmt: skip
+                "no-probe", "python-style-bool"]  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -206,6 +206,7 @@ BAD_SPEC_IDS = ["missing-file", "missing-name", "import-error", "not-callable", 
         (["--task", "charlm"], "task charlm needs a text file: --task-arg text=FILE"),
         (["--task", "npz"], "--task npz needs --data FILE.npz"),
         (["--task", "tests/user_task.py:no_probe"], "cannot derive a probe from batches of type dict"),
+        (["--task", "tests/stream_task.py:hf", "--task-arg", "shuffle=False"], "takes shuffle as true or false (TOML)"),
     ],
     ids=BAD_SPEC_IDS,
 )

@@ -110,6 +110,10 @@ def check_args(fn: Callable, args: dict[str, Any], spec: str, flag: str = "--tas
     ]
     if missing:
         raise ConfigError(f"{flag} {spec} needs {flag}-arg for {missing}")
+    for name, value in args.items():  # a Python-style False would be the string "False", which is true
+        p = params[name]
+        if isinstance(value, str) and (p.annotation in (bool, "bool") or isinstance(p.default, bool)):
+            raise ConfigError(f"{flag}-arg {name}={value}: {flag} {spec} takes {name} as true or false (TOML)")
 
 
 def load_object(spec: str, flag: str = "--task") -> Any:
