@@ -13,10 +13,10 @@ PYTEST_ARGS ?=
 TEST_WORKERS ?= 2
 # Bytecode is made at install for what the tests' processes import (torch in every one of them), not for packages
 # one process or two imports, which compile on first use: scipy and scikit-learn (the digits task), matplotlib
-# (ddp plot), wandb and tensorboard (one tracker test each), datasets and the pandas and pyarrow it imports (two
-# stream tests), and transformers' 400 other architectures (GPT-2 is the tests'). 18 s of the 27 s of compiling
-# everything here, before datasets.
-NOT_COMPILED := '/site-packages/(scipy|sklearn|matplotlib|wandb|tensorboard|datasets|pandas|pyarrow)/|/transformers/models/(?!gpt2/|auto/|__init__)'
+# (ddp plot), wandb and tensorboard (one tracker test each), datasets and the pandas and pyarrow it imports (the
+# stream tests'), networkx (torch.compile's), pip and setuptools (the install's), and transformers' 400 other
+# architectures (GPT-2 is the tests'). 18 s of the 27 s of compiling everything here, before datasets.
+NOT_COMPILED := '/site-packages/(scipy|sklearn|matplotlib|wandb|tensorboard|datasets|pandas|pyarrow|networkx|pip|setuptools)/|/transformers/models/(?!gpt2/|auto/|__init__)'
 
 .PHONY: install train-ddp test test-gpu gpu-check lint format bench clean
 

@@ -45,7 +45,7 @@ def torchrun(nproc: int, *args: str, extra_env: dict | None = None, restarts: in
     workers are ``python -m ddp.train``, as under any torchrun.
     """
     argv = [
-        "--standalone", f"--nproc-per-node={nproc}", f"--max-restarts={restarts}", "--monitor-interval=0.2",
+        "--standalone", f"--nproc-per-node={nproc}", f"--max-restarts={restarts}",
         "-m", "ddp.train", *args,
     ]  # fmt: skip
     return launch(argv, extra_env=extra_env, timeout=timeout)
