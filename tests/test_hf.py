@@ -19,14 +19,22 @@ from ddp.tasks import charlm
 
 from .helpers import ROOT, ok, torchrun, train_alone
 
-transformers = pytest.importorskip("transformers")
-tokenizers = pytest.importorskip("tokenizers")
-from transformers import AutoTokenizer, GPT2LMHeadModel  # noqa: E402
-
-from . import hf_task  # noqa: E402
-
 TASK = ["--task", "tests/hf_task.py:make", "--batch-size", "16", "--steps", "8", "--log-every", "1"]
 TIED = "lm_head.weight = transformer.wte.weight"
+
+
+def lm() -> type:
+    """transformers' GPT2LMHeadModel, imported where a test needs it, not as the file is collected: every test worker
+    collects every file, and transformers took 3 s of each one's start."""
+    return pytest.importorskip("transformers").GPT2LMHeadModel
+
+
+def gpt2(*sizes: int) -> torch.nn.Module:
+    """A fresh GPT-2 of ``tests/hf_task.py``'s config of ``sizes``."""
+    model = lm()
+    from . import hf_task  # imports transformers
+
+    return model(hf_task.config(*sizes))
 
 
 def ddp(capsys, *argv) -> tuple[int, str]:
@@ -45,7 +53,7 @@ def saved(tmp_path_factory):
     """The folder HF's ``save_pretrained`` writes for a fresh GPT-2, and that model."""
     folder = tmp_path_factory.mktemp("hf") / "saved"
     torch.manual_seed(1)
-    model = GPT2LMHeadModel(hf_task.config(96, 16, 2))
+    model = gpt2(96, 16, 2)
     model.save_pretrained(folder)
     return folder, model.eval()
 
@@ -83,7 +91,7 @@ def test_export_hf_is_a_folder_from_pretrained_loads_with_the_logits_of_ddp_pred
     assert json.loads((out / "config.json").read_text())["architectures"] == ["GPT2LMHeadModel"]
     assert ddp(capsys, "predict", params, "--random", "3", "--output", tmp_path / "p.npz")[0] == 0
     got = np.load(tmp_path / "p.npz")
-    model = GPT2LMHeadModel.from_pretrained(out)
+    model = lm().from_pretrained(out)
     assert model.lm_head.weight is model.transformer.wte.weight
     assert torch.equal(hf_logits(model, got["input_ids"]), torch.from_numpy(got["logits"]))
     # past --max-shard-size: shards and an index, as HF writes them; both sides read them
@@ -91,7 +99,7 @@ def test_export_hf_is_a_folder_from_pretrained_loads_with_the_logits_of_ddp_pred
     assert code == 0 and not (out / "model.safetensors").exists(), text  # the single file of before is gone
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1 and "lm_head.weight" not in index["weight_map"]
-    sharded = GPT2LMHeadModel.from_pretrained(out)
+    sharded = lm().from_pretrained(out)
     assert torch.equal(hf_logits(sharded, got["input_ids"]), torch.from_numpy(got["logits"]))
     code, text = ddp(capsys, "predict", out, "--input", tmp_path / "p.npz", "--output", tmp_path / "q.npz")
     assert code == 0 and np.array_equal(np.load(tmp_path / "q.npz")["logits"], got["logits"]), text
@@ -111,16 +119,16 @@ def test_a_save_pretrained_folder_is_read_as_it_is(saved, capsys, tmp_path):
     assert code == 0 and "outputs identical" in text, text
     code, text = ddp(capsys, "inspect", folder)
     assert code == 0 and "transformer.wte.weight" in text, text
-    fresh = GPT2LMHeadModel(hf_task.config(96, 16, 2))  # what --init-from does before training
+    fresh = gpt2(96, 16, 2)  # what --init-from does before training
     assert f"1 tied, stored once in the file: {TIED}" in weights.init_model(fresh, folder / "model.safetensors")
     assert torch.equal(hf_logits(fresh, ids), hf_logits(model, ids))
     # --init-skip of the head: the head is the embedding, which was loaded: not "left fresh"
-    note = weights.init_model(GPT2LMHeadModel(hf_task.config(96, 16, 2)), folder, skip=r"^lm_head\.")
+    note = weights.init_model(gpt2(96, 16, 2), folder, skip=r"^lm_head\.")
     assert f"tied to a loaded weight, holding it: {TIED}" in note and "fresh" not in note
 
 
 def test_fsdp_blocks_found_where_a_model_declares_none_and_a_warning_where_there_are_none():
-    model = GPT2LMHeadModel(hf_task.config(96, 16, 2))
+    model = gpt2(96, 16, 2)
     model._no_split_modules = None  # the search alone: transformer is tied to lm_head, so it looks inside
     names = fsdp.resolve_blocks(model, None)
     assert set(names) == {"transformer.h.0", "transformer.h.1", "transformer.wpe", "transformer.ln_f"}
@@ -128,6 +136,7 @@ def test_fsdp_blocks_found_where_a_model_declares_none_and_a_warning_where_there
 
 
 def test_bpe_token_files_train_sample_and_export_with_their_tokenizer(capsys, tmp_path, monkeypatch):
+    tokenizers = pytest.importorskip("tokenizers")
     texts = [ROOT / "README.md", ROOT / "docs" / "tasks.md"]
     bpe = tmp_path / "bpe"
     code, text = ddp(capsys, "tokens", *texts, "--bpe", "400", "--output", bpe)
@@ -152,7 +161,10 @@ def test_bpe_token_files_train_sample_and_export_with_their_tokenizer(capsys, tm
     assert ddp(capsys, "export", params, "--format", "hf")[0] == 0
     exported = tmp_path / "run" / "tokens-hf"
     assert (exported / "tokenizer.json").read_text() == (bpe / "tokenizer.json").read_text()
-    assert AutoTokenizer.from_pretrained(exported)("The model").input_ids == tok.encode("The model").ids
+    assert (
+        pytest.importorskip("transformers").AutoTokenizer.from_pretrained(exported)("The model").input_ids
+        == tok.encode("The model").ids
+    )
 
 
 def test_sampling_with_top_k_1_is_greedy():
