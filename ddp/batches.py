@@ -122,9 +122,15 @@ class StreamBatches(_Batches):
         self.stream = RankStream(self.dataset, world.rank, world.world_size, cfg.data.batch_size, collate, cfg.run.seed)
         # its own generator: each pass over a loader draws a seed, which must not come from training's RNG
         generator = torch.Generator().manual_seed(cfg.run.seed)
+        workers = cfg.data.workers
+        if workers and stream.from_datasets(self.dataset):
+            say(f"note: --workers {workers} not used: task {task.name!r}'s stream is a Hugging Face IterableDataset, "
+                "which in each DataLoader worker reads only that worker's shards; it is read in the training "
+                "process, as with --workers 0 (the same batches)")  # fmt: skip
+            workers = 0
         self.loader = DataLoader(
-            self.stream, batch_size=None, num_workers=cfg.data.workers, collate_fn=stream.as_is, generator=generator,
-            timeout=worker_timeout(cfg),
+            self.stream, batch_size=None, num_workers=workers, collate_fn=stream.as_is, generator=generator,
+            timeout=worker_timeout(cfg) if workers else 0.0,
         )  # fmt: skip
         self.position = StreamPosition()  # the stream's state as of the last step
         self.total_steps = self._total_steps()

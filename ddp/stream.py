@@ -69,7 +69,7 @@ def lost_on_resume(data: Any) -> str | None:
     one and refills the buffer): the samples in the buffer at a checkpoint would never be trained on. Replay, read
     with the epoch's same seed, is exact.
     """
-    if type(data).__module__.split(".")[0] != "datasets":
+    if not from_datasets(data):
         return None
     pending = [getattr(data, "_ex_iterable", None)]  # its pipeline: each step wraps the one before
     while pending:
@@ -84,8 +84,15 @@ def lost_on_resume(data: Any) -> str | None:
 def split_by_node(data: Any) -> tuple[int, int] | None:
     """(rank, world size) of a Hugging Face ``IterableDataset`` already split over the nodes
     (``datasets.distributed.split_dataset_by_node``); None for any other stream."""
-    config = getattr(data, "_distributed", None) if type(data).__module__.split(".")[0] == "datasets" else None
+    config = getattr(data, "_distributed", None) if from_datasets(data) else None
     return None if config is None else (config.rank, config.world_size)
+
+
+def from_datasets(data: Any) -> bool:
+    """Whether ``data`` is a Hugging Face ``datasets.IterableDataset``. In a DataLoader worker it reads only that
+    worker's shards, not the whole stream each of this project's workers reads (``StreamBatches`` reads it in the
+    training process)."""
+    return type(data).__module__.split(".")[0] == "datasets"
 
 
 def splits_itself(data: Any) -> bool:

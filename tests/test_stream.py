@@ -115,13 +115,15 @@ def test_a_hugging_face_stream_shuffled_through_a_buffer_killed_and_restarted_en
     # run differed (at /0.weight); replayed, it is exact
     pytest.importorskip("datasets")
     args = ["--task", "tests/stream_task.py:hf", "--steps", "24", "--batch-size", "16", "--snapshot-every", "1"]
-    assert main([*args, "--out", str(tmp_path / "ref")]) == 0  # uninterrupted, in this process
-    # one rank: what is tested is the stream's own state
-    out = ok(torchrun(1, *args, "--out", str(tmp_path / "run"), restarts=1,
+    assert main([*args, "--out", str(tmp_path / "ref")]) == 0  # uninterrupted, in this process, without workers
+    # one rank: what is tested is the stream's own state. With --workers 2, which a Hugging Face stream would split
+    # its shards over (each worker trained on its share of a share: the run differed from the workers' first step)
+    out = ok(torchrun(1, *args, "--workers", "2", "--out", str(tmp_path / "run"), restarts=1,
                       extra_env={"DDP_FAULT": "kill:rank=0:step=13"}))  # fmt: skip
     said = ("resuming epoch 0 of the stream at sample 192 by replay: reading past the 192 samples already trained on "
             "(its state_dict would lose the shuffle buffer of datasets' IterableDataset.shuffle)")  # fmt: skip
     assert "step 12: continuing at step 13" in out and said in out
+    assert "note: --workers 2 not used: task 'hf-stream''s stream is a Hugging Face IterableDataset" in out
     assert_same_training(tmp_path / "run", tmp_path / "ref")
 
 
