@@ -124,9 +124,9 @@ class StreamBatches(_Batches):
         generator = torch.Generator().manual_seed(cfg.run.seed)
         workers = cfg.data.workers
         if workers and stream.from_datasets(self.dataset):
-            say(f"note: --workers {workers} not used: task {task.name!r}'s stream is a Hugging Face IterableDataset, "
-                "which in each DataLoader worker reads only that worker's shards; it is read in the training "
-                "process, as with --workers 0 (the same batches)")  # fmt: skip
+            say(f"note: --workers {workers} not used: the stream of task {task.name!r} is a Hugging Face "
+                "IterableDataset, which in each DataLoader worker reads only that worker's shards; it is read in the "
+                "training process, as with --workers 0 (the same batches)")  # fmt: skip
             workers = 0
         self.loader = DataLoader(
             self.stream, batch_size=None, num_workers=workers, collate_fn=stream.as_is, generator=generator,

@@ -123,7 +123,7 @@ def test_a_hugging_face_stream_shuffled_through_a_buffer_killed_and_restarted_en
     said = ("resuming epoch 0 of the stream at sample 192 by replay: reading past the 192 samples already trained on "
             "(its state_dict would lose the shuffle buffer of datasets' IterableDataset.shuffle)")  # fmt: skip
     assert "step 12: continuing at step 13" in out and said in out
-    assert "note: --workers 2 not used: task 'hf-stream''s stream is a Hugging Face IterableDataset" in out
+    assert "note: --workers 2 not used: the stream of task 'hf-stream' is a Hugging Face IterableDataset" in out
     assert_same_training(tmp_path / "run", tmp_path / "ref")
 
 
