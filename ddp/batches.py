@@ -122,12 +122,7 @@ class StreamBatches(_Batches):
         self.stream = RankStream(self.dataset, world.rank, world.world_size, cfg.data.batch_size, collate, cfg.run.seed)
         # its own generator: each pass over a loader draws a seed, which must not come from training's RNG
         generator = torch.Generator().manual_seed(cfg.run.seed)
-        workers = cfg.data.workers
-        if workers and stream.from_datasets(self.dataset):
-            say(f"note: --workers {workers} not used: the stream of task {task.name!r} is a Hugging Face "
-                "IterableDataset, which in each DataLoader worker reads only that worker's shards; it is read in the "
-                "training process, as with --workers 0 (the same batches)")  # fmt: skip
-            workers = 0
+        workers = _stream_workers(self.dataset, cfg.data.workers, world, task.name, say)
         self.loader = DataLoader(
             self.stream, batch_size=None, num_workers=workers, collate_fn=stream.as_is, generator=generator,
             timeout=worker_timeout(cfg) if workers else 0.0,
@@ -230,6 +225,20 @@ class StreamBatches(_Batches):
     def advance(self, p: Progress) -> None:
         """After a step: its samples are consumed (a stream's epoch ends when it runs dry, in ``next``)."""
         p.epoch_samples += self.global_batch
+
+
+def _stream_workers(dataset: Any, workers: int, world: group.World, name: str, say) -> int:
+    """The DataLoader workers a stream is read with: ``--workers``, or none for a Hugging Face stream, which in a
+    worker reads only that worker's shards where each of ours must read the whole stream (``ddp.stream``)."""
+    read = dataset  # what a worker iterates
+    if workers and splits_itself(read):
+        read = getattr(read, SPLIT)(world.rank, world.world_size)
+    if not (workers and stream.from_datasets(read)):
+        return workers
+    say(f"note: --workers {workers} not used: the stream of task {name!r} is a Hugging Face IterableDataset, which "
+        "in each DataLoader worker reads only that worker's shards; it is read in the training process, as with "
+        "--workers 0 (the same batches)")  # fmt: skip
+    return 0
 
 
 def _refuse_split_by_node(dataset: Any, name: str) -> None:

@@ -87,9 +87,24 @@ def make(n: int = 1000, kind: str = "replay") -> ddp.Task:
     )
 
 
-def hf(n: int = 1000, shuffle: bool = True, split_by_node: bool = False) -> ddp.Task:
+class ByNode(IterableDataset):
+    """A Hugging Face stream behind ``split_by_rank``, which returns its rank's ``split_dataset_by_node``."""
+
+    def __init__(self, data: IterableDataset) -> None:
+        self.data = data
+
+    def __iter__(self):
+        return iter(self.data)
+
+    def split_by_rank(self, rank: int, world_size: int) -> IterableDataset:
+        import datasets.distributed
+
+        return datasets.distributed.split_dataset_by_node(self.data, rank=rank, world_size=world_size)
+
+
+def hf(n: int = 1000, shuffle: bool = True, split_by_node: bool = False, by_rank: bool = False) -> ddp.Task:
     """The records as a Hugging Face ``datasets`` stream of dicts, as its users build one: 4 shards, shuffled through
-    a buffer of 64 samples; with ``split_by_node``, rank 0's half of 2 nodes."""
+    a buffer of 64 samples; with ``split_by_node``, rank 0's half of 2 nodes; with ``by_rank``, behind ``ByNode``."""
     import datasets
     import datasets.distributed
 
@@ -99,9 +114,10 @@ def hf(n: int = 1000, shuffle: bool = True, split_by_node: bool = False) -> ddp.
         data = data.shuffle(seed=0, buffer_size=64)
     if split_by_node:
         data = datasets.distributed.split_dataset_by_node(data, rank=0, world_size=2)
+    data = data.with_format("torch")
     return ddp.Task(
         model=model,
-        train_data=data.with_format("torch"),
+        train_data=ByNode(data) if by_rank else data,
         loss=lambda net, batch: nn.functional.cross_entropy(net(batch["x"]), batch["y"]),
         probe=torch.randn(4, FEATURES, generator=torch.Generator().manual_seed(0)),
         name="hf-stream",

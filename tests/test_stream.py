@@ -146,6 +146,14 @@ def test_a_hugging_face_stream_continues_from_its_own_state_dict_where_it_keeps_
         assert torch.equal(a.batch["x"], b.batch["x"]) and torch.equal(a.batch["y"], b.batch["y"])
 
 
+def test_a_hugging_face_stream_behind_split_by_rank_is_read_in_the_training_process_under_workers(tmp_path, capsys):
+    # what each worker iterates is the HF split, which in a worker would read only that worker's shards
+    pytest.importorskip("datasets")
+    args = ["--task", "tests/stream_task.py:hf", "--task-arg", "by_rank=true", "--steps", "2", "--workers", "2"]
+    assert main([*args, "--out", str(tmp_path)]) == 0
+    assert "note: --workers 2 not used: the stream of task 'hf-stream' is a Hugging Face" in capsys.readouterr().out
+
+
 def test_a_hugging_face_stream_split_by_node_already_is_refused_naming_what_to_give(tmp_path, capsys):
     pytest.importorskip("datasets")
     args = ["--task", "tests/stream_task.py:hf", "--task-arg", "split_by_node=true", "--steps", "2", "--out"]
