@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-# One thread per test worker, as every job the tests launch has (tests/helpers.py): 2 workers on 2 cores, and the
+# One thread per test worker, as every job the tests launch has (tests/helpers.py): 3 workers on 2 cores, and the
 # jobs they start, share the cores; torch's default of a thread per core made in-process runs spin against them
 # (3.2 s alone, 9.5 s beside two busy processes; 4.9 s with one thread).
 torch.set_num_threads(1)
@@ -17,25 +17,26 @@ torch.set_num_threads(1)
 # Seconds of a full run on 2 cores (summed ``pytest --durations=0``), longest first; files not named follow
 # in their own order. Refresh it when a file's share changes much.
 LONGEST_FIRST = [
-    "test_faults.py",  # 90
-    "test_launch.py",  # 86
-    "test_resume.py",  # 72
-    "test_stream.py",  # 70
-    "test_fsdp.py",  # 70
-    "test_equivalence.py",  # 66
-    "test_task.py",  # 62
-    "test_loop.py",  # 61
-    "test_run_folder.py",  # 34
-    "test_snapshot.py",  # 33
-    "test_docs.py",  # 32
-    "test_bench.py",  # 30
+    "test_fsdp.py",  # 85
+    "test_faults.py",  # 75
+    "test_launch.py",  # 67
+    "test_stream.py",  # 66
+    "test_resume.py",  # 60
+    "test_task.py",  # 55
+    "test_bench.py",  # 52
+    "test_equivalence.py",  # 51
+    "test_run_folder.py",  # 49
+    "test_loop.py",  # 43
+    "test_snapshot.py",  # 34
     "test_hf.py",  # 25
-    "test_sampler.py",  # 23
-    "test_cli.py",  # 23
-    "test_core.py",  # 20
-    "test_trackers.py",  # 12
-    "test_formats.py",  # 8
-    "test_fuzz.py",  # 8
+    "test_cli.py",  # 25
+    "test_docs.py",  # 24
+    "test_sampler.py",  # 20
+    "test_core.py",  # 17
+    "test_trackers.py",  # 13
+    "test_fuzz.py",  # 7
+    "test_formats.py",  # 5
+    "test_tokens.py",  # 5
 ]
 
 
