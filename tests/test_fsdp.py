@@ -47,8 +47,8 @@ def reference(tmp_path_factory):
 def test_sigkilled_fsdp_rank_restarts_and_ends_bitwise_equal(tmp_path, reference):
     args = KILLED
     # --async-save process: a killed rank's writer process may be mid-file at the kill. --workers 2: the data
-    # position of DataLoader workers is restored too (the reference reads in the training process; the replaced
-    # node's and test_hf's kills below as well)
+    # position of DataLoader workers is restored too (the reference, the replaced node below and test_hf's kill
+    # read in the training process)
     run = [*args, "--checkpoint-every", "5", "--snapshot-every", "1", "--async-save", "process", "--workers", "2",
            "--out", str(tmp_path / "run")]  # fmt: skip
     seed = random.randrange(10**6)
