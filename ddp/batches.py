@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, default_collate
 
 from ddp import group, stream
 from ddp.config import Config
-from ddp.data import ORDER, ResumableSampler, make_loader, release_workers, steps_per_epoch
+from ddp.data import ORDER, ResumableSampler, die_with_rank, make_loader, release_workers, steps_per_epoch
 from ddp.errors import ConfigError
 from ddp.stream import SPLIT, RankStream, StreamBatch, StreamEnd, StreamPosition, has_state, splits_itself
 from ddp.task import Batch, Task
@@ -125,7 +125,7 @@ class StreamBatches(_Batches):
         workers = _stream_workers(self.dataset, cfg.data.workers, world, task.name, say)
         self.loader = DataLoader(
             self.stream, batch_size=None, num_workers=workers, collate_fn=stream.as_is, generator=generator,
-            timeout=worker_timeout(cfg) if workers else 0.0,
+            timeout=worker_timeout(cfg) if workers else 0.0, worker_init_fn=die_with_rank if workers else None,
         )  # fmt: skip
         self.position = StreamPosition()  # the stream's state as of the last step
         self.total_steps = self._total_steps()

@@ -533,3 +533,70 @@ def test_a_dataloader_worker_that_never_delivers_fails_the_run_instead_of_hangin
         "rank 0: after step 0 its DataLoader workers delivered no batch (DataLoader timed out after 3.0 seconds"
         in proc.output
     ), proc.output[-3000:]
+
+
+BUSY_TASK = '''
+import os
+import time
+import torch
+from torch.utils.data import Dataset, get_worker_info
+import ddp
+from ddp.model import MLP
+
+PIDS = os.environ["PIDS_FILE"]
+
+
+class Busy(Dataset):
+    """A user's Dataset whose DataLoader worker, after its first 2 batches, is busy for an hour (a slow read)."""
+
+    def __init__(self):
+        self.served = 0
+
+    def __len__(self):
+        return 256
+
+    def __getitem__(self, i):
+        if get_worker_info() is not None:
+            if self.served == 0:
+                with open(PIDS, "a") as f:
+                    f.write(f"{os.getpid()}\\n")
+            self.served += 1
+            if self.served > 16:
+                time.sleep(3600)
+        return torch.randn(20), i % 10
+
+
+def make():
+    return ddp.Task(model=lambda: MLP(), train_data=Busy(), name="busy")
+'''
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs: a zombie (dead, not yet reaped by whoever adopted it) holds no socket."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_sigkilled_ranks_dataloader_workers_die_with_it_even_mid_read(tmp_path):
+    """A worker alive after its rank holds that rank's sockets: the other ranks saw no reset, and a restart waited
+    for torch's watchdog (5 s), or for as long as a busy worker's read lasted (here an hour)."""
+    task, pids, log = tmp_path / "busy_task.py", tmp_path / "pids", tmp_path / "log"
+    task.write_text(BUSY_TASK)
+    cmd = [sys.executable, "-m", "ddp.train", "--task", f"{task}:make", "--workers", "2", "--batch-size", "8",
+           "--steps", "20", "--out", str(tmp_path / "run")]  # fmt: skip
+    with log.open("w") as out:  # a file, not a pipe: workers that outlive the rank must not hold up the wait
+        code = subprocess.run(cmd, cwd=ROOT, env=env(DDP_FAULT="kill:rank=0:step=2", PIDS_FILE=str(pids)),
+                              stdout=out, stderr=subprocess.STDOUT, timeout=60).returncode  # fmt: skip
+    workers = [int(line) for line in pids.read_text().split()]
+    try:
+        assert code == -signal.SIGKILL and len(workers) == 2, log.read_text()[-3000:]
+        deadline = time.monotonic() + 20
+        while any(map(_alive, workers)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(map(_alive, workers)), f"DataLoader workers {workers} outlived their SIGKILLed rank"
+    finally:
+        for pid in filter(_alive, workers):
+            os.kill(pid, signal.SIGKILL)
