@@ -102,8 +102,8 @@ def test_ctrl_c_to_torchrun_stops_every_rank_with_a_checkpoint(tmp_path):
 
 
 def test_workers_whose_torchrun_is_sigkilled_stop_together_with_a_checkpoint(tmp_path):
-    # torchrun killed outright (the out-of-memory killer, a scheduler's SIGKILL) tells its workers nothing: each
-    # finds itself orphaned at the next vote and stops as on SIGTERM, every rank at the same step, with a checkpoint
+    # torchrun killed outright (the out-of-memory killer, a scheduler's SIGKILL) tells its workers nothing: they
+    # find themselves orphaned at a vote and stop as on SIGTERM, every rank at the same step, with a checkpoint
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "ddp.train",
            "--samples", "1024", "--batch-size", "32", "--steps", "100000", "--log-every", "1",
            "--out", str(tmp_path)]  # fmt: skip
@@ -123,7 +123,8 @@ def test_workers_whose_torchrun_is_sigkilled_stop_together_with_a_checkpoint(tmp
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
     output = "".join(seen) + rest
-    assert len(workers) == 2 and output.count("is gone: stopping as on SIGTERM") == 2, output[-3000:]
+    # the rank that looks first says so; a rank that looked a moment before the kill stops on the vote it carries
+    assert len(workers) == 2 and "is gone: stopping as on SIGTERM" in output, output[-3000:]
     stopped = {int(line.split("after step ")[1].split(":")[0]) for line in output.splitlines() if "stopping on" in line}
     assert len(stopped) == 1, output[-3000:]  # the ranks agreed on the step
     assert (tmp_path / "checkpoints" / f"step-{stopped.pop():08d}" / "manifest.json").is_file()
