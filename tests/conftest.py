@@ -14,29 +14,29 @@ import torch
 # (3.2 s alone, 9.5 s beside two busy processes; 4.9 s with one thread).
 torch.set_num_threads(1)
 
-# Seconds of a full run on 2 cores (summed ``pytest --durations=0``), longest first; files not named follow
-# in their own order. Refresh it when a file's share changes much.
+# Seconds of a full run on 2 cores with 3 workers (summed ``pytest --durations=0``), longest first; files not
+# named follow in their own order. Refresh it when a file's share changes much.
 LONGEST_FIRST = [
-    "test_fsdp.py",  # 85
-    "test_faults.py",  # 75
-    "test_launch.py",  # 67
-    "test_stream.py",  # 66
-    "test_resume.py",  # 60
-    "test_task.py",  # 55
-    "test_bench.py",  # 52
-    "test_equivalence.py",  # 51
-    "test_run_folder.py",  # 49
-    "test_loop.py",  # 43
-    "test_snapshot.py",  # 34
-    "test_hf.py",  # 25
-    "test_cli.py",  # 25
-    "test_docs.py",  # 24
-    "test_sampler.py",  # 20
-    "test_core.py",  # 17
-    "test_trackers.py",  # 13
-    "test_fuzz.py",  # 7
-    "test_formats.py",  # 5
-    "test_tokens.py",  # 5
+    "test_faults.py",  # 131
+    "test_fsdp.py",  # 124
+    "test_launch.py",  # 121
+    "test_stream.py",  # 102
+    "test_resume.py",  # 100
+    "test_bench.py",  # 97
+    "test_task.py",  # 90
+    "test_run_folder.py",  # 76
+    "test_equivalence.py",  # 63
+    "test_snapshot.py",  # 55
+    "test_docs.py",  # 53
+    "test_hf.py",  # 50
+    "test_loop.py",  # 45
+    "test_cli.py",  # 43
+    "test_sampler.py",  # 36
+    "test_core.py",  # 29
+    "test_trackers.py",  # 18
+    "test_fuzz.py",  # 14
+    "test_formats.py",  # 7
+    "test_tokens.py",  # 6
 ]
 
 
